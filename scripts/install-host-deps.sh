@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything vmbuild needs on a Debian 12 host (run as root).
+# Idempotent: safe to run again; does nothing that is already done.
+set -euo pipefail
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "install-host-deps.sh: must run as root (it calls apt-get)" >&2
+  exit 2
+fi
+
+# QEMU 10 (vhost-user-fs-pci, file: migration, mapped-ram) comes from bookworm-backports.
+# Add that suite on the same mirror as the existing bookworm entry.
+backports=/etc/apt/sources.list.d/vmbuild-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  mirror=$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+           | grep -v security | head -n1 | tr -d ' ' || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  log "adding bookworm-backports from $mirror"
+  cat >"$backports" <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+stamp=/var/lib/vmbuild/apt-updated
+if [[ ! -f $stamp || -n $(find "$backports" -newer "$stamp" 2>/dev/null) ]]; then
+  log "apt-get update"
+  apt-get update -qq
+  mkdir -p /var/lib/vmbuild && touch "$stamp"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps \
+         libseccomp-dev libcap-ng-dev pkg-config; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -nE 's/.*version ([0-9]+)\..*/\1/p'; }
+if [[ -z $(qemu_major) || $(qemu_major) -lt 10 ]]; then
+  log "installing qemu-system-x86 from bookworm-backports"
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 qemu-system-data qemu-utils ovmf seabios >/dev/null
+fi
+log "qemu: $(qemu-system-x86_64 --version | head -n1)"

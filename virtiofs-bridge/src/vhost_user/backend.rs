@@ -1,0 +1,237 @@
+//! The virtio-fs device as a vhost-user back-end: two queues (hiprio and one request queue),
+//! each descriptor chain one FUSE request, answered in place in guest memory.
+
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::share::ShareFs;
+use crate::stats::ShareStats;
+use crate::vhost_user::pool::WorkerPool;
+
+/// hiprio (FORGET, INTERRUPT) + one request queue. One request queue is what QEMU's
+/// vhost-user-fs-pci offers by default and what the Linux driver uses.
+pub const NUM_QUEUES: usize = 2;
+/// The largest queue a front-end may configure (QEMU's `queue-size` property).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+pub(crate) type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+struct QueueState {
+    mem: Option<GuestMemory>,
+    event_idx: bool,
+}
+
+/// One connection's back-end. Built fresh for every front-end connection (see `server`).
+pub struct FsBackend {
+    server: Arc<Server<Arc<ShareFs>>>,
+    state: RwLock<QueueState>,
+    stats: Arc<ShareStats>,
+    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    pool: Option<WorkerPool>,
+}
+
+impl FsBackend {
+    pub(crate) fn new(
+        fs: ShareFs,
+        stats: Arc<ShareStats>,
+        thread_pool_size: usize,
+    ) -> io::Result<Self> {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let pool = match thread_pool_size {
+            0 => None,
+            n => Some(WorkerPool::new(n)?),
+        };
+        Ok(FsBackend {
+            server: Arc::new(Server::new(Arc::new(fs))),
+            state: RwLock::new(QueueState {
+                mem: None,
+                event_idx: false,
+            }),
+            stats,
+            exit: Mutex::new(Some(exit)),
+            pool,
+        })
+    }
+
+    /// Drains the queue: every available chain is one FUSE request.
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = match self.state.read().unwrap().mem.as_ref() {
+            Some(m) => m.memory(),
+            None => {
+                return Err(io::Error::other(
+                    "queue kicked before the memory table was set",
+                ))
+            }
+        };
+        let chains: Vec<Chain> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                // The avail ring itself is broken (index beyond the queue size): nothing on
+                // this queue can be trusted until the driver resets it.
+                self.stats.count_bad_descriptor();
+                tracing::warn!("virtio-fs: unusable avail ring: {e}");
+                return Ok(());
+            }
+        };
+        if chains.is_empty() {
+            return Ok(());
+        }
+        match &self.pool {
+            Some(pool) => {
+                for chain in chains {
+                    let server = self.server.clone();
+                    let stats = self.stats.clone();
+                    let vring = vring.clone();
+                    pool.execute(move || {
+                        let head = chain.head_index();
+                        let used = serve_chain(&server, &stats, chain);
+                        complete(&vring, head, used);
+                    });
+                }
+            }
+            None => {
+                for chain in chains {
+                    let head = chain.head_index();
+                    let used = serve_chain(&self.server, &self.stats, chain);
+                    if let Err(e) = vring.add_used(head, used) {
+                        tracing::warn!("virtio-fs: add_used failed: {e}");
+                    }
+                }
+                if vring.needs_notification().unwrap_or(true) {
+                    vring.signal_used_queue()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves one request and returns how many bytes were written into the chain. A request
+/// that cannot be decoded is counted and answered with an empty used element, so the
+/// guest's waiter is released and the queue keeps moving.
+fn serve_chain(server: &Server<Arc<ShareFs>>, stats: &ShareStats, chain: Chain) -> u32 {
+    stats.count_request();
+    let mem = chain.memory();
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            stats.count_bad_descriptor();
+            tracing::debug!("virtio-fs: unreadable descriptor chain: {e}");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+        Ok(w) => Writer::VirtioFs(w),
+        Err(e) => {
+            stats.count_bad_descriptor();
+            tracing::debug!("virtio-fs: unwritable descriptor chain: {e}");
+            return 0;
+        }
+    };
+    match server.handle_message(reader, writer, None, None) {
+        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        Err(e) => {
+            stats.count_malformed();
+            tracing::debug!("virtio-fs: malformed request: {e}");
+            0
+        }
+    }
+}
+
+fn complete(vring: &VringRwLock, head: u16, used: u32) {
+    if let Err(e) = vring.add_used(head, used) {
+        tracing::warn!("virtio-fs: add_used failed: {e}");
+        return;
+    }
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            tracing::warn!("virtio-fs: signalling the guest failed: {e}");
+        }
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.state.write().unwrap().event_idx = enabled;
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        self.state.write().unwrap().mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // One worker thread serves both queues; it gets the one exit event.
+        self.exit.lock().unwrap().take()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Err(io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            )));
+        };
+        let event_idx = self.state.read().unwrap().event_idx;
+        if event_idx {
+            // Re-enable notifications only once the ring looks empty, and go round again if
+            // the driver added work in between (virtio spec 2.7.10).
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,33 @@
+//! The command line: one subcommand per capability.
+
+mod fs;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmbuild",
+    version,
+    about = "Run builds and tests inside virtual machines, reproducibly and fast, from one process",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve host directories to guests over virtio-fs (vhost-user), like virtiofsd
+    #[command(subcommand)]
+    Fs(fs::FsCommand),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand and returns the process exit code.
+    pub fn run(self) -> anyhow::Result<i32> {
+        match self.command {
+            Command::Fs(cmd) => cmd.run(),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! `vmbuild`: runs builds and tests inside virtual machines, from one process.
+
+mod cli;
+mod exit;
+mod signals;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    init_logging();
+    let code = match cli.run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmbuild: {e:#}");
+            exit::FAILURE
+        }
+    };
+    std::process::exit(code);
+}
+
+/// `RUST_LOG`-style filtering; `info` unless told otherwise.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
