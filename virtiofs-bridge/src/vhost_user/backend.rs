@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -11,7 +12,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -96,9 +99,12 @@ impl FsBackend {
                     let server = self.server.clone();
                     let stats = self.stats.clone();
                     let vring = vring.clone();
+                    // The guard keeps this memory map alive for the request even if the
+                    // front-end replaces the memory table meanwhile.
+                    let mem = mem.clone();
                     pool.execute(move || {
                         let head = chain.head_index();
-                        let used = serve_chain(&server, &stats, chain);
+                        let used = serve_chain(&server, &stats, &mem, chain);
                         complete(&vring, head, used);
                     });
                 }
@@ -106,7 +112,7 @@ impl FsBackend {
             None => {
                 for chain in chains {
                     let head = chain.head_index();
-                    let used = serve_chain(&self.server, &self.stats, chain);
+                    let used = serve_chain(&self.server, &self.stats, &mem, chain);
                     if let Err(e) = vring.add_used(head, used) {
                         tracing::warn!("virtio-fs: add_used failed: {e}");
                     }
@@ -123,9 +129,13 @@ impl FsBackend {
 /// Serves one request and returns how many bytes were written into the chain. A request
 /// that cannot be decoded is counted and answered with an empty used element, so the
 /// guest's waiter is released and the queue keeps moving.
-fn serve_chain(server: &Server<Arc<ShareFs>>, stats: &ShareStats, chain: Chain) -> u32 {
+fn serve_chain(
+    server: &Server<Arc<ShareFs>>,
+    stats: &ShareStats,
+    mem: &GuestMemoryMmap,
+    chain: Chain,
+) -> u32 {
     stats.count_request();
-    let mem = chain.memory();
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
@@ -147,8 +157,37 @@ fn serve_chain(server: &Server<Arc<ShareFs>>, stats: &ShareStats, chain: Chain) 
         Err(e) => {
             stats.count_malformed();
             tracing::debug!("virtio-fs: malformed request: {e}");
-            0
+            reply_einval(mem, chain)
         }
+    }
+}
+
+/// Answers a request the FUSE layer rejected with `EINVAL`, when its header can be read,
+/// so the guest's waiter is released with an error instead of waiting forever. Requests
+/// that never get replies (FORGET) and chains with no room for a header get none.
+fn reply_einval(mem: &GuestMemoryMmap, chain: Chain) -> u32 {
+    let Ok(mut reader) = Reader::from_descriptor_chain(mem, chain.clone()) else {
+        return 0;
+    };
+    let Ok(header) = reader.read_obj::<InHeader>() else {
+        return 0;
+    };
+    if header.opcode == Opcode::Forget as u32 || header.opcode == Opcode::BatchForget as u32 {
+        return 0;
+    }
+    let reply = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -libc::EINVAL,
+        unique: header.unique,
+    };
+    match VirtioFsWriter::new(mem, chain) {
+        Ok(mut w) if w.available_bytes() >= reply.as_slice().len() => {
+            match std::io::Write::write_all(&mut w, reply.as_slice()) {
+                Ok(()) => reply.len,
+                Err(_) => 0,
+            }
+        }
+        _ => 0,
     }
 }
 
