@@ -118,9 +118,10 @@ impl FuseClient {
     pub fn request(&mut self, opcode: Opcode, nodeid: u64, parts: &[&[u8]]) -> FuseResult<Vec<u8>> {
         let unique = self.next_unique();
         let req = encode(opcode, unique, nodeid, self.uid, self.gid, parts);
+        let cap = reply_capacity(opcode, parts.first().copied().unwrap_or_default());
         let reply = self
             .frontend
-            .call(REQUEST, &req, REPLY_CAP)
+            .call(REQUEST, &req, cap)
             .expect("transport failed");
         let h: OutHeader = obj(&reply);
         assert_eq!(h.unique, unique, "reply for another request");
@@ -149,9 +150,14 @@ impl FuseClient {
                     encode(*op, u, *node, self.uid, self.gid, &[body])
                 })
                 .collect();
+            let cap = chunk
+                .iter()
+                .map(|(op, _, body)| reply_capacity(*op, body))
+                .max()
+                .unwrap_or(REPLY_CAP);
             let replies = self
                 .frontend
-                .call_batch(REQUEST, &encoded, REPLY_CAP)
+                .call_batch(REQUEST, &encoded, cap)
                 .expect("transport failed");
             out.extend(replies.iter().map(|r| decode(r)));
         }
@@ -482,6 +488,19 @@ impl FuseClient {
         self.frontend
             .call(REQUEST, &req, REPLY_CAP)
             .expect("transport failed");
+    }
+}
+
+/// The writable room the Linux driver gives a request: exactly header + `size` for reads
+/// and directory listings (virtiofsd relies on that and fails reads given more), a
+/// generous buffer otherwise.
+pub fn reply_capacity(opcode: Opcode, body: &[u8]) -> u32 {
+    match opcode {
+        Opcode::Read | Opcode::Readdir | Opcode::Readdirplus if body.len() >= 20 => {
+            let size = u32::from_ne_bytes(body[16..20].try_into().unwrap());
+            (std::mem::size_of::<OutHeader>() as u32 + size).min(REPLY_CAP)
+        }
+        _ => REPLY_CAP,
     }
 }
 

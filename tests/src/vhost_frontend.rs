@@ -236,14 +236,27 @@ impl FsFrontend {
             next: 0,
         }];
         if reply_capacity > 0 {
+            // Like the Linux driver: the reply header in a descriptor of its own, the data
+            // in the next one (contiguous here, so the reply reads back as one buffer).
+            let header = 16.min(reply_capacity);
             descs[0].flags = VIRTQ_DESC_F_NEXT;
             descs[0].next = head + 1;
             descs.push(RawDesc {
                 addr: buf + SLOT_BUF,
-                len: reply_capacity,
+                len: header,
                 flags: VIRTQ_DESC_F_WRITE,
                 next: 0,
             });
+            if reply_capacity > header {
+                descs[1].flags |= VIRTQ_DESC_F_NEXT;
+                descs[1].next = head + 2;
+                descs.push(RawDesc {
+                    addr: buf + SLOT_BUF + u64::from(header),
+                    len: reply_capacity - header,
+                    flags: VIRTQ_DESC_F_WRITE,
+                    next: 0,
+                });
+            }
         }
         self.submit_raw(queue, slot, &descs)
     }

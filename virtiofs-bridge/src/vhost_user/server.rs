@@ -149,5 +149,12 @@ fn serve_one_connection(
     tracing::info!(share = %config.tag, "front-end disconnected");
     // Dropping the daemon stops its vring worker threads before the next connection.
     drop(daemon);
-    result.map_err(|e| Error::Backend(format!("{e}")))
+    match result {
+        // A front-end that quits (or is killed) mid-message is the normal end of a session.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(Error::Backend(format!("{e}"))),
+    }
 }

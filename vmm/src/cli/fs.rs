@@ -93,9 +93,11 @@ impl FromStr for ShareSpec {
                 Some(("socket", v)) => socket = Some(PathBuf::from(v)),
                 None if part == "ro" || part == "readonly" => ro = true,
                 None if part == "rw" => ro = false,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown share option '{part}' (expected tag=, dir=, ro, rw, cache=, socket=)"
-                )),
+                ))
+                }
             }
         }
         let tag = tag.ok_or("a share needs tag=NAME")?;

@@ -1,0 +1,5 @@
+//! Shared pieces of vmbuild's benchmarks: finding the peers, running them as processes
+//! that cannot outlive the benchmark, and reporting ratios.
+
+pub mod peers;
+pub mod report;

@@ -1,0 +1,137 @@
+//! The programs a benchmark compares: vmbuild itself and its peers, each run as a child
+//! process that is killed when the benchmark lets go of it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A child process killed (and reaped) on drop, so no peer outlives a benchmark.
+pub struct Daemon {
+    name: String,
+    child: Child,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Daemon> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Daemon {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Waits until `socket` exists (the daemon is listening), or fails if it died.
+    pub fn wait_for_socket(&mut self, socket: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited with {status} before listening", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not create {} within 10 s",
+                    self.name,
+                    socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM first so servers can remove their sockets; then make sure.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `vmbuild` binary next to this benchmark's executable (same profile), or `$VMBUILD`.
+pub fn vmbuild_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMBUILD") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let candidate = exe.with_file_name("vmbuild");
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "no vmbuild binary next to {}: run `cargo build --release -p vmm` first or set VMBUILD",
+        exe.display()
+    )
+}
+
+/// virtiofsd from `$VIRTIOFSD`, `PATH` or `~/.cargo/bin`.
+pub fn virtiofsd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VIRTIOFSD") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("virtiofsd"))
+        .find(|p| p.is_file())
+        .context("virtiofsd not found: install it with `cargo install --locked virtiofsd --version 1.14.0` (needs libseccomp-dev libcap-ng-dev)")
+}
+
+/// `vmbuild fs serve` for one share.
+pub fn vmbuild_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Result<Daemon> {
+    let mut cmd = Command::new(vmbuild_binary()?);
+    cmd.args(["fs", "serve", "--shared-dir"])
+        .arg(dir)
+        .arg("--socket-path")
+        .arg(socket)
+        .env("RUST_LOG", "warn");
+    if readonly {
+        cmd.arg("--readonly");
+    }
+    let mut d = Daemon::spawn("vmbuild fs serve", &mut cmd)?;
+    d.wait_for_socket(socket)?;
+    Ok(d)
+}
+
+/// virtiofsd for one share, with its defaults (cache=auto) as a user would run it.
+pub fn virtiofsd_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Result<Daemon> {
+    let mut cmd = Command::new(virtiofsd_binary()?);
+    cmd.arg("--shared-dir")
+        .arg(dir)
+        .arg("--socket-path")
+        .arg(socket)
+        .args([
+            "--sandbox",
+            "none",
+            "--seccomp",
+            "none",
+            "--log-level",
+            "error",
+        ]);
+    if readonly {
+        cmd.arg("--readonly");
+    }
+    let mut d = Daemon::spawn("virtiofsd", &mut cmd)?;
+    d.wait_for_socket(socket)?;
+    Ok(d)
+}
