@@ -149,8 +149,8 @@ find . -type f | LC_ALL=C sort | xargs sha256sum > /tmp/xchg/guest.sums || fail 
 /nix/store/bin/mmapsum /nix/store/big > /tmp/xchg/mmap-store.out || fail "mmap on store"
 
 # The store is read-only, whatever the guest tries.
-echo x > /nix/store/new 2>> /tmp/xchg/erofs.err && fail "created a file in the store"
-echo x >> /nix/store/big 2>> /tmp/xchg/erofs.err && fail "appended to a store file"
+{ echo x > /nix/store/new; } 2>> /tmp/xchg/erofs.err && fail "created a file in the store"
+{ echo x >> /nix/store/big; } 2>> /tmp/xchg/erofs.err && fail "appended to a store file"
 rm /nix/store/big 2>> /tmp/xchg/erofs.err && fail "removed a store file"
 mkdir /nix/store/d 2>> /tmp/xchg/erofs.err && fail "made a store directory"
 chmod 777 /nix/store/big 2>> /tmp/xchg/erofs.err && fail "chmod in the store"
