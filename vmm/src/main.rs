@@ -1,8 +1,13 @@
 //! `vmbuild`: runs builds and tests inside virtual machines, from one process.
 
+mod accel;
 mod cli;
 mod exit;
+mod guest_kit;
+mod qemu;
+mod runtime_dir;
 mod signals;
+mod workflow;
 
 use clap::Parser;
 
@@ -19,10 +24,12 @@ fn main() {
     std::process::exit(code);
 }
 
-/// `RUST_LOG`-style filtering; `info` unless told otherwise.
+/// `RUST_LOG`-style filtering. Unless told otherwise: vmbuild's own notices, and only
+/// warnings from the libraries (the FUSE layer logs every INIT at info).
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,vmbuild=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

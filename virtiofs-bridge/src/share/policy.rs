@@ -82,6 +82,23 @@ impl FileSystem for ShareFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let mut opts = self.engine.init(capable)?;
+        // The FUSE server only enables what the file system asks for, and the passthrough
+        // engine asks for little: without BIG_WRITES/MAX_PAGES the guest would split I/O
+        // into 8 KiB requests. These are what a Linux guest and a passthrough share both
+        // handle (virtiofsd asks for the same).
+        opts |= FsOptions::ASYNC_READ
+            | FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::ASYNC_DIO
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::EXPORT_SUPPORT;
+        // No DAX window: QEMU's vhost-user-fs has none to map files into.
+        opts.remove(FsOptions::PERFILE_DAX);
+        if !self.read_only {
+            // open(O_TRUNC) arrives as one OPEN with O_TRUNC instead of OPEN + SETATTR.
+            opts |= FsOptions::ATOMIC_O_TRUNC;
+        }
         if self.read_only {
             // Nothing on the share changes, so symlink targets may be cached too.
             if capable.contains(FsOptions::CACHE_SYMLINKS) {

@@ -1,6 +1,7 @@
 //! The command line: one subcommand per capability.
 
 mod fs;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ enum Command {
     /// Serve host directories to guests over virtio-fs (vhost-user), like virtiofsd
     #[command(subcommand)]
     Fs(fs::FsCommand),
+    /// Run a command in a fresh Linux VM with the store and xchg shared; exit with its code
+    Run(Box<run::RunArgs>),
 }
 
 impl Cli {
@@ -28,6 +31,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<i32> {
         match self.command {
             Command::Fs(cmd) => cmd.run(),
+            Command::Run(args) => args.run(),
         }
     }
 }

@@ -1,0 +1,356 @@
+//! `vmbuild run`: parse and check everything first (bad input exits 2 with nothing
+//! started), then hand a `RunSpec` to the workflow.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::accel::{self, AccelChoice};
+use crate::exit;
+use crate::guest_kit::GuestKit;
+use crate::qemu::QemuBinary;
+use crate::signals::TermSignals;
+use crate::workflow::guest_script::valid_env_name;
+use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec};
+
+/// The least memory the guest kit's kernel boots in, with room for a command.
+const MIN_MEMORY_MIB: u32 = 128;
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: the command's own, or
+  2    bad command line or input (nothing was started)
+  123  the VM produced no exit code (kernel panic, crash, early power-off)
+  124  --timeout expired (the VM was killed)
+  125  vmbuild or the guest's init failed (QEMU would not start, a share would not mount)
+  130  interrupted (SIGINT/SIGTERM); the VM was stopped and cleaned up")]
+pub struct RunArgs {
+    /// Directory shared read-only as the store (mounted at the same path unless --store-mount)
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Where the store is mounted in the guest
+    #[arg(long, value_name = "PATH")]
+    store_mount: Option<String>,
+    /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
+    #[arg(long, value_name = "DIR")]
+    xchg: Option<PathBuf>,
+    /// Keep the temporary xchg directory and print its path
+    #[arg(long)]
+    keep_xchg: bool,
+    /// Extra share HOST:GUEST[:ro] (repeatable)
+    #[arg(long, value_name = "HOST:GUEST[:ro]")]
+    share: Vec<String>,
+    /// Set K=V in the guest, value byte for byte (repeatable)
+    #[arg(long, value_name = "K=V")]
+    env: Vec<OsString>,
+    /// Read K=V lines from a file (# comments and blank lines ignored)
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Pass this host variable into the guest (repeatable)
+    #[arg(long, value_name = "NAME")]
+    pass_env: Vec<String>,
+    /// Working directory of the command inside the guest
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Guest memory in MiB
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Guest vCPUs
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// A disk image (qcow2 or raw), /dev/vda in the guest
+    #[arg(long, value_name = "IMAGE")]
+    disk: Option<PathBuf>,
+    /// How the disk takes writes
+    #[arg(long, value_enum, default_value = "snapshot")]
+    disk_mode: DiskMode,
+    /// Kill the VM after this many seconds
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Guest kernel (default: the guest kit's)
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs (default: the guest kit's)
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line parameters
+    #[arg(long, value_name = "PARAMS")]
+    append: Option<String>,
+    /// Accelerator: auto uses KVM only where it can run a Linux guest
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// An interactive shell in the same VM setup instead of a command
+    #[arg(long)]
+    shell: bool,
+    /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    timings: Option<PathBuf>,
+    /// Write the guest console here instead of to stderr
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// The command and its arguments
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// A usage error: printed as one line, exit 2.
+struct Usage(String);
+
+macro_rules! usage {
+    ($($t:tt)*) => { return Err(Usage(format!($($t)*))) };
+}
+
+impl RunArgs {
+    pub fn run(self) -> anyhow::Result<i32> {
+        let timings = self.timings.clone();
+        let spec = match self.into_spec() {
+            Ok(s) => s,
+            Err(Usage(msg)) => {
+                eprintln!("vmbuild run: {msg}");
+                return Ok(exit::USAGE);
+            }
+        };
+        // Before any thread exists, so the signal thread alone receives them.
+        let signals = TermSignals::block()?;
+        let (sig_tx, sig_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while signals.wait().is_ok() {
+                if sig_tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let outcome = match run(&spec, sig_rx) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("vmbuild run: {e:#}");
+                return Ok(exit::VM_FAILED);
+            }
+        };
+        if let Some(dest) = timings {
+            let json = serde_json::to_string(&outcome.marks.timings())?;
+            if dest.as_os_str() == "-" {
+                eprintln!("{json}");
+            } else {
+                std::fs::write(&dest, format!("{json}\n"))?;
+            }
+        }
+        Ok(match outcome.end {
+            RunEnd::Exited(code) => {
+                if code > 128 && code < 128 + 65 {
+                    eprintln!("vmbuild run: the command was killed by signal {} (exit status {code})", code - 128);
+                }
+                if code == crate::workflow::guest_script::SETUP_FAILED {
+                    eprintln!("vmbuild run: exit status 125: the command could not be started (see the console above)");
+                }
+                code
+            }
+            RunEnd::TimedOut(t) => {
+                eprintln!("vmbuild run: timed out after {} s; the VM was stopped", t.as_secs_f64());
+                exit::TIMED_OUT
+            }
+            RunEnd::Interrupted => {
+                eprintln!("vmbuild run: interrupted; the VM was stopped");
+                exit::INTERRUPTED
+            }
+            RunEnd::NoExitCode { why, console_tail } => {
+                eprintln!("vmbuild run: the VM produced no exit code: {why}");
+                if !console_tail.is_empty() {
+                    eprintln!("last console lines:\n{console_tail}");
+                }
+                exit::NO_EXIT_CODE
+            }
+        })
+    }
+
+    fn into_spec(self) -> Result<RunSpec, Usage> {
+        if self.shell && !self.command.is_empty() {
+            usage!("--shell takes no command");
+        }
+        if !self.shell && self.command.is_empty() {
+            usage!("no command: vmbuild run [OPTIONS] -- COMMAND [ARGS...] (or --shell)");
+        }
+        if self.memory < MIN_MEMORY_MIB {
+            usage!("--memory {} MiB is below the {MIN_MEMORY_MIB} MiB the guest kernel needs", self.memory);
+        }
+        if self.cpus == 0 || self.cpus > 255 {
+            usage!("--cpus must be between 1 and 255");
+        }
+        let timeout = match self.timeout {
+            Some(t) if !(t > 0.0 && t.is_finite()) => usage!("--timeout must be a positive number of seconds"),
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
+        let (kernel, initrd) = match (self.kernel, self.initrd) {
+            (Some(k), Some(i)) => (k, i),
+            (k, i) => {
+                let kit = GuestKit::locate().map_err(|e| Usage(format!("{e:#}")))?;
+                (k.unwrap_or(kit.kernel), i.unwrap_or(kit.initrd))
+            }
+        };
+        readable_file(&kernel, "kernel (--kernel)")?;
+        readable_file(&initrd, "initrd (--initrd)")?;
+        let store = match self.store {
+            Some(dir) => {
+                directory(&dir, "store (--store)")?;
+                let dir = std::fs::canonicalize(&dir).map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+                let mount = self.store_mount.unwrap_or_else(|| dir.display().to_string());
+                guest_path(&mount, "--store-mount")?;
+                Some((dir, mount))
+            }
+            None if self.store_mount.is_some() => usage!("--store-mount needs --store"),
+            None => None,
+        };
+        if let Some(x) = &self.xchg {
+            directory(x, "xchg (--xchg)")?;
+        }
+        let mut extra_shares = Vec::new();
+        for spec in &self.share {
+            let parts: Vec<&str> = spec.split(':').collect();
+            let (host, guest, read_only) = match parts.as_slice() {
+                [h, g] => (*h, *g, false),
+                [h, g, "ro"] => (*h, *g, true),
+                [h, g, "rw"] => (*h, *g, false),
+                _ => usage!("--share {spec}: expected HOST:GUEST or HOST:GUEST:ro"),
+            };
+            directory(Path::new(host), &format!("--share {spec}"))?;
+            guest_path(guest, &format!("--share {spec}"))?;
+            extra_shares.push(ExtraShare {
+                host: PathBuf::from(host),
+                guest: guest.to_owned(),
+                read_only,
+            });
+        }
+        let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
+        if let Some(w) = &self.workdir {
+            guest_path(w, "--workdir")?;
+        }
+        let disk = match self.disk {
+            Some(path) => Some(Disk {
+                format: image_format(&path)?,
+                path,
+                mode: self.disk_mode,
+            }),
+            None => None,
+        };
+        if let Some(log) = &self.log {
+            if let Some(parent) = log.parent().filter(|p| !p.as_os_str().is_empty()) {
+                directory(parent, "--log's directory")?;
+            }
+        }
+        let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kernel, &initrd);
+        if let Some(n) = notice {
+            tracing::info!("{n}");
+        }
+        Ok(RunSpec {
+            qemu,
+            accel,
+            kernel,
+            initrd,
+            append: self.append,
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            argv: self.command,
+            shell: self.shell,
+            env,
+            cwd: self.workdir,
+            store,
+            xchg: self.xchg,
+            keep_xchg: self.keep_xchg,
+            extra_shares,
+            disk,
+            timeout,
+            log: self.log,
+        })
+    }
+}
+
+fn readable_file(path: &Path, what: &str) -> Result<(), Usage> {
+    match std::fs::File::open(path) {
+        Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(()),
+        Ok(_) => usage!("{what} {} is not a file", path.display()),
+        Err(e) => usage!("cannot read {what} {}: {e}", path.display()),
+    }
+}
+
+fn directory(path: &Path, what: &str) -> Result<(), Usage> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => usage!("{what}: {} is not a directory", path.display()),
+        Err(e) => usage!("{what}: cannot use {}: {e}", path.display()),
+    }
+}
+
+/// Guest paths go on the kernel command line: absolute, no spaces or colons.
+fn guest_path(path: &str, what: &str) -> Result<(), Usage> {
+    if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains(':') {
+        usage!("{what}: guest path '{path}' must be absolute, without spaces or ':'");
+    }
+    Ok(())
+}
+
+fn collect_env(env: &[OsString], files: &[PathBuf], pass: &[String]) -> Result<Vec<(String, Vec<u8>)>, Usage> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |name: &str, value: Vec<u8>, from: &str| -> Result<(), Usage> {
+        if !valid_env_name(name) {
+            usage!("{from}: '{name}' is not a valid variable name");
+        }
+        out.retain(|(n, _)| n != name);
+        out.push((name.to_owned(), value));
+        Ok(())
+    };
+    for path in files {
+        let text = std::fs::read(path).map_err(|e| Usage(format!("--env-file {}: {e}", path.display())))?;
+        for line in text.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() || line.starts_with(b"#") {
+                continue;
+            }
+            let Some(eq) = line.iter().position(|b| *b == b'=') else {
+                usage!("--env-file {}: line without '=': {}", path.display(), String::from_utf8_lossy(line));
+            };
+            let name = String::from_utf8_lossy(&line[..eq]).into_owned();
+            add(&name, line[eq + 1..].to_vec(), &format!("--env-file {}", path.display()))?;
+        }
+    }
+    for name in pass {
+        let Some(value) = std::env::var_os(name) else {
+            usage!("--pass-env {name}: not set on the host");
+        };
+        add(name, value.into_vec(), "--pass-env")?;
+    }
+    for kv in env {
+        let bytes = kv.as_bytes();
+        let Some(eq) = bytes.iter().position(|b| *b == b'=') else {
+            usage!("--env {}: expected K=V", kv.to_string_lossy());
+        };
+        let name = String::from_utf8_lossy(&bytes[..eq]).into_owned();
+        add(&name, bytes[eq + 1..].to_vec(), "--env")?;
+    }
+    Ok(out)
+}
+
+/// qcow2 or raw, as `qemu-img info` sees it.
+fn image_format(path: &Path) -> Result<String, Usage> {
+    if let Err(e) = std::fs::File::open(path) {
+        usage!("cannot read --disk {}: {e}", path.display());
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .map_err(|e| Usage(format!("cannot run qemu-img to inspect --disk ({e}): install qemu-utils")))?;
+    if !out.status.success() {
+        usage!("--disk {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| Usage(format!("qemu-img info: {e}")))?;
+    match info.get("format").and_then(|f| f.as_str()) {
+        Some(f @ ("qcow2" | "raw")) => Ok(f.to_owned()),
+        Some(f) => usage!("--disk {}: a {f} image; vmbuild takes qcow2 or raw (convert with qemu-img convert -O qcow2)", path.display()),
+        None => usage!("--disk {}: qemu-img could not tell its format", path.display()),
+    }
+}

@@ -1,0 +1,11 @@
+//! Driving QEMU: finding it, starting it with the sockets vmbuild listens on, and talking
+//! to it over QMP. QEMU is the VMM for guests that need a full PC (Windows) and for Linux
+//! guests on hosts whose KVM cannot run them (TCG).
+
+pub mod binary;
+pub mod process;
+pub mod qmp;
+
+pub use binary::QemuBinary;
+pub use process::{accept_all, ChardevListener, QemuProcess};
+pub use qmp::{Qmp, QmpEvent, ShutdownReason};

@@ -1,0 +1,136 @@
+//! A QEMU process that cannot outlive vmbuild's interest in it, and the sockets it connects
+//! back to (vmbuild listens, QEMU connects: no race on socket creation, no polling).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The running QEMU. Dropping it asks QEMU to terminate, then kills it, and reaps it.
+pub struct QemuProcess {
+    child: Child,
+    stderr_path: PathBuf,
+}
+
+impl QemuProcess {
+    /// Spawns QEMU with `args`; its stderr goes to `stderr_path` so errors can be quoted.
+    pub fn spawn(binary: &Path, args: &[String], stderr_path: &Path, stdio_console: bool) -> anyhow::Result<Self> {
+        let stderr = std::fs::File::create(stderr_path)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args).stderr(stderr);
+        if !stdio_console {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(QemuProcess {
+            child,
+            stderr_path: stderr_path.to_owned(),
+        })
+    }
+
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits up to `grace` for QEMU to exit by itself.
+    pub fn wait_timeout(&mut self, grace: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// What QEMU wrote to stderr (its error messages), trimmed.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn kill(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if let Ok(Some(_)) = self.wait_timeout(Duration::from_secs(2)) {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A socket vmbuild listens on for one QEMU chardev (`-chardev socket,path=…` in client
+/// mode).
+pub struct ChardevListener {
+    listener: UnixListener,
+    pub path: PathBuf,
+}
+
+impl ChardevListener {
+    pub fn bind(path: PathBuf) -> anyhow::Result<Self> {
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(ChardevListener { listener, path })
+    }
+
+    /// The `-chardev` argument that makes QEMU connect here.
+    pub fn chardev_arg(&self, id: &str) -> String {
+        format!("socket,id={id},path={}", self.path.display())
+    }
+}
+
+/// Accepts QEMU's connection on every listener, in whatever order QEMU makes them; fails
+/// if QEMU exits first or takes longer than `timeout`.
+pub fn accept_all(
+    listeners: &[&ChardevListener],
+    qemu: &mut QemuProcess,
+    timeout: Duration,
+) -> anyhow::Result<Vec<UnixStream>> {
+    let deadline = Instant::now() + timeout;
+    let mut streams: Vec<Option<UnixStream>> = listeners.iter().map(|_| None).collect();
+    while streams.iter().any(Option::is_none) {
+        for (i, l) in listeners.iter().enumerate() {
+            if streams[i].is_none() {
+                match l.listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false)?;
+                        streams[i] = Some(s);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if streams.iter().all(Option::is_some) {
+            break;
+        }
+        if let Some(status) = qemu.try_wait()? {
+            bail!("QEMU exited ({status}) while starting: {}", qemu.stderr());
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU did not connect its sockets within {timeout:?}: {}", qemu.stderr());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(streams.into_iter().map(Option::unwrap).collect())
+}

@@ -1,0 +1,121 @@
+//! The script `vmbuild run` hands the guest's init: sets the environment exactly, changes
+//! directory, runs the command with its output on the guest's second and third serial
+//! ports (host stdout and stderr), and marks the phases on the console for `--timings`.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+/// Console lines the host watches for (the init prints `vmbuild-phase=init`,
+/// `vmbuild-phase=mounted` and `vmbuild-exit=N` itself).
+pub const PHASE_COMMAND_START: &str = "vmbuild-phase=command-start";
+pub const PHASE_COMMAND_END: &str = "vmbuild-phase=command-end";
+
+/// Exit status the script uses when it cannot even start the command (bad directory).
+pub const SETUP_FAILED: i32 = 125;
+
+pub struct GuestCommand<'a> {
+    pub argv: &'a [std::ffi::OsString],
+    pub env: &'a [(String, Vec<u8>)],
+    pub cwd: Option<&'a str>,
+}
+
+/// Single-quotes any bytes for a POSIX shell: `'` becomes `'\''`; newlines, spaces, `$`
+/// and non-ASCII bytes need nothing inside single quotes.
+pub fn shell_quote(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    out.push(b'\'');
+    for &b in bytes {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// A valid environment variable name for the guest's shell.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+impl GuestCommand<'_> {
+    pub fn script(&self) -> Vec<u8> {
+        let mut s: Vec<u8> = Vec::new();
+        s.extend_from_slice(b"# written by vmbuild run\n");
+        // The command's output travels on ttyS1 (stdout) and ttyS2 (stderr); raw mode so
+        // the tty does not turn \n into \r\n. Closing them at exit drains them.
+        s.extend_from_slice(b"stty -F /dev/ttyS1 raw -echo 2>/dev/null\n");
+        s.extend_from_slice(b"stty -F /dev/ttyS2 raw -echo 2>/dev/null\n");
+        for (name, value) in self.env {
+            s.extend_from_slice(b"export ");
+            s.extend_from_slice(name.as_bytes());
+            s.push(b'=');
+            s.extend(shell_quote(value));
+            s.push(b'\n');
+        }
+        if let Some(dir) = self.cwd {
+            s.extend_from_slice(b"cd ");
+            s.extend(shell_quote(dir.as_bytes()));
+            s.extend_from_slice(
+                format!(
+                    " || {{ echo \"vmbuild: cannot change to the working directory\"; exit {SETUP_FAILED}; }}\n"
+                )
+                .as_bytes(),
+            );
+        }
+        s.extend_from_slice(format!("echo {PHASE_COMMAND_START}\n").as_bytes());
+        for (i, arg) in self.argv.iter().enumerate() {
+            if i > 0 {
+                s.push(b' ');
+            }
+            s.extend(shell_quote(OsStr::as_bytes(arg)));
+        }
+        s.extend_from_slice(b" </dev/null >/dev/ttyS1 2>/dev/ttyS2\n");
+        s.extend_from_slice(b"status=$?\n");
+        s.extend_from_slice(format!("echo {PHASE_COMMAND_END}\n").as_bytes());
+        s.extend_from_slice(b"exit $status\n");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// The script's quoting, checked by a real shell: each value comes back byte for byte.
+    #[test]
+    fn values_survive_a_real_shell() {
+        let values: [&[u8]; 6] = [
+            b"plain",
+            b"with spaces  and\ttabs",
+            b"quotes ' \" and $HOME `date` \\",
+            b"new\nlines\n",
+            "utf-8: \u{e9}\u{e8} \u{1f600}".as_bytes(),
+            b"",
+        ];
+        for v in values {
+            let script = [b"printf %s ".as_slice(), &shell_quote(v)].concat();
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(std::ffi::OsStr::from_bytes(&script))
+                .output()
+                .unwrap();
+            assert_eq!(out.stdout, v);
+        }
+    }
+
+    #[test]
+    fn env_names_are_checked() {
+        assert!(valid_env_name("PATH"));
+        assert!(valid_env_name("_x1"));
+        assert!(!valid_env_name("1x"));
+        assert!(!valid_env_name("A-B"));
+        assert!(!valid_env_name(""));
+        assert!(!valid_env_name("A=B"));
+    }
+}

@@ -1,0 +1,462 @@
+//! `vmbuild run`: a command in a fresh Linux VM, with the store, xchg and any extra shares
+//! served in-process, its output streamed back and its exit code returned.
+//!
+//! One QEMU process and this one: the shares are `ShareServer`s on private sockets, the
+//! guest's console, stdout and stderr are serial ports connected to sockets vmbuild
+//! listens on, and QMP reports how the guest stopped.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use virtiofs_bridge::{CacheMode, ShareConfig, ShareServer};
+
+use crate::accel::Accel;
+use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent, ShutdownReason};
+use crate::runtime_dir::RuntimeDir;
+use crate::workflow::guest_script::{GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START};
+use crate::workflow::timings::Marks;
+
+/// Where the control share (command script, exit status) is mounted in the guest.
+const CTL_MOUNT: &str = "/run/vmbuild";
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// A host directory mounted in the guest.
+#[derive(Debug, Clone)]
+pub struct ExtraShare {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskMode {
+    /// Writes go to a temporary overlay QEMU discards (`snapshot=on`).
+    Snapshot,
+    /// Writes go to a qcow2 overlay vmbuild creates over the image and deletes afterwards.
+    Overlay,
+    /// Writes go to the image itself.
+    Rw,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: String,
+    pub mode: DiskMode,
+}
+
+/// Everything a run needs, checked by the CLI before anything starts.
+pub struct RunSpec {
+    pub qemu: QemuBinary,
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: Option<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Empty with `shell`.
+    pub argv: Vec<OsString>,
+    pub shell: bool,
+    pub env: Vec<(String, Vec<u8>)>,
+    pub cwd: Option<String>,
+    pub store: Option<(PathBuf, String)>,
+    pub xchg: Option<PathBuf>,
+    pub keep_xchg: bool,
+    pub extra_shares: Vec<ExtraShare>,
+    pub disk: Option<Disk>,
+    pub timeout: Option<Duration>,
+    /// Console to this file instead of stderr.
+    pub log: Option<PathBuf>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// The command ran; its exit status.
+    Exited(i32),
+    TimedOut(Duration),
+    Interrupted,
+    /// The guest stopped without reporting an exit status.
+    NoExitCode { why: String, console_tail: String },
+}
+
+pub struct RunOutcome {
+    pub end: RunEnd,
+    pub marks: Marks,
+}
+
+enum Event {
+    Console(String, Instant),
+    Qmp(QmpEvent),
+    Signal,
+}
+
+/// Runs the spec to the end. Every resource it creates (QEMU, sockets, runtime directory,
+/// temporary xchg) is owned by a value dropped on every way out of this function.
+pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
+    let mut marks = Marks {
+        start: Some(Instant::now()),
+        ..Marks::default()
+    };
+    let rundir = RuntimeDir::create("run")?;
+
+    // --- shares --------------------------------------------------------------------
+    let ctl = rundir.join("ctl");
+    std::fs::create_dir(&ctl)?;
+    let xchg_temp;
+    let xchg = match &spec.xchg {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
+            let path = dir.path().to_owned();
+            xchg_temp = if spec.keep_xchg {
+                eprintln!("vmbuild: xchg is {}", dir.keep().display());
+                None
+            } else {
+                Some(dir)
+            };
+            let _ = &xchg_temp;
+            path
+        }
+    };
+    if !spec.shell {
+        let script = GuestCommand {
+            argv: &spec.argv,
+            env: &spec.env,
+            cwd: spec.cwd.as_deref(),
+        }
+        .script();
+        std::fs::write(ctl.join("cmd.sh"), script)?;
+    }
+
+    let mut mounts: Vec<(ShareConfig, String)> = Vec::new();
+    let mut ctl_share = ShareConfig::xchg(&ctl);
+    ctl_share.tag = "vmbuild-ctl".into();
+    ctl_share.cache = CacheMode::Never;
+    mounts.push((ctl_share, CTL_MOUNT.into()));
+    if let Some((dir, mount)) = &spec.store {
+        mounts.push((ShareConfig::store(dir), mount.clone()));
+    }
+    mounts.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
+    for (i, extra) in spec.extra_shares.iter().enumerate() {
+        let mut share = if extra.read_only {
+            ShareConfig::store(&extra.host)
+        } else {
+            ShareConfig::xchg(&extra.host)
+        };
+        share.tag = format!("share{i}");
+        mounts.push((share, extra.guest.clone()));
+    }
+    let mut servers = Vec::new();
+    for (share, mount) in mounts {
+        let socket = rundir.join(&format!("{}.sock", share.tag));
+        let tag = share.tag.clone();
+        let server = ShareServer::spawn(share, &socket).with_context(|| format!("serving share {tag}"))?;
+        servers.push((server, mount));
+    }
+
+    // --- QEMU ----------------------------------------------------------------------
+    let qmp_listener = ChardevListener::bind(rundir.join("qmp.sock"))?;
+    let console_listener = if spec.shell {
+        None
+    } else {
+        Some(ChardevListener::bind(rundir.join("console.sock"))?)
+    };
+    let out_listener = ChardevListener::bind(rundir.join("stdout.sock"))?;
+    let err_listener = ChardevListener::bind(rundir.join("stderr.sock"))?;
+
+    let disk = match &spec.disk {
+        Some(d) if d.mode == DiskMode::Overlay => Some(Disk {
+            path: create_overlay(&d.path, &d.format, rundir.path())?,
+            format: "qcow2".into(),
+            mode: DiskMode::Rw,
+        }),
+        other => other.clone(),
+    };
+    let args = qemu_args(
+        spec,
+        disk.as_ref(),
+        &servers,
+        &qmp_listener,
+        console_listener.as_ref(),
+        &out_listener,
+        &err_listener,
+    );
+    let (major, minor, micro) = spec.qemu.version;
+    tracing::debug!("QEMU {major}.{minor}.{micro}: {}", args.join(" "));
+    let mut qemu = QemuProcess::spawn(&spec.qemu.path, &args, &rundir.join("qemu.stderr"), spec.shell)?;
+    let mut listeners = vec![&qmp_listener, &out_listener, &err_listener];
+    if let Some(c) = &console_listener {
+        listeners.push(c);
+    }
+    let mut streams = accept_all(&listeners, &mut qemu, Duration::from_secs(30))?.into_iter();
+    let (qmp_stream, out_stream, err_stream) = (streams.next().unwrap(), streams.next().unwrap(), streams.next().unwrap());
+    let console_stream = streams.next();
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let (qmp_tx, qmp_rx) = mpsc::channel::<QmpEvent>();
+    forward(qmp_rx, tx.clone(), Event::Qmp);
+    forward(signals, tx.clone(), |()| Event::Signal);
+    let mut qmp = Qmp::handshake(qmp_stream, qmp_tx)?;
+    marks.vmm_ready = Some(Instant::now());
+
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let console_thread = console_stream
+        .map(|s| spawn_console_reader(s, spec.log.clone(), tail.clone(), tx.clone()))
+        .transpose()?;
+    let out_thread = spawn_copy(out_stream, std::io::stdout())?;
+    let err_thread = spawn_copy(err_stream, std::io::stderr())?;
+    drop(tx);
+
+    // --- wait for the guest ----------------------------------------------------------
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut console_exit: Option<i32> = None;
+    let mut shutdown: Option<ShutdownReason> = None;
+    let mut end: Option<RunEnd> = None;
+    loop {
+        if qemu.try_wait()?.is_some() {
+            marks.exited = Some(Instant::now());
+            break;
+        }
+        if let Some(d) = deadline {
+            if Instant::now() >= d {
+                end = Some(RunEnd::TimedOut(spec.timeout.unwrap()));
+                let _ = qmp.quit();
+                break;
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Event::Console(line, at)) => match line.as_str() {
+                "vmbuild-phase=init" => marks.init = Some(at),
+                "vmbuild-phase=mounted" => marks.mounted = Some(at),
+                l if l == PHASE_COMMAND_START => marks.command_start = Some(at),
+                l if l == PHASE_COMMAND_END => marks.command_end = Some(at),
+                l => {
+                    if let Some(n) = l.strip_prefix("vmbuild-exit=") {
+                        console_exit = n.trim().parse().ok();
+                    }
+                }
+            },
+            Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
+            Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
+            Ok(Event::Signal) => {
+                end = Some(RunEnd::Interrupted);
+                let _ = qmp.quit();
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    // QEMU has exited or been told to; make sure, then collect what the guest left.
+    if qemu.wait_timeout(Duration::from_secs(3))?.is_none() {
+        qemu.kill();
+    }
+    marks.exited.get_or_insert_with(Instant::now);
+    for t in [Some(out_thread), Some(err_thread), console_thread].into_iter().flatten() {
+        let _ = t.join();
+    }
+    // Drain console lines that arrived after QEMU exited.
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Console(line, at) = ev {
+            if line == PHASE_COMMAND_END {
+                marks.command_end.get_or_insert(at);
+            } else if let Some(n) = line.strip_prefix("vmbuild-exit=") {
+                console_exit = n.trim().parse().ok();
+            }
+        }
+    }
+    let status_file = std::fs::read_to_string(ctl.join("status"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let console_tail = tail.lock().unwrap().iter().cloned().collect::<Vec<String>>().join("\n");
+    let end = end.unwrap_or_else(|| match status_file.or(console_exit) {
+        Some(code) => RunEnd::Exited(code),
+        None => RunEnd::NoExitCode {
+            why: explain_no_exit(shutdown.as_ref(), &console_tail, &qemu.stderr()),
+            console_tail,
+        },
+    });
+    drop(qemu);
+    for (server, _) in servers {
+        server.stop(Duration::from_millis(200));
+    }
+    drop(rundir);
+    marks.done = Some(Instant::now());
+    Ok(RunOutcome { end, marks })
+}
+
+fn explain_no_exit(shutdown: Option<&ShutdownReason>, console: &str, qemu_stderr: &str) -> String {
+    if console.contains("Kernel panic") || shutdown == Some(&ShutdownReason::GuestPanic) {
+        return "the guest kernel panicked".into();
+    }
+    if console.contains("Out of memory") {
+        return "the guest ran out of memory (try a larger --memory)".into();
+    }
+    match shutdown {
+        Some(ShutdownReason::GuestReset) => "the guest reset before its command finished".into(),
+        Some(ShutdownReason::GuestShutdown) => "the guest powered off before its command finished".into(),
+        Some(ShutdownReason::Host(r)) => format!("QEMU stopped the guest ({r})"),
+        _ if !qemu_stderr.is_empty() => format!("QEMU exited: {qemu_stderr}"),
+        _ => "the VM stopped without a reason".into(),
+    }
+}
+
+fn forward<T: Send + 'static>(from: Receiver<T>, to: Sender<Event>, wrap: impl Fn(T) -> Event + Send + 'static) {
+    std::thread::spawn(move || {
+        for item in from {
+            if to.send(wrap(item)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Reads the guest console: marker lines become events, everything else goes to the log
+/// (or stderr, prefixed) and to the tail kept for error messages.
+fn spawn_console_reader(
+    stream: UnixStream,
+    log: Option<PathBuf>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    events: Sender<Event>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let mut sink: Box<dyn Write + Send> = match &log {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating the console log {}", p.display()))?),
+        None => Box::new(std::io::stderr()),
+    };
+    let prefix = if log.is_some() { "" } else { "[guest] " };
+    Ok(std::thread::Builder::new().name("console".into()).spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let at = Instant::now();
+            let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_string();
+            if line.starts_with("vmbuild-phase=") || line.starts_with("vmbuild-exit=") {
+                let _ = events.send(Event::Console(line, at));
+                continue;
+            }
+            // The kernel's last word at every power-off says nothing about the command.
+            if line.is_empty() || line.ends_with("reboot: Power down") {
+                continue;
+            }
+            let _ = writeln!(sink, "{prefix}{line}");
+            let mut t = tail.lock().unwrap();
+            if t.len() == CONSOLE_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+        let _ = sink.flush();
+    })?)
+}
+
+/// Copies a guest serial port to one of our output streams, byte for byte.
+fn spawn_copy(mut from: UnixStream, mut to: impl Write + Send + 'static) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    Ok(std::thread::Builder::new().name("guest-output".into()).spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = to.flush();
+                }
+            }
+        }
+    })?)
+}
+
+fn qemu_args(
+    spec: &RunSpec,
+    disk: Option<&Disk>,
+    servers: &[(ShareServer, String)],
+    qmp: &ChardevListener,
+    console: Option<&ChardevListener>,
+    out: &ChardevListener,
+    err: &ChardevListener,
+) -> Vec<String> {
+    let mem = spec.memory_mib;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-accel", spec.accel.qemu_name(), "-M", "q35", "-cpu", spec.accel.cpu_model()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&["-smp", &spec.cpus.to_string(), "-m", &format!("{mem}M")]);
+    // vhost-user back-ends map guest memory, so it must be shared memory.
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"), "-machine", "memory-backend=mem"]);
+    push(&["-kernel", &spec.kernel.display().to_string(), "-initrd", &spec.initrd.display().to_string()]);
+    push(&["-chardev", &qmp.chardev_arg("qmp"), "-mon", "chardev=qmp,mode=control"]);
+    match console {
+        Some(c) => push(&["-chardev", &c.chardev_arg("con")]),
+        None => push(&["-chardev", "stdio,id=con,signal=off"]),
+    }
+    push(&["-serial", "chardev:con"]);
+    push(&["-chardev", &out.chardev_arg("out"), "-serial", "chardev:out"]);
+    push(&["-chardev", &err.chardev_arg("err"), "-serial", "chardev:err"]);
+    let mut append: Vec<String> = [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        "loglevel=3",
+        "8250.nr_uarts=3",
+        "no_timer_check",
+        "tsc=reliable",
+        "i8042.noaux",
+        "i8042.nokbd",
+        "random.trust_cpu=on",
+        "mitigations=off",
+        "vmbuild.quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (i, (server, mount)) in servers.iter().enumerate() {
+        push(&["-chardev", &format!("socket,id=fs{i},path={}", server.socket().display())]);
+        push(&["-device", &format!("vhost-user-fs-pci,chardev=fs{i},tag={},queue-size=1024", server.tag())]);
+        append.push(format!("vmbuild.mount=virtiofs:{}:{mount}", server.tag()));
+    }
+    if let Some(disk) = disk {
+        let mut drive = format!("file={},if=virtio,format={},cache=unsafe", disk.path.display(), disk.format);
+        if disk.mode == DiskMode::Snapshot {
+            drive.push_str(",snapshot=on");
+        }
+        push(&["-drive", &drive]);
+    }
+    if !spec.shell {
+        append.push(format!("vmbuild.cmd={CTL_MOUNT}/cmd.sh"));
+    }
+    append.push(format!("vmbuild.exitfile={CTL_MOUNT}/status"));
+    if let Some(extra) = &spec.append {
+        append.push(extra.clone());
+    }
+    push(&["-append", &append.join(" ")]);
+    a
+}
+
+/// A qcow2 overlay over `base` in `dir`, so the base image is never written.
+pub fn create_overlay(base: &Path, format: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let overlay = dir.join("overlay.qcow2");
+    let base = std::fs::canonicalize(base)?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .output()
+        .context("running qemu-img (install qemu-utils)")?;
+    if !out.status.success() {
+        anyhow::bail!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(overlay)
+}

@@ -1,0 +1,53 @@
+//! Where the time of a run went, phase by phase, for `--timings`.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Moments seen during a run; phases are the differences between them.
+#[derive(Debug, Default, Clone)]
+pub struct Marks {
+    pub start: Option<Instant>,
+    /// QEMU answered QMP: the VMM is up.
+    pub vmm_ready: Option<Instant>,
+    /// The guest's init started (kernel boot done).
+    pub init: Option<Instant>,
+    /// Init mounted the shares.
+    pub mounted: Option<Instant>,
+    pub command_start: Option<Instant>,
+    pub command_end: Option<Instant>,
+    /// QEMU exited.
+    pub exited: Option<Instant>,
+    /// Everything cleaned up.
+    pub done: Option<Instant>,
+}
+
+/// Seconds per phase; a phase the run never reached is `null`.
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub spawn: Option<f64>,
+    pub kernel_to_init: Option<f64>,
+    pub shares_mounted: Option<f64>,
+    pub command: Option<f64>,
+    pub shutdown: Option<f64>,
+    pub teardown: Option<f64>,
+    pub total: Option<f64>,
+}
+
+fn secs(from: Option<Instant>, to: Option<Instant>) -> Option<f64> {
+    Some(to?.checked_duration_since(from?)?.as_secs_f64())
+}
+
+impl Marks {
+    pub fn timings(&self) -> Timings {
+        Timings {
+            spawn: secs(self.start, self.vmm_ready),
+            kernel_to_init: secs(self.vmm_ready, self.init),
+            shares_mounted: secs(self.init, self.mounted),
+            command: secs(self.command_start, self.command_end),
+            shutdown: secs(self.command_end, self.exited),
+            teardown: secs(self.exited, self.done),
+            total: secs(self.start, self.done),
+        }
+    }
+}
