@@ -41,6 +41,9 @@ impl Share {
         let mut c = FuseClient::new(FsFrontend::connect(self.server.socket()).unwrap());
         let init = c.init().expect("INIT");
         assert_eq!(init.major, 7);
+        // Big requests, or the guest splits every read and write into 8 KiB pieces.
+        assert_eq!(init.max_write, 1 << 20);
+        assert_eq!(init.max_pages, 256);
         c
     }
 

@@ -14,7 +14,12 @@ impl RuntimeDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{purpose}-{}-", std::process::id()))
             .tempdir_in(&base)
-            .map_err(|e| anyhow::anyhow!("cannot create a runtime directory in {}: {e}", base.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create a runtime directory in {}: {e}",
+                    base.display()
+                )
+            })?;
         Ok(RuntimeDir(dir))
     }
 

@@ -92,7 +92,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
     /// The command and its arguments
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     command: Vec<OsString>,
 }
 
@@ -141,7 +145,10 @@ impl RunArgs {
         Ok(match outcome.end {
             RunEnd::Exited(code) => {
                 if code > 128 && code < 128 + 65 {
-                    eprintln!("vmbuild run: the command was killed by signal {} (exit status {code})", code - 128);
+                    eprintln!(
+                        "vmbuild run: the command was killed by signal {} (exit status {code})",
+                        code - 128
+                    );
                 }
                 if code == crate::workflow::guest_script::SETUP_FAILED {
                     eprintln!("vmbuild run: exit status 125: the command could not be started (see the console above)");
@@ -149,7 +156,10 @@ impl RunArgs {
                 code
             }
             RunEnd::TimedOut(t) => {
-                eprintln!("vmbuild run: timed out after {} s; the VM was stopped", t.as_secs_f64());
+                eprintln!(
+                    "vmbuild run: timed out after {} s; the VM was stopped",
+                    t.as_secs_f64()
+                );
                 exit::TIMED_OUT
             }
             RunEnd::Interrupted => {
@@ -174,13 +184,18 @@ impl RunArgs {
             usage!("no command: vmbuild run [OPTIONS] -- COMMAND [ARGS...] (or --shell)");
         }
         if self.memory < MIN_MEMORY_MIB {
-            usage!("--memory {} MiB is below the {MIN_MEMORY_MIB} MiB the guest kernel needs", self.memory);
+            usage!(
+                "--memory {} MiB is below the {MIN_MEMORY_MIB} MiB the guest kernel needs",
+                self.memory
+            );
         }
         if self.cpus == 0 || self.cpus > 255 {
             usage!("--cpus must be between 1 and 255");
         }
         let timeout = match self.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => usage!("--timeout must be a positive number of seconds"),
+            Some(t) if !(t > 0.0 && t.is_finite()) => {
+                usage!("--timeout must be a positive number of seconds")
+            }
             Some(t) => Some(Duration::from_secs_f64(t)),
             None => None,
         };
@@ -197,8 +212,11 @@ impl RunArgs {
         let store = match self.store {
             Some(dir) => {
                 directory(&dir, "store (--store)")?;
-                let dir = std::fs::canonicalize(&dir).map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
-                let mount = self.store_mount.unwrap_or_else(|| dir.display().to_string());
+                let dir = std::fs::canonicalize(&dir)
+                    .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+                let mount = self
+                    .store_mount
+                    .unwrap_or_else(|| dir.display().to_string());
                 guest_path(&mount, "--store-mount")?;
                 Some((dir, mount))
             }
@@ -293,7 +311,11 @@ fn guest_path(path: &str, what: &str) -> Result<(), Usage> {
     Ok(())
 }
 
-fn collect_env(env: &[OsString], files: &[PathBuf], pass: &[String]) -> Result<Vec<(String, Vec<u8>)>, Usage> {
+fn collect_env(
+    env: &[OsString],
+    files: &[PathBuf],
+    pass: &[String],
+) -> Result<Vec<(String, Vec<u8>)>, Usage> {
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();
     let mut add = |name: &str, value: Vec<u8>, from: &str| -> Result<(), Usage> {
         if !valid_env_name(name) {
@@ -304,17 +326,26 @@ fn collect_env(env: &[OsString], files: &[PathBuf], pass: &[String]) -> Result<V
         Ok(())
     };
     for path in files {
-        let text = std::fs::read(path).map_err(|e| Usage(format!("--env-file {}: {e}", path.display())))?;
+        let text = std::fs::read(path)
+            .map_err(|e| Usage(format!("--env-file {}: {e}", path.display())))?;
         for line in text.split(|b| *b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
             let Some(eq) = line.iter().position(|b| *b == b'=') else {
-                usage!("--env-file {}: line without '=': {}", path.display(), String::from_utf8_lossy(line));
+                usage!(
+                    "--env-file {}: line without '=': {}",
+                    path.display(),
+                    String::from_utf8_lossy(line)
+                );
             };
             let name = String::from_utf8_lossy(&line[..eq]).into_owned();
-            add(&name, line[eq + 1..].to_vec(), &format!("--env-file {}", path.display()))?;
+            add(
+                &name,
+                line[eq + 1..].to_vec(),
+                &format!("--env-file {}", path.display()),
+            )?;
         }
     }
     for name in pass {
@@ -343,11 +374,20 @@ fn image_format(path: &Path) -> Result<String, Usage> {
         .args(["info", "--output=json"])
         .arg(path)
         .output()
-        .map_err(|e| Usage(format!("cannot run qemu-img to inspect --disk ({e}): install qemu-utils")))?;
+        .map_err(|e| {
+            Usage(format!(
+                "cannot run qemu-img to inspect --disk ({e}): install qemu-utils"
+            ))
+        })?;
     if !out.status.success() {
-        usage!("--disk {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        usage!(
+            "--disk {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| Usage(format!("qemu-img info: {e}")))?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| Usage(format!("qemu-img info: {e}")))?;
     match info.get("format").and_then(|f| f.as_str()) {
         Some(f @ ("qcow2" | "raw")) => Ok(f.to_owned()),
         Some(f) => usage!("--disk {}: a {f} image; vmbuild takes qcow2 or raw (convert with qemu-img convert -O qcow2)", path.display()),

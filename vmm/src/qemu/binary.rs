@@ -28,7 +28,10 @@ impl QemuBinary {
         })?;
         let text = String::from_utf8_lossy(&out.stdout);
         let version = parse_version(&text).ok_or_else(|| {
-            anyhow::anyhow!("cannot read QEMU's version from `{} --version`: {text}", path.display())
+            anyhow::anyhow!(
+                "cannot read QEMU's version from `{} --version`: {text}",
+                path.display()
+            )
         })?;
         if (version.0, version.1) < MIN_VERSION {
             anyhow::bail!(
@@ -50,7 +53,11 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     let rest = text.split("version ").nth(1)?;
     let word = rest.split_whitespace().next()?;
     let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 #[cfg(test)]
@@ -63,7 +70,10 @@ mod tests {
             parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
             Some((10, 0, 2))
         );
-        assert_eq!(parse_version("QEMU emulator version 7.2.15"), Some((7, 2, 15)));
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.15"),
+            Some((7, 2, 15))
+        );
         assert_eq!(parse_version("nonsense"), None);
     }
 }

@@ -16,7 +16,12 @@ pub struct QemuProcess {
 
 impl QemuProcess {
     /// Spawns QEMU with `args`; its stderr goes to `stderr_path` so errors can be quoted.
-    pub fn spawn(binary: &Path, args: &[String], stderr_path: &Path, stdio_console: bool) -> anyhow::Result<Self> {
+    pub fn spawn(
+        binary: &Path,
+        args: &[String],
+        stderr_path: &Path,
+        stdio_console: bool,
+    ) -> anyhow::Result<Self> {
         let stderr = std::fs::File::create(stderr_path)?;
         let mut cmd = Command::new(binary);
         cmd.args(args).stderr(stderr);
@@ -87,8 +92,8 @@ pub struct ChardevListener {
 
 impl ChardevListener {
     pub fn bind(path: PathBuf) -> anyhow::Result<Self> {
-        let listener =
-            UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("listening on {}", path.display()))?;
         listener.set_nonblocking(true)?;
         Ok(ChardevListener { listener, path })
     }
@@ -128,7 +133,10 @@ pub fn accept_all(
             bail!("QEMU exited ({status}) while starting: {}", qemu.stderr());
         }
         if Instant::now() > deadline {
-            bail!("QEMU did not connect its sockets within {timeout:?}: {}", qemu.stderr());
+            bail!(
+                "QEMU did not connect its sockets within {timeout:?}: {}",
+                qemu.stderr()
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -42,7 +42,9 @@ impl Qmp {
         let writer = stream.try_clone().context("cloning the QMP socket")?;
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
-        reader.read_line(&mut line).context("reading the QMP greeting")?;
+        reader
+            .read_line(&mut line)
+            .context("reading the QMP greeting")?;
         let greeting: Value = serde_json::from_str(&line).context("parsing the QMP greeting")?;
         if greeting.get("QMP").is_none() {
             bail!("QEMU's monitor did not greet with QMP: {line}");

@@ -1,0 +1,368 @@
+//! `vmbuild run` end to end: the real binary, QEMU (TCG) and the guest kit. Each test gives
+//! vmbuild a runtime directory of its own (XDG_RUNTIME_DIR) and checks afterwards that no
+//! socket, directory or QEMU process of the run is left.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Run {
+    runtime: tempfile::TempDir,
+    cmd: Command,
+}
+
+fn vmbuild_run(args: &[&str]) -> Run {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmbuild"));
+    cmd.arg("run")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null());
+    Run { runtime, cmd }
+}
+
+impl Run {
+    fn output(mut self) -> Output {
+        let out = self.cmd.output().unwrap();
+        assert_clean(self.runtime.path());
+        out
+    }
+}
+
+/// Nothing of the run remains: its runtime directory is empty and no QEMU process refers
+/// to it.
+fn assert_clean(runtime: &Path) {
+    let dir = runtime.join("vmbuild");
+    if dir.exists() {
+        let left: Vec<PathBuf> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+    let needle = runtime.to_string_lossy().into_owned();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            assert!(
+                !(cmdline.contains("qemu-system") && cmdline.contains(&needle)),
+                "QEMU left running: {cmdline}"
+            );
+        }
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("vmbuild was killed by a signal")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn exit_codes_come_back() {
+    for expected in [0, 1, 42, 255] {
+        let script = format!("exit {expected}");
+        let out = vmbuild_run(&["--", "sh", "-c", &script]).output();
+        assert_eq!(code(&out), expected, "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn stdout_and_stderr_are_the_commands() {
+    let out = vmbuild_run(&["--", "sh", "-c", "echo out; echo err >&2; uname -s"]).output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nLinux\n");
+    assert!(stderr(&out).contains("err\n"));
+}
+
+#[test]
+fn a_command_killed_by_a_signal_is_reported() {
+    let out = vmbuild_run(&["--", "sh", "-c", "kill -9 $$"]).output();
+    assert_eq!(code(&out), 128 + 9);
+    assert!(
+        stderr(&out).contains("killed by signal 9"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn environment_values_arrive_byte_for_byte() {
+    let xchg = tempfile::tempdir().unwrap();
+    let values = [
+        ("SPACES", "with  spaces\tand tabs"),
+        ("QUOTES", "single ' double \" back ` dollar $HOME \\"),
+        ("NEWLINES", "line one\nline two\n"),
+        ("UTF8", "h\u{e9}llo w\u{f6}rld \u{1f680}"),
+        ("EMPTY", ""),
+    ];
+    let env_file = xchg.path().join("env");
+    fs::write(&env_file, "# comment\nFROM_FILE=a = b\n\n").unwrap();
+    let mut args: Vec<String> = vec!["--xchg".into(), xchg.path().display().to_string()];
+    for (k, v) in values {
+        args.push("--env".into());
+        args.push(format!("{k}={v}"));
+    }
+    args.extend(["--env-file".into(), env_file.display().to_string()]);
+    args.extend(["--pass-env".into(), "VMBUILD_TEST_PASSED".into()]);
+    let script = "for v in SPACES QUOTES NEWLINES UTF8 EMPTY FROM_FILE VMBUILD_TEST_PASSED; do \
+                  eval \"printf %s \\\"\\$$v\\\"\" > /tmp/xchg/$v; done";
+    args.extend(["--".into(), "sh".into(), "-c".into(), script.into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = vmbuild_run(&args);
+    run.cmd.env("VMBUILD_TEST_PASSED", "from the host");
+    let out = run.output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for (k, v) in values {
+        assert_eq!(fs::read_to_string(xchg.path().join(k)).unwrap(), v, "{k}");
+    }
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("FROM_FILE")).unwrap(),
+        "a = b"
+    );
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("VMBUILD_TEST_PASSED")).unwrap(),
+        "from the host"
+    );
+}
+
+#[test]
+fn xchg_shows_on_the_host_and_the_store_is_read_only() {
+    let store = tempfile::tempdir().unwrap();
+    let xchg = tempfile::tempdir().unwrap();
+    fs::write(store.path().join("input"), "store data\n").unwrap();
+    let script = "cat /nix/store/input > /tmp/xchg/copied && pwd > /tmp/xchg/pwd && \
+                  if touch /nix/store/nope 2>/tmp/xchg/err; then exit 9; fi";
+    let out = vmbuild_run(&[
+        "--store",
+        &store.path().display().to_string(),
+        "--store-mount",
+        "/nix/store",
+        "--xchg",
+        &xchg.path().display().to_string(),
+        "--workdir",
+        "/tmp/xchg",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("copied")).unwrap(),
+        "store data\n"
+    );
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("pwd")).unwrap(),
+        "/tmp/xchg\n"
+    );
+    assert!(fs::read_to_string(xchg.path().join("err"))
+        .unwrap()
+        .contains("Read-only file system"));
+    assert!(!store.path().join("nope").exists());
+}
+
+#[test]
+fn extra_shares_mount_where_asked() {
+    let data = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    fs::write(data.path().join("f"), "extra\n").unwrap();
+    let ro = format!("{}:/mnt/data:ro", data.path().display());
+    let rw = format!("{}:/mnt/out", out_dir.path().display());
+    let out = vmbuild_run(&[
+        "--share",
+        &ro,
+        "--share",
+        &rw,
+        "--",
+        "sh",
+        "-c",
+        "cat /mnt/data/f > /mnt/out/g && ! touch /mnt/data/x 2>/dev/null",
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        fs::read_to_string(out_dir.path().join("g")).unwrap(),
+        "extra\n"
+    );
+}
+
+#[test]
+fn a_timeout_stops_the_vm_and_cleans_up() {
+    let start = Instant::now();
+    let out = vmbuild_run(&["--timeout", "3", "--", "sleep", "1000"]).output();
+    assert_eq!(code(&out), 124, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timed out after 3 s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_guest_kernel_panic_is_reported() {
+    let out = vmbuild_run(&["--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"]).output();
+    assert_eq!(code(&out), 123, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no exit code"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("panic"), "{}", stderr(&out));
+}
+
+#[test]
+fn two_runs_at_once_both_succeed() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let spawn = |dir: &Path, word: &str| {
+        let mut run = vmbuild_run(&[
+            "--xchg",
+            &dir.display().to_string(),
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {word} > /tmp/xchg/word"),
+        ]);
+        let child = run
+            .cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (run.runtime, child)
+    };
+    let (ra, ca) = spawn(a.path(), "alpha");
+    let (rb, cb) = spawn(b.path(), "beta");
+    let oa = ca.wait_with_output().unwrap();
+    let ob = cb.wait_with_output().unwrap();
+    assert_eq!(code(&oa), 0, "{}", stderr(&oa));
+    assert_eq!(code(&ob), 0, "{}", stderr(&ob));
+    assert_eq!(
+        fs::read_to_string(a.path().join("word")).unwrap(),
+        "alpha\n"
+    );
+    assert_eq!(fs::read_to_string(b.path().join("word")).unwrap(), "beta\n");
+    assert_clean(ra.path());
+    assert_clean(rb.path());
+}
+
+#[test]
+fn ctrl_c_stops_the_vm_and_cleans_up() {
+    let mut run = vmbuild_run(&["--", "sleep", "1000"]);
+    let mut child = run
+        .cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vmbuild did not stop after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_clean(run.runtime.path());
+}
+
+#[test]
+fn timings_are_reported_as_json() {
+    let runtime = tempfile::tempdir().unwrap();
+    let file = runtime.path().join("timings.json");
+    let out = vmbuild_run(&["--timings", &file.display().to_string(), "--", "true"]).output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = fs::read_to_string(&file).unwrap();
+    for key in [
+        "spawn",
+        "kernel_to_init",
+        "shares_mounted",
+        "command",
+        "shutdown",
+        "total",
+    ] {
+        assert!(
+            text.contains(&format!("\"{key}\":")),
+            "{key} missing in {text}"
+        );
+    }
+    assert!(!text.contains("\"total\":null"), "{text}");
+}
+
+#[test]
+fn bad_input_exits_2_and_starts_nothing() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let not_an_image = tempfile::NamedTempFile::new().unwrap();
+    fs::write(not_an_image.path(), b"").unwrap();
+    let path = file.path().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--kernel",
+                "/nonexistent/vmlinux",
+                "--initrd",
+                &path,
+                "--",
+                "true",
+            ],
+            "kernel",
+        ),
+        (vec!["--store", &path, "--", "true"], "not a directory"),
+        (vec!["--store", "/nonexistent", "--", "true"], "store"),
+        (vec!["--xchg", "/nonexistent", "--", "true"], "xchg"),
+        (vec!["--memory", "16", "--", "true"], "--memory"),
+        (
+            vec!["--env", "1BAD=x", "--", "true"],
+            "not a valid variable name",
+        ),
+        (vec!["--share", "nocolon", "--", "true"], "--share"),
+        (vec![], "no command"),
+    ];
+    for (args, needle) in cases {
+        let out = vmbuild_run(&args).output();
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).lines().count(),
+            1,
+            "one line: {}",
+            stderr(&out)
+        );
+    }
+    let mut qemu_missing = vmbuild_run(&["--", "true"]);
+    qemu_missing.cmd.env("VMBUILD_QEMU", "/nonexistent/qemu");
+    let out = qemu_missing.output();
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("install QEMU"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_disk_image_is_attached_without_changing_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let f = fs::File::create(&image).unwrap();
+    f.set_len(8 << 20).unwrap();
+    drop(f);
+    for mode in ["snapshot", "overlay"] {
+        let out = vmbuild_run(&[
+            "--disk", &image.display().to_string(), "--disk-mode", mode, "--",
+            "sh", "-c", "echo written | dd of=/dev/vda bs=512 count=1 conv=notrunc 2>/dev/null && head -c 7 /dev/vda",
+        ])
+        .output();
+        assert_eq!(code(&out), 0, "{mode}: {}", stderr(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "written", "{mode}");
+        assert!(
+            fs::read(&image).unwrap().iter().all(|b| *b == 0),
+            "{mode} changed the base image"
+        );
+    }
+}
