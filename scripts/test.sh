@@ -8,5 +8,13 @@ scripts/install-host-deps.sh
 kit=$(scripts/guest-kit.sh)
 export VMBUILD_GUEST_KIT=$kit
 
-# Two cores: QEMU/TCG tests are CPU-bound, so two test threads keep each guest fast enough.
-cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Two test threads: the QEMU/TCG tests are CPU-bound and this is sized for 2 cores.
+status=0
+cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
+
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "vmbuild tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
