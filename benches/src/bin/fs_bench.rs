@@ -291,19 +291,19 @@ fn in_guest(
             let mut daemons = Vec::new();
             let (store_share, xchg_share) = match contender {
                 "9p" => {
-                    let opts = "cache=loose".to_owned();
+                    // The store is mounted read-only for every contender, as Nix does.
                     (
                         GuestShare::NineP {
                             dir: store.to_owned(),
                             tag: "store".into(),
                             mount: "/nix/store".into(),
-                            options: opts.clone(),
+                            options: "cache=loose,ro".into(),
                         },
                         GuestShare::NineP {
                             dir: xchg.clone(),
                             tag: "xchg".into(),
                             mount: "/tmp/xchg".into(),
-                            options: opts,
+                            options: "cache=loose".into(),
                         },
                     )
                 }
@@ -317,7 +317,7 @@ fn in_guest(
                             socket: s,
                             tag: "store".into(),
                             mount: "/nix/store".into(),
-                            options: String::new(),
+                            options: "ro".into(),
                         },
                         GuestShare::VirtioFs {
                             socket: x,

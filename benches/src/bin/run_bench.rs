@@ -25,7 +25,8 @@ struct Args {
     workdir: PathBuf,
 }
 
-const SMALL_FILES: &str = "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
+const SMALL_FILES: &str =
+    "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
                            for i in $(seq 200); do echo $i > /tmp/xchg/out/$i; done";
 
 struct Sample {
@@ -55,17 +56,34 @@ fn main() -> anyhow::Result<()> {
             recipe.push(nix_recipe(&args.workdir, &store, &kit, script)?);
         }
         if let Some(p) = ours.iter().filter_map(|s| s.phases.clone()).last() {
-            phase_notes.push_str(&format!("- `{name}`, vmbuild phases (last round, s): `{p}`\n"));
+            phase_notes.push_str(&format!(
+                "- `{name}`, vmbuild phases (last round, s): `{p}`\n"
+            ));
         }
         rows.push(Row {
             workload: format!("`{name}`: wall time"),
             unit: "s",
             higher_is_better: false,
-            values: vec![median(ours.iter().map(|s| s.wall).collect()), median(recipe.iter().map(|s| s.wall).collect())],
+            values: vec![
+                median(ours.iter().map(|s| s.wall).collect()),
+                median(recipe.iter().map(|s| s.wall).collect()),
+            ],
         });
     }
-    println!("### vmbuild run vs QEMU + 2 × virtiofsd by hand (TCG, 512 MiB, median of {} rounds)\n", args.rounds);
-    println!("{}", markdown(&["vmbuild run (1 process + QEMU)", "recipe (QEMU + 2 virtiofsd)"], &rows));
+    println!(
+        "### vmbuild run vs QEMU + 2 × virtiofsd by hand (TCG, 512 MiB, median of {} rounds)\n",
+        args.rounds
+    );
+    println!(
+        "{}",
+        markdown(
+            &[
+                "vmbuild run (1 process + QEMU)",
+                "recipe (QEMU + 2 virtiofsd)"
+            ],
+            &rows
+        )
+    );
     println!("{phase_notes}");
     let _ = fs::remove_dir_all(&args.workdir);
     Ok(())
@@ -88,9 +106,14 @@ fn vmbuild_run(work: &Path, store: &Path, script: &str) -> anyhow::Result<Sample
         .context("running vmbuild")?;
     let wall = start.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("vmbuild run failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "vmbuild run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let phases = fs::read_to_string(&timings).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let phases = fs::read_to_string(&timings)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     Ok(Sample { wall, phases })
 }
 
@@ -104,14 +127,27 @@ fn nix_recipe(work: &Path, store: &Path, kit: &GuestKit, script: &str) -> anyhow
     let _store_daemon = peers::virtiofsd_share(store, &store_sock, true)?;
     let _xchg_daemon = peers::virtiofsd_share(&xchg, &xchg_sock, false)?;
     let mut vm = GuestVm::new(kit.clone(), "/tmp/xchg/run.sh")
-        .share(GuestShare::VirtioFs { socket: store_sock, tag: "store".into(), mount: "/nix/store".into(), options: String::new() })
-        .share(GuestShare::VirtioFs { socket: xchg_sock, tag: "xchg".into(), mount: "/tmp/xchg".into(), options: String::new() });
+        .share(GuestShare::VirtioFs {
+            socket: store_sock,
+            tag: "store".into(),
+            mount: "/nix/store".into(),
+            options: String::new(),
+        })
+        .share(GuestShare::VirtioFs {
+            socket: xchg_sock,
+            tag: "xchg".into(),
+            mount: "/tmp/xchg".into(),
+            options: String::new(),
+        });
     vm.exit_file = Some("/tmp/xchg/status".into());
     vm.timeout = Duration::from_secs(300);
     let outcome = vm.run()?;
     let wall = start.elapsed().as_secs_f64();
     if outcome.exit != Some(0) {
-        bail!("recipe guest failed:\n{}", vmbuild_tests::guest::tail(&outcome.console, 20));
+        bail!(
+            "recipe guest failed:\n{}",
+            vmbuild_tests::guest::tail(&outcome.console, 20)
+        );
     }
     Ok(Sample { wall, phases: None })
 }

@@ -133,6 +133,11 @@ impl ShareConfig {
             Error::Config(format!("share directory {:?} is not valid UTF-8", self.dir))
         })?;
         let timeout = self.cache.timeout();
+        // An immutable share needs no open handles: with ZERO_MESSAGE_OPEN(DIR) the guest
+        // skips the OPEN/RELEASE (and OPENDIR/RELEASEDIR) round trips, which under a VM
+        // cost far more than the host-side open each READ then does. Its page cache never
+        // goes stale either, so it may keep it across opens.
+        let immutable = self.read_only && self.cache == CacheMode::Always;
         let cfg = Config {
             root_dir: root.to_owned(),
             cache_policy: self.cache.policy(),
@@ -141,11 +146,13 @@ impl ShareConfig {
             xattr: self.xattr,
             do_import: true,
             writeback: false,
+            no_open: immutable,
+            no_opendir: immutable,
             ..Config::default()
         };
         let engine = PassthroughFs::new(cfg)
             .map_err(|e| Error::Io(format!("opening share '{}' at {root}", self.tag), e))?;
-        let keep_cache = self.read_only && self.cache == CacheMode::Always;
+        let keep_cache = immutable;
         Ok(ShareFs::new(engine, self.read_only, keep_cache, stats))
     }
 }

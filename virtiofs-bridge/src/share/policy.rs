@@ -297,6 +297,11 @@ impl FileSystem for ShareFs {
         handle: Handle,
         lock_owner: u64,
     ) -> io::Result<()> {
+        if self.read_only {
+            // Nothing to flush in a file nobody can write; ENOSYS tells the guest kernel
+            // to stop sending FLUSH on every close.
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
         self.engine.flush(ctx, inode, handle, lock_owner)
     }
 

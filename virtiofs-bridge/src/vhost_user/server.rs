@@ -21,6 +21,7 @@ use crate::Error;
 /// A running share. Dropping it stops serving and removes the socket.
 pub struct ShareServer {
     tag: String,
+    read_only: bool,
     socket: PathBuf,
     stats: Arc<ShareStats>,
     stopping: Arc<AtomicBool>,
@@ -44,6 +45,7 @@ impl ShareServer {
         let stopping = Arc::new(AtomicBool::new(false));
         let (done_tx, finished) = mpsc::channel();
         let tag = config.tag.clone();
+        let read_only = config.read_only;
         let thread = {
             let stats = stats.clone();
             let stopping = stopping.clone();
@@ -57,6 +59,7 @@ impl ShareServer {
         };
         Ok(ShareServer {
             tag,
+            read_only,
             socket,
             stats,
             stopping,
@@ -71,6 +74,10 @@ impl ShareServer {
 
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn stats(&self) -> StatsSnapshot {

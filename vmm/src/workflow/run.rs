@@ -507,7 +507,13 @@ fn qemu_args(
                 server.tag()
             ),
         ]);
-        append.push(format!("vmbuild.mount=virtiofs:{}:{mount}", server.tag()));
+        // Read-only shares are mounted read-only too: the guest then refuses writes
+        // itself instead of asking the server to refuse them.
+        let ro = if server.read_only() { ":ro" } else { "" };
+        append.push(format!(
+            "vmbuild.mount=virtiofs:{}:{mount}{ro}",
+            server.tag()
+        ));
     }
     if let Some(disk) = disk {
         let mut drive = format!(
