@@ -68,11 +68,25 @@ pub fn resolve(
     }
 }
 
+/// One answer per host kernel and guest kernel. The guest kernel is identified by the
+/// kit's recorded checksum when it has one (a rebuilt kit keeps its kernel), else by size
+/// and modification time.
 fn cache_file(kernel: &Path) -> PathBuf {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kernel_id = std::fs::metadata(kernel)
-        .map(|m| format!("{}-{:?}", m.len(), m.modified().ok()))
-        .unwrap_or_default();
+    let kit_json = kernel.with_file_name("kit.json");
+    let kernel_id = std::fs::read_to_string(&kit_json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("vmlinux_sha256")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| {
+            std::fs::metadata(kernel)
+                .map(|m| format!("{}-{:?}", m.len(), m.modified().ok()))
+                .unwrap_or_default()
+        });
     let key = format!("{}|{}", release.trim(), kernel_id);
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
@@ -83,19 +97,33 @@ fn cache_file(kernel: &Path) -> PathBuf {
 /// Probes once per host kernel and guest kernel; later calls read the cached answer.
 pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
     let cache = cache_file(kernel);
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        if let Some((flag, reason)) = text.split_once('\n') {
-            return KvmProbe {
-                usable: flag == "usable",
-                reason: reason.trim().to_owned(),
-            };
-        }
+    let read_cached = || {
+        let text = std::fs::read_to_string(&cache).ok()?;
+        let (flag, reason) = text.split_once('\n')?;
+        Some(KvmProbe {
+            usable: flag == "usable",
+            reason: reason.trim().to_owned(),
+        })
+    };
+    if let Some(p) = read_cached() {
+        return p;
+    }
+    // Concurrent runs probe once: the first holds the lock, the others wait and read.
+    let _ = std::fs::create_dir_all(cache.parent().unwrap_or(Path::new("/")));
+    let _lock = std::fs::File::create(cache.with_extension("lock"))
+        .ok()
+        .inspect(|f| {
+            // SAFETY: flock(2) on a file we own; released when the file is closed.
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX) };
+        });
+    if let Some(p) = read_cached() {
+        return p;
     }
     let probe = probe_kvm(qemu, kernel, initrd);
-    if let Some(dir) = cache.parent() {
-        let _ = std::fs::create_dir_all(dir);
-        let flag = if probe.usable { "usable" } else { "unusable" };
-        let _ = std::fs::write(&cache, format!("{flag}\n{}\n", probe.reason));
+    let flag = if probe.usable { "usable" } else { "unusable" };
+    let tmp = cache.with_extension("tmp");
+    if std::fs::write(&tmp, format!("{flag}\n{}\n", probe.reason)).is_ok() {
+        let _ = std::fs::rename(&tmp, &cache);
     }
     probe
 }

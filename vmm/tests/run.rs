@@ -366,3 +366,80 @@ fn a_disk_image_is_attached_without_changing_the_base() {
         );
     }
 }
+
+#[test]
+fn a_shell_gets_the_same_vm_and_reports_its_exit_status() {
+    use std::io::{Read, Write};
+    let xchg = tempfile::tempdir().unwrap();
+    let mut run = vmbuild_run(&["--xchg", &xchg.path().display().to_string(), "--shell"]);
+    let mut child = run
+        .cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    // Wait for the prompt: input typed before the guest's tty exists is lost, as on a
+    // real serial console.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&seen).contains("# ") {
+        assert!(
+            Instant::now() < deadline,
+            "no shell prompt: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "console closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"echo from-the-shell > /tmp/xchg/proof; exit 7\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stdout.read_to_end(&mut rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(7));
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("proof")).unwrap(),
+        "from-the-shell\n"
+    );
+    assert_clean(run.runtime.path());
+}
+
+#[test]
+fn the_console_goes_to_the_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let out = vmbuild_run(&[
+        "--log",
+        &log.display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        "echo to-the-console > /dev/console",
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read_to_string(&log).unwrap().contains("to-the-console"));
+    assert!(!stderr(&out).contains("to-the-console"));
+}
+
+#[test]
+fn images_that_are_not_qcow2_or_raw_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmdk = dir.path().join("disk.vmdk");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vmdk"])
+        .arg(&vmdk)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = vmbuild_run(&["--disk", &vmdk.display().to_string(), "--", "true"]).output();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("vmdk"), "{}", stderr(&out));
+}

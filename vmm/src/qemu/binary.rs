@@ -48,6 +48,20 @@ impl QemuBinary {
     }
 }
 
+impl QemuBinary {
+    /// A firmware image QEMU ships (`qboot.rom`, ...), looked up where QEMU keeps its data.
+    pub fn firmware(&self, name: &str) -> Option<PathBuf> {
+        let mut dirs = vec![
+            PathBuf::from("/usr/share/qemu"),
+            PathBuf::from("/usr/local/share/qemu"),
+        ];
+        if let Some(prefix) = self.path.parent().and_then(|bin| bin.parent()) {
+            dirs.push(prefix.join("share/qemu"));
+        }
+        dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+    }
+}
+
 /// "QEMU emulator version 10.0.2 (Debian ...)" → (10, 0, 2)
 fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     let rest = text.split("version ").nth(1)?;

@@ -2,5 +2,6 @@
 //! Linux VM); later `bootstrap`, `build` and `collect`.
 
 pub mod guest_script;
+pub mod initrd;
 pub mod run;
 pub mod timings;
