@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             ours.push(vmbuild_run(&args.workdir, &store, script)?);
             recipe.push(nix_recipe(&args.workdir, &store, &kit, script)?);
         }
-        if let Some(p) = ours.iter().filter_map(|s| s.phases.clone()).last() {
+        if let Some(p) = ours.iter().rev().find_map(|s| s.phases.clone()) {
             phase_notes.push_str(&format!(
                 "- `{name}`, vmbuild phases (last round, s): `{p}`\n"
             ));

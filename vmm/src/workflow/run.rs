@@ -178,14 +178,16 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     }
 
     // --- QEMU ----------------------------------------------------------------------
-    let qmp_listener = ChardevListener::bind(rundir.join("qmp.sock"))?;
-    let console_listener = if spec.shell {
-        None
-    } else {
-        Some(ChardevListener::bind(rundir.join("console.sock"))?)
+    let chardevs = Chardevs {
+        qmp: ChardevListener::bind(rundir.join("qmp.sock"))?,
+        console: if spec.shell {
+            None
+        } else {
+            Some(ChardevListener::bind(rundir.join("console.sock"))?)
+        },
+        stdout: ChardevListener::bind(rundir.join("stdout.sock"))?,
+        stderr: ChardevListener::bind(rundir.join("stderr.sock"))?,
     };
-    let out_listener = ChardevListener::bind(rundir.join("stdout.sock"))?;
-    let err_listener = ChardevListener::bind(rundir.join("stderr.sock"))?;
 
     let disk = match &spec.disk {
         Some(d) if d.mode == DiskMode::Overlay => Some(Disk {
@@ -195,16 +197,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         }),
         other => other.clone(),
     };
-    let args = qemu_args(
-        spec,
-        &initrd,
-        disk.as_ref(),
-        &servers,
-        &qmp_listener,
-        console_listener.as_ref(),
-        &out_listener,
-        &err_listener,
-    );
+    let args = qemu_args(spec, &initrd, disk.as_ref(), &servers, &chardevs);
     let (major, minor, micro) = spec.qemu.version;
     tracing::debug!("QEMU {major}.{minor}.{micro}: {}", args.join(" "));
     let mut qemu = QemuProcess::spawn(
@@ -213,8 +206,8 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         &rundir.join("qemu.stderr"),
         spec.shell,
     )?;
-    let mut listeners = vec![&qmp_listener, &out_listener, &err_listener];
-    if let Some(c) = &console_listener {
+    let mut listeners = vec![&chardevs.qmp, &chardevs.stdout, &chardevs.stderr];
+    if let Some(c) = &chardevs.console {
         listeners.push(c);
     }
     let mut streams = accept_all(&listeners, &mut qemu, Duration::from_secs(30))?.into_iter();
@@ -437,15 +430,22 @@ fn spawn_copy(
         })?)
 }
 
+/// The sockets QEMU's chardevs connect to.
+struct Chardevs {
+    qmp: ChardevListener,
+    /// ttyS0; `None` with --shell, where the console is the user's terminal.
+    console: Option<ChardevListener>,
+    /// ttyS1 and ttyS2: the command's stdout and stderr.
+    stdout: ChardevListener,
+    stderr: ChardevListener,
+}
+
 fn qemu_args(
     spec: &RunSpec,
     initrd: &Path,
     disk: Option<&Disk>,
     servers: &[(ShareServer, String)],
-    qmp: &ChardevListener,
-    console: Option<&ChardevListener>,
-    out: &ChardevListener,
-    err: &ChardevListener,
+    chardevs: &Chardevs,
 ) -> Vec<String> {
     let mem = spec.memory_mib;
     let mut a: Vec<String> = Vec::new();
@@ -482,24 +482,24 @@ fn qemu_args(
     ]);
     push(&[
         "-chardev",
-        &qmp.chardev_arg("qmp"),
+        &chardevs.qmp.chardev_arg("qmp"),
         "-mon",
         "chardev=qmp,mode=control",
     ]);
-    match console {
+    match &chardevs.console {
         Some(c) => push(&["-chardev", &c.chardev_arg("con")]),
         None => push(&["-chardev", "stdio,id=con,signal=off"]),
     }
     push(&["-serial", "chardev:con"]);
     push(&[
         "-chardev",
-        &out.chardev_arg("out"),
+        &chardevs.stdout.chardev_arg("out"),
         "-serial",
         "chardev:out",
     ]);
     push(&[
         "-chardev",
-        &err.chardev_arg("err"),
+        &chardevs.stderr.chardev_arg("err"),
         "-serial",
         "chardev:err",
     ]);
