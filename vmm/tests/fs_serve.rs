@@ -1,0 +1,139 @@
+//! `vmbuild fs serve` as a user runs it: the real binary, virtiofsd's flags, several
+//! shares from one process, and a clean exit on SIGTERM.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmbuild_tests::fuse_client::{Errno, FuseClient, ROOT};
+use vmbuild_tests::vhost_frontend::FsFrontend;
+
+fn serve(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["fs", "serve"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn client(socket: &Path) -> FuseClient {
+    let mut c = FuseClient::new(FsFrontend::connect(socket).unwrap());
+    c.init().unwrap();
+    c
+}
+
+fn stop(mut child: Child) -> i32 {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().expect("exited by itself");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vmbuild fs serve ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn virtiofsd_style_flags_serve_one_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("f"), "content").unwrap();
+    let socket = sockets.path().join("fs.sock");
+    let child = serve(&[
+        "--shared-dir",
+        &dir.path().display().to_string(),
+        "--socket-path",
+        &socket.display().to_string(),
+        "--readonly",
+        "--cache",
+        "auto",
+        "--thread-pool-size",
+        "2",
+    ]);
+    let mut c = client(&socket);
+    let e = c.lookup(ROOT, "f").unwrap();
+    assert_eq!(e.entry_valid, 1, "--cache auto: one-second timeouts");
+    let o = c.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(c.read(e.nodeid, o.fh, 0, 100).unwrap(), b"content");
+    assert_eq!(
+        c.create(ROOT, "x", libc::O_WRONLY, 0o644).unwrap_err(),
+        Errno(libc::EROFS)
+    );
+    drop(c);
+    assert_eq!(stop(child), 0);
+    assert!(!socket.exists(), "socket removed at exit");
+}
+
+#[test]
+fn several_shares_from_one_process() {
+    let store = tempfile::tempdir().unwrap();
+    let xchg = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    fs::write(store.path().join("in"), "from the store").unwrap();
+    let child = serve(&[
+        "--socket-dir",
+        &sockets.path().display().to_string(),
+        "--share",
+        &format!("tag=store,dir={},ro", store.path().display()),
+        "--share",
+        &format!("tag=xchg,dir={}", xchg.path().display()),
+    ]);
+    let mut s = client(&sockets.path().join("store.sock"));
+    let mut x = client(&sockets.path().join("xchg.sock"));
+    let e = s.lookup(ROOT, "in").unwrap();
+    assert!(e.entry_valid >= 3600, "the store is cached for long");
+    let o = s.open(e.nodeid, libc::O_RDONLY).unwrap();
+    let data = s.read(e.nodeid, o.fh, 0, 100).unwrap();
+    let (f, w) = x.create(ROOT, "out", libc::O_WRONLY, 0o644).unwrap();
+    x.write(f.nodeid, w.fh, 0, &data).unwrap();
+    x.release(f.nodeid, w.fh).unwrap();
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("out")).unwrap(),
+        "from the store"
+    );
+    assert_eq!(s.unlink(ROOT, "in").unwrap_err(), Errno(libc::EROFS));
+    drop((s, x));
+    assert_eq!(stop(child), 0);
+    assert_eq!(
+        fs::read_dir(sockets.path()).unwrap().count(),
+        0,
+        "sockets removed"
+    );
+}
+
+#[test]
+fn bad_command_lines_exit_2_with_one_line() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let cases: [&[&str]; 5] = [
+        &[],
+        &[
+            "--shared-dir",
+            "/nonexistent",
+            "--socket-path",
+            "/tmp/x.sock",
+        ],
+        &[
+            "--shared-dir",
+            &file.path().display().to_string(),
+            "--socket-path",
+            "/tmp/x.sock",
+        ],
+        &["--share", "tag=x,dir=/tmp"],
+        &["--share", "tag=x,dir=/tmp,bogus", "--socket-dir", "/tmp"],
+    ];
+    for args in cases {
+        let out = serve(args).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.trim().is_empty(), "{args:?}: says why");
+    }
+}
