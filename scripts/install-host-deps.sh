@@ -36,8 +36,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps \
-         libseccomp-dev libcap-ng-dev pkg-config; do
+# libc6-dev: the tests build small static guest programs with gcc -static.
+for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
+         gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
