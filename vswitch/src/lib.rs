@@ -1,1 +1,17 @@
-//! The in-process L2 switch. Built by issue #4; the crate exists so the workspace has its final shape.
+//! vswitch: vmbuild's in-process L2 learning switch, replacing `vde_switch`.
+//!
+//! * [`Switch`]: MAC learning per (VLAN, MAC) with aging and a bounded table, flooding of
+//!   unknown unicast / broadcast / multicast, 802.1Q access and trunk ports, hub mode.
+//! * Ports: [`InProcessPort`] (a function call per frame), [`tap::TapPort`] (Linux taps),
+//!   and the management console ([`mgmt`]).
+//! * Frames are checked with etherparse; what cannot be forwarded is dropped and counted.
+
+pub mod frame;
+pub mod inproc;
+pub mod mac_table;
+pub mod port;
+pub mod switch;
+
+pub use inproc::InProcessPort;
+pub use port::{PortId, PortSink, VlanMode};
+pub use switch::{Switch, SwitchConfig};

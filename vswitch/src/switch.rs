@@ -1,0 +1,238 @@
+//! The forwarding core: classify the frame's VLAN at ingress, learn its source, find where
+//! its destination lives, and hand it to each egress port tagged or untagged as that port
+//! wants. Every ingress path (tap reader threads, vhost-user queues, in-process senders)
+//! calls [`Switch::ingress`] directly: there is no switch thread and no queue in between.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::frame::{self, DropReason, FrameInfo};
+use crate::mac_table::{Learned, MacRow, MacTable, DEFAULT_AGING, DEFAULT_CAPACITY};
+use crate::port::{CountersSnapshot, Egress, PortCounters, PortId, PortSink, VlanMode};
+
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Flood everything, learn nothing (a hub, as `vde_switch -x`).
+    pub hub: bool,
+    pub mac_table_size: usize,
+    pub aging: Duration,
+    pub max_frame: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            hub: false,
+            mac_table_size: DEFAULT_CAPACITY,
+            aging: DEFAULT_AGING,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+struct Port {
+    vlan: VlanMode,
+    sink: Arc<dyn PortSink>,
+    counters: PortCounters,
+}
+
+/// A port as the management console lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortInfo {
+    pub id: PortId,
+    pub kind: &'static str,
+    pub endpoint: String,
+    pub vlan: VlanMode,
+    pub counters: CountersSnapshot,
+}
+
+pub struct Switch {
+    config: SwitchConfig,
+    ports: RwLock<HashMap<PortId, Arc<Port>>>,
+    table: Mutex<MacTable>,
+    next_id: AtomicU32,
+}
+
+impl Switch {
+    pub fn new(config: SwitchConfig) -> Arc<Switch> {
+        Arc::new(Switch {
+            table: Mutex::new(MacTable::new(config.mac_table_size, config.aging)),
+            config,
+            ports: RwLock::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+        })
+    }
+
+    pub fn config(&self) -> &SwitchConfig {
+        &self.config
+    }
+
+    /// Adds a port; frames start reaching it at once.
+    pub fn add_port(&self, sink: Arc<dyn PortSink>, vlan: VlanMode) -> PortId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let port = Arc::new(Port {
+            vlan,
+            sink,
+            counters: PortCounters::default(),
+        });
+        self.ports.write().unwrap().insert(id, port);
+        id
+    }
+
+    /// Removes a port and forgets what was learned on it. Returns whether it existed.
+    pub fn remove_port(&self, id: PortId) -> bool {
+        let removed = self.ports.write().unwrap().remove(&id).is_some();
+        self.table.lock().unwrap().forget_port(id);
+        removed
+    }
+
+    /// Changes a port's VLAN membership.
+    pub fn set_vlan(&self, id: PortId, vlan: VlanMode) -> bool {
+        let mut ports = self.ports.write().unwrap();
+        let Some(old) = ports.get(&id) else {
+            return false;
+        };
+        let port = Arc::new(Port {
+            vlan,
+            sink: old.sink.clone(),
+            counters: PortCounters::default(),
+        });
+        ports.insert(id, port);
+        true
+    }
+
+    /// One frame arriving on `ingress`. Never fails: what cannot be forwarded is dropped
+    /// and counted on the port it came from (or went to).
+    pub fn ingress(&self, ingress: PortId, frame: &[u8]) {
+        let ports = self.ports.read().unwrap();
+        let Some(in_port) = ports.get(&ingress) else {
+            return;
+        };
+        in_port.counters.rx(frame.len());
+        let info = match frame::inspect(frame, self.config.max_frame) {
+            Ok(i) => i,
+            Err(why) => return in_port.counters.drop(why),
+        };
+        let Some(vlan) = in_port.vlan.classify(info.tag) else {
+            return in_port.counters.drop(DropReason::VlanFiltered);
+        };
+        let now = Instant::now();
+        let known = if self.config.hub {
+            None
+        } else {
+            let mut table = self.table.lock().unwrap();
+            if let Learned::Moved { from } = table.learn(vlan, info.src, ingress, now) {
+                tracing::debug!(vlan, mac = %frame::format_mac(&info.src), from, to = ingress, "MAC moved");
+            }
+            if info.is_multicast_dst() {
+                None
+            } else {
+                table.lookup(vlan, &info.dst, now)
+            }
+        };
+        let mut copies = Copies::new(frame, &info);
+        match known {
+            // Known unicast: one port, or none if it lives where it came from.
+            Some(out) if out == ingress => {}
+            Some(out) => {
+                if let Some(port) = ports.get(&out) {
+                    send(port, vlan, &mut copies);
+                }
+            }
+            // Unknown unicast, broadcast, multicast: every other port in the VLAN.
+            None => {
+                for (id, port) in ports.iter() {
+                    if *id != ingress {
+                        send(port, vlan, &mut copies);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets aged-out MAC entries; the owner calls this periodically.
+    pub fn age(&self) -> usize {
+        self.table.lock().unwrap().age(Instant::now())
+    }
+
+    pub fn mac_table(&self) -> Vec<MacRow> {
+        self.table.lock().unwrap().rows(Instant::now())
+    }
+
+    pub fn mac_table_len(&self) -> usize {
+        self.table.lock().unwrap().len()
+    }
+
+    pub fn ports(&self) -> Vec<PortInfo> {
+        let ports = self.ports.read().unwrap();
+        let mut out: Vec<PortInfo> = ports
+            .iter()
+            .map(|(id, p)| PortInfo {
+                id: *id,
+                kind: p.sink.kind(),
+                endpoint: p.sink.describe(),
+                vlan: p.vlan.clone(),
+                counters: p.counters.snapshot(),
+            })
+            .collect();
+        out.sort_by_key(|p| p.id);
+        out
+    }
+
+    pub fn counters(&self, id: PortId) -> Option<CountersSnapshot> {
+        self.ports
+            .read()
+            .unwrap()
+            .get(&id)
+            .map(|p| p.counters.snapshot())
+    }
+}
+
+/// The frame as received, and (made at most once) with its tag added or removed.
+struct Copies<'a> {
+    original: &'a [u8],
+    tagged_in: bool,
+    other: Option<Vec<u8>>,
+}
+
+impl<'a> Copies<'a> {
+    fn new(original: &'a [u8], info: &FrameInfo) -> Self {
+        Copies {
+            original,
+            tagged_in: info.tag.is_some(),
+            other: None,
+        }
+    }
+
+    fn for_egress(&mut self, egress: Egress, vlan: u16) -> Cow<'_, [u8]> {
+        let want_tag = egress == Egress::Tagged;
+        if want_tag == self.tagged_in {
+            return Cow::Borrowed(self.original);
+        }
+        let original = self.original;
+        let other = self.other.get_or_insert_with(|| {
+            if want_tag {
+                frame::push_tag(original, vlan)
+            } else {
+                frame::pop_tag(original)
+            }
+        });
+        Cow::Borrowed(other.as_slice())
+    }
+}
+
+fn send(port: &Port, vlan: u16, copies: &mut Copies<'_>) {
+    let Some(egress) = port.vlan.egress(vlan) else {
+        return;
+    };
+    let frame = copies.for_egress(egress, vlan);
+    match port.sink.transmit(&frame) {
+        Ok(()) => port.counters.tx(frame.len()),
+        Err(_) => port.counters.drop(DropReason::EgressFailed),
+    }
+}

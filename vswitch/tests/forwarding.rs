@@ -1,0 +1,260 @@
+//! Forwarding behaviour through in-process ports: learning, flooding, VLANs, bad frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vswitch::frame::{push_tag, DropReason, Mac};
+use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
+
+const A: Mac = [2, 0, 0, 0, 0, 0xa];
+const B: Mac = [2, 0, 0, 0, 0, 0xb];
+const C: Mac = [2, 0, 0, 0, 0, 0xc];
+const BROADCAST: Mac = [0xff; 6];
+
+fn frame(dst: Mac, src: Mac) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[0x45; 46]);
+    f
+}
+
+fn access(v: u16) -> VlanMode {
+    VlanMode::Access { vlan: v }
+}
+
+fn drain(p: &InProcessPort) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    p.drain(&mut v);
+    v
+}
+
+#[test]
+fn unknown_unicast_floods_then_learned_unicast_goes_to_one_port() {
+    let sw = Switch::new(SwitchConfig::default());
+    let (a, b, c) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+        InProcessPort::attach(&sw, "c", access(1)),
+    );
+    // B is unknown: flooded to b and c, not back to a.
+    a.send(&frame(B, A));
+    assert_eq!(drain(&a).len(), 0);
+    assert_eq!(drain(&b).len(), 1);
+    assert_eq!(drain(&c).len(), 1);
+    // B answers: A is known now, so only a gets it.
+    b.send(&frame(A, B));
+    assert_eq!(drain(&a), vec![frame(A, B)]);
+    assert_eq!(
+        drain(&c).len(),
+        0,
+        "learned unicast must not reach a third port"
+    );
+    // And A to B goes to b alone.
+    a.send(&frame(B, A));
+    assert_eq!(drain(&b).len(), 1);
+    assert_eq!(drain(&c).len(), 0);
+    // Broadcast reaches everyone else.
+    c.send(&frame(BROADCAST, C));
+    assert_eq!(
+        (drain(&a).len(), drain(&b).len(), drain(&c).len()),
+        (1, 1, 0)
+    );
+    let stats = sw.counters(c.id()).unwrap();
+    assert_eq!(stats.rx_frames, 1);
+    assert_eq!(sw.counters(a.id()).unwrap().tx_frames, 2);
+}
+
+#[test]
+fn a_mac_that_moves_is_relearned() {
+    let sw = Switch::new(SwitchConfig::default());
+    let (a, b, c) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+        InProcessPort::attach(&sw, "c", access(1)),
+    );
+    a.send(&frame(BROADCAST, A));
+    drain(&b);
+    drain(&c);
+    // A shows up behind c now.
+    c.send(&frame(BROADCAST, A));
+    drain(&a);
+    drain(&b);
+    b.send(&frame(A, B));
+    assert_eq!(drain(&c).len(), 1);
+    assert_eq!(drain(&a).len(), 0);
+}
+
+#[test]
+fn aging_forgets() {
+    let sw = Switch::new(SwitchConfig {
+        aging: Duration::from_millis(100),
+        ..SwitchConfig::default()
+    });
+    let (a, b, c) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+        InProcessPort::attach(&sw, "c", access(1)),
+    );
+    a.send(&frame(BROADCAST, A));
+    assert_eq!(sw.mac_table_len(), 1);
+    drain(&b);
+    drain(&c);
+    std::thread::sleep(Duration::from_millis(150));
+    // Aged out: unicast to A floods again.
+    b.send(&frame(A, B));
+    drain(&a);
+    assert_eq!(drain(&c).len(), 1);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(sw.age(), 2);
+    assert_eq!(sw.mac_table_len(), 0);
+}
+
+#[test]
+fn a_flood_of_source_macs_keeps_the_table_bounded_and_the_switch_forwarding() {
+    let sw = Switch::new(SwitchConfig {
+        mac_table_size: 4096,
+        ..SwitchConfig::default()
+    });
+    let (a, b) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+    );
+    let flooder = InProcessPort::attach_with_capacity(&sw, "flood", access(1), 16);
+    for i in 0..100_000u32 {
+        let b4 = i.to_be_bytes();
+        flooder.send(&frame(BROADCAST, [2, 1, b4[0], b4[1], b4[2], b4[3]]));
+        if i % 1000 == 0 {
+            drain(&a);
+            drain(&b);
+        }
+    }
+    assert!(sw.mac_table_len() <= 4096);
+    drain(&a);
+    drain(&b);
+    // Normal traffic still learns and forwards.
+    a.send(&frame(B, A));
+    b.send(&frame(A, B));
+    assert_eq!(drain(&a), vec![frame(A, B)]);
+}
+
+#[test]
+fn vlans_are_isolated_and_trunks_carry_tags() {
+    let sw = Switch::new(SwitchConfig::default());
+    let v10 = InProcessPort::attach(&sw, "v10", access(10));
+    let v20 = InProcessPort::attach(&sw, "v20", access(20));
+    let trunk = InProcessPort::attach(&sw, "trunk", VlanMode::parse("trunk:10,20").unwrap());
+    let v10b = InProcessPort::attach(&sw, "v10b", access(10));
+
+    v10.send(&frame(BROADCAST, A));
+    assert_eq!(drain(&v20).len(), 0, "VLAN 10 must not reach VLAN 20");
+    assert_eq!(
+        drain(&v10b),
+        vec![frame(BROADCAST, A)],
+        "access ports get it untagged"
+    );
+    assert_eq!(
+        drain(&trunk),
+        vec![push_tag(&frame(BROADCAST, A), 10)],
+        "the trunk gets it tagged"
+    );
+
+    // Tagged from the trunk into VLAN 20: untagged on the access port.
+    trunk.send(&push_tag(&frame(BROADCAST, C), 20));
+    assert_eq!(drain(&v20), vec![frame(BROADCAST, C)]);
+    assert_eq!(drain(&v10).len() + drain(&v10b).len(), 0);
+
+    // A tag the trunk does not carry, and a tagged frame on an access port: dropped.
+    trunk.send(&push_tag(&frame(BROADCAST, C), 30));
+    v10.send(&push_tag(&frame(BROADCAST, A), 10));
+    assert_eq!(drain(&v10b).len() + drain(&v20).len(), 0);
+    assert_eq!(
+        sw.counters(trunk.id())
+            .unwrap()
+            .dropped(DropReason::VlanFiltered),
+        1
+    );
+    assert_eq!(
+        sw.counters(v10.id())
+            .unwrap()
+            .dropped(DropReason::VlanFiltered),
+        1
+    );
+
+    // The same MAC in two VLANs is two entries.
+    v20.send(&frame(BROADCAST, A));
+    assert_eq!(
+        sw.mac_table()
+            .iter()
+            .filter(|r| r.mac == "02:00:00:00:00:0a")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_and_never_forwarded() {
+    let sw = Switch::new(SwitchConfig::default());
+    let (a, b) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+    );
+    a.send(&[0u8; 5]);
+    a.send(&[]);
+    a.send(&frame(BROADCAST, A).repeat(40));
+    let mut cut = frame(BROADCAST, A);
+    cut.truncate(15);
+    cut[12] = 0x81;
+    cut[13] = 0x00;
+    a.send(&cut);
+    a.send(&frame(BROADCAST, [1, 0, 0x5e, 0, 0, 1]));
+    assert_eq!(drain(&b).len(), 0);
+    let s = sw.counters(a.id()).unwrap();
+    assert_eq!(s.dropped(DropReason::Runt), 2);
+    assert_eq!(s.dropped(DropReason::Oversize), 1);
+    assert_eq!(s.dropped(DropReason::Malformed), 1);
+    assert_eq!(s.dropped(DropReason::BadSource), 1);
+    assert_eq!(sw.mac_table_len(), 0);
+}
+
+#[test]
+fn hub_mode_floods_everything() {
+    let sw = Switch::new(SwitchConfig {
+        hub: true,
+        ..SwitchConfig::default()
+    });
+    let (a, b, c) = (
+        InProcessPort::attach(&sw, "a", access(1)),
+        InProcessPort::attach(&sw, "b", access(1)),
+        InProcessPort::attach(&sw, "c", access(1)),
+    );
+    b.send(&frame(A, B));
+    a.send(&frame(B, A));
+    assert_eq!(drain(&c).len(), 2);
+    assert_eq!(sw.mac_table_len(), 0);
+}
+
+#[test]
+fn ports_come_and_go_under_traffic() {
+    let sw = Switch::new(SwitchConfig::default());
+    let a = Arc::new(InProcessPort::attach(&sw, "a", access(1)));
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            for i in 0..200_000u32 {
+                a.send(&frame(if i % 2 == 0 { BROADCAST } else { B }, A));
+            }
+        })
+    };
+    for _ in 0..200 {
+        let b = InProcessPort::attach(&sw, "b", access(1));
+        b.send(&frame(A, B));
+        drop(b);
+    }
+    sender.join().unwrap();
+    let last = InProcessPort::attach(&sw, "b", access(1));
+    a.send(&frame(BROADCAST, A));
+    assert!(last.recv_timeout(Duration::from_secs(1)).is_some());
+    assert_eq!(sw.ports().len(), 2);
+}
