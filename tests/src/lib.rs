@@ -4,4 +4,5 @@
 
 pub mod fuse_client;
 pub mod guest;
+pub mod netns;
 pub mod vhost_frontend;

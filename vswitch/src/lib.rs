@@ -11,6 +11,7 @@ pub mod inproc;
 pub mod mac_table;
 pub mod port;
 pub mod switch;
+pub mod tap;
 
 pub use inproc::InProcessPort;
 pub use port::{PortId, PortSink, VlanMode};

@@ -1,0 +1,207 @@
+//! Tap ports: a Linux tap device (`/dev/net/tun`, IFF_TAP | IFF_NO_PI) whose frames enter
+//! the switch from a reader thread, and to which egress frames are written. A tap the port
+//! created disappears when the port is dropped; an existing persistent tap is attached to.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::port::{PortId, PortSink, VlanMode};
+use crate::switch::Switch;
+
+const TUNSETIFF: libc::c_ulong = 0x400454ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+/// Largest frame read from a tap (no offloads: MTU-sized frames, with room to spare so
+/// an oversize frame is seen as oversize, not truncated).
+const READ_BUFFER: usize = 65536;
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open tap device.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Creates the tap `name`, or attaches to it if it exists (and is free).
+    pub fn open(name: &str) -> io::Result<Tap> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{name}' is not a valid interface name (1-15 bytes, no '/')"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")))?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        // SAFETY: TUNSETIFF reads and writes an ifreq we own, on a tun fd we own.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("creating tap {name}: {e} (needs CAP_NET_ADMIN)"),
+            ));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+struct TapSink {
+    file: File,
+    name: String,
+}
+
+impl PortSink for TapSink {
+    fn transmit(&self, frame: &[u8]) -> io::Result<()> {
+        // One write is one frame; `&File` writes are thread-safe.
+        (&self.file).write(frame).map(drop)
+    }
+    fn kind(&self) -> &'static str {
+        "tap"
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// A tap attached to a switch. Dropping it stops its reader, removes the port and closes
+/// the tap (which removes the interface if the port created it non-persistent).
+pub struct TapPort {
+    switch: Arc<Switch>,
+    id: PortId,
+    name: String,
+    stop: OwnedFd,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl TapPort {
+    pub fn attach(switch: &Arc<Switch>, tap: Tap, vlan: VlanMode) -> io::Result<TapPort> {
+        // Reads drain until EAGAIN; a tap write never blocks (the kernel queues or drops).
+        // SAFETY: F_SETFL on an fd we own.
+        unsafe {
+            let fl = libc::fcntl(tap.file.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(tap.file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let reader_file = tap.file.try_clone()?;
+        let sink = Arc::new(TapSink {
+            file: tap.file,
+            name: tap.name.clone(),
+        });
+        let id = switch.add_port(sink, vlan);
+        // SAFETY: eventfd with valid flags; the fd is owned by the OwnedFd on success.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            switch.remove_port(id);
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd was just created and is owned by nobody else.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop_raw = stop.as_raw_fd();
+        let sw = switch.clone();
+        let reader = std::thread::Builder::new()
+            .name(format!("tap-{}", tap.name))
+            .spawn(move || read_loop(sw, id, reader_file, stop_raw))?;
+        Ok(TapPort {
+            switch: switch.clone(),
+            id,
+            name: tap.name,
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    pub fn id(&self) -> PortId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn read_loop(switch: Arc<Switch>, id: PortId, mut tap: File, stop: libc::c_int) {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut fds = [
+        libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: two valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::warn!(port = id, "tap went away");
+            break;
+        }
+        // Non-blocking: drain what is there, then poll again.
+        loop {
+            match tap.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => switch.ingress(id, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Drop for TapPort {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe {
+            libc::write(
+                self.stop.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.switch.remove_port(self.id);
+    }
+}
