@@ -9,6 +9,7 @@
 pub mod frame;
 pub mod inproc;
 pub mod mac_table;
+pub mod mgmt;
 pub mod port;
 pub mod switch;
 pub mod tap;

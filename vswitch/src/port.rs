@@ -127,7 +127,7 @@ impl PortCounters {
         self.tx_frames.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
     }
-    pub(crate) fn drop(&self, why: DropReason) {
+    pub(crate) fn count_drop(&self, why: DropReason) {
         let i = DropReason::ALL.iter().position(|r| *r == why).unwrap_or(0);
         self.drops[i].fetch_add(1, Relaxed);
     }

@@ -38,7 +38,7 @@ impl Default for SwitchConfig {
 struct Port {
     vlan: VlanMode,
     sink: Arc<dyn PortSink>,
-    counters: PortCounters,
+    counters: Arc<PortCounters>,
 }
 
 /// A port as the management console lists it.
@@ -78,7 +78,7 @@ impl Switch {
         let port = Arc::new(Port {
             vlan,
             sink,
-            counters: PortCounters::default(),
+            counters: Arc::default(),
         });
         self.ports.write().unwrap().insert(id, port);
         id
@@ -97,10 +97,12 @@ impl Switch {
         let Some(old) = ports.get(&id) else {
             return false;
         };
+        // Ports are immutable so ingress reads them without a lock; replace it, keeping
+        // its counters.
         let port = Arc::new(Port {
             vlan,
             sink: old.sink.clone(),
-            counters: PortCounters::default(),
+            counters: old.counters.clone(),
         });
         ports.insert(id, port);
         true
@@ -116,10 +118,10 @@ impl Switch {
         in_port.counters.rx(frame.len());
         let info = match frame::inspect(frame, self.config.max_frame) {
             Ok(i) => i,
-            Err(why) => return in_port.counters.drop(why),
+            Err(why) => return in_port.counters.count_drop(why),
         };
         let Some(vlan) = in_port.vlan.classify(info.tag) else {
-            return in_port.counters.drop(DropReason::VlanFiltered);
+            return in_port.counters.count_drop(DropReason::VlanFiltered);
         };
         let now = Instant::now();
         let known = if self.config.hub {
@@ -233,6 +235,6 @@ fn send(port: &Port, vlan: u16, copies: &mut Copies<'_>) {
     let frame = copies.for_egress(egress, vlan);
     match port.sink.transmit(&frame) {
         Ok(()) => port.counters.tx(frame.len()),
-        Err(_) => port.counters.drop(DropReason::EgressFailed),
+        Err(_) => port.counters.count_drop(DropReason::EgressFailed),
     }
 }

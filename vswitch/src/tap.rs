@@ -34,12 +34,7 @@ pub struct Tap {
 impl Tap {
     /// Creates the tap `name`, or attaches to it if it exists (and is free).
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("'{name}' is not a valid interface name (1-15 bytes, no '/')"),
-            ));
-        }
+        check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -70,6 +65,23 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Whether `name` can name a network interface: 1-15 bytes, no '/', NUL or whitespace.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name.contains(['/', '\0'])
+        && !name.contains(char::is_whitespace)
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid interface name (1-15 bytes, no '/' or spaces)"
+        ))
     }
 }
 

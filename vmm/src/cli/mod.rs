@@ -2,6 +2,7 @@
 
 mod fs;
 mod run;
+mod switch;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Command {
     Fs(fs::FsCommand),
     /// Run a command in a fresh Linux VM with the store and xchg shared; exit with its code
     Run(Box<run::RunArgs>),
+    /// An L2 learning switch over taps, with a management console (replaces vde_switch)
+    Switch(switch::SwitchArgs),
 }
 
 impl Cli {
@@ -32,6 +35,7 @@ impl Cli {
         match self.command {
             Command::Fs(cmd) => cmd.run(),
             Command::Run(args) => args.run(),
+            Command::Switch(args) => args.run(),
         }
     }
 }

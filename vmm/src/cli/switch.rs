@@ -1,0 +1,141 @@
+//! `vmbuild switch`: the L2 switch on its own, in the foreground, like vde_switch; and
+//! `vmbuild switch ctl` to talk to its management console.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use vswitch::mgmt::{self, MgmtServer};
+use vswitch::tap::{Tap, TapPort};
+use vswitch::{Switch, SwitchConfig, VlanMode};
+
+use crate::exit;
+use crate::signals::TermSignals;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SwitchArgs {
+    #[command(subcommand)]
+    ctl: Option<SwitchCommand>,
+
+    /// Management console socket (vde_switch: -M/--mgmt)
+    #[arg(short = 'M', long, value_name = "SOCKET")]
+    mgmt: Option<PathBuf>,
+
+    /// A tap port, created (or attached if it exists): NAME or NAME=VLANMODE, where
+    /// VLANMODE is access:VID or trunk[:native=VID][:VID,VID] (vde_switch: -t/--tap)
+    #[arg(short = 't', long, value_name = "NAME[=MODE]")]
+    tap: Vec<String>,
+
+    /// Flood every frame, learn nothing (vde_switch: -x/--hub)
+    #[arg(short = 'x', long)]
+    hub: bool,
+
+    /// MAC table entries (vde_switch: --hashsize)
+    #[arg(long, alias = "hashsize", value_name = "N", default_value_t = vswitch::mac_table::DEFAULT_CAPACITY)]
+    mac_table_size: usize,
+
+    /// Seconds before a MAC entry is forgotten
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    aging: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum SwitchCommand {
+    /// Send one command to a running switch's console and print the answer
+    Ctl {
+        /// The switch's --mgmt socket
+        socket: PathBuf,
+        /// The command (try `help`); prefix with `json` for JSON
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+impl SwitchArgs {
+    pub fn run(self) -> anyhow::Result<i32> {
+        if let Some(SwitchCommand::Ctl { socket, command }) = self.ctl {
+            return ctl(&socket, &command.join(" "));
+        }
+        if self.mac_table_size == 0 {
+            eprintln!("vmbuild switch: --mac-table-size must be at least 1");
+            return Ok(exit::USAGE);
+        }
+        if self.aging == 0 {
+            eprintln!("vmbuild switch: --aging must be at least 1 second");
+            return Ok(exit::USAGE);
+        }
+        let mut taps = Vec::new();
+        for spec in &self.tap {
+            let (name, mode) = match spec.split_once('=') {
+                Some((n, m)) => match VlanMode::parse(m) {
+                    Ok(mode) => (n, mode),
+                    Err(e) => {
+                        eprintln!("vmbuild switch: --tap {spec}: {e}");
+                        return Ok(exit::USAGE);
+                    }
+                },
+                None => (spec.as_str(), VlanMode::default()),
+            };
+            if let Err(e) = vswitch::tap::check_name(name) {
+                eprintln!("vmbuild switch: --tap {spec}: {e}");
+                return Ok(exit::USAGE);
+            }
+            taps.push((name.to_owned(), mode));
+        }
+        let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
+        let switch = Switch::new(SwitchConfig {
+            hub: self.hub,
+            mac_table_size: self.mac_table_size,
+            aging: Duration::from_secs(self.aging),
+            ..SwitchConfig::default()
+        });
+        let mut ports = Vec::new();
+        for (name, mode) in taps {
+            let tap = Tap::open(&name).with_context(|| format!("tap {name}"))?;
+            let port =
+                TapPort::attach(&switch, tap, mode).with_context(|| format!("tap {name}"))?;
+            tracing::info!(port = port.id(), tap = %name, "port added");
+            ports.push(port);
+        }
+        let _mgmt = match &self.mgmt {
+            Some(path) => Some(
+                MgmtServer::start(switch.clone(), path)
+                    .with_context(|| format!("management socket {}", path.display()))?,
+            ),
+            None => None,
+        };
+        // Aging runs beside the traffic, a few times per aging period.
+        let ager = switch.clone();
+        let period = Duration::from_secs(self.aging)
+            .div_f64(4.0)
+            .max(Duration::from_millis(250));
+        std::thread::spawn(move || loop {
+            std::thread::sleep(period);
+            ager.age();
+        });
+        tracing::info!(
+            "switch running ({} ports); SIGINT or SIGTERM stops it",
+            ports.len()
+        );
+        let signal = signals.wait().context("waiting for a signal")?;
+        tracing::info!("{signal:?}: stopping; removing taps and sockets");
+        drop(ports);
+        Ok(exit::SUCCESS)
+    }
+}
+
+fn ctl(socket: &std::path::Path, command: &str) -> anyhow::Result<i32> {
+    match mgmt::ctl(socket, command) {
+        Ok(answer) => {
+            print!("{answer}");
+            let failed = answer.starts_with("error: ") || answer.starts_with("{\"error\"");
+            Ok(if failed { exit::FAILURE } else { exit::SUCCESS })
+        }
+        Err(e) => {
+            eprintln!("vmbuild switch ctl: cannot reach {}: {e}", socket.display());
+            Ok(exit::USAGE)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `vmbuild switch` as a user runs it: taps created, the console answering in text and
+//! JSON, and everything removed on SIGTERM.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn ctl(socket: &Path, cmd: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "ctl"])
+        .arg(socket)
+        .args(cmd)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The switch must not outlive a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn taps_console_and_clean_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgmt = dir.path().join("mgmt.sock");
+    let pid = std::process::id() % 100_000;
+    let (t0, t1) = (format!("vmbsw{pid}a"), format!("vmbsw{pid}b"));
+    let child = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "--mgmt"])
+        .arg(&mgmt)
+        .args([
+            "--tap",
+            &t0,
+            "--tap",
+            &format!("{t1}=trunk:native=1:10,20"),
+            "--aging",
+            "60",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mgmt.exists() {
+        assert!(Instant::now() < deadline, "no management socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(link_exists(&t0) && link_exists(&t1));
+
+    let (code, text) = ctl(&mgmt, &["port/print"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&t0) && text.contains("trunk:native=1:10,20"),
+        "{text}"
+    );
+    let (code, json) = ctl(&mgmt, &["json", "port/print"]);
+    assert_eq!(code, 0);
+    let ports: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(ports.as_array().unwrap().len(), 2);
+    assert_eq!(ports[0]["kind"], "tap");
+    let (_, info) = ctl(&mgmt, &["showinfo", "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["aging_secs"], 60);
+    let (code, _) = ctl(&mgmt, &["port/setvlan", "1", "access:10"]);
+    assert_eq!(code, 0);
+    let (code, err) = ctl(&mgmt, &["port/remove", "99"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error: "), "{err}");
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!link_exists(&t0) && !link_exists(&t1), "taps removed");
+    assert!(!mgmt.exists(), "socket removed");
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    for args in [
+        &["--tap", "x=access:9999"][..],
+        &["--mac-table-size", "0"],
+        &["--tap", "name/with/slash"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+            .arg("switch")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+}

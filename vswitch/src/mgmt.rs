@@ -1,0 +1,279 @@
+//! The management console on a unix socket, modelled on vde_switch's: one command per
+//! line, answered with text for people, or with one line of JSON when the command is
+//! prefixed with `json ` (or given `--json`). Every answer ends with a line `.` so a
+//! script knows where it stops; failures start with `error: `.
+//!
+//! Commands: `help`, `showinfo`, `port/print [ID]`, `port/remove ID`,
+//! `port/setvlan ID MODE`, `hash/print`, `vlan/print`, `stats`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::port::VlanMode;
+use crate::switch::Switch;
+
+pub const END: &str = ".";
+
+pub struct MgmtServer {
+    path: PathBuf,
+    stopping: Arc<AtomicBool>,
+}
+
+impl MgmtServer {
+    /// Listens on `path` (replacing a stale socket) and serves each connection on a thread.
+    pub fn start(switch: Arc<Switch>, path: &Path) -> std::io::Result<MgmtServer> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        std::thread::Builder::new()
+            .name("switch-mgmt".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        let sw = switch.clone();
+                        std::thread::spawn(move || serve(sw, conn));
+                    }
+                }
+            })?;
+        Ok(MgmtServer {
+            path: path.to_owned(),
+            stopping,
+        })
+    }
+}
+
+impl Drop for MgmtServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(switch: Arc<Switch>, conn: UnixStream) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "logout" || line == "quit" {
+            break;
+        }
+        let reply = execute(&switch, line);
+        if out.write_all(reply.as_bytes()).is_err() || writeln!(out, "{END}").is_err() {
+            break;
+        }
+    }
+}
+
+/// Runs one console command and returns its answer (without the final `.`).
+pub fn execute(switch: &Switch, line: &str) -> String {
+    let mut words: Vec<&str> = line.split_whitespace().collect();
+    let json = if words.first() == Some(&"json") {
+        words.remove(0);
+        true
+    } else if let Some(i) = words.iter().position(|w| *w == "--json") {
+        words.remove(i);
+        true
+    } else {
+        false
+    };
+    match run(switch, &words, json) {
+        Ok(text) => text,
+        Err(e) if json => format!("{}\n", json!({ "error": e })),
+        Err(e) => format!("error: {e}\n"),
+    }
+}
+
+fn run(switch: &Switch, words: &[&str], json: bool) -> Result<String, String> {
+    let id = |w: Option<&&str>| -> Result<u32, String> {
+        w.ok_or("which port? give its number")?
+            .parse::<u32>()
+            .map_err(|_| "a port number, as port/print lists them".to_owned())
+    };
+    match words.first().copied().unwrap_or("") {
+        "help" => Ok(HELP.to_owned()),
+        "showinfo" => {
+            let c = switch.config();
+            let info = json!({
+                "ports": switch.ports().len(),
+                "hub": c.hub,
+                "mac_table_size": c.mac_table_size,
+                "mac_table_used": switch.mac_table_len(),
+                "aging_secs": c.aging.as_secs(),
+                "max_frame": c.max_frame,
+            });
+            Ok(if json {
+                format!("{info}\n")
+            } else {
+                format!(
+                    "vmbuild vswitch\nports {}\nmode {}\nmac table {}/{} entries, aging {} s\nmax frame {} bytes\n",
+                    switch.ports().len(),
+                    if c.hub { "hub" } else { "switch" },
+                    switch.mac_table_len(),
+                    c.mac_table_size,
+                    c.aging.as_secs(),
+                    c.max_frame
+                )
+            })
+        }
+        "port/print" | "port/allprint" | "stats" => {
+            let mut ports = switch.ports();
+            if let Some(w) = words.get(1) {
+                let want = id(Some(w))?;
+                ports.retain(|p| p.id == want);
+                if ports.is_empty() {
+                    return Err(format!("no port {want}"));
+                }
+            }
+            if json {
+                return Ok(format!(
+                    "{}\n",
+                    serde_json::to_string(&ports).unwrap_or_default()
+                ));
+            }
+            let mut s = String::new();
+            for p in ports {
+                let c = &p.counters;
+                s.push_str(&format!(
+                    "port {:>4} {:<10} {:<24} {}\n    rx {} frames {} bytes   tx {} frames {} bytes\n",
+                    p.id,
+                    p.kind,
+                    p.endpoint,
+                    vlan_text(&p.vlan),
+                    c.rx_frames,
+                    c.rx_bytes,
+                    c.tx_frames,
+                    c.tx_bytes
+                ));
+                let drops: Vec<String> = c
+                    .drops
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                if !drops.is_empty() {
+                    s.push_str(&format!("    dropped: {}\n", drops.join(", ")));
+                }
+            }
+            Ok(s)
+        }
+        "port/remove" => {
+            let p = id(words.get(1))?;
+            if switch.remove_port(p) {
+                Ok(format!("removed port {p}\n"))
+            } else {
+                Err(format!("no port {p}"))
+            }
+        }
+        "port/setvlan" => {
+            let p = id(words.get(1))?;
+            let mode = VlanMode::parse(
+                words
+                    .get(2)
+                    .ok_or("which mode? access:VID or trunk[:native=VID][:VIDS]")?,
+            )?;
+            if switch.set_vlan(p, mode) {
+                Ok(format!("port {p}: {}\n", words[2]))
+            } else {
+                Err(format!("no port {p}"))
+            }
+        }
+        "hash/print" | "mac/print" => {
+            let rows = switch.mac_table();
+            if json {
+                return Ok(format!(
+                    "{}\n",
+                    serde_json::to_string(&rows).unwrap_or_default()
+                ));
+            }
+            let mut s = String::new();
+            for r in rows {
+                s.push_str(&format!(
+                    "vlan {:>4}  {}  port {:>4}  age {:.0} s\n",
+                    r.vlan, r.mac, r.port, r.age_secs
+                ));
+            }
+            Ok(s)
+        }
+        "vlan/print" => {
+            let ports = switch.ports();
+            if json {
+                let v: Vec<_> = ports
+                    .iter()
+                    .map(|p| json!({"port": p.id, "vlan": p.vlan}))
+                    .collect();
+                return Ok(format!("{}\n", serde_json::Value::Array(v)));
+            }
+            Ok(ports
+                .iter()
+                .map(|p| format!("port {:>4}  {}\n", p.id, vlan_text(&p.vlan)))
+                .collect())
+        }
+        "" => Err("empty command".into()),
+        other => Err(format!("unknown command '{other}' (try help)")),
+    }
+}
+
+fn vlan_text(v: &VlanMode) -> String {
+    match v {
+        VlanMode::Access { vlan } => format!("access:{vlan}"),
+        VlanMode::Trunk { native, allowed } => {
+            let mut s = "trunk".to_owned();
+            if let Some(n) = native {
+                s.push_str(&format!(":native={n}"));
+            }
+            if let Some(a) = allowed {
+                s.push(':');
+                s.push_str(
+                    &a.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+            }
+            s
+        }
+    }
+}
+
+const HELP: &str = "\
+help                      this text
+showinfo                  switch mode, MAC table use, aging
+port/print [ID]           ports with counters (also port/allprint, stats)
+port/remove ID            remove a port
+port/setvlan ID MODE      access:VID | trunk[:native=VID][:VID,VID...]
+hash/print                the MAC table (also mac/print)
+vlan/print                VLAN membership per port
+logout                    close this connection
+Prefix any command with `json ` (or add --json) for one line of JSON.
+";
+
+/// Sends one command to a console and returns its answer (what came before `.`).
+pub fn ctl(path: &Path, command: &str) -> std::io::Result<String> {
+    let mut conn = UnixStream::connect(path)?;
+    writeln!(conn, "{command}")?;
+    let mut answer = String::new();
+    for line in BufReader::new(conn).lines() {
+        let line = line?;
+        if line == END {
+            break;
+        }
+        answer.push_str(&line);
+        answer.push('\n');
+    }
+    Ok(answer)
+}
