@@ -14,7 +14,10 @@ impl Netns {
     /// `ip netns add` a uniquely named namespace with its loopback up.
     pub fn create(tag: &str) -> anyhow::Result<Netns> {
         let name = format!("vmbt-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         ip(&["netns", "add", &name])?;
         let ns = Netns { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;

@@ -28,16 +28,19 @@ pub enum DropReason {
     BadSource,
     /// The egress port could not take it (full queue, gone tap).
     EgressFailed,
+    /// A GSO super-frame for a port that takes only MTU-sized frames.
+    GsoUnsupported,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::Malformed,
         DropReason::VlanFiltered,
         DropReason::BadSource,
         DropReason::EgressFailed,
+        DropReason::GsoUnsupported,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +51,7 @@ impl DropReason {
             DropReason::VlanFiltered => "vlan_filtered",
             DropReason::BadSource => "bad_source",
             DropReason::EgressFailed => "egress_failed",
+            DropReason::GsoUnsupported => "gso_unsupported",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod inproc;
 pub mod mac_table;
 pub mod mgmt;
+pub mod offload;
 pub mod port;
 pub mod switch;
 pub mod tap;

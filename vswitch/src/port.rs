@@ -14,7 +14,17 @@ pub type PortId = u32;
 /// Where a port's egress frames go: a tap's fd, a vhost-user device's rx queue, a queue in
 /// this process. Called from any ingress thread, so it must be thread-safe.
 pub trait PortSink: Send + Sync {
+    /// An ordinary, finished frame.
     fn transmit(&self, frame: &[u8]) -> io::Result<()>;
+    /// Whether [`PortSink::transmit_offloaded`] takes GSO and partially checksummed frames.
+    fn offloads(&self) -> bool {
+        false
+    }
+    /// A frame with its virtio-net header (only called when `offloads()`).
+    fn transmit_offloaded(&self, hdr: &crate::offload::VnetHdr, frame: &[u8]) -> io::Result<()> {
+        let _ = hdr;
+        self.transmit(frame)
+    }
     /// "tap", "vhost-user", "in-process".
     fn kind(&self) -> &'static str;
     /// What a person recognises the port by (interface name, socket path, ...).

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::frame::{self, DropReason, FrameInfo};
 use crate::mac_table::{Learned, MacRow, MacTable, DEFAULT_AGING, DEFAULT_CAPACITY};
+use crate::offload::{self, VnetHdr};
 use crate::port::{CountersSnapshot, Egress, PortCounters, PortId, PortSink, VlanMode};
 
 #[derive(Debug, Clone)]
@@ -111,12 +112,28 @@ impl Switch {
     /// One frame arriving on `ingress`. Never fails: what cannot be forwarded is dropped
     /// and counted on the port it came from (or went to).
     pub fn ingress(&self, ingress: PortId, frame: &[u8]) {
+        self.forward(ingress, None, frame)
+    }
+
+    /// A frame with a virtio-net header (from a tap in vnet-header mode): GSO and partial
+    /// checksums pass through to ports that take them, and are finished or dropped for
+    /// ports that do not.
+    pub fn ingress_offloaded(&self, ingress: PortId, hdr: &VnetHdr, frame: &[u8]) {
+        let hdr = (!hdr.is_plain()).then_some(hdr);
+        self.forward(ingress, hdr, frame)
+    }
+
+    fn forward(&self, ingress: PortId, hdr: Option<&VnetHdr>, frame: &[u8]) {
         let ports = self.ports.read().unwrap();
         let Some(in_port) = ports.get(&ingress) else {
             return;
         };
         in_port.counters.rx(frame.len());
-        let info = match frame::inspect(frame, self.config.max_frame) {
+        let max_frame = match hdr {
+            Some(h) if h.is_gso() => offload::MAX_GSO_FRAME,
+            _ => self.config.max_frame,
+        };
+        let info = match frame::inspect(frame, max_frame) {
             Ok(i) => i,
             Err(why) => return in_port.counters.count_drop(why),
         };
@@ -137,7 +154,7 @@ impl Switch {
                 table.lookup(vlan, &info.dst, now)
             }
         };
-        let mut copies = Copies::new(frame, &info);
+        let mut copies = Copies::new(frame, &info, hdr);
         match known {
             // Known unicast: one port, or none if it lives where it came from.
             Some(out) if out == ingress => {}
@@ -198,14 +215,16 @@ impl Switch {
 /// The frame as received, and (made at most once) with its tag added or removed.
 struct Copies<'a> {
     original: &'a [u8],
+    hdr: Option<&'a VnetHdr>,
     tagged_in: bool,
     other: Option<Vec<u8>>,
 }
 
 impl<'a> Copies<'a> {
-    fn new(original: &'a [u8], info: &FrameInfo) -> Self {
+    fn new(original: &'a [u8], info: &FrameInfo, hdr: Option<&'a VnetHdr>) -> Self {
         Copies {
             original,
+            hdr,
             tagged_in: info.tag.is_some(),
             other: None,
         }
@@ -232,9 +251,29 @@ fn send(port: &Port, vlan: u16, copies: &mut Copies<'_>) {
     let Some(egress) = port.vlan.egress(vlan) else {
         return;
     };
+    let hdr = copies.hdr.copied();
+    let original_len = copies.original.len();
     let frame = copies.for_egress(egress, vlan);
-    match port.sink.transmit(&frame) {
-        Ok(()) => port.counters.tx(frame.len()),
+    let result = match hdr {
+        None => port.sink.transmit(&frame),
+        Some(h) => {
+            // A tag pushed or popped moves the L3/L4 offsets the header points at.
+            let h = h.shifted(frame.len() as i32 - original_len as i32);
+            if port.sink.offloads() {
+                port.sink.transmit_offloaded(&h, &frame)
+            } else if h.is_gso() {
+                return port.counters.count_drop(DropReason::GsoUnsupported);
+            } else {
+                let mut finished = frame.into_owned();
+                if !offload::finish_checksum(&mut finished, &h) {
+                    return port.counters.count_drop(DropReason::Malformed);
+                }
+                port.sink.transmit(&finished)
+            }
+        }
+    };
+    match result {
+        Ok(()) => port.counters.tx(original_len),
         Err(_) => port.counters.count_drop(DropReason::EgressFailed),
     }
 }
