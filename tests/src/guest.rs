@@ -69,6 +69,8 @@ pub struct GuestVm {
     /// Where the guest writes the exit status, as a path inside the guest.
     pub exit_file: Option<String>,
     pub timeout: Duration,
+    /// virtio-net NICs attached to vhost-user-net sockets: (socket, MAC).
+    pub nics: Vec<(PathBuf, String)>,
 }
 
 /// What a boot produced.
@@ -99,6 +101,7 @@ impl GuestVm {
             command: command.to_owned(),
             exit_file: None,
             timeout: Duration::from_secs(300),
+            nics: Vec::new(),
         }
     }
 
@@ -182,6 +185,14 @@ impl GuestVm {
                     append.push(mount_param("9p", tag, mount, options));
                 }
             }
+        }
+        for (i, (socket, mac)) in self.nics.iter().enumerate() {
+            args.push("-chardev".into());
+            args.push(format!("socket,id=net{i},path={}", socket.display()));
+            args.push("-netdev".into());
+            args.push(format!("vhost-user,id=nd{i},chardev=net{i}"));
+            args.push("-device".into());
+            args.push(format!("virtio-net-pci,netdev=nd{i},mac={mac},romfile="));
         }
         append.push(format!("vmbuild.cmd={}", self.command));
         if let Some(f) = &self.exit_file {

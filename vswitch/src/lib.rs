@@ -14,6 +14,7 @@ pub mod offload;
 pub mod port;
 pub mod switch;
 pub mod tap;
+pub mod vhost_user_net;
 
 pub use inproc::InProcessPort;
 pub use port::{PortId, PortSink, VlanMode};

@@ -28,6 +28,11 @@ pub struct SwitchArgs {
     #[arg(short = 't', long, value_name = "NAME[=MODE]")]
     tap: Vec<String>,
 
+    /// A vhost-user-net port: PATH or PATH=VLANMODE; QEMU attaches with
+    /// `-chardev socket,id=c,path=PATH -netdev vhost-user,id=n,chardev=c`
+    #[arg(long, value_name = "PATH[=MODE]")]
+    vhost_user: Vec<String>,
+
     /// Flood every frame, learn nothing (vde_switch: -x/--hub)
     #[arg(short = 'x', long)]
     hub: bool,
@@ -88,6 +93,20 @@ impl SwitchArgs {
             }
             taps.push((name.to_owned(), mode));
         }
+        let mut vhost_ports = Vec::new();
+        for spec in &self.vhost_user {
+            let (path, mode) = match spec.split_once('=') {
+                Some((p, m)) => match VlanMode::parse(m) {
+                    Ok(mode) => (p, mode),
+                    Err(e) => {
+                        eprintln!("vmbuild switch: --vhost-user {spec}: {e}");
+                        return Ok(exit::USAGE);
+                    }
+                },
+                None => (spec.as_str(), VlanMode::default()),
+            };
+            vhost_ports.push((PathBuf::from(path), mode));
+        }
         let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
         let switch = Switch::new(SwitchConfig {
             hub: self.hub,
@@ -105,6 +124,13 @@ impl SwitchArgs {
                 TapPort::attach(&switch, tap, mode).with_context(|| format!("tap {name}"))?;
             tracing::info!(port = port.id(), tap = %name, "port added");
             ports.push(port);
+        }
+        let mut net_ports = Vec::new();
+        for (path, mode) in vhost_ports {
+            let port = vswitch::vhost_user_net::VhostUserNetPort::listen(&switch, &path, mode)
+                .with_context(|| format!("vhost-user port {}", path.display()))?;
+            tracing::info!(port = port.id(), socket = %path.display(), "port added");
+            net_ports.push(port);
         }
         let _mgmt = match &self.mgmt {
             Some(path) => Some(
@@ -129,6 +155,7 @@ impl SwitchArgs {
         let signal = signals.wait().context("waiting for a signal")?;
         tracing::info!("{signal:?}: stopping; removing taps and sockets");
         drop(ports);
+        drop(net_ports);
         Ok(exit::SUCCESS)
     }
 }

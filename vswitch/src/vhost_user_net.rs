@@ -1,0 +1,349 @@
+//! vhost-user-net ports: QEMU attaches a guest NIC with `-netdev vhost-user,chardev=…`
+//! and its queues feed the switch directly. tx (queue 1) chains become ingress frames;
+//! egress frames are written into buffers the guest posted on rx (queue 0). A port keeps
+//! its number across front-end reconnects (a QEMU restart).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::offload::VNET_HDR_LEN;
+use crate::port::{PortId, PortSink, VlanMode};
+use crate::switch::Switch;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZE: usize = 1024;
+/// Frames held for a guest that has not posted rx buffers yet; beyond that they drop.
+const PENDING_FRAMES: usize = 256;
+const MAX_FRAME: usize = 65535;
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The current front-end's memory and rx queue, when one is connected.
+#[derive(Default)]
+struct Connection {
+    mem: Option<Memory>,
+    rx: Option<VringRwLock>,
+}
+
+/// The switch's side of the port: writes egress frames into the guest's rx buffers.
+struct NetSink {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    pending: Mutex<VecDeque<Vec<u8>>>,
+}
+
+impl NetSink {
+    /// Copies as many pending frames as there are rx buffers; true if any was delivered.
+    fn flush(&self, conn: &Connection) -> bool {
+        let (Some(mem), Some(rx)) = (&conn.mem, &conn.rx) else {
+            return false;
+        };
+        let mem = mem.memory();
+        let mut pending = self.pending.lock().unwrap();
+        let mut delivered = false;
+        while let Some(frame) = pending.front() {
+            let chain = match rx.get_mut().get_queue_mut().iter(mem.clone()) {
+                Ok(mut it) => it.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let mut written = 0usize;
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            let mut src: Vec<&[u8]> = vec![&hdr, frame];
+            'descs: for desc in chain.writable() {
+                let mut room = desc.len() as usize;
+                let mut addr = desc.addr();
+                while room > 0 && !src.is_empty() {
+                    let n = room.min(src[0].len());
+                    if mem.write_slice(&src[0][..n], addr).is_err() {
+                        // A buffer outside guest memory: give the chain back empty.
+                        written = 0;
+                        break 'descs;
+                    }
+                    written += n;
+                    room -= n;
+                    addr = vm_memory::GuestAddress(addr.0 + n as u64);
+                    src[0] = &src[0][n..];
+                    if src[0].is_empty() {
+                        src.remove(0);
+                    }
+                }
+            }
+            // A buffer too small for the frame still completes (truncated frames would
+            // corrupt the guest's view; an empty one it discards).
+            let used = if src.is_empty() { written as u32 } else { 0 };
+            let _ = rx.add_used(head, used);
+            delivered = true;
+            pending.pop_front();
+        }
+        if delivered && rx.needs_notification().unwrap_or(true) {
+            let _ = rx.signal_used_queue();
+        }
+        delivered
+    }
+}
+
+impl PortSink for NetSink {
+    fn transmit(&self, frame: &[u8]) -> io::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        if conn.mem.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no guest attached",
+            ));
+        }
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if pending.len() >= PENDING_FRAMES {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "guest rx ring full",
+                ));
+            }
+            pending.push_back(frame.to_vec());
+        }
+        self.flush(&conn);
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "vhost-user"
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// One front-end connection's device.
+struct NetBackend {
+    switch: Arc<Switch>,
+    id: PortId,
+    sink: Arc<NetSink>,
+    event_idx: RwLock<bool>,
+    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+}
+
+impl NetBackend {
+    fn process_tx(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self.sink.conn.lock().unwrap().mem.clone() else {
+            return Ok(());
+        };
+        let mem = mem.memory();
+        let chains: Vec<_> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+            Ok(it) => it.collect(),
+            Err(_) => return Ok(()),
+        };
+        let mut buf = Vec::with_capacity(2048);
+        for chain in chains {
+            let head = chain.head_index();
+            buf.clear();
+            let mut ok = true;
+            for desc in chain.readable() {
+                let len = desc.len() as usize;
+                if buf.len() + len > MAX_FRAME + VNET_HDR_LEN {
+                    ok = false;
+                    break;
+                }
+                let start = buf.len();
+                buf.resize(start + len, 0);
+                if mem.read_slice(&mut buf[start..], desc.addr()).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok && buf.len() >= VNET_HDR_LEN {
+                self.switch.ingress(self.id, &buf[VNET_HDR_LEN..]);
+            } else {
+                // An unreadable chain: give it back and let the switch count a runt.
+                self.switch.ingress(self.id, &[]);
+            }
+            let _ = vring.add_used(head, 0);
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+    fn features(&self) -> u64 {
+        // No VHOST_USER_F_PROTOCOL_FEATURES: QEMU's virtio-net sends SET_VRING_ENABLE at
+        // device realize, before SET_FEATURES, and vhost-user-backend refuses that message
+        // until the feature is acked. Without the feature the rings start enabled at
+        // SET_FEATURES, and nothing this port needs (one queue pair, plain memory table)
+        // depends on protocol features.
+        (1 << VIRTIO_F_VERSION_1) | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+    fn set_event_idx(&self, enabled: bool) {
+        *self.event_idx.write().unwrap() = enabled;
+    }
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        self.sink.conn.lock().unwrap().mem = Some(mem);
+        Ok(())
+    }
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.lock().unwrap().take()
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let event_idx = *self.event_idx.read().unwrap();
+        match device_event as usize {
+            RX => {
+                // The guest posted buffers: remember its rx ring and deliver what waits.
+                let mut conn = self.sink.conn.lock().unwrap();
+                conn.rx = Some(vrings[RX].clone());
+                self.sink.flush(&conn);
+            }
+            TX => loop {
+                if event_idx {
+                    vrings[TX]
+                        .disable_notification()
+                        .map_err(io::Error::other)?;
+                }
+                self.process_tx(&vrings[TX])?;
+                if !event_idx || !vrings[TX].enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A vhost-user-net port on `socket`. Dropping it stops serving, removes the socket and
+/// the port.
+pub struct VhostUserNetPort {
+    switch: Arc<Switch>,
+    id: PortId,
+    socket: PathBuf,
+    stopping: Arc<AtomicBool>,
+}
+
+impl VhostUserNetPort {
+    pub fn listen(
+        switch: &Arc<Switch>,
+        socket: &Path,
+        vlan: VlanMode,
+    ) -> io::Result<VhostUserNetPort> {
+        let listener = Listener::new(socket, true)
+            .map_err(|e| io::Error::other(format!("listening on {}: {e}", socket.display())))?;
+        let sink = Arc::new(NetSink {
+            path: socket.to_owned(),
+            conn: Mutex::new(Connection::default()),
+            pending: Mutex::new(VecDeque::new()),
+        });
+        let id = switch.add_port(sink.clone(), vlan);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (sw, stop) = (switch.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name(format!("vhost-net-{id}"))
+            .spawn(move || accept_loop(sw, id, sink, listener, &stop))?;
+        Ok(VhostUserNetPort {
+            switch: switch.clone(),
+            id,
+            socket: socket.to_owned(),
+            stopping,
+        })
+    }
+
+    pub fn id(&self) -> PortId {
+        self.id
+    }
+}
+
+fn accept_loop(
+    switch: Arc<Switch>,
+    id: PortId,
+    sink: Arc<NetSink>,
+    mut listener: Listener,
+    stopping: &AtomicBool,
+) {
+    while !stopping.load(Ordering::SeqCst) {
+        let Ok(exit) = new_event_consumer_and_notifier(EventFlag::NONBLOCK) else {
+            break;
+        };
+        let backend = Arc::new(NetBackend {
+            switch: switch.clone(),
+            id,
+            sink: sink.clone(),
+            event_idx: RwLock::new(false),
+            exit: Mutex::new(Some(exit)),
+        });
+        let Ok(mut daemon) = VhostUserDaemon::new(
+            format!("vhost-user-net-{id}"),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        ) else {
+            break;
+        };
+        if daemon.start(&mut listener).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        tracing::info!(port = id, "vhost-user-net front-end connected");
+        if let Err(e) = daemon.wait() {
+            tracing::debug!(port = id, "vhost-user-net session ended: {e}");
+        }
+        drop(daemon);
+        // The guest is gone: forget its memory and ring, and what was waiting for it.
+        *sink.conn.lock().unwrap() = Connection::default();
+        sink.pending.lock().unwrap().clear();
+        tracing::info!(port = id, "vhost-user-net front-end disconnected");
+    }
+}
+
+impl Drop for VhostUserNetPort {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+        self.switch.remove_port(self.id);
+    }
+}
