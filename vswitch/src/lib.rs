@@ -15,6 +15,7 @@ pub mod port;
 pub mod switch;
 pub mod tap;
 pub mod vhost_user_net;
+mod vhost_user_relay;
 
 pub use inproc::InProcessPort;
 pub use port::{PortId, PortSink, VlanMode};

@@ -9,9 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -197,12 +196,11 @@ impl VhostUserBackend for NetBackend {
         QUEUE_SIZE
     }
     fn features(&self) -> u64 {
-        // No VHOST_USER_F_PROTOCOL_FEATURES: QEMU's virtio-net sends SET_VRING_ENABLE at
-        // device realize, before SET_FEATURES, and vhost-user-backend refuses that message
-        // until the feature is acked. Without the feature the rings start enabled at
-        // SET_FEATURES, and nothing this port needs (one queue pair, plain memory table)
-        // depends on protocol features.
-        (1 << VIRTIO_F_VERSION_1) | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+        // QEMU's vhost-user-net needs protocol features (it refuses to start the device
+        // without SET_VRING_ENABLE); see vhost_user_relay for the ordering this requires.
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
@@ -269,8 +267,17 @@ impl VhostUserNetPort {
         socket: &Path,
         vlan: VlanMode,
     ) -> io::Result<VhostUserNetPort> {
-        let listener = Listener::new(socket, true)
-            .map_err(|e| io::Error::other(format!("listening on {}: {e}", socket.display())))?;
+        let _ = std::fs::remove_file(socket);
+        let public = std::os::unix::net::UnixListener::bind(socket).map_err(|e| {
+            io::Error::new(e.kind(), format!("listening on {}: {e}", socket.display()))
+        })?;
+        // The daemon listens privately; the relay connects QEMU's connection to it.
+        let private_dir = tempfile::Builder::new()
+            .prefix("vswitch-vhost-")
+            .tempdir()?;
+        let internal_path = private_dir.path().join("backend.sock");
+        let internal =
+            Listener::new(&internal_path, true).map_err(|e| io::Error::other(format!("{e}")))?;
         let sink = Arc::new(NetSink {
             path: socket.to_owned(),
             conn: Mutex::new(Connection::default()),
@@ -281,7 +288,10 @@ impl VhostUserNetPort {
         let (sw, stop) = (switch.clone(), stopping.clone());
         std::thread::Builder::new()
             .name(format!("vhost-net-{id}"))
-            .spawn(move || accept_loop(sw, id, sink, listener, &stop))?;
+            .spawn(move || {
+                let _keep = private_dir;
+                accept_loop(sw, id, sink, public, internal, &internal_path, &stop)
+            })?;
         Ok(VhostUserNetPort {
             switch: switch.clone(),
             id,
@@ -299,10 +309,18 @@ fn accept_loop(
     switch: Arc<Switch>,
     id: PortId,
     sink: Arc<NetSink>,
-    mut listener: Listener,
+    public: std::os::unix::net::UnixListener,
+    mut internal: Listener,
+    internal_path: &Path,
     stopping: &AtomicBool,
 ) {
     while !stopping.load(Ordering::SeqCst) {
+        let Ok((front, _)) = public.accept() else {
+            continue;
+        };
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
         let Ok(exit) = new_event_consumer_and_notifier(EventFlag::NONBLOCK) else {
             break;
         };
@@ -313,21 +331,33 @@ fn accept_loop(
             event_idx: RwLock::new(false),
             exit: Mutex::new(Some(exit)),
         });
-        let Ok(mut daemon) = VhostUserDaemon::new(
+        let mut daemon = match VhostUserDaemon::new(
             format!("vhost-user-net-{id}"),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        ) else {
-            break;
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(port = id, "vhost-user-net port cannot serve: {e}");
+                break;
+            }
         };
-        if daemon.start(&mut listener).is_err() {
-            std::thread::sleep(Duration::from_millis(100));
+        // Connect first (the listen backlog holds it), then let the daemon accept.
+        let back = match UnixStream::connect(internal_path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(port = id, "vhost-user-net relay: {e}");
+                break;
+            }
+        };
+        if let Err(e) = daemon.start(&mut internal) {
+            tracing::warn!(port = id, "vhost-user-net back-end did not start: {e}");
             continue;
         }
-        if stopping.load(Ordering::SeqCst) {
-            break;
-        }
         tracing::info!(port = id, "vhost-user-net front-end connected");
+        if let Err(e) = crate::vhost_user_relay::relay(front, back) {
+            tracing::debug!(port = id, "vhost-user-net relay ended: {e}");
+        }
         if let Err(e) = daemon.wait() {
             tracing::debug!(port = id, "vhost-user-net session ended: {e}");
         }

@@ -1,0 +1,76 @@
+//! Two QEMU (TCG) guests of the guest kit, each with a virtio-net NIC attached to a
+//! vhost-user-net port of one in-process switch, ping each other.
+
+use std::fs;
+
+use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
+use vswitch::vhost_user_net::VhostUserNetPort;
+use vswitch::{Switch, SwitchConfig, VlanMode};
+
+fn guest(
+    kit: &GuestKit,
+    dir: &std::path::Path,
+    socket: &std::path::Path,
+    me: u8,
+    other: u8,
+) -> GuestVm {
+    fs::write(
+        dir.join("run.sh"),
+        format!(
+            "ip link set eth0 up && ip addr add 10.79.0.{me}/24 dev eth0 && \
+             ping -c 3 -w 60 10.79.0.{other} > /tmp/xchg/ping.txt 2>&1; status=$?; \
+             sleep 4; exit $status"
+        ),
+    )
+    .unwrap();
+    let mut vm = GuestVm::new(kit.clone(), "/tmp/xchg/run.sh").share(GuestShare::NineP {
+        dir: dir.to_owned(),
+        tag: "xchg".into(),
+        mount: "/tmp/xchg".into(),
+        options: String::new(),
+    });
+    vm.nics
+        .push((socket.to_owned(), format!("52:54:00:00:00:{me:02x}")));
+    vm.timeout = std::time::Duration::from_secs(120);
+    vm
+}
+
+#[test]
+fn two_guests_ping_each_other_through_vhost_user_ports() {
+    let kit = GuestKit::locate().expect("guest kit");
+    let sw = Switch::new(SwitchConfig::default());
+    let sockets = tempfile::tempdir().unwrap();
+    let (sa, sb) = (sockets.path().join("a.sock"), sockets.path().join("b.sock"));
+    let pa = VhostUserNetPort::listen(&sw, &sa, VlanMode::Access { vlan: 1 }).unwrap();
+    let pb = VhostUserNetPort::listen(&sw, &sb, VlanMode::Access { vlan: 1 }).unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ga, gb) = (
+        guest(&kit, da.path(), &sa, 1, 2),
+        guest(&kit, db.path(), &sb, 2, 1),
+    );
+    let ta = std::thread::spawn(move || ga.run());
+    let tb = std::thread::spawn(move || gb.run());
+    let (oa, ob) = (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap());
+    let ping_a = fs::read_to_string(da.path().join("ping.txt")).unwrap_or_default();
+    let ping_b = fs::read_to_string(db.path().join("ping.txt")).unwrap_or_default();
+    let ports = sw.ports();
+    assert_eq!(
+        oa.exit,
+        Some(0),
+        "guest 1: {ping_a}\n{}\n{ports:#?}",
+        oa.console
+    );
+    assert_eq!(ob.exit, Some(0), "guest 2: {ping_b}\n{}", ob.console);
+    assert!(ping_a.contains("3 packets received"), "{ping_a}");
+    let (ca, cb) = (sw.counters(pa.id()).unwrap(), sw.counters(pb.id()).unwrap());
+    assert!(ca.rx_frames >= 4 && cb.rx_frames >= 4, "{ca:?} {cb:?}");
+    // (Each guest stays up a little after its own pings, to answer the other's.)
+    // Both guests learned: each MAC is in the table on its own port.
+    let table = sw.mac_table();
+    assert!(table
+        .iter()
+        .any(|r| r.mac == "52:54:00:00:00:01" && r.port == pa.id()));
+    assert!(table
+        .iter()
+        .any(|r| r.mac == "52:54:00:00:00:02" && r.port == pb.id()));
+}
