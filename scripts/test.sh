@@ -12,7 +12,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Two test threads: the QEMU/TCG tests are CPU-bound and this is sized for 2 cores.
 status=0
-cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log" || status=$?
 
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
