@@ -77,35 +77,27 @@ impl SwitchArgs {
         }
         let mut taps = Vec::new();
         for spec in &self.tap {
-            let (name, mode) = match spec.split_once('=') {
-                Some((n, m)) => match VlanMode::parse(m) {
-                    Ok(mode) => (n, mode),
-                    Err(e) => {
-                        eprintln!("vmbuild switch: --tap {spec}: {e}");
-                        return Ok(exit::USAGE);
-                    }
-                },
-                None => (spec.as_str(), VlanMode::default()),
-            };
-            if let Err(e) = vswitch::tap::check_name(name) {
-                eprintln!("vmbuild switch: --tap {spec}: {e}");
-                return Ok(exit::USAGE);
+            let parsed = port_spec(spec).and_then(|(name, mode)| {
+                vswitch::tap::check_name(name)?;
+                Ok((name.to_owned(), mode))
+            });
+            match parsed {
+                Ok(tap) => taps.push(tap),
+                Err(e) => {
+                    eprintln!("vmbuild switch: --tap {spec}: {e}");
+                    return Ok(exit::USAGE);
+                }
             }
-            taps.push((name.to_owned(), mode));
         }
         let mut vhost_ports = Vec::new();
         for spec in &self.vhost_user {
-            let (path, mode) = match spec.split_once('=') {
-                Some((p, m)) => match VlanMode::parse(m) {
-                    Ok(mode) => (p, mode),
-                    Err(e) => {
-                        eprintln!("vmbuild switch: --vhost-user {spec}: {e}");
-                        return Ok(exit::USAGE);
-                    }
-                },
-                None => (spec.as_str(), VlanMode::default()),
-            };
-            vhost_ports.push((PathBuf::from(path), mode));
+            match port_spec(spec) {
+                Ok((path, mode)) => vhost_ports.push((PathBuf::from(path), mode)),
+                Err(e) => {
+                    eprintln!("vmbuild switch: --vhost-user {spec}: {e}");
+                    return Ok(exit::USAGE);
+                }
+            }
         }
         let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
         let switch = Switch::new(SwitchConfig {
@@ -157,6 +149,14 @@ impl SwitchArgs {
         drop(ports);
         drop(net_ports);
         Ok(exit::SUCCESS)
+    }
+}
+
+/// `WHERE` or `WHERE=VLANMODE` (access:VID, trunk[:native=VID][:VID,...]); access:1 by default.
+fn port_spec(spec: &str) -> Result<(&str, VlanMode), String> {
+    match spec.split_once('=') {
+        Some((place, mode)) => Ok((place, VlanMode::parse(mode)?)),
+        None => Ok((spec, VlanMode::default())),
     }
 }
 
