@@ -82,6 +82,24 @@ fn taps_console_and_clean_shutdown() {
     assert_eq!(info["aging_secs"], 60);
     let (code, _) = ctl(&mgmt, &["port/setvlan", "1", "access:10"]);
     assert_eq!(code, 0);
+    // Ports come and go from the console: a tap added, then removed with its interface.
+    let t2 = format!("vmbsw{pid}c");
+    let (code, added) = ctl(&mgmt, &["json", "port/add", "tap", &t2, "access:20"]);
+    assert_eq!(code, 0, "{added}");
+    let added: serde_json::Value = serde_json::from_str(&added).unwrap();
+    assert!(link_exists(&t2));
+    let vu = dir.path().join("vm.sock");
+    let (code, text) = ctl(&mgmt, &["port/add", "vhost-user", &vu.display().to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(vu.exists());
+    let (code, _) = ctl(&mgmt, &["port/remove", &added["port"].to_string()]);
+    assert_eq!(code, 0);
+    assert!(!link_exists(&t2), "removing the port removed the tap");
+    let (_, listing) = ctl(&mgmt, &["port/print"]);
+    assert!(listing.contains("vhost-user") && !listing.contains(&t2), "{listing}");
+    let (code, err) = ctl(&mgmt, &["port/add", "floppy", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown port kind"), "{err}");
     let (code, err) = ctl(&mgmt, &["port/remove", "99"]);
     assert_eq!(code, 1);
     assert!(err.starts_with("error: "), "{err}");
@@ -92,6 +110,7 @@ fn taps_console_and_clean_shutdown() {
     assert_eq!(status.code(), Some(0));
     assert!(!link_exists(&t0) && !link_exists(&t1), "taps removed");
     assert!(!mgmt.exists(), "socket removed");
+    assert!(!vu.exists(), "vhost-user socket removed");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 pub mod frame;
 pub mod inproc;
 pub mod mac_table;
+pub mod managed;
 pub mod mgmt;
 pub mod offload;
 pub mod port;

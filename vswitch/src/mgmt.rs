@@ -3,7 +3,7 @@
 //! prefixed with `json ` (or given `--json`). Every answer ends with a line `.` so a
 //! script knows where it stops; failures start with `error: `.
 //!
-//! Commands: `help`, `showinfo`, `port/print [ID]`, `port/remove ID`,
+//! Commands: `help`, `showinfo`, `port/print [ID]`, `port/add KIND WHERE [MODE]`, `port/remove ID`,
 //! `port/setvlan ID MODE`, `hash/print`, `vlan/print`, `stats`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::managed::ManagedSwitch;
 use crate::port::VlanMode;
 use crate::switch::Switch;
 
@@ -26,7 +27,7 @@ pub struct MgmtServer {
 
 impl MgmtServer {
     /// Listens on `path` (replacing a stale socket) and serves each connection on a thread.
-    pub fn start(switch: Arc<Switch>, path: &Path) -> std::io::Result<MgmtServer> {
+    pub fn start(switch: Arc<ManagedSwitch>, path: &Path) -> std::io::Result<MgmtServer> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let stopping = Arc::new(AtomicBool::new(false));
@@ -59,7 +60,7 @@ impl Drop for MgmtServer {
     }
 }
 
-fn serve(switch: Arc<Switch>, conn: UnixStream) {
+fn serve(switch: Arc<ManagedSwitch>, conn: UnixStream) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -80,7 +81,7 @@ fn serve(switch: Arc<Switch>, conn: UnixStream) {
 }
 
 /// Runs one console command and returns its answer (without the final `.`).
-pub fn execute(switch: &Switch, line: &str) -> String {
+pub fn execute(switch: &ManagedSwitch, line: &str) -> String {
     let mut words: Vec<&str> = line.split_whitespace().collect();
     let json = if words.first() == Some(&"json") {
         words.remove(0);
@@ -98,7 +99,8 @@ pub fn execute(switch: &Switch, line: &str) -> String {
     }
 }
 
-fn run(switch: &Switch, words: &[&str], json: bool) -> Result<String, String> {
+fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, String> {
+    let switch: &Switch = managed.switch();
     let id = |w: Option<&&str>| -> Result<u32, String> {
         w.ok_or("which port? give its number")?
             .parse::<u32>()
@@ -171,9 +173,37 @@ fn run(switch: &Switch, words: &[&str], json: bool) -> Result<String, String> {
             }
             Ok(s)
         }
+        "port/add" => {
+            let kind = words
+                .get(1)
+                .copied()
+                .ok_or("port/add tap NAME [MODE] | port/add vhost-user PATH [MODE]")?;
+            let place = words
+                .get(2)
+                .copied()
+                .ok_or("port/add needs a tap name or a socket path")?;
+            let mode = match words.get(3) {
+                Some(m) => VlanMode::parse(m)?,
+                None => VlanMode::default(),
+            };
+            let added = match kind {
+                "tap" => {
+                    crate::tap::check_name(place)?;
+                    managed.add_tap(place, mode)
+                }
+                "vhost-user" => managed.add_vhost_user(Path::new(place), mode),
+                other => return Err(format!("unknown port kind '{other}': tap or vhost-user")),
+            };
+            let id = added.map_err(|e| e.to_string())?;
+            Ok(if json {
+                format!("{}\n", json!({ "port": id }))
+            } else {
+                format!("added port {id}\n")
+            })
+        }
         "port/remove" => {
             let p = id(words.get(1))?;
-            if switch.remove_port(p) {
+            if managed.remove(p) {
                 Ok(format!("removed port {p}\n"))
             } else {
                 Err(format!("no port {p}"))
@@ -254,7 +284,10 @@ const HELP: &str = "\
 help                      this text
 showinfo                  switch mode, MAC table use, aging
 port/print [ID]           ports with counters (also port/allprint, stats)
-port/remove ID            remove a port
+port/add tap NAME [MODE]  add a tap port (created, or attached if it exists)
+port/add vhost-user PATH [MODE]
+                          add a vhost-user-net port listening on PATH
+port/remove ID            remove a port (its tap or socket goes with it)
 port/setvlan ID MODE      access:VID | trunk[:native=VID][:VID,VID...]
 hash/print                the MAC table (also mac/print)
 vlan/print                VLAN membership per port

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use vswitch::managed::ManagedSwitch;
 use vswitch::mgmt::{self, MgmtServer};
-use vswitch::tap::{Tap, TapPort};
 use vswitch::{Switch, SwitchConfig, VlanMode};
 
 use crate::exit;
@@ -106,27 +106,24 @@ impl SwitchArgs {
             aging: Duration::from_secs(self.aging),
             ..SwitchConfig::default()
         });
-        let mut ports = Vec::new();
+        // Every port here is a tap or a virtio NIC, so every port takes offloaded frames:
+        // TCP crosses as 64 KiB segments with the checksums left to the receiver.
+        let managed = ManagedSwitch::new(switch.clone(), !self.no_offload);
         for (name, mode) in taps {
-            // Every port here is a tap, so every port takes offloaded frames: TCP crosses
-            // as 64 KiB segments with the checksums left to the receiver.
-            let tap =
-                Tap::open_with(&name, !self.no_offload).with_context(|| format!("tap {name}"))?;
-            let port =
-                TapPort::attach(&switch, tap, mode).with_context(|| format!("tap {name}"))?;
-            tracing::info!(port = port.id(), tap = %name, "port added");
-            ports.push(port);
+            let id = managed
+                .add_tap(&name, mode)
+                .with_context(|| format!("tap {name}"))?;
+            tracing::info!(port = id, tap = %name, "port added");
         }
-        let mut net_ports = Vec::new();
         for (path, mode) in vhost_ports {
-            let port = vswitch::vhost_user_net::VhostUserNetPort::listen(&switch, &path, mode)
+            let id = managed
+                .add_vhost_user(&path, mode)
                 .with_context(|| format!("vhost-user port {}", path.display()))?;
-            tracing::info!(port = port.id(), socket = %path.display(), "port added");
-            net_ports.push(port);
+            tracing::info!(port = id, socket = %path.display(), "port added");
         }
         let _mgmt = match &self.mgmt {
             Some(path) => Some(
-                MgmtServer::start(switch.clone(), path)
+                MgmtServer::start(managed.clone(), path)
                     .with_context(|| format!("management socket {}", path.display()))?,
             ),
             None => None,
@@ -142,12 +139,11 @@ impl SwitchArgs {
         });
         tracing::info!(
             "switch running ({} ports); SIGINT or SIGTERM stops it",
-            ports.len()
+            switch.ports().len()
         );
         let signal = signals.wait().context("waiting for a signal")?;
         tracing::info!("{signal:?}: stopping; removing taps and sockets");
-        drop(ports);
-        drop(net_ports);
+        managed.close_all();
         Ok(exit::SUCCESS)
     }
 }
