@@ -89,14 +89,20 @@ fn taps_console_and_clean_shutdown() {
     let added: serde_json::Value = serde_json::from_str(&added).unwrap();
     assert!(link_exists(&t2));
     let vu = dir.path().join("vm.sock");
-    let (code, text) = ctl(&mgmt, &["port/add", "vhost-user", &vu.display().to_string()]);
+    let (code, text) = ctl(
+        &mgmt,
+        &["port/add", "vhost-user", &vu.display().to_string()],
+    );
     assert_eq!(code, 0, "{text}");
     assert!(vu.exists());
     let (code, _) = ctl(&mgmt, &["port/remove", &added["port"].to_string()]);
     assert_eq!(code, 0);
     assert!(!link_exists(&t2), "removing the port removed the tap");
     let (_, listing) = ctl(&mgmt, &["port/print"]);
-    assert!(listing.contains("vhost-user") && !listing.contains(&t2), "{listing}");
+    assert!(
+        listing.contains("vhost-user") && !listing.contains(&t2),
+        "{listing}"
+    );
     let (code, err) = ctl(&mgmt, &["port/add", "floppy", "x"]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown port kind"), "{err}");
