@@ -45,6 +45,13 @@ impl Netns {
     /// Moves interface `ifname` into this namespace and gives it `addr` (CIDR), up.
     pub fn adopt(&self, ifname: &str, addr: &str) -> anyhow::Result<()> {
         ip(&["link", "set", ifname, "netns", &self.name])?;
+        // No IPv6: its router solicitations and DAD would put unasked-for frames on the
+        // wire and keep MAC entries fresh.
+        let _ = self.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{ifname}.disable_ipv6=1"),
+        ]);
         self.exec(&["ip", "addr", "add", addr, "dev", ifname])?;
         self.exec(&["ip", "link", "set", ifname, "up"])?;
         Ok(())
