@@ -1,13 +1,6 @@
 //! `vmbuild`: runs builds and tests inside virtual machines, from one process.
 
-mod accel;
-mod cli;
-mod exit;
-mod guest_kit;
-mod qemu;
-mod runtime_dir;
-mod signals;
-mod workflow;
+use vmbuild::{cli, exit};
 
 use clap::Parser;
 

@@ -3,6 +3,7 @@
 //! guests on hosts whose KVM cannot run them (TCG).
 
 pub mod binary;
+pub mod migration;
 pub mod process;
 pub mod qmp;
 

@@ -1,0 +1,12 @@
+//! vmbuild: runs builds and tests inside virtual machines, reproducibly and fast, from one
+//! process. The `vmbuild` binary is a thin `main` over this library; integration tests and
+//! later workflows use the same parts.
+
+pub mod accel;
+pub mod cli;
+pub mod exit;
+pub mod guest_kit;
+pub mod qemu;
+pub mod runtime_dir;
+pub mod signals;
+pub mod workflow;

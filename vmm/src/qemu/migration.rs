@@ -1,0 +1,141 @@
+//! Suspending a QEMU guest to a file and reviving it from one: QMP `stop` + `migrate` to a
+//! `file:` URI, and `-incoming defer` + `migrate-incoming`. The building block of the
+//! snapshot lifecycle (bootstrap suspends, build revives).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::qemu::Qmp;
+
+/// What a suspend cost.
+#[derive(Debug, Clone)]
+pub struct SuspendStats {
+    pub duration: Duration,
+    pub state_bytes: u64,
+}
+
+/// How to lay out the state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFormat {
+    /// A stream of pages, as `migrate` writes to any channel.
+    Stream,
+    /// `mapped-ram`: every page at a fixed offset (QEMU ≥ 9.0); revives read it in place.
+    MappedRam,
+}
+
+impl Qmp {
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.execute("stop", json!({})).map(drop)
+    }
+
+    pub fn cont(&mut self) -> anyhow::Result<()> {
+        self.execute("cont", json!({})).map(drop)
+    }
+
+    /// `query-status`'s status ("running", "paused", "inmigrate", "postmigrate", ...).
+    pub fn status(&mut self) -> anyhow::Result<String> {
+        let s = self.execute("query-status", json!({}))?;
+        Ok(s.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    fn set_format(&mut self, format: StateFormat) -> anyhow::Result<()> {
+        if format == StateFormat::MappedRam {
+            self.execute(
+                "migrate-set-capabilities",
+                json!({ "capabilities": [ { "capability": "mapped-ram", "state": true } ] }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Stops the guest and writes its whole state to `path`. The guest stays stopped.
+    pub fn suspend_to_file(
+        &mut self,
+        path: &Path,
+        format: StateFormat,
+        timeout: Duration,
+    ) -> anyhow::Result<SuspendStats> {
+        let start = Instant::now();
+        self.stop()?;
+        self.set_format(format)?;
+        self.execute(
+            "migrate",
+            json!({ "uri": format!("file:{}", path.display()) }),
+        )?;
+        self.wait_for_migration(timeout)?;
+        let state_bytes = std::fs::metadata(path)
+            .with_context(|| format!("the state file {} was not written", path.display()))?
+            .len();
+        Ok(SuspendStats {
+            duration: start.elapsed(),
+            state_bytes,
+        })
+    }
+
+    /// Loads the state from `path` into a QEMU started with `-incoming defer` (and the
+    /// same machine), and waits until the guest runs again.
+    pub fn revive_from_file(
+        &mut self,
+        path: &Path,
+        format: StateFormat,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        self.set_format(format)?;
+        self.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("file:{}", path.display()) }),
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.status()?.as_str() {
+                "running" => return Ok(start.elapsed()),
+                // Loaded but not started (QEMU was given -S): start it.
+                "paused" | "prelaunch" if self.migration_status()? == "completed" => self.cont()?,
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the guest did not run again within {timeout:?} after loading {}",
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn migration_status(&mut self) -> anyhow::Result<String> {
+        let m = self.execute("query-migrate", json!({}))?;
+        Ok(m.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    fn wait_for_migration(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.execute("query-migrate", json!({}))?;
+            match m.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => bail!(
+                    "QEMU could not save the guest: {}",
+                    m.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given")
+                ),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("saving the guest took longer than {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

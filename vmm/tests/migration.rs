@@ -1,0 +1,154 @@
+//! Suspend to a file and revive from it, with a real guest under QEMU (TCG): a counter the
+//! guest prints carries on from where it was, instead of starting again.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vmbuild::guest_kit::GuestKit;
+use vmbuild::qemu::migration::StateFormat;
+use vmbuild::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp};
+use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+
+const COUNTER: &[u8] = b"i=0\nwhile true; do i=$((i+1)); echo tick=$i; sleep 0.1; done\n";
+
+struct Guest {
+    qemu: QemuProcess,
+    qmp: Qmp,
+    ticks: mpsc::Receiver<u64>,
+}
+
+/// Boots (or, with `incoming`, prepares to revive) the counting guest.
+fn start(dir: &Path, name: &str, initrd: &Path, incoming: bool) -> Guest {
+    let qemu_bin = QemuBinary::locate().unwrap();
+    let kit = GuestKit::locate().unwrap();
+    let qmp_l = ChardevListener::bind(dir.join(format!("{name}-qmp.sock"))).unwrap();
+    let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock"))).unwrap();
+    let mut args: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-M",
+        "q35",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
+        args.extend(["-bios".into(), qboot.display().to_string()]);
+    }
+    args.extend([
+        "-kernel".into(),
+        kit.kernel.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}"),
+        "-chardev".into(),
+        qmp_l.chardev_arg("qmp"),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+        "-chardev".into(),
+        con_l.chardev_arg("con"),
+        "-serial".into(),
+        "chardev:con".into(),
+    ]);
+    if incoming {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
+    let mut qemu = QemuProcess::spawn(
+        &qemu_bin.path,
+        &args,
+        &dir.join(format!("{name}.stderr")),
+        false,
+    )
+    .unwrap();
+    let mut streams = accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))
+        .unwrap()
+        .into_iter();
+    let (qmp_s, con_s) = (streams.next().unwrap(), streams.next().unwrap());
+    let (events, _) = mpsc::channel();
+    let qmp = Qmp::handshake(qmp_s, events).unwrap();
+    Guest {
+        qemu,
+        qmp,
+        ticks: read_ticks(con_s),
+    }
+}
+
+fn read_ticks(stream: UnixStream) -> mpsc::Receiver<u64> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Some(n) = line
+                .trim()
+                .strip_prefix("tick=")
+                .and_then(|n| n.parse().ok())
+            {
+                if tx.send(n).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn next_tick(g: &Guest, within: Duration) -> u64 {
+    g.ticks
+        .recv_timeout(within)
+        .expect("the guest stopped counting")
+}
+
+#[test]
+fn a_suspended_guest_revives_where_it_stopped() {
+    for format in [StateFormat::Stream, StateFormat::MappedRam] {
+        let dir = tempfile::tempdir().unwrap();
+        let kit = GuestKit::locate().unwrap();
+        let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, COUNTER)];
+        let initrd = initrd::with_files(&kit.initrd, dir.path(), &files).unwrap();
+        let state = dir.path().join("state");
+
+        let mut first = start(dir.path(), "a", &initrd, false);
+        let mut last = 0;
+        while last < 10 {
+            last = next_tick(&first, Duration::from_secs(60));
+        }
+        let stats = first
+            .qmp
+            .suspend_to_file(&state, format, Duration::from_secs(60))
+            .unwrap();
+        // Whatever was printed before the stop took effect.
+        while let Ok(n) = first.ticks.recv_timeout(Duration::from_millis(300)) {
+            last = n;
+        }
+        assert!(stats.state_bytes > 1 << 20, "{format:?}: {stats:?}");
+        first.qemu.kill();
+
+        let mut second = start(dir.path(), "b", &initrd, true);
+        let started = Instant::now();
+        second
+            .qmp
+            .revive_from_file(&state, format, Duration::from_secs(60))
+            .unwrap();
+        let resumed = next_tick(&second, Duration::from_secs(30));
+        assert!(
+            resumed > last && resumed <= last + 3,
+            "{format:?}: counted {last} before the suspend and {resumed} after the revive"
+        );
+        assert!(
+            next_tick(&second, Duration::from_secs(30)) > resumed,
+            "keeps counting"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        second.qemu.kill();
+    }
+}
