@@ -62,13 +62,7 @@ impl Qmp {
         timeout: Duration,
     ) -> anyhow::Result<SuspendStats> {
         let start = Instant::now();
-        self.stop()?;
-        self.set_format(format)?;
-        self.execute(
-            "migrate",
-            json!({ "uri": format!("file:{}", path.display()) }),
-        )?;
-        self.wait_for_migration(timeout)?;
+        self.suspend_to_uri(&format!("file:{}", path.display()), format, timeout)?;
         let state_bytes = std::fs::metadata(path)
             .with_context(|| format!("the state file {} was not written", path.display()))?
             .len();
@@ -86,12 +80,33 @@ impl Qmp {
         format: StateFormat,
         timeout: Duration,
     ) -> anyhow::Result<Duration> {
+        self.revive_from_uri(&format!("file:{}", path.display()), format, timeout)
+    }
+
+    /// Stops the guest and migrates it to any migration URI (`file:`, `exec:`, ...); waits
+    /// until QEMU reports the migration completed. The guest stays stopped.
+    pub fn suspend_to_uri(
+        &mut self,
+        uri: &str,
+        format: StateFormat,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.stop()?;
+        self.set_format(format)?;
+        self.execute("migrate", json!({ "uri": uri }))?;
+        self.wait_for_migration(timeout)
+    }
+
+    /// Like [`Qmp::revive_from_file`] for any migration URI.
+    pub fn revive_from_uri(
+        &mut self,
+        uri: &str,
+        format: StateFormat,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         self.set_format(format)?;
-        self.execute(
-            "migrate-incoming",
-            json!({ "uri": format!("file:{}", path.display()) }),
-        )?;
+        self.execute("migrate-incoming", json!({ "uri": uri }))?;
         let deadline = Instant::now() + timeout;
         loop {
             match self.status()?.as_str() {
@@ -101,10 +116,7 @@ impl Qmp {
                 _ => {}
             }
             if Instant::now() > deadline {
-                bail!(
-                    "the guest did not run again within {timeout:?} after loading {}",
-                    path.display()
-                );
+                bail!("the guest did not run again within {timeout:?} after loading {uri}");
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -1,0 +1,226 @@
+//! Snapshot latency, side by side in one run, for 256, 512 and 1024 MiB guests that have
+//! touched most of their memory: suspend time and state size, and revive time (→ running,
+//! → the guest's next output) for the Nix tooling's method (`exec:gzip -c > state.gz`,
+//! `-incoming 'exec: gzip -c -d …'`), plain `file:`, and `file:` with `mapped-ram`.
+//! The methods run one after another on the same guest: each revive suspends again.
+//!
+//! Reproduce: `cargo build --release -p vmbuild-benches && target/release/snapshot-bench`
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use vmbuild::guest_kit::GuestKit;
+use vmbuild::qemu::migration::StateFormat;
+use vmbuild::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp};
+use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+
+#[derive(Parser, Debug)]
+#[command(about = "QEMU suspend/revive: gzip exec vs file: vs mapped-ram")]
+struct Args {
+    /// Guest sizes in MiB
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
+    sizes: Vec<u32>,
+    #[arg(long, default_value = "/var/tmp/vmbuild-snapshot-bench")]
+    workdir: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Gzip,
+    File,
+    MappedRam,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Gzip => "exec: gzip (Nix tooling)",
+            Method::File => "file:",
+            Method::MappedRam => "file: + mapped-ram",
+        }
+    }
+    fn format(self) -> StateFormat {
+        match self {
+            Method::MappedRam => StateFormat::MappedRam,
+            _ => StateFormat::Stream,
+        }
+    }
+    fn path(self, dir: &Path) -> PathBuf {
+        match self {
+            Method::Gzip => dir.join("state.gz"),
+            Method::File => dir.join("state"),
+            Method::MappedRam => dir.join("state.mapped"),
+        }
+    }
+    fn out_uri(self, dir: &Path) -> String {
+        match self {
+            Method::Gzip => format!("exec:gzip -c > {}", self.path(dir).display()),
+            _ => format!("file:{}", self.path(dir).display()),
+        }
+    }
+    fn in_uri(self, dir: &Path) -> String {
+        match self {
+            Method::Gzip => format!("exec:gzip -c -d {}", self.path(dir).display()),
+            _ => format!("file:{}", self.path(dir).display()),
+        }
+    }
+}
+
+struct Guest {
+    qemu: QemuProcess,
+    qmp: Qmp,
+    ticks: mpsc::Receiver<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.workdir);
+    std::fs::create_dir_all(&args.workdir)?;
+    let kit = GuestKit::locate()?;
+    println!("| guest | method | suspend (s) | state on disk (MiB) | revive → running (s) | revive → next output (s) |");
+    println!("|---|---|---|---|---|---|");
+    for &mib in &args.sizes {
+        // Fill half of memory with non-zero data (zero pages would migrate for free),
+        // then count: each revive must carry on counting.
+        // Two tmpfs mounts, each capped at half the memory by default.
+        let fill = mib / 2;
+        let half = fill / 2;
+        let script = format!(
+            "yes vmbuild-snapshot-bench | head -c $(({half} * 1048576)) > /dev/shm/fill\n\
+             yes vmbuild-snapshot-bench | head -c $(({half} * 1048576)) > /tmp/fill\n\
+             i=0\nwhile true; do i=$((i+1)); echo tick=$i; sleep 0.05; done\n"
+        );
+        let dir = args.workdir.join(format!("{mib}"));
+        std::fs::create_dir_all(&dir)?;
+        let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, script.as_bytes())];
+        let initrd = initrd::with_files(&kit.initrd, &dir, &files)?;
+        eprintln!("[snapshot-bench] {mib} MiB: booting and filling {fill} MiB");
+        let mut guest = start(&dir, "boot", &kit, &initrd, mib, false)?;
+        guest
+            .ticks
+            .recv_timeout(Duration::from_secs(600))
+            .context("the guest never started counting")?;
+        for (round, method) in [Method::Gzip, Method::File, Method::MappedRam]
+            .into_iter()
+            .enumerate()
+        {
+            let t = Instant::now();
+            guest.qmp.suspend_to_uri(
+                &method.out_uri(&dir),
+                method.format(),
+                Duration::from_secs(600),
+            )?;
+            let suspend = t.elapsed().as_secs_f64();
+            // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
+            let size =
+                std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(method.path(&dir))?)
+                    as f64
+                    * 512.0
+                    / (1 << 20) as f64;
+            guest.qemu.kill();
+            let mut next = start(&dir, &format!("r{round}"), &kit, &initrd, mib, true)?;
+            let t = Instant::now();
+            next.qmp.revive_from_uri(
+                &method.in_uri(&dir),
+                method.format(),
+                Duration::from_secs(600),
+            )?;
+            let running = t.elapsed().as_secs_f64();
+            next.ticks
+                .recv_timeout(Duration::from_secs(60))
+                .context("no output after the revive")?;
+            let output = t.elapsed().as_secs_f64();
+            println!(
+                "| {mib} MiB | {} | {suspend:.3} | {size:.0} | {running:.3} | {output:.3} |",
+                method.name()
+            );
+            guest = next;
+        }
+        guest.qemu.kill();
+    }
+    let _ = std::fs::remove_dir_all(&args.workdir);
+    Ok(())
+}
+
+fn start(
+    dir: &Path,
+    name: &str,
+    kit: &GuestKit,
+    initrd: &Path,
+    mib: u32,
+    incoming: bool,
+) -> anyhow::Result<Guest> {
+    let qemu_bin = QemuBinary::locate()?;
+    let qmp_l = ChardevListener::bind(dir.join(format!("{name}-qmp.sock")))?;
+    let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock")))?;
+    let mut a: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-M",
+        "q35",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(["-m".into(), format!("{mib}M")]);
+    if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
+        a.extend(["-bios".into(), qboot.display().to_string()]);
+    }
+    a.extend([
+        "-kernel".into(),
+        kit.kernel.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}"),
+        "-chardev".into(),
+        qmp_l.chardev_arg("qmp"),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+        "-chardev".into(),
+        con_l.chardev_arg("con"),
+        "-serial".into(),
+        "chardev:con".into(),
+    ]);
+    if incoming {
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    let mut qemu = QemuProcess::spawn(
+        &qemu_bin.path,
+        &a,
+        &dir.join(format!("{name}.stderr")),
+        false,
+    )?;
+    let mut streams =
+        accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
+    let (qmp_s, con_s) = (streams.next().unwrap(), streams.next().unwrap());
+    let (events, _) = mpsc::channel();
+    let qmp = Qmp::handshake(qmp_s, events)?;
+    Ok(Guest {
+        qemu,
+        qmp,
+        ticks: ticks(con_s),
+    })
+}
+
+fn ticks(stream: UnixStream) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("tick=") && tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
