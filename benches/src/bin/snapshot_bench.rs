@@ -27,6 +27,9 @@ struct Args {
     sizes: Vec<u32>,
     #[arg(long, default_value = "/var/tmp/vmbuild-snapshot-bench")]
     workdir: PathBuf,
+    /// Suspend/revive cycles per method (medians are reported)
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -105,41 +108,54 @@ fn main() -> anyhow::Result<()> {
             .ticks
             .recv_timeout(Duration::from_secs(600))
             .context("the guest never started counting")?;
-        for (round, method) in [Method::Gzip, Method::File, Method::MappedRam]
-            .into_iter()
-            .enumerate()
-        {
-            let t = Instant::now();
-            guest.qmp.suspend_to_uri(
-                &method.out_uri(&dir),
-                method.format(),
-                Duration::from_secs(600),
-            )?;
-            let suspend = t.elapsed().as_secs_f64();
-            // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
-            let size =
-                std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(method.path(&dir))?)
-                    as f64
-                    * 512.0
-                    / (1 << 20) as f64;
-            guest.qemu.kill();
-            let mut next = start(&dir, &format!("r{round}"), &kit, &initrd, mib, true)?;
-            let t = Instant::now();
-            next.qmp.revive_from_uri(
-                &method.in_uri(&dir),
-                method.format(),
-                Duration::from_secs(600),
-            )?;
-            let running = t.elapsed().as_secs_f64();
-            next.ticks
-                .recv_timeout(Duration::from_secs(60))
-                .context("no output after the revive")?;
-            let output = t.elapsed().as_secs_f64();
+        let methods = [Method::Gzip, Method::File, Method::MappedRam];
+        let mut samples: Vec<[Vec<f64>; 4]> = methods.iter().map(|_| Default::default()).collect();
+        let mut cycle = 0;
+        for _ in 0..args.rounds {
+            for (m, method) in methods.into_iter().enumerate() {
+                let t = Instant::now();
+                guest.qmp.suspend_to_uri(
+                    &method.out_uri(&dir),
+                    method.format(),
+                    Duration::from_secs(600),
+                )?;
+                let suspend = t.elapsed().as_secs_f64();
+                // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
+                let size =
+                    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(method.path(&dir))?)
+                        as f64
+                        * 512.0
+                        / (1 << 20) as f64;
+                guest.qemu.kill();
+                cycle += 1;
+                let mut next = start(&dir, &format!("r{cycle}"), &kit, &initrd, mib, true)?;
+                let t = Instant::now();
+                next.qmp.revive_from_uri(
+                    &method.in_uri(&dir),
+                    method.format(),
+                    Duration::from_secs(600),
+                )?;
+                let running = t.elapsed().as_secs_f64();
+                next.ticks
+                    .recv_timeout(Duration::from_secs(60))
+                    .context("no output after the revive")?;
+                let output = t.elapsed().as_secs_f64();
+                for (i, v) in [suspend, size, running, output].into_iter().enumerate() {
+                    samples[m][i].push(v);
+                }
+                guest = next;
+            }
+        }
+        for (m, method) in methods.into_iter().enumerate() {
+            let med = |i: usize| vmbuild_benches::report::median(samples[m][i].clone());
             println!(
-                "| {mib} MiB | {} | {suspend:.3} | {size:.0} | {running:.3} | {output:.3} |",
-                method.name()
+                "| {mib} MiB | {} | {:.3} | {:.0} | {:.3} | {:.3} |",
+                method.name(),
+                med(0),
+                med(1),
+                med(2),
+                med(3)
             );
-            guest = next;
         }
         guest.qemu.kill();
     }

@@ -44,14 +44,15 @@ impl Qmp {
             .to_owned())
     }
 
+    /// Sets mapped-ram on or off explicitly: a QEMU revived from a mapped-ram file keeps
+    /// the capability, and a later stream migration (to `exec:`) would then be refused.
     fn set_format(&mut self, format: StateFormat) -> anyhow::Result<()> {
-        if format == StateFormat::MappedRam {
-            self.execute(
-                "migrate-set-capabilities",
-                json!({ "capabilities": [ { "capability": "mapped-ram", "state": true } ] }),
-            )?;
-        }
-        Ok(())
+        let on = format == StateFormat::MappedRam;
+        self.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [ { "capability": "mapped-ram", "state": on } ] }),
+        )
+        .map(drop)
     }
 
     /// Stops the guest and writes its whole state to `path`. The guest stays stopped.
