@@ -8,8 +8,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vmbuild::guest_kit::GuestKit;
+use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
-use vmbuild::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp};
+use vmbuild::qemu::{QemuProcess, Qmp};
 use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 
 const COUNTER: &[u8] = b"i=0\nwhile true; do i=$((i+1)); echo tick=$i; sleep 0.1; done\n";
@@ -22,64 +23,24 @@ struct Guest {
 
 /// Boots (or, with `incoming`, prepares to revive) the counting guest.
 fn start(dir: &Path, name: &str, initrd: &Path, incoming: bool) -> Guest {
-    let qemu_bin = QemuBinary::locate().unwrap();
     let kit = GuestKit::locate().unwrap();
-    let qmp_l = ChardevListener::bind(dir.join(format!("{name}-qmp.sock"))).unwrap();
-    let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock"))).unwrap();
-    let mut args: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-M",
-        "q35",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
-        args.extend(["-bios".into(), qboot.display().to_string()]);
-    }
-    args.extend([
-        "-kernel".into(),
-        kit.kernel.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}"),
-        "-chardev".into(),
-        qmp_l.chardev_arg("qmp"),
-        "-mon".into(),
-        "chardev=qmp,mode=control".into(),
-        "-chardev".into(),
-        con_l.chardev_arg("con"),
-        "-serial".into(),
-        "chardev:con".into(),
-    ]);
-    if incoming {
-        args.extend(["-incoming".into(), "defer".into()]);
-    }
-    let mut qemu = QemuProcess::spawn(
-        &qemu_bin.path,
-        &args,
-        &dir.join(format!("{name}.stderr")),
-        false,
+    let append = format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}");
+    let g = ConsoleGuest::start(
+        dir,
+        name,
+        &ConsoleGuestConfig {
+            kernel: &kit.kernel,
+            initrd,
+            append: &append,
+            memory_mib: 256,
+            incoming,
+        },
     )
     .unwrap();
-    let mut streams = accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))
-        .unwrap()
-        .into_iter();
-    let (qmp_s, con_s) = (streams.next().unwrap(), streams.next().unwrap());
-    let (events, _) = mpsc::channel();
-    let qmp = Qmp::handshake(qmp_s, events).unwrap();
     Guest {
-        qemu,
-        qmp,
-        ticks: read_ticks(con_s),
+        qemu: g.qemu,
+        qmp: g.qmp,
+        ticks: read_ticks(g.console),
     }
 }
 

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbuild::guest_kit::GuestKit;
+use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
-use vmbuild::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp};
+use vmbuild::qemu::{QemuProcess, Qmp};
 use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 
 #[derive(Parser, Debug)]
@@ -171,60 +172,22 @@ fn start(
     mib: u32,
     incoming: bool,
 ) -> anyhow::Result<Guest> {
-    let qemu_bin = QemuBinary::locate()?;
-    let qmp_l = ChardevListener::bind(dir.join(format!("{name}-qmp.sock")))?;
-    let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock")))?;
-    let mut a: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-M",
-        "q35",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(["-m".into(), format!("{mib}M")]);
-    if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
-        a.extend(["-bios".into(), qboot.display().to_string()]);
-    }
-    a.extend([
-        "-kernel".into(),
-        kit.kernel.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}"),
-        "-chardev".into(),
-        qmp_l.chardev_arg("qmp"),
-        "-mon".into(),
-        "chardev=qmp,mode=control".into(),
-        "-chardev".into(),
-        con_l.chardev_arg("con"),
-        "-serial".into(),
-        "chardev:con".into(),
-    ]);
-    if incoming {
-        a.extend(["-incoming".into(), "defer".into()]);
-    }
-    let mut qemu = QemuProcess::spawn(
-        &qemu_bin.path,
-        &a,
-        &dir.join(format!("{name}.stderr")),
-        false,
+    let append = format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}");
+    let g = ConsoleGuest::start(
+        dir,
+        name,
+        &ConsoleGuestConfig {
+            kernel: &kit.kernel,
+            initrd,
+            append: &append,
+            memory_mib: mib,
+            incoming,
+        },
     )?;
-    let mut streams =
-        accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
-    let (qmp_s, con_s) = (streams.next().unwrap(), streams.next().unwrap());
-    let (events, _) = mpsc::channel();
-    let qmp = Qmp::handshake(qmp_s, events)?;
     Ok(Guest {
-        qemu,
-        qmp,
-        ticks: ticks(con_s),
+        qemu: g.qemu,
+        qmp: g.qmp,
+        ticks: ticks(g.console),
     })
 }
 

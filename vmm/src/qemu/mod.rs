@@ -3,6 +3,7 @@
 //! guests on hosts whose KVM cannot run them (TCG).
 
 pub mod binary;
+pub mod console_guest;
 pub mod migration;
 pub mod process;
 pub mod qmp;
