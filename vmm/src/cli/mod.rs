@@ -1,5 +1,6 @@
 //! The command line: one subcommand per capability.
 
+mod doctor;
 mod fs;
 mod run;
 mod switch;
@@ -25,6 +26,8 @@ enum Command {
     Fs(fs::FsCommand),
     /// Run a command in a fresh Linux VM with the store and xchg shared; exit with its code
     Run(Box<run::RunArgs>),
+    /// What this host can do (KVM, QEMU features, tun, the guest kit), with fix hints
+    Doctor(doctor::DoctorArgs),
     /// An L2 learning switch over taps, with a management console (replaces vde_switch)
     Switch(switch::SwitchArgs),
 }
@@ -36,6 +39,7 @@ impl Cli {
             Command::Fs(cmd) => cmd.run(),
             Command::Run(args) => args.run(),
             Command::Switch(args) => args.run(),
+            Command::Doctor(args) => args.run(),
         }
     }
 }

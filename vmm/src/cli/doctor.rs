@@ -1,0 +1,200 @@
+//! `vmbuild doctor`: what this host can do and why, each finding with a fix hint.
+
+use std::process::Command;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::accel;
+use crate::exit;
+use crate::guest_kit::GuestKit;
+use crate::qemu::QemuBinary;
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// One JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Finding {
+    check: &'static str,
+    /// "ok", "warn" (vmbuild works, slower or with less), "fail" (a capability is missing).
+    status: &'static str,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn finding(
+    check: &'static str,
+    status: &'static str,
+    detail: impl Into<String>,
+    fix: Option<&str>,
+) -> Finding {
+    Finding {
+        check,
+        status,
+        detail: detail.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+impl DoctorArgs {
+    pub fn run(self) -> anyhow::Result<i32> {
+        let mut f = Vec::new();
+        let qemu = QemuBinary::locate();
+        match &qemu {
+            Ok(q) => f.push(finding(
+                "qemu",
+                "ok",
+                format!(
+                    "{} {}.{}.{}",
+                    q.path.display(),
+                    q.version.0,
+                    q.version.1,
+                    q.version.2
+                ),
+                None,
+            )),
+            Err(e) => f.push(finding(
+                "qemu",
+                "fail",
+                format!("{e:#}"),
+                Some("scripts/install-host-deps.sh"),
+            )),
+        }
+        if let Ok(q) = &qemu {
+            let devices = Command::new(&q.path)
+                .args(["-device", "help"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let fs = devices.contains("vhost-user-fs-pci");
+            f.push(finding(
+                "qemu_vhost_user_fs",
+                if fs { "ok" } else { "fail" },
+                if fs {
+                    "vhost-user-fs-pci available"
+                } else {
+                    "this QEMU has no vhost-user-fs-pci"
+                },
+                (!fs).then_some("install qemu-system-x86 from bookworm-backports"),
+            ));
+            let mapped = (q.version.0, q.version.1) >= (9, 0);
+            f.push(finding(
+                "qemu_mapped_ram",
+                if mapped { "ok" } else { "warn" },
+                if mapped {
+                    "file: migration with mapped-ram"
+                } else {
+                    "no mapped-ram (QEMU < 9.0): snapshots use plain file:"
+                },
+                (!mapped).then_some("QEMU 10 from bookworm-backports"),
+            ));
+            let qboot = q.firmware("qboot.rom");
+            f.push(finding(
+                "qemu_qboot",
+                if qboot.is_some() { "ok" } else { "warn" },
+                qboot
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "no qboot.rom: SeaBIOS, ~0.3 s slower boots".into()),
+                None,
+            ));
+        }
+        let kit = GuestKit::locate();
+        match &kit {
+            Ok(k) => {
+                let release = kit_release(&k.kernel)
+                    .map(|r| format!(" (kernel {r})"))
+                    .unwrap_or_default();
+                let detail = format!("{}{release}", GuestKit::dir().display());
+                f.push(finding("guest_kit", "ok", detail, None))
+            }
+            Err(e) => f.push(finding(
+                "guest_kit",
+                "fail",
+                format!("{e:#}"),
+                Some("scripts/guest-kit.sh"),
+            )),
+        }
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        f.push(match &kvm {
+            Ok(_) => finding("kvm_device", "ok", "/dev/kvm opens read-write", None),
+            Err(e) => finding(
+                "kvm_device",
+                "warn",
+                format!("/dev/kvm: {e}"),
+                Some("load kvm_intel/kvm_amd, or join the kvm group; vmbuild falls back to TCG"),
+            ),
+        });
+        if let (Ok(q), Ok(k), Ok(_)) = (&qemu, &kit, &kvm) {
+            let probe = accel::probe_kvm_cached(&q.path, &k.kernel, &k.initrd);
+            f.push(finding(
+                "kvm_runs_linux",
+                if probe.usable { "ok" } else { "warn" },
+                probe.reason,
+                (!probe.usable).then_some("nothing to fix here: guests run under TCG (slower); a host with full KVM runs them natively"),
+            ));
+        }
+        f.push(
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+            {
+                Ok(_) => finding("tun", "ok", "/dev/net/tun opens read-write", None),
+                Err(e) => finding(
+                    "tun",
+                    "fail",
+                    format!("/dev/net/tun: {e}"),
+                    Some("modprobe tun; taps need CAP_NET_ADMIN"),
+                ),
+            },
+        );
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        f.push(finding(
+            "network_namespaces",
+            if root { "ok" } else { "warn" },
+            if root {
+                "running as root: taps and namespaces can be made"
+            } else {
+                "not root: taps and namespaces need CAP_NET_ADMIN"
+            },
+            (!root).then_some("run as root or grant CAP_NET_ADMIN"),
+        ));
+
+        let usable = f.iter().all(|x| x.status != "fail");
+        if self.json {
+            println!("{}", serde_json::json!({ "usable": usable, "findings": f }));
+        } else {
+            for x in &f {
+                println!("{:<5} {:<20} {}", x.status, x.check, x.detail);
+                if let Some(fix) = &x.fix {
+                    println!("{:<26} fix: {fix}", "");
+                }
+            }
+            println!(
+                "\n{}",
+                if usable {
+                    "vmbuild can run guests here."
+                } else {
+                    "vmbuild cannot run guests here until the failures above are fixed."
+                }
+            );
+        }
+        Ok(if usable { exit::SUCCESS } else { exit::FAILURE })
+    }
+}
+
+/// The kit's kernel release, from its kit.json.
+fn kit_release(kernel: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(kernel.with_file_name("kit.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("kernel_release")?.as_str().map(str::to_owned)
+}
