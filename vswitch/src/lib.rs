@@ -3,6 +3,7 @@
 //! * [`Switch`]: MAC learning per (VLAN, MAC) with aging and a bounded table, flooding of
 //!   unknown unicast / broadcast / multicast, 802.1Q access and trunk ports, hub mode.
 //! * Ports: [`InProcessPort`] (a function call per frame), [`tap::TapPort`] (Linux taps),
+//!   [`stream::StreamPort`] (QEMU's `-netdev stream`), vhost-user-net,
 //!   and the management console ([`mgmt`]).
 //! * Frames are checked with etherparse; what cannot be forwarded is dropped and counted.
 
@@ -13,6 +14,7 @@ pub mod managed;
 pub mod mgmt;
 pub mod offload;
 pub mod port;
+pub mod stream;
 pub mod switch;
 pub mod tap;
 pub mod vhost_user_net;

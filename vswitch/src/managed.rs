@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::port::{PortId, VlanMode};
+use crate::stream::StreamPort;
 use crate::switch::Switch;
 use crate::tap::{Tap, TapPort};
 use crate::vhost_user_net::VhostUserNetPort;
@@ -15,6 +16,7 @@ use crate::vhost_user_net::VhostUserNetPort;
 enum Owned {
     Tap(#[allow(dead_code)] TapPort),
     VhostUser(#[allow(dead_code)] VhostUserNetPort),
+    Stream(#[allow(dead_code)] StreamPort),
 }
 
 pub struct ManagedSwitch {
@@ -51,6 +53,14 @@ impl ManagedSwitch {
             .lock()
             .unwrap()
             .insert(id, Owned::VhostUser(port));
+        Ok(id)
+    }
+
+    /// A port for QEMU's `-netdev stream` listening on `socket`.
+    pub fn add_stream(&self, socket: &Path, vlan: VlanMode) -> std::io::Result<PortId> {
+        let port = StreamPort::listen(&self.switch, socket, vlan)?;
+        let id = port.id();
+        self.owned.lock().unwrap().insert(id, Owned::Stream(port));
         Ok(id)
     }
 

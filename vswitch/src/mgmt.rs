@@ -177,7 +177,7 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
             let kind = words
                 .get(1)
                 .copied()
-                .ok_or("port/add tap NAME [MODE] | port/add vhost-user PATH [MODE]")?;
+                .ok_or("port/add tap NAME [MODE] | port/add vhost-user PATH [MODE] | port/add stream PATH [MODE]")?;
             let place = words
                 .get(2)
                 .copied()
@@ -192,7 +192,12 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
                     managed.add_tap(place, mode)
                 }
                 "vhost-user" => managed.add_vhost_user(Path::new(place), mode),
-                other => return Err(format!("unknown port kind '{other}': tap or vhost-user")),
+                "stream" => managed.add_stream(Path::new(place), mode),
+                other => {
+                    return Err(format!(
+                        "unknown port kind '{other}': tap, vhost-user or stream"
+                    ))
+                }
             };
             let id = added.map_err(|e| e.to_string())?;
             Ok(if json {
@@ -287,6 +292,8 @@ port/print [ID]           ports with counters (also port/allprint, stats)
 port/add tap NAME [MODE]  add a tap port (created, or attached if it exists)
 port/add vhost-user PATH [MODE]
                           add a vhost-user-net port listening on PATH
+port/add stream PATH [MODE]
+                          add a port for QEMU's -netdev stream listening on PATH
 port/remove ID            remove a port (its tap or socket goes with it)
 port/setvlan ID MODE      access:VID | trunk[:native=VID][:VID,VID...]
 hash/print                the MAC table (also mac/print)

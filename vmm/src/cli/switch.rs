@@ -33,6 +33,11 @@ pub struct SwitchArgs {
     #[arg(long, value_name = "PATH[=MODE]")]
     vhost_user: Vec<String>,
 
+    /// A port for QEMU's stream netdev: PATH or PATH=VLANMODE; QEMU attaches with
+    /// `-netdev stream,id=n,server=off,addr.type=unix,addr.path=PATH` (migratable)
+    #[arg(long, value_name = "PATH[=MODE]")]
+    stream: Vec<String>,
+
     /// Flood every frame, learn nothing (vde_switch: -x/--hub)
     #[arg(short = 'x', long)]
     hub: bool,
@@ -99,6 +104,16 @@ impl SwitchArgs {
                 }
             }
         }
+        let mut stream_ports = Vec::new();
+        for spec in &self.stream {
+            match port_spec(spec) {
+                Ok((path, mode)) => stream_ports.push((PathBuf::from(path), mode)),
+                Err(e) => {
+                    eprintln!("vmbuild switch: --stream {spec}: {e}");
+                    return Ok(exit::USAGE);
+                }
+            }
+        }
         let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
         let switch = Switch::new(SwitchConfig {
             hub: self.hub,
@@ -119,6 +134,12 @@ impl SwitchArgs {
             let id = managed
                 .add_vhost_user(&path, mode)
                 .with_context(|| format!("vhost-user port {}", path.display()))?;
+            tracing::info!(port = id, socket = %path.display(), "port added");
+        }
+        for (path, mode) in stream_ports {
+            let id = managed
+                .add_stream(&path, mode)
+                .with_context(|| format!("stream port {}", path.display()))?;
             tracing::info!(port = id, socket = %path.display(), "port added");
         }
         let _mgmt = match &self.mgmt {
