@@ -9,4 +9,5 @@ pub mod guest_kit;
 pub mod qemu;
 pub mod runtime_dir;
 pub mod signals;
+pub mod snapshot;
 pub mod workflow;

@@ -1,8 +1,12 @@
 //! The command line: one subcommand per capability.
 
+mod bootstrap;
+mod build;
 mod doctor;
 mod fs;
 mod run;
+mod signal_channel;
+mod snapshot;
 mod switch;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +30,13 @@ enum Command {
     Fs(fs::FsCommand),
     /// Run a command in a fresh Linux VM with the store and xchg shared; exit with its code
     Run(Box<run::RunArgs>),
+    /// Install a target once and suspend it to a snapshot directory
+    Bootstrap(Box<bootstrap::BootstrapArgs>),
+    /// Revive a snapshot, run a command in its target over SSH, exit with its code
+    Build(Box<build::BuildArgs>),
+    /// Inspect or verify a snapshot directory
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// What this host can do (KVM, QEMU features, tun, the guest kit), with fix hints
     Doctor(doctor::DoctorArgs),
     /// An L2 learning switch over taps, with a management console (replaces vde_switch)
@@ -40,6 +51,9 @@ impl Cli {
             Command::Run(args) => args.run(),
             Command::Switch(args) => args.run(),
             Command::Doctor(args) => args.run(),
+            Command::Bootstrap(args) => args.run(),
+            Command::Build(args) => args.run(),
+            Command::Snapshot(cmd) => cmd.run(),
         }
     }
 }

@@ -12,7 +12,6 @@ use crate::accel::{self, AccelChoice};
 use crate::exit;
 use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
-use crate::signals::TermSignals;
 use crate::workflow::guest_script::valid_env_name;
 use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec};
 
@@ -101,11 +100,12 @@ pub struct RunArgs {
 }
 
 /// A usage error: printed as one line, exit 2.
-struct Usage(String);
+pub(super) struct Usage(pub(super) String);
 
 macro_rules! usage {
     ($($t:tt)*) => { return Err(Usage(format!($($t)*))) };
 }
+pub(super) use usage;
 
 impl RunArgs {
     pub fn run(self) -> anyhow::Result<i32> {
@@ -118,15 +118,7 @@ impl RunArgs {
             }
         };
         // Before any thread exists, so the signal thread alone receives them.
-        let signals = TermSignals::block()?;
-        let (sig_tx, sig_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            while signals.wait().is_ok() {
-                if sig_tx.send(()).is_err() {
-                    break;
-                }
-            }
-        });
+        let sig_rx = super::signal_channel::signal_channel()?;
         let outcome = match run(&spec, sig_rx) {
             Ok(o) => o,
             Err(e) => {
@@ -279,6 +271,8 @@ impl RunArgs {
             store,
             xchg: self.xchg,
             keep_xchg: self.keep_xchg,
+            no_xchg: false,
+            nic: None,
             extra_shares,
             disk,
             timeout,
@@ -287,7 +281,7 @@ impl RunArgs {
     }
 }
 
-fn readable_file(path: &Path, what: &str) -> Result<(), Usage> {
+pub(super) fn readable_file(path: &Path, what: &str) -> Result<(), Usage> {
     match std::fs::File::open(path) {
         Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(()),
         Ok(_) => usage!("{what} {} is not a file", path.display()),
@@ -295,7 +289,7 @@ fn readable_file(path: &Path, what: &str) -> Result<(), Usage> {
     }
 }
 
-fn directory(path: &Path, what: &str) -> Result<(), Usage> {
+pub(super) fn directory(path: &Path, what: &str) -> Result<(), Usage> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => usage!("{what}: {} is not a directory", path.display()),
@@ -304,14 +298,14 @@ fn directory(path: &Path, what: &str) -> Result<(), Usage> {
 }
 
 /// Guest paths go on the kernel command line: absolute, no spaces or colons.
-fn guest_path(path: &str, what: &str) -> Result<(), Usage> {
+pub(super) fn guest_path(path: &str, what: &str) -> Result<(), Usage> {
     if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains(':') {
         usage!("{what}: guest path '{path}' must be absolute, without spaces or ':'");
     }
     Ok(())
 }
 
-fn collect_env(
+pub(super) fn collect_env(
     env: &[OsString],
     files: &[PathBuf],
     pass: &[String],

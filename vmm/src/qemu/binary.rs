@@ -62,6 +62,45 @@ impl QemuBinary {
     }
 }
 
+impl QemuBinary {
+    /// The machine types this QEMU offers (`-M help`), aliases resolved: (name, alias of).
+    fn machines(&self) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let out = Command::new(&self.path)
+            .args(["-M", "help"])
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run {} -M help: {e}", self.path.display()))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let name = l.split_whitespace().next()?.to_owned();
+                let alias = l
+                    .split("(alias of ")
+                    .nth(1)
+                    .and_then(|r| r.split(')').next())
+                    .map(str::to_owned);
+                Some((name, alias))
+            })
+            .collect())
+    }
+
+    /// Every machine type name this QEMU accepts.
+    pub fn machine_types(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.machines()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// The versioned machine type behind an alias (`pc` → `pc-i440fx-10.0`): a snapshot
+    /// records this, so that a later QEMU's newer `pc` cannot silently change the machine.
+    pub fn resolve_machine(&self, name: &str) -> anyhow::Result<String> {
+        let machines = self.machines()?;
+        match machines.iter().find(|(n, _)| n == name) {
+            Some((_, Some(target))) => Ok(target.clone()),
+            Some((n, None)) => Ok(n.clone()),
+            None => anyhow::bail!("{} has no machine type {name}", self.path.display()),
+        }
+    }
+}
+
 /// "QEMU emulator version 10.0.2 (Debian ...)" → (10, 0, 2)
 fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     let rest = text.split("version ").nth(1)?;

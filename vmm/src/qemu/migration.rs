@@ -92,10 +92,22 @@ impl Qmp {
         format: StateFormat,
         timeout: Duration,
     ) -> anyhow::Result<()> {
+        self.suspend_with_progress(uri, format, timeout, &mut |_, _| {})
+    }
+
+    /// [`Qmp::suspend_to_uri`], calling `progress(bytes written, guest RAM bytes)` while
+    /// the state is written.
+    pub fn suspend_with_progress(
+        &mut self,
+        uri: &str,
+        format: StateFormat,
+        timeout: Duration,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> anyhow::Result<()> {
         self.stop()?;
         self.set_format(format)?;
         self.execute("migrate", json!({ "uri": uri }))?;
-        self.wait_for_migration(timeout)
+        self.wait_for_migration(timeout, progress)
     }
 
     /// Like [`Qmp::revive_from_file`] for any migration URI.
@@ -131,10 +143,18 @@ impl Qmp {
             .to_owned())
     }
 
-    fn wait_for_migration(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    fn wait_for_migration(
+        &mut self,
+        timeout: Duration,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.execute("query-migrate", json!({}))?;
+            if let Some(ram) = m.get("ram") {
+                let n = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
+                progress(n("transferred"), n("total"));
+            }
             match m.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => bail!(

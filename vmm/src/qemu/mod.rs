@@ -9,5 +9,6 @@ pub mod process;
 pub mod qmp;
 
 pub use binary::QemuBinary;
+pub use migration::StateFormat;
 pub use process::{accept_all, ChardevListener, QemuProcess};
 pub use qmp::{Qmp, QmpEvent, ShutdownReason};

@@ -17,6 +17,17 @@ pub struct GuestCommand<'a> {
     pub argv: &'a [std::ffi::OsString],
     pub env: &'a [(String, Vec<u8>)],
     pub cwd: Option<&'a str>,
+    /// Where the command's output goes and the markers are printed.
+    pub io: CommandIo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandIo {
+    /// `vmbuild run`: output on ttyS1/ttyS2, markers on the script's stdout (the console).
+    SerialPorts,
+    /// A session (SSH in the snapshot lifecycle): output is the script's own stdout and
+    /// stderr, markers go to file descriptor 3 (which the caller opens on the console).
+    Session,
 }
 
 /// Single-quotes any bytes for a POSIX shell: `'` becomes `'\''`; newlines, spaces, `$`
@@ -45,11 +56,17 @@ pub fn valid_env_name(name: &str) -> bool {
 impl GuestCommand<'_> {
     pub fn script(&self) -> Vec<u8> {
         let mut s: Vec<u8> = Vec::new();
-        s.extend_from_slice(b"# written by vmbuild run\n");
-        // The command's output travels on ttyS1 (stdout) and ttyS2 (stderr); raw mode so
-        // the tty does not turn \n into \r\n. Closing them at exit drains them.
-        s.extend_from_slice(b"stty -F /dev/ttyS1 raw -echo 2>/dev/null\n");
-        s.extend_from_slice(b"stty -F /dev/ttyS2 raw -echo 2>/dev/null\n");
+        let (markers, redirect) = match self.io {
+            CommandIo::SerialPorts => ("", " </dev/null >/dev/ttyS1 2>/dev/ttyS2\n"),
+            CommandIo::Session => (" >&3", " </dev/null\n"),
+        };
+        s.extend_from_slice(b"# written by vmbuild\n");
+        if self.io == CommandIo::SerialPorts {
+            // The command's output travels on ttyS1 (stdout) and ttyS2 (stderr); raw mode
+            // so the tty does not turn \n into \r\n. Closing them at exit drains them.
+            s.extend_from_slice(b"stty -F /dev/ttyS1 raw -echo 2>/dev/null\n");
+            s.extend_from_slice(b"stty -F /dev/ttyS2 raw -echo 2>/dev/null\n");
+        }
         for (name, value) in self.env {
             s.extend_from_slice(b"export ");
             s.extend_from_slice(name.as_bytes());
@@ -67,16 +84,16 @@ impl GuestCommand<'_> {
                 .as_bytes(),
             );
         }
-        s.extend_from_slice(format!("echo {PHASE_COMMAND_START}\n").as_bytes());
+        s.extend_from_slice(format!("echo {PHASE_COMMAND_START}{markers}\n").as_bytes());
         for (i, arg) in self.argv.iter().enumerate() {
             if i > 0 {
                 s.push(b' ');
             }
             s.extend(shell_quote(OsStr::as_bytes(arg)));
         }
-        s.extend_from_slice(b" </dev/null >/dev/ttyS1 2>/dev/ttyS2\n");
+        s.extend_from_slice(redirect.as_bytes());
         s.extend_from_slice(b"status=$?\n");
-        s.extend_from_slice(format!("echo {PHASE_COMMAND_END}\n").as_bytes());
+        s.extend_from_slice(format!("echo {PHASE_COMMAND_END}{markers}\n").as_bytes());
         s.extend_from_slice(b"exit $status\n");
         s
     }

@@ -15,24 +15,45 @@ pub fn with_files(
     files: &[(&str, u32, &[u8])],
 ) -> std::io::Result<PathBuf> {
     let out = dir.join("initrd.img");
-    std::fs::copy(base, &out)?;
+    let entries: Vec<(&str, u32, &[u8])> = files
+        .iter()
+        .map(|(p, mode, data)| (*p, libc::S_IFREG | mode, *data))
+        .collect();
+    assemble(&[base], &newc_archive(&entries), &out)?;
+    Ok(out)
+}
+
+/// A newc archive of `entries`: (guest path, full `st_mode` with the file type, contents;
+/// a directory's contents are empty). Parents must come before what they contain: the
+/// kernel creates no missing directories.
+pub fn newc_archive(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     let mut archive = Vec::new();
-    for (ino, (path, mode, data)) in files.iter().enumerate() {
+    for (ino, (path, mode, data)) in entries.iter().enumerate() {
         append_entry(
             &mut archive,
             ino as u32 + 1,
             path.trim_start_matches('/'),
-            libc::S_IFREG | mode,
+            *mode,
             data,
         );
     }
     append_entry(&mut archive, 0, "TRAILER!!!", 0, &[]);
-    let mut f = std::fs::OpenOptions::new().append(true).open(&out)?;
-    // Archives start on a 4-byte boundary; the kit's ends on one, pad anyway.
-    let len = f.metadata()?.len();
+    archive
+}
+
+/// Writes `out`: the archives in `parts`, one after the other, then `extra`.
+pub fn assemble(parts: &[&Path], extra: &[u8], out: &Path) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(out)?;
+    let mut len = 0u64;
+    for part in parts {
+        // Archives start on a 4-byte boundary; the kit's ends on one, pad anyway.
+        f.write_all(&vec![0u8; ((4 - len % 4) % 4) as usize])?;
+        len += (4 - len % 4) % 4;
+        len += std::io::copy(&mut std::fs::File::open(part)?, &mut f)?;
+    }
     f.write_all(&vec![0u8; ((4 - len % 4) % 4) as usize])?;
-    f.write_all(&archive)?;
-    Ok(out)
+    f.write_all(extra)?;
+    Ok(())
 }
 
 /// One entry in the "newc" format (cpio -H newc): ASCII hex header, name, data, each

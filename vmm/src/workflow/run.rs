@@ -22,7 +22,9 @@ use crate::qemu::{
     accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent, ShutdownReason,
 };
 use crate::runtime_dir::RuntimeDir;
-use crate::workflow::guest_script::{GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START};
+use crate::workflow::guest_script::{
+    CommandIo, GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START,
+};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::workflow::timings::Marks;
 
@@ -55,6 +57,13 @@ pub struct Disk {
     pub mode: DiskMode,
 }
 
+/// A NIC on a switch's stream port (`-netdev stream`).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub socket: PathBuf,
+    pub mac: String,
+}
+
 /// Everything a run needs, checked by the CLI before anything starts.
 pub struct RunSpec {
     pub qemu: QemuBinary,
@@ -72,6 +81,9 @@ pub struct RunSpec {
     pub store: Option<(PathBuf, String)>,
     pub xchg: Option<PathBuf>,
     pub keep_xchg: bool,
+    /// No xchg share at all (a guest that only talks over the network).
+    pub no_xchg: bool,
+    pub nic: Option<Nic>,
     pub extra_shares: Vec<ExtraShare>,
     pub disk: Option<Disk>,
     pub timeout: Option<Duration>,
@@ -140,6 +152,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
             argv: &spec.argv,
             env: &spec.env,
             cwd: spec.cwd.as_deref(),
+            io: CommandIo::SerialPorts,
         }
         .script();
         let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, &script)];
@@ -158,7 +171,9 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     if let Some((dir, mount)) = &spec.store {
         mounts.push((ShareConfig::store(dir), mount.clone()));
     }
-    mounts.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
+    if !spec.no_xchg {
+        mounts.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
+    }
     for (i, extra) in spec.extra_shares.iter().enumerate() {
         let mut share = if extra.read_only {
             ShareConfig::store(&extra.host)
@@ -259,6 +274,8 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
                 l => {
                     if let Some(n) = l.strip_prefix("vmbuild-exit=") {
                         console_exit = n.trim().parse().ok();
+                    } else if let Some(p) = l.strip_prefix("vmbuild-phase=") {
+                        marks.phases.push((p.to_owned(), at));
                     }
                 }
             },
@@ -536,6 +553,20 @@ fn qemu_args(
             "vmbuild.mount=virtiofs:{}:{mount}{ro}",
             server.tag()
         ));
+    }
+    if let Some(nic) = &spec.nic {
+        push(&[
+            "-netdev",
+            &format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                nic.socket.display()
+            ),
+            "-device",
+            &format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+        ]);
+        // A guest on the network wants randomness at once (an SSH client blocks until
+        // the kernel's CRNG is ready, ~1 s under TCG without a source).
+        push(&["-device", "virtio-rng-pci"]);
     }
     if let Some(disk) = disk {
         let mut drive = format!(

@@ -20,6 +20,15 @@ pub struct Marks {
     pub exited: Option<Instant>,
     /// Everything cleaned up.
     pub done: Option<Instant>,
+    /// Other `vmbuild-phase=NAME` markers the guest printed, in order.
+    pub phases: Vec<(String, Instant)>,
+}
+
+impl Marks {
+    /// When the guest printed `vmbuild-phase=NAME` first.
+    pub fn phase(&self, name: &str) -> Option<Instant> {
+        self.phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
 }
 
 /// Seconds per phase; a phase the run never reached is `null`.

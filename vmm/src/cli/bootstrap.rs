@@ -1,0 +1,170 @@
+//! `vmbuild bootstrap`: install a target once and suspend it to a snapshot directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::accel::{self, AccelChoice};
+use crate::exit;
+use crate::guest_kit::GuestKit;
+use crate::qemu::QemuBinary;
+use crate::snapshot::profile;
+use crate::workflow::bootstrap::{bootstrap, BootstrapFailure, BootstrapSpec};
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Writes DIR: the target's disk (disk.qcow2), its memory state (state), the guest kit's
+kernel and initramfs, the controller's SSH client and key, and manifest.json (profile,
+QEMU version and machine, memory, network plan, pinned host key, checksums, timings).
+
+Exit status:
+  0    the snapshot is ready
+  2    bad command line (nothing was started)
+  122  the target never answered SSH, or refused the snapshot's key
+  125  the bootstrap failed (QEMU, install, controller)
+  130  interrupted; nothing was left behind")]
+pub struct BootstrapArgs {
+    /// What to install: linux (windows-cygwin comes with a later release)
+    #[arg(long, default_value = "linux")]
+    profile: String,
+    /// The snapshot directory to create
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace DIR if it already holds something
+    #[arg(long)]
+    replace: bool,
+    /// Target memory in MiB (the state file is about this big)
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Target vCPUs
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Target disk size, e.g. 1G or 512M
+    #[arg(long, default_value = "1G", value_name = "SIZE")]
+    disk_size: String,
+    /// Accelerator: auto uses KVM only where it can run a Linux guest
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// How long the target may take to answer SSH after it starts booting (seconds)
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    ssh_wait: f64,
+    /// No progress lines
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the manifest as JSON on stdout when done
+    #[arg(long)]
+    json: bool,
+}
+
+impl BootstrapArgs {
+    pub fn run(self) -> anyhow::Result<i32> {
+        let spec = match self.spec() {
+            Ok(s) => s,
+            Err(msg) => {
+                eprintln!("vmbuild bootstrap: {msg}");
+                return Ok(exit::USAGE);
+            }
+        };
+        let signals = super::signal_channel::signal_channel()?;
+        match bootstrap(&spec, signals) {
+            Ok(Ok(manifest)) => {
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&manifest)?);
+                }
+                Ok(exit::SUCCESS)
+            }
+            Ok(Err(failure)) => Ok(match failure {
+                BootstrapFailure::Interrupted => {
+                    eprintln!("vmbuild bootstrap: interrupted; nothing was kept");
+                    exit::INTERRUPTED
+                }
+                BootstrapFailure::TargetUnreachable(tail) => {
+                    eprintln!(
+                        "vmbuild bootstrap: the target did not answer SSH within {} s; its console ended with:\n{tail}",
+                        self.ssh_wait
+                    );
+                    exit::TARGET_UNREACHABLE
+                }
+                BootstrapFailure::HandshakeFailed(detail) => {
+                    eprintln!("vmbuild bootstrap: the controller could not log into the target:\n{detail}");
+                    exit::TARGET_UNREACHABLE
+                }
+                BootstrapFailure::ControllerDied(detail) => {
+                    eprintln!("vmbuild bootstrap: the controller VM failed: {detail}");
+                    exit::VM_FAILED
+                }
+            }),
+            Err(e) => {
+                eprintln!("vmbuild bootstrap: {e:#}");
+                Ok(exit::VM_FAILED)
+            }
+        }
+    }
+
+    fn spec(&self) -> Result<BootstrapSpec, String> {
+        let profile = profile::by_name(&self.profile).map_err(|e| e.to_string())?;
+        if self.memory < 128 {
+            return Err(format!(
+                "--memory {} MiB is below the 128 MiB the target needs",
+                self.memory
+            ));
+        }
+        if self.cpus == 0 || self.cpus > 255 {
+            return Err("--cpus must be between 1 and 255".into());
+        }
+        let disk_size_mib = parse_size_mib(&self.disk_size)?;
+        if !(self.ssh_wait > 0.0 && self.ssh_wait.is_finite()) {
+            return Err("--ssh-wait must be a positive number of seconds".into());
+        }
+        let qemu = QemuBinary::locate().map_err(|e| format!("{e:#}"))?;
+        let kit = GuestKit::locate().map_err(|e| format!("{e:#}"))?;
+        let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kit.kernel, &kit.initrd);
+        if let Some(n) = notice {
+            tracing::info!("{n}");
+        }
+        Ok(BootstrapSpec {
+            profile,
+            out: self.out.clone(),
+            replace: self.replace,
+            qemu,
+            accel,
+            kit,
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            disk_size_mib,
+            ssh_wait: Duration::from_secs_f64(self.ssh_wait),
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// `1G`, `512M`, `2048` (MiB) → MiB; at least 64 MiB.
+fn parse_size_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("--disk-size '{text}': expected a size like 1G or 512M"))?;
+    let mib = n * mult;
+    if mib < 64 {
+        return Err(format!("--disk-size '{text}' is below 64M"));
+    }
+    Ok(mib)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_size_mib("1G"), Ok(1024));
+        assert_eq!(super::parse_size_mib("512M"), Ok(512));
+        assert_eq!(super::parse_size_mib("100"), Ok(100));
+        assert!(super::parse_size_mib("1T").is_err());
+        assert!(super::parse_size_mib("10M").is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! `vmbuild build`: revive a snapshot, run a command in the target over SSH, exit with its
+//! status.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::run::{collect_env, directory, guest_path, usage, Usage};
+use crate::exit;
+use crate::qemu::QemuBinary;
+use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec};
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: the command's own, or
+  2    bad command line (nothing was started)
+  119  the target's SSH host key is not the one pinned in the snapshot
+  120  the snapshot is missing, truncated or corrupted (checksum mismatch)
+  121  the snapshot was made by another QEMU version, machine type or vmbuild format
+  122  the target never answered SSH (--ssh-wait) or refused the snapshot's key
+  123  the target or the controller stopped before the command reported its status
+  124  --timeout expired (everything was stopped)
+  125  vmbuild failed (QEMU would not start, a share would not attach or mount)
+  130  interrupted (SIGINT/SIGTERM); everything was stopped and cleaned up
+The snapshot directory is never modified.")]
+pub struct BuildArgs {
+    /// The snapshot directory made by `vmbuild bootstrap`
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Directory shared read-only as the store (mounted at the same path unless --store-mount)
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Where the store is mounted in the target
+    #[arg(long, value_name = "PATH")]
+    store_mount: Option<String>,
+    /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
+    #[arg(long, value_name = "DIR")]
+    xchg: Option<PathBuf>,
+    /// Keep the temporary xchg directory and print its path
+    #[arg(long)]
+    keep_xchg: bool,
+    /// Set K=V for the command, value byte for byte (repeatable)
+    #[arg(long, value_name = "K=V")]
+    env: Vec<OsString>,
+    /// Read K=V lines from a file (# comments and blank lines ignored)
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Pass this host variable to the command (repeatable)
+    #[arg(long, value_name = "NAME")]
+    pass_env: Vec<String>,
+    /// Working directory of the command in the target
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Stop everything after this many seconds (exit 124)
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// How long the target's SSH port may take to answer (exit 122)
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    ssh_wait: f64,
+    /// Hash every snapshot file, even those that passed a check unchanged before
+    #[arg(long)]
+    verify: bool,
+    /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    timings: Option<PathBuf>,
+    /// Append the target's console to this file
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// The command and its arguments
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    command: Vec<OsString>,
+}
+
+impl BuildArgs {
+    pub fn run(self) -> anyhow::Result<i32> {
+        let timings = self.timings.clone();
+        let spec = match self.into_spec() {
+            Ok(s) => s,
+            Err(Usage(msg)) => {
+                eprintln!("vmbuild build: {msg}");
+                return Ok(exit::USAGE);
+            }
+        };
+        let signals = super::signal_channel::signal_channel()?;
+        let outcome = match build(&spec, signals) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("vmbuild build: {e:#}");
+                return Ok(exit::VM_FAILED);
+            }
+        };
+        if let Some(dest) = timings {
+            let json = serde_json::to_string(&outcome.timings)?;
+            if dest.as_os_str() == "-" {
+                eprintln!("{json}");
+            } else {
+                std::fs::write(&dest, format!("{json}\n"))?;
+            }
+        }
+        let say = |m: String| eprintln!("vmbuild build: {m}");
+        Ok(match outcome.end {
+            BuildEnd::Exited(code) => code,
+            BuildEnd::TimedOut(t) => {
+                say(format!(
+                    "timed out after {} s; everything was stopped",
+                    t.as_secs_f64()
+                ));
+                exit::TIMED_OUT
+            }
+            BuildEnd::Interrupted => {
+                say("interrupted; everything was stopped".into());
+                exit::INTERRUPTED
+            }
+            BuildEnd::SnapshotDamaged(m) => {
+                say(m);
+                exit::SNAPSHOT_DAMAGED
+            }
+            BuildEnd::SnapshotIncompatible(m) => {
+                say(m);
+                exit::SNAPSHOT_INCOMPATIBLE
+            }
+            BuildEnd::HostKeyChanged => {
+                say("the target's SSH host key differs from the one pinned in the snapshot; refusing to run the command (bootstrap the snapshot again if the target really changed)".into());
+                exit::HOST_KEY_CHANGED
+            }
+            BuildEnd::TargetUnreachable { console_tail } => {
+                say(format!(
+                    "the target did not answer SSH within {} s; its console ended with:\n{console_tail}",
+                    spec.ssh_wait.as_secs_f64()
+                ));
+                exit::TARGET_UNREACHABLE
+            }
+            BuildEnd::HandshakeFailed => {
+                say("the target refused the snapshot's SSH key".into());
+                exit::TARGET_UNREACHABLE
+            }
+            BuildEnd::Lost { why, console_tail } => {
+                say(why);
+                if !console_tail.is_empty() {
+                    eprintln!("last console lines:\n{console_tail}");
+                }
+                exit::NO_EXIT_CODE
+            }
+        })
+    }
+
+    fn into_spec(self) -> Result<BuildSpec, Usage> {
+        if self.command.is_empty() {
+            usage!("no command: vmbuild build --snapshot DIR [OPTIONS] -- COMMAND [ARGS...]");
+        }
+        let timeout = match self.timeout {
+            Some(t) if !(t > 0.0 && t.is_finite()) => {
+                usage!("--timeout must be a positive number of seconds")
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        if !(self.ssh_wait > 0.0 && self.ssh_wait.is_finite()) {
+            usage!("--ssh-wait must be a positive number of seconds");
+        }
+        let store = match self.store {
+            Some(dir) => {
+                directory(&dir, "store (--store)")?;
+                let dir = std::fs::canonicalize(&dir)
+                    .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+                let mount = self
+                    .store_mount
+                    .unwrap_or_else(|| dir.display().to_string());
+                guest_path(&mount, "--store-mount")?;
+                Some((dir, mount))
+            }
+            None if self.store_mount.is_some() => usage!("--store-mount needs --store"),
+            None => None,
+        };
+        if let Some(x) = &self.xchg {
+            directory(x, "xchg (--xchg)")?;
+        }
+        if let Some(w) = &self.workdir {
+            guest_path(w, "--workdir")?;
+        }
+        let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
+        let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
+        Ok(BuildSpec {
+            snapshot: snapshot_path(&self.snapshot),
+            qemu,
+            argv: self.command,
+            env,
+            cwd: self.workdir,
+            store,
+            xchg: self.xchg,
+            keep_xchg: self.keep_xchg,
+            timeout,
+            ssh_wait: Duration::from_secs_f64(self.ssh_wait),
+            verify_full: self.verify,
+            console_log: self.log,
+        })
+    }
+}

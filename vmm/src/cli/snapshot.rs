@@ -1,0 +1,157 @@
+//! `vmbuild snapshot inspect|verify DIR`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::exit;
+use crate::qemu::QemuBinary;
+use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Show a snapshot's manifest: profile, QEMU and machine, sizes, timings
+    Inspect(InspectArgs),
+    /// Check a snapshot: every file's checksum, and that this host's QEMU can revive it
+    #[command(after_help = "\
+Exit status: 0 usable; 120 missing, truncated or corrupted; 121 made by another QEMU
+version, machine type or vmbuild format")]
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The snapshot directory
+    dir: PathBuf,
+    /// The manifest as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The snapshot directory
+    dir: PathBuf,
+    /// One line of JSON
+    #[arg(long)]
+    json: bool,
+}
+
+impl SnapshotCommand {
+    pub fn run(self) -> anyhow::Result<i32> {
+        match self {
+            SnapshotCommand::Inspect(a) => inspect(&a.dir, a.json),
+            SnapshotCommand::Verify(a) => verify(&a.dir, a.json),
+        }
+    }
+}
+
+fn problem_code(e: &anyhow::Error) -> (i32, &'static str) {
+    match e.downcast_ref::<SnapshotProblem>() {
+        Some(SnapshotProblem::Damaged(_)) => (exit::SNAPSHOT_DAMAGED, "damaged"),
+        Some(SnapshotProblem::Incompatible(_)) => (exit::SNAPSHOT_INCOMPATIBLE, "incompatible"),
+        None => (exit::FAILURE, "error"),
+    }
+}
+
+fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
+    let m = match Manifest::load(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vmbuild snapshot inspect: {e:#}");
+            return Ok(problem_code(&e).0);
+        }
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(exit::SUCCESS);
+    }
+    println!("snapshot   {}", dir.display());
+    println!(
+        "profile    {} (made {} by vmbuild {})",
+        m.profile, m.created_at, m.vmbuild_version
+    );
+    println!(
+        "qemu       {} ({}), machine {}, accel {}",
+        m.qemu.version, m.qemu.binary, m.machine.machine, m.machine.accel
+    );
+    println!(
+        "memory     {} MiB, {} vCPU; state {} ({}, {:.1} MiB)",
+        m.machine.memory_mib,
+        m.machine.cpus,
+        m.state.file,
+        m.state.format,
+        m.state.bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "network    target {} ({}), controller {} ({}), ssh port {}",
+        m.network.target_ip,
+        m.network.target_mac,
+        m.network.controller_ip,
+        m.network.controller_mac,
+        m.network.ssh_port
+    );
+    println!(
+        "ssh        user {}, pinned host key {}",
+        m.ssh.user, m.ssh.host_key
+    );
+    println!("files");
+    for f in &m.files {
+        let on_disk = std::fs::metadata(dir.join(&f.name)).map(|md| md.len()).ok();
+        let note = match on_disk {
+            Some(n) if n == f.bytes => String::new(),
+            Some(n) => format!("  (now {n} bytes!)"),
+            None => "  (missing!)".into(),
+        };
+        println!(
+            "  {:<16} {:<10} {:>12} bytes  sha256 {}{note}",
+            f.name,
+            f.role,
+            f.bytes,
+            &f.sha256[..16.min(f.sha256.len())]
+        );
+    }
+    println!("timings (s)");
+    for (k, v) in &m.timings {
+        println!("  {k:<16} {v:.3}");
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn verify(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
+    let result = Manifest::load(dir).and_then(|m| {
+        let qemu = QemuBinary::locate()?;
+        let files = manifest::verify_files(dir, &m, true)?;
+        m.check_qemu(&qemu)?;
+        Ok(files)
+    });
+    match result {
+        Ok(files) => {
+            if as_json {
+                println!("{}", json!({ "ok": true, "files": files }));
+            } else {
+                let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+                println!(
+                    "{}: ok ({} files, {:.1} MiB checked; this QEMU can revive it)",
+                    dir.display(),
+                    files.len(),
+                    bytes as f64 / (1 << 20) as f64
+                );
+            }
+            Ok(exit::SUCCESS)
+        }
+        Err(e) => {
+            let (code, kind) = problem_code(&e);
+            if as_json {
+                println!(
+                    "{}",
+                    json!({ "ok": false, "problem": kind, "message": format!("{e:#}") })
+                );
+            } else {
+                eprintln!("vmbuild snapshot verify: {e:#}");
+            }
+            Ok(code)
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! A snapshot directory's manifest (`manifest.json`): what the snapshot is (profile, the
+//! QEMU and machine that made it, memory, network and SSH plan, keys), the checksums of
+//! its files, and what making it cost. `vmbuild build` refuses a snapshot whose files do
+//! not match it or whose QEMU differs from this host's.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::qemu::QemuBinary;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Bumped when a snapshot made by an older vmbuild can no longer be revived by this one.
+pub const FORMAT: u32 = 1;
+
+/// Why a snapshot cannot be used; each has its own exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotProblem {
+    /// Missing, truncated, corrupted: bootstrap again.
+    #[error("{0}")]
+    Damaged(String),
+    /// Made by another QEMU, machine or vmbuild format: bootstrap again on this host.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub vmbuild_version: String,
+    pub profile: String,
+    /// UTC, RFC 3339.
+    pub created_at: String,
+    pub qemu: QemuInfo,
+    pub machine: MachinePlan,
+    pub state: StateInfo,
+    pub network: NetworkPlan,
+    pub ssh: SshPlan,
+    /// Where the target mounts xchg (the store is mounted at its host path, as in `run`).
+    pub mounts: MountPlan,
+    pub files: Vec<FileEntry>,
+    /// Seconds per bootstrap phase.
+    pub timings: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QemuInfo {
+    /// `major.minor.micro`: a state file is only revived by the QEMU version that wrote it.
+    pub version: String,
+    pub binary: String,
+}
+
+/// The target's virtual machine. A revive must recreate exactly this machine, so every
+/// QEMU option that shapes it is derived from these fields (`target::machine_args`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachinePlan {
+    /// A versioned machine type (`pc-i440fx-10.0`), never an alias that could change.
+    pub machine: String,
+    /// `tcg` or `kvm`: a snapshot is revived under the accelerator that made it.
+    pub accel: String,
+    pub cpu: Option<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Direct kernel boot (files in the snapshot directory), for profiles that use it.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateInfo {
+    pub file: String,
+    /// `mapped-ram` or `stream`.
+    pub format: String,
+    pub bytes: u64,
+}
+
+/// The private segment every build gets a copy of: the same addresses each time, since
+/// each build has its own switch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkPlan {
+    pub target_ip: String,
+    pub controller_ip: String,
+    pub prefix_len: u8,
+    pub target_mac: String,
+    pub controller_mac: String,
+    pub ssh_port: u16,
+}
+
+impl Default for NetworkPlan {
+    fn default() -> Self {
+        NetworkPlan {
+            target_ip: "10.77.0.2".into(),
+            controller_ip: "10.77.0.1".into(),
+            prefix_len: 24,
+            target_mac: "52:54:00:77:00:02".into(),
+            controller_mac: "52:54:00:77:00:01".into(),
+            ssh_port: 22,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshPlan {
+    pub user: String,
+    /// The controller's private key (dropbear format), relative to the snapshot.
+    pub client_key: String,
+    pub client_public_key: String,
+    /// The target's host key, pinned at bootstrap: a build refuses any other.
+    pub host_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountPlan {
+    pub xchg: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// disk, state, kernel, initrd, controller, key.
+    pub role: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Reads `dir`'s manifest; a missing or unreadable one makes the snapshot damaged.
+    pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
+        if !dir.is_dir() {
+            return Err(SnapshotProblem::Damaged(format!(
+                "no snapshot at {}: the directory does not exist (create one with `vmbuild bootstrap --out {}`)",
+                dir.display(),
+                dir.display()
+            ))
+            .into());
+        }
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            SnapshotProblem::Damaged(format!(
+                "{} is not a usable snapshot: cannot read {MANIFEST_FILE} ({e}); its bootstrap may not have finished",
+                dir.display()
+            ))
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| SnapshotProblem::Damaged(format!("{} is damaged: {e}", path.display())))?;
+        let format = value.get("format").and_then(|f| f.as_u64());
+        if format != Some(FORMAT as u64) {
+            return Err(SnapshotProblem::Incompatible(format!(
+                "{} has snapshot format {}, this vmbuild reads format {FORMAT}: bootstrap it again",
+                dir.display(),
+                format.map_or("(none)".into(), |f| f.to_string())
+            ))
+            .into());
+        }
+        serde_json::from_value(value).map_err(|e| {
+            SnapshotProblem::Damaged(format!("{} is damaged: {e}", path.display())).into()
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        let tmp = dir.join(".manifest.json.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, dir.join(MANIFEST_FILE))?;
+        Ok(())
+    }
+
+    pub fn file(&self, role: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.role == role)
+    }
+
+    /// Whether this host's QEMU can revive the snapshot: the same version (QEMU keeps
+    /// migration compatible across versions only for live migration with matching
+    /// machine types and devices; a state file made by another build is refused rather
+    /// than risked) and the machine type.
+    pub fn check_qemu(&self, qemu: &QemuBinary) -> anyhow::Result<()> {
+        let (a, b, c) = qemu.version;
+        let here = format!("{a}.{b}.{c}");
+        if here != self.qemu.version {
+            return Err(SnapshotProblem::Incompatible(format!(
+                "the snapshot was made by QEMU {} and this host has QEMU {here} ({}): bootstrap it again with this QEMU",
+                self.qemu.version,
+                qemu.path.display()
+            ))
+            .into());
+        }
+        let machines = qemu.machine_types()?;
+        if !machines.contains(&self.machine.machine) {
+            return Err(SnapshotProblem::Incompatible(format!(
+                "the snapshot's machine type {} is not offered by {}: bootstrap it again",
+                self.machine.machine,
+                qemu.path.display()
+            ))
+            .into());
+        }
+        if self.machine.accel == "kvm" && !Path::new("/dev/kvm").exists() {
+            return Err(SnapshotProblem::Incompatible(
+                "the snapshot was made under KVM and this host has no /dev/kvm".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// One file checked against the manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileCheck {
+    pub name: String,
+    pub bytes: u64,
+    /// False when an earlier full check of the unchanged file was reused.
+    pub hashed: bool,
+}
+
+/// Checks every file of the manifest: present, of the recorded size, with the recorded
+/// sha256. `full` hashes every file; otherwise a file whose inode, size, mtime and ctime
+/// are unchanged since it last passed a full check is not hashed again (any write to it
+/// changes its ctime), which keeps a 1 GiB state file from costing every build ~0.5 s.
+pub fn verify_files(dir: &Path, manifest: &Manifest, full: bool) -> anyhow::Result<Vec<FileCheck>> {
+    let mut checks = Vec::new();
+    for entry in &manifest.files {
+        let path = dir.join(&entry.name);
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            SnapshotProblem::Damaged(format!(
+                "the snapshot's {} file {} is missing ({e}): bootstrap the snapshot again",
+                entry.role,
+                path.display()
+            ))
+        })?;
+        if meta.len() != entry.bytes {
+            return Err(SnapshotProblem::Damaged(format!(
+                "the snapshot's {} file {} has {} bytes, the manifest says {} (truncated or replaced): bootstrap the snapshot again",
+                entry.role,
+                path.display(),
+                meta.len(),
+                entry.bytes
+            ))
+            .into());
+        }
+        let stamp = stamp_path(&path, &meta, &entry.sha256);
+        if !full && stamp.as_ref().is_some_and(|s| s.exists()) {
+            checks.push(FileCheck {
+                name: entry.name.clone(),
+                bytes: entry.bytes,
+                hashed: false,
+            });
+            continue;
+        }
+        let sum = sha256_file(&path)?;
+        if sum != entry.sha256 {
+            return Err(SnapshotProblem::Damaged(format!(
+                "checksum mismatch for the snapshot's {} file {}: the snapshot is damaged; bootstrap it again",
+                entry.role,
+                path.display()
+            ))
+            .into());
+        }
+        if let Some(stamp) = stamp {
+            // Best effort: without the stamp the next build just hashes again.
+            if let Some(parent) = stamp.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::write(&stamp, b"");
+        }
+        checks.push(FileCheck {
+            name: entry.name.clone(),
+            bytes: entry.bytes,
+            hashed: true,
+        });
+    }
+    Ok(checks)
+}
+
+/// Records that the files as they are now match the manifest (bootstrap has just hashed
+/// them), so that the first build does not hash them again.
+pub fn mark_verified(dir: &Path, manifest: &Manifest) {
+    for entry in &manifest.files {
+        let path = dir.join(&entry.name);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if let Some(stamp) = stamp_path(&path, &meta, &entry.sha256) {
+            if let Some(parent) = stamp.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::write(&stamp, b"");
+        }
+    }
+}
+
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the "this exact file passed a full check" stamp lives.
+fn stamp_path(path: &Path, meta: &std::fs::Metadata, sha256: &str) -> Option<PathBuf> {
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let key = format!(
+        "{}\0{}\0{}\0{}\0{}.{}\0{}.{}\0{sha256}",
+        canonical.display(),
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    Some(
+        cache_dir()
+            .join("verified")
+            .join(hex(&Sha256::digest(key.as_bytes()))),
+    )
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&d).join("vmbuild");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/vmbuild");
+    }
+    std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".cache/vmbuild"))
+        .unwrap_or_else(|| std::env::temp_dir().join("vmbuild-cache"))
+}
+
+/// Now, as RFC 3339 UTC (`2026-11-25T21:44:45Z`).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The manifest entry for a file that is now final.
+pub fn file_entry(dir: &Path, name: &str, role: &str) -> anyhow::Result<FileEntry> {
+    let path = dir.join(name);
+    Ok(FileEntry {
+        name: name.to_owned(),
+        role: role.to_owned(),
+        bytes: std::fs::metadata(&path)
+            .with_context(|| format!("{}", path.display()))?
+            .len(),
+        sha256: sha256_file(&path)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_now_looks_like_rfc3339() {
+        let s = utc_now();
+        assert_eq!(s.len(), 20, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'), "{s}");
+    }
+}

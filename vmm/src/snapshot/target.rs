@@ -1,0 +1,260 @@
+//! The target VM under QEMU: started fresh at bootstrap or with `-incoming defer` for a
+//! revive, always from the same `MachinePlan` so that the revived machine is the one that
+//! was suspended. Its NIC is a `-netdev stream` port of the build's private switch (a
+//! vhost-user NIC would block migration), its console a socket whose marker lines
+//! (`vmbuild-phase=…`, `vmbuild-exit=N`) become events, and the shares are hot-plugged
+//! after the revive.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent};
+use crate::snapshot::manifest::{MachinePlan, NetworkPlan};
+
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// What the target reports.
+#[derive(Debug)]
+pub enum TargetEvent {
+    /// `vmbuild-phase=NAME` on the console.
+    Phase(String, Instant),
+    /// `vmbuild-exit=N` on the console: the command's status.
+    Exit(i32, Instant),
+    Qmp(QmpEvent),
+}
+
+/// Where this instance of the machine keeps what differs between instances.
+pub struct Placement<'a> {
+    /// The snapshot directory (kernel, initrd).
+    pub snapshot_dir: &'a Path,
+    /// The disk QEMU opens read-write (the snapshot's at bootstrap, an overlay in a build).
+    pub disk: &'a Path,
+    /// The switch's stream port.
+    pub net_socket: &'a Path,
+    /// Sockets and QEMU's stderr go here.
+    pub rundir: &'a Path,
+    /// Console lines are appended here as well (bootstrap keeps them for diagnosis).
+    pub console_log: Option<PathBuf>,
+}
+
+pub struct TargetVm {
+    pub qemu: QemuProcess,
+    pub qmp: Qmp,
+    pub events: Receiver<TargetEvent>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    /// The time QEMU was spawned.
+    pub spawned: Instant,
+}
+
+/// The QEMU options that make the machine: identical for bootstrap and every revive.
+pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Vec<String> {
+    let mem = plan.memory_mib;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-accel", &plan.accel, "-M", &plan.machine]);
+    if let Some(cpu) = &plan.cpu {
+        push(&["-cpu", cpu]);
+    }
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-smp", &plan.cpus.to_string(), "-m", &format!("{mem}M")]);
+    // Shared memory: the virtio-fs back-ends plugged in after a revive map guest RAM.
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-machine",
+        "memory-backend=mem",
+    ]);
+    let file = |name: &Option<String>| name.as_ref().map(|n| at.snapshot_dir.join(n));
+    if let Some(k) = file(&plan.kernel) {
+        push(&["-kernel", &k.display().to_string()]);
+    }
+    if let Some(i) = file(&plan.initrd) {
+        push(&["-initrd", &i.display().to_string()]);
+    }
+    if let Some(append) = &plan.append {
+        push(&["-append", append]);
+    }
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=none,id=disk0,format=qcow2,discard=unmap",
+            at.disk.display()
+        ),
+        "-device",
+        "virtio-blk-pci,drive=disk0,id=blk0",
+    ]);
+    push(&[
+        "-netdev",
+        &format!(
+            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            at.net_socket.display()
+        ),
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,id=nic0,mac={}", net.target_mac),
+    ]);
+    // A new VM generation id on every start: the guest kernel reseeds its RNG when it
+    // changes, so builds revived from one snapshot do not share random streams (SSH
+    // session keys among them).
+    push(&["-device", "vmgenid,guid=auto"]);
+    a
+}
+
+impl TargetVm {
+    /// Starts the machine; with `incoming` it waits for [`TargetVm::revive`].
+    pub fn start(
+        qemu_bin: &QemuBinary,
+        plan: &MachinePlan,
+        net: &NetworkPlan,
+        at: &Placement,
+        incoming: bool,
+    ) -> anyhow::Result<TargetVm> {
+        let qmp_l = ChardevListener::bind(at.rundir.join("target-qmp.sock"))?;
+        let con_l = ChardevListener::bind(at.rundir.join("target-con.sock"))?;
+        let mut args = machine_args(plan, net, at);
+        args.extend([
+            "-chardev".into(),
+            qmp_l.chardev_arg("qmp"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+            "-chardev".into(),
+            con_l.chardev_arg("con"),
+            "-serial".into(),
+            "chardev:con".into(),
+        ]);
+        if incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        tracing::debug!("target QEMU: {}", args.join(" "));
+        let spawned = Instant::now();
+        let mut qemu = QemuProcess::spawn(
+            &qemu_bin.path,
+            &args,
+            &at.rundir.join("target-qemu.stderr"),
+            false,
+        )?;
+        let mut streams =
+            accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
+        let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
+        let (tx, events) = mpsc::channel();
+        let (qmp_tx, qmp_rx) = mpsc::channel();
+        let forward_tx = tx.clone();
+        std::thread::spawn(move || {
+            for e in qmp_rx {
+                if forward_tx.send(TargetEvent::Qmp(e)).is_err() {
+                    break;
+                }
+            }
+        });
+        let qmp = Qmp::handshake(qmp_s, qmp_tx)?;
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        spawn_console_reader(console, at.console_log.clone(), tail.clone(), tx)?;
+        Ok(TargetVm {
+            qemu,
+            qmp,
+            events,
+            tail,
+            spawned,
+        })
+    }
+
+    /// The last console lines, for error messages.
+    pub fn console_tail(&self) -> String {
+        let t = self.tail.lock().unwrap();
+        t.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Plugs a vhost-user-fs device for the share served on `socket` into the running
+    /// machine (ACPI PCI hot-plug); the guest sees it a moment later.
+    pub fn attach_share(&mut self, id: &str, socket: &Path, tag: &str) -> anyhow::Result<()> {
+        self.qmp
+            .execute(
+                "chardev-add",
+                json!({
+                    "id": format!("{id}-chr"),
+                    "backend": { "type": "socket", "data": {
+                        "addr": { "type": "unix", "data": { "path": socket.display().to_string() } },
+                        "server": false
+                    } }
+                }),
+            )
+            .with_context(|| format!("connecting QEMU to the share {tag}"))?;
+        self.qmp
+            .execute(
+                "device_add",
+                json!({
+                    "driver": "vhost-user-fs-pci",
+                    "id": id,
+                    "chardev": format!("{id}-chr"),
+                    "tag": tag,
+                    "queue-size": 1024
+                }),
+            )
+            .with_context(|| format!("plugging the share {tag} into the target"))?;
+        Ok(())
+    }
+}
+
+fn spawn_console_reader(
+    stream: UnixStream,
+    log: Option<PathBuf>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    events: Sender<TargetEvent>,
+) -> anyhow::Result<()> {
+    let mut log = match log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
+        None => None,
+    };
+    std::thread::Builder::new()
+        .name("target-console".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let at = Instant::now();
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                if let Some(l) = log.as_mut() {
+                    let _ = writeln!(l, "{line}");
+                }
+                if let Some(p) = line.strip_prefix("vmbuild-phase=") {
+                    let _ = events.send(TargetEvent::Phase(p.to_owned(), at));
+                    continue;
+                }
+                if let Some(i) = line.find("vmbuild-exit=") {
+                    if let Ok(n) = line[i + "vmbuild-exit=".len()..].trim().parse() {
+                        let _ = events.send(TargetEvent::Exit(n, at));
+                    }
+                    continue;
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                let mut t = tail.lock().unwrap();
+                if t.len() == CONSOLE_TAIL_LINES {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        })?;
+    Ok(())
+}

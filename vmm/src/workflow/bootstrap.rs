@@ -1,0 +1,333 @@
+//! `vmbuild bootstrap`: install a target once, boot it on a private segment, let a fresh
+//! controller log in (which proves the keys and pins the host key), then suspend the
+//! target to a state file. The snapshot directory is written under a temporary name next
+//! to its destination and renamed into place only when complete, so an interrupted or
+//! failed bootstrap never leaves something that looks like a snapshot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::accel::Accel;
+use crate::guest_kit::GuestKit;
+use crate::qemu::{QemuBinary, StateFormat};
+use crate::runtime_dir::RuntimeDir;
+use crate::snapshot::controller::{
+    Controller, ControllerEnd, QemuController, SessionPlan, CLIENT_KEY_GUEST,
+};
+use crate::snapshot::manifest::{
+    self, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan, StateInfo,
+};
+use crate::snapshot::profile::{InstallContext, Profile, DISK_FILE};
+use crate::snapshot::progress::Progress;
+use crate::snapshot::segment::Segment;
+use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
+use crate::snapshot::{
+    dropbear, BOOTSTRAP_LOG, CLIENT_KEY, CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL, STATE_FILE,
+};
+use crate::workflow::initrd;
+
+pub struct BootstrapSpec {
+    pub profile: Box<dyn Profile>,
+    pub out: PathBuf,
+    pub replace: bool,
+    pub qemu: QemuBinary,
+    pub accel: Accel,
+    pub kit: GuestKit,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub disk_size_mib: u64,
+    pub ssh_wait: Duration,
+    pub progress: bool,
+}
+
+/// Why a bootstrap did not produce a snapshot (errors aside).
+#[derive(Debug)]
+pub enum BootstrapFailure {
+    Interrupted,
+    /// The target never answered SSH; the last lines of its console.
+    TargetUnreachable(String),
+    HandshakeFailed(String),
+    ControllerDied(String),
+}
+
+pub fn bootstrap(
+    spec: &BootstrapSpec,
+    signals: Receiver<()>,
+) -> anyhow::Result<Result<Manifest, BootstrapFailure>> {
+    let started = Instant::now();
+    let progress = Progress::new(spec.progress);
+    let mut timings = BTreeMap::new();
+    dropbear::check_installed()?;
+
+    // --- where it goes --------------------------------------------------------------
+    let out = absolute(&spec.out)?;
+    if out.exists() && !spec.replace && std::fs::read_dir(&out)?.next().is_some() {
+        bail!(
+            "{} exists and is not empty: choose another --out or pass --replace",
+            out.display()
+        );
+    }
+    let parent = out
+        .parent()
+        .context("--out has no parent directory")?
+        .to_owned();
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    let dir = staging.path();
+    let scratch = tempfile::Builder::new()
+        .prefix("vmbuild-bootstrap-")
+        .tempdir()?;
+    let rundir = RuntimeDir::create("bootstrap")?;
+
+    // --- keys and install -------------------------------------------------------------
+    let step = progress.step("creating the snapshot's SSH keys");
+    std::fs::create_dir(dir.join("ssh"))?;
+    let client = dropbear::generate_key(&dir.join(CLIENT_KEY))?;
+    let host = dropbear::generate_key(&scratch.path().join("host_key"))?;
+    step.done();
+
+    let network = NetworkPlan::default();
+    let install_start = Instant::now();
+    // The guest kit's kernel and initramfs boot the controller of every build (and the
+    // linux target): the snapshot keeps its own copy, so a later kit cannot change them.
+    std::fs::copy(&spec.kit.kernel, dir.join(KIT_KERNEL))?;
+    std::fs::copy(&spec.kit.initrd, dir.join(KIT_INITRD))?;
+    let boot = spec.profile.install(&InstallContext {
+        out: dir,
+        scratch: scratch.path(),
+        kit: &spec.kit,
+        host_key: &host.private,
+        authorized_key: &format!("{}\n", client.public),
+        disk_size_mib: spec.disk_size_mib,
+        network: &network,
+        progress: &progress,
+    })?;
+    // The controller's part of the snapshot: SSH client and key, appended to the kit's
+    // initramfs at every build.
+    write_controller_cpio(&dir.join(CONTROLLER_CPIO), &client.private)?;
+    timings.insert("install".into(), install_start.elapsed().as_secs_f64());
+
+    let plan = MachinePlan {
+        machine: spec.qemu.resolve_machine(spec.profile.machine_type())?,
+        accel: spec.accel.qemu_name().into(),
+        cpu: spec.accel.cpu_model().map(str::to_owned),
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        append: boot.append.clone(),
+    };
+    let ssh = SshPlan {
+        user: spec.profile.ssh_user().into(),
+        client_key: CLIENT_KEY.into(),
+        client_public_key: client.public.clone(),
+        host_key: host.public.clone(),
+    };
+
+    // --- boot, handshake ------------------------------------------------------------------
+    let step = progress.step(&format!(
+        "booting the target ({} MiB, {}) and logging in from a controller",
+        spec.memory_mib,
+        spec.accel.qemu_name()
+    ));
+    let segment = Segment::create(rundir.path())?;
+    let mut target = TargetVm::start(
+        &spec.qemu,
+        &plan,
+        &network,
+        &Placement {
+            snapshot_dir: dir,
+            disk: &dir.join(DISK_FILE),
+            net_socket: &segment.target_socket,
+            rundir: rundir.path(),
+            console_log: Some(dir.join(BOOTSTRAP_LOG)),
+        },
+        false,
+    )?;
+    let controller = QemuController {
+        qemu: spec.qemu.clone(),
+        accel: spec.accel,
+    };
+    let (kernel, kit_initrd) = (dir.join(KIT_KERNEL), dir.join(KIT_INITRD));
+    let controller_cpio = dir.join(CONTROLLER_CPIO);
+    let session = controller.run_session(
+        &SessionPlan {
+            network: &network,
+            ssh: &ssh,
+            kernel: &kernel,
+            initrd_parts: vec![&kit_initrd, &controller_cpio],
+            net_socket: &segment.controller_socket,
+            target_script: None,
+            ssh_wait: spec.ssh_wait,
+            rundir: rundir.path(),
+            console_log: rundir.join("controller-console.log"),
+        },
+        signals,
+    )?;
+    let mut target_up = None;
+    while let Ok(ev) = target.events.try_recv() {
+        if let TargetEvent::Phase(p, at) = ev {
+            if p == "target-up" {
+                target_up = Some(at);
+            }
+        }
+    }
+    match session.end {
+        ControllerEnd::Finished(0) => {}
+        ControllerEnd::Interrupted => return Ok(Err(BootstrapFailure::Interrupted)),
+        ControllerEnd::TargetUnreachable => {
+            return Ok(Err(BootstrapFailure::TargetUnreachable(
+                target.console_tail(),
+            )))
+        }
+        ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed => {
+            return Ok(Err(BootstrapFailure::HandshakeFailed(
+                target.console_tail(),
+            )))
+        }
+        ControllerEnd::Finished(code) => {
+            return Ok(Err(BootstrapFailure::HandshakeFailed(format!(
+                "the controller's session ended with status {code}"
+            ))))
+        }
+        ControllerEnd::Died { why, console_tail } => {
+            return Ok(Err(BootstrapFailure::ControllerDied(format!(
+                "{why}\n{console_tail}"
+            ))))
+        }
+    }
+    step.done();
+    let m = &session.marks;
+    if let Some(t) = target_up {
+        timings.insert(
+            "target_boot".into(),
+            t.duration_since(target.spawned).as_secs_f64(),
+        );
+    }
+    if let (Some(s), Some(up)) = (m.start, m.phase("controller-up")) {
+        timings.insert("controller_up".into(), (up - s).as_secs_f64());
+    }
+    if let (Some(open), Some(end)) = (m.phase("port-open"), m.phase("session-end")) {
+        timings.insert("handshake".into(), (end - open).as_secs_f64());
+    }
+
+    // --- suspend ---------------------------------------------------------------------------
+    let step = progress.step("suspending the target to its memory state");
+    let state = dir.join(STATE_FILE);
+    target
+        .qmp
+        .suspend_with_progress(
+            &format!("file:{}", state.display()),
+            StateFormat::MappedRam,
+            Duration::from_secs(600),
+            &mut |done, total| progress.fraction("saving memory", done, total),
+        )
+        .context("suspending the target")?;
+    let suspend = step.done();
+    timings.insert("suspend".into(), suspend);
+    let _ = target.qmp.quit();
+    if target.qemu.wait_timeout(Duration::from_secs(5))?.is_none() {
+        target.qemu.kill();
+    }
+    drop(target);
+    drop(segment);
+
+    // --- manifest ----------------------------------------------------------------------------
+    let step = progress.step("writing checksums and the manifest");
+    let files = vec![
+        manifest::file_entry(dir, DISK_FILE, "disk")?,
+        manifest::file_entry(dir, STATE_FILE, "state")?,
+        manifest::file_entry(dir, CONTROLLER_CPIO, "controller")?,
+        manifest::file_entry(dir, CLIENT_KEY, "key")?,
+        manifest::file_entry(dir, KIT_KERNEL, "kernel")?,
+        manifest::file_entry(dir, KIT_INITRD, "initrd")?,
+    ];
+    let state_bytes = std::fs::metadata(&state)?.len();
+    let (a, b, c) = spec.qemu.version;
+    timings.insert("total".into(), started.elapsed().as_secs_f64());
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        vmbuild_version: env!("CARGO_PKG_VERSION").into(),
+        profile: spec.profile.name().into(),
+        created_at: manifest::utc_now(),
+        qemu: QemuInfo {
+            version: format!("{a}.{b}.{c}"),
+            binary: spec.qemu.path.display().to_string(),
+        },
+        machine: plan,
+        state: StateInfo {
+            file: STATE_FILE.into(),
+            format: "mapped-ram".into(),
+            bytes: state_bytes,
+        },
+        network,
+        ssh,
+        mounts: MountPlan {
+            xchg: spec.profile.xchg_mount().into(),
+        },
+        files,
+        timings,
+    };
+    manifest.save(dir)?;
+    step.done();
+
+    // --- into place ----------------------------------------------------------------------------
+    if out.exists() {
+        std::fs::remove_dir_all(&out)
+            .with_context(|| format!("removing the old snapshot {}", out.display()))?;
+    }
+    let kept = staging.keep();
+    std::fs::rename(&kept, &out)
+        .with_context(|| format!("moving the snapshot to {}", out.display()))?;
+    manifest::mark_verified(&out, &manifest);
+    progress.note(&format!(
+        "snapshot ready in {} ({:.1} s)",
+        out.display(),
+        progress.elapsed()
+    ));
+    Ok(Ok(manifest))
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+/// dbclient, its libraries and the client key as a newc archive.
+fn write_controller_cpio(path: &Path, client_key: &Path) -> anyhow::Result<()> {
+    let files = dropbear::runtime_files(Path::new(dropbear::CLIENT), "/bin/dbclient")?;
+    let mut contents: Vec<(String, u32, Vec<u8>)> = vec![
+        (
+            "/lib/x86_64-linux-gnu".into(),
+            libc::S_IFDIR | 0o755,
+            Vec::new(),
+        ),
+        ("/etc/vmbuild/ssh".into(), libc::S_IFDIR | 0o700, Vec::new()),
+    ];
+    for (host, guest) in files {
+        let data = std::fs::read(&host).with_context(|| format!("reading {}", host.display()))?;
+        contents.push((guest, libc::S_IFREG | 0o755, data));
+    }
+    contents.push((
+        CLIENT_KEY_GUEST.into(),
+        libc::S_IFREG | 0o600,
+        std::fs::read(client_key)?,
+    ));
+    let entries: Vec<(&str, u32, &[u8])> = contents
+        .iter()
+        .map(|(p, m, d)| (p.as_str(), *m, d.as_slice()))
+        .collect();
+    std::fs::write(path, initrd::newc_archive(&entries))?;
+    Ok(())
+}

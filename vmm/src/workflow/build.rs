@@ -1,0 +1,392 @@
+//! `vmbuild build`: revive the snapshot's target, attach the store and xchg as they are
+//! now, let a fresh controller log in and run the command, and return its exit status.
+//!
+//! The snapshot directory is only read: the disk gets a per-build qcow2 overlay, the
+//! memory state is loaded from the file (mapped-ram, so concurrent builds read one file),
+//! and everything else a build creates (overlay, sockets, switch, QEMU processes,
+//! temporary xchg) belongs to values dropped on every way out of [`build`].
+//!
+//! Why the shares are hot-plugged instead of migrated: a guest that had a virtio-fs share
+//! mounted at suspend time holds FUSE node ids and cached attributes of the host
+//! directory *as it was then*; reviving it against a directory that changed would need
+//! the back-end to re-resolve every node id (virtiofsd's "find-paths" migration), and the
+//! vhost-user-fs device cannot be migrated at all without back-end state transfer. The
+//! target is therefore suspended with no share device, and each build plugs fresh ones
+//! into the revived machine (ACPI PCI hot-plug, tens of milliseconds) and mounts them:
+//! the guest sees the host directories exactly as they are at build time.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+use virtiofs_bridge::{ShareConfig, ShareServer};
+
+use crate::accel::Accel;
+use crate::qemu::{QemuBinary, StateFormat};
+use crate::runtime_dir::RuntimeDir;
+use crate::snapshot::controller::{
+    Controller, ControllerEnd, ControllerOutcome, QemuController, SessionPlan,
+};
+use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
+use crate::snapshot::profile::{self, DISK_FILE};
+use crate::snapshot::segment::Segment;
+use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
+use crate::snapshot::{CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL};
+use crate::workflow::guest_script::{CommandIo, GuestCommand};
+use crate::workflow::run::create_overlay;
+
+pub const STORE_TAG: &str = "vmbuild-store";
+pub const XCHG_TAG: &str = "vmbuild-xchg";
+
+pub struct BuildSpec {
+    pub snapshot: PathBuf,
+    pub qemu: QemuBinary,
+    pub argv: Vec<OsString>,
+    pub env: Vec<(String, Vec<u8>)>,
+    pub cwd: Option<String>,
+    /// Host directory and where the target mounts it.
+    pub store: Option<(PathBuf, String)>,
+    pub xchg: Option<PathBuf>,
+    pub keep_xchg: bool,
+    pub timeout: Option<Duration>,
+    pub ssh_wait: Duration,
+    /// Hash every snapshot file even if it passed a check unchanged before.
+    pub verify_full: bool,
+    /// The target's console is appended here (by default it is only kept for errors).
+    pub console_log: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub enum BuildEnd {
+    Exited(i32),
+    TimedOut(Duration),
+    Interrupted,
+    SnapshotDamaged(String),
+    SnapshotIncompatible(String),
+    HostKeyChanged,
+    TargetUnreachable {
+        console_tail: String,
+    },
+    HandshakeFailed,
+    /// The target or the controller stopped before the command reported its status.
+    Lost {
+        why: String,
+        console_tail: String,
+    },
+}
+
+/// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
+#[derive(Debug, Default, Serialize)]
+pub struct BuildTimings {
+    /// Reading the manifest, checking QEMU and the files' checksums.
+    pub verify: Option<f64>,
+    /// Target QEMU spawned → guest running again.
+    pub revive: Option<f64>,
+    /// Share devices plugged into the running target (host side).
+    pub shares_attached: Option<f64>,
+    /// Controller QEMU started → its network is up (it boots while the target revives).
+    pub controller_up: Option<f64>,
+    /// Target's SSH port answered → logged in with the pinned host key and the session
+    /// script started in the target.
+    pub handshake: Option<f64>,
+    /// Session start in the target → shares mounted.
+    pub mount: Option<f64>,
+    pub command: Option<f64>,
+    /// Command end → exit status and all output received.
+    pub collect: Option<f64>,
+    pub teardown: Option<f64>,
+    pub total: Option<f64>,
+}
+
+pub struct BuildOutcome {
+    pub end: BuildEnd,
+    pub timings: BuildTimings,
+}
+
+fn secs(from: Option<Instant>, to: Option<Instant>) -> Option<f64> {
+    Some(to?.checked_duration_since(from?)?.as_secs_f64())
+}
+
+pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOutcome> {
+    let start = Instant::now();
+    let mut t = BuildTimings::default();
+    let dir = spec.snapshot.as_path();
+
+    // --- the snapshot ---------------------------------------------------------------------
+    let checked = Manifest::load(dir).and_then(|m| {
+        m.check_qemu(&spec.qemu)?;
+        manifest::verify_files(dir, &m, spec.verify_full)?;
+        Ok(m)
+    });
+    let manifest = match checked {
+        Ok(m) => m,
+        Err(e) => {
+            let end = match e.downcast::<SnapshotProblem>() {
+                Ok(SnapshotProblem::Damaged(m)) => BuildEnd::SnapshotDamaged(m),
+                Ok(SnapshotProblem::Incompatible(m)) => BuildEnd::SnapshotIncompatible(m),
+                Err(e) => return Err(e),
+            };
+            return Ok(BuildOutcome { end, timings: t });
+        }
+    };
+    let profile = profile::by_name(&manifest.profile)?;
+    let verified = Instant::now();
+    t.verify = secs(Some(start), Some(verified));
+
+    // --- this build's private resources ---------------------------------------------------
+    let rundir = RuntimeDir::create("build")?;
+    let overlay = create_overlay(&dir.join(DISK_FILE), "qcow2", rundir.path())?;
+    let (xchg, _xchg_temp) = match &spec.xchg {
+        Some(d) => (d.clone(), None),
+        None => {
+            let d = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
+            if spec.keep_xchg {
+                let kept = d.keep();
+                eprintln!("vmbuild: xchg is {}", kept.display());
+                (kept, None)
+            } else {
+                (d.path().to_owned(), Some(d))
+            }
+        }
+    };
+    let mut servers = Vec::new();
+    if let Some((store, _)) = &spec.store {
+        let mut share = ShareConfig::store(store);
+        share.tag = STORE_TAG.into();
+        servers.push(
+            ShareServer::spawn(share, rundir.join("store.sock")).context("serving the store")?,
+        );
+    }
+    let mut share = ShareConfig::xchg(&xchg);
+    share.tag = XCHG_TAG.into();
+    servers.push(ShareServer::spawn(share, rundir.join("xchg.sock")).context("serving xchg")?);
+    let segment = Segment::create(rundir.path())?;
+
+    // --- the controller boots while the target revives ----------------------------------------
+    let target_script = session_script(spec, &manifest, profile.as_ref());
+    let (stop_controller, controller_stop_rx) = mpsc::channel::<()>();
+    let (controller_done_tx, controller_done) =
+        mpsc::channel::<anyhow::Result<ControllerOutcome>>();
+    let controller: Arc<dyn Controller> = Arc::new(QemuController {
+        qemu: spec.qemu.clone(),
+        accel: if manifest.machine.accel == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        },
+    });
+    {
+        let (network, ssh) = (manifest.network.clone(), manifest.ssh.clone());
+        let (kernel, kit_initrd, cpio) = (
+            dir.join(KIT_KERNEL),
+            dir.join(KIT_INITRD),
+            dir.join(CONTROLLER_CPIO),
+        );
+        let net_socket = segment.controller_socket.clone();
+        let rundir_path = rundir.path().to_owned();
+        let ssh_wait = spec.ssh_wait;
+        let controller = controller.clone();
+        std::thread::Builder::new()
+            .name("controller".into())
+            .spawn(move || {
+                let plan = SessionPlan {
+                    network: &network,
+                    ssh: &ssh,
+                    kernel: &kernel,
+                    initrd_parts: vec![&kit_initrd, &cpio],
+                    net_socket: &net_socket,
+                    target_script: Some(target_script),
+                    ssh_wait,
+                    rundir: &rundir_path,
+                    console_log: rundir_path.join("controller-console.log"),
+                };
+                let _ = controller_done_tx.send(controller.run_session(&plan, controller_stop_rx));
+            })?;
+    }
+
+    let mut target = TargetVm::start(
+        &spec.qemu,
+        &manifest.machine,
+        &manifest.network,
+        &Placement {
+            snapshot_dir: dir,
+            disk: &overlay,
+            net_socket: &segment.target_socket,
+            rundir: rundir.path(),
+            console_log: spec.console_log.clone(),
+        },
+        true,
+    )?;
+    let format = if manifest.state.format == "stream" {
+        StateFormat::Stream
+    } else {
+        StateFormat::MappedRam
+    };
+    target
+        .qmp
+        .revive_from_file(
+            &dir.join(&manifest.state.file),
+            format,
+            Duration::from_secs(120),
+        )
+        .context("reviving the target from its memory state")?;
+    let revived = Instant::now();
+    t.revive = secs(Some(target.spawned), Some(revived));
+    for (i, server) in servers.iter().enumerate() {
+        target.attach_share(&format!("fs{i}"), server.socket(), server.tag())?;
+    }
+    let attached = Instant::now();
+    t.shares_attached = secs(Some(revived), Some(attached));
+
+    // --- wait ---------------------------------------------------------------------------------
+    let deadline = spec.timeout.map(|d| start + d);
+    let mut exit_status: Option<i32> = None;
+    let mut phases: Vec<(String, Instant)> = Vec::new();
+    let mut early_end: Option<BuildEnd> = None;
+    let mut target_gone = false;
+    let controller_outcome = loop {
+        match controller_done.recv_timeout(Duration::from_millis(10)) {
+            Ok(outcome) => break Some(outcome),
+            Err(RecvTimeoutError::Disconnected) => break None,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        while let Ok(ev) = target.events.try_recv() {
+            match ev {
+                TargetEvent::Phase(p, at) => phases.push((p, at)),
+                TargetEvent::Exit(n, _) => exit_status = Some(n),
+                TargetEvent::Qmp(_) => {}
+            }
+        }
+        if early_end.is_some() {
+            continue; // the controller was told to stop; wait for it
+        }
+        if signals.try_recv().is_ok() {
+            early_end = Some(BuildEnd::Interrupted);
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            early_end = Some(BuildEnd::TimedOut(spec.timeout.unwrap_or_default()));
+        } else if !target_gone && target.qemu.try_wait()?.is_some() {
+            // Give the controller a moment to report the end of a finished session.
+            target_gone = true;
+            std::thread::sleep(Duration::from_millis(200));
+            if exit_status.is_none() {
+                early_end = Some(BuildEnd::Lost {
+                    why: "the target VM stopped during the build".into(),
+                    console_tail: target.console_tail(),
+                });
+            }
+        }
+        if early_end.is_some() {
+            let _ = stop_controller.send(());
+        }
+    };
+    let session_done = Instant::now();
+    while let Ok(ev) = target.events.try_recv() {
+        match ev {
+            TargetEvent::Phase(p, at) => phases.push((p, at)),
+            TargetEvent::Exit(n, _) => exit_status = Some(n),
+            TargetEvent::Qmp(_) => {}
+        }
+    }
+
+    // --- teardown -------------------------------------------------------------------------------
+    let target_tail = target.console_tail();
+    let _ = target.qmp.quit();
+    if target.qemu.wait_timeout(Duration::from_secs(3))?.is_none() {
+        target.qemu.kill();
+    }
+    drop(target);
+    for server in servers {
+        server.stop(Duration::from_millis(200));
+    }
+    drop(segment);
+    drop(rundir);
+    drop(_xchg_temp);
+    let done = Instant::now();
+
+    // --- what happened ---------------------------------------------------------------------------
+    let phase = |name: &str| phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+    let controller_outcome = controller_outcome.transpose()?;
+    if let Some(c) = &controller_outcome {
+        let m = &c.marks;
+        t.controller_up = secs(m.start, m.phase("controller-up"));
+        t.handshake = secs(m.phase("port-open"), phase("session"));
+    }
+    t.mount = secs(phase("session"), phase("mounted"));
+    t.command = secs(phase("command-start"), phase("command-end"));
+    t.collect = secs(phase("command-end"), Some(session_done));
+    t.teardown = secs(Some(session_done), Some(done));
+    t.total = secs(Some(start), Some(done));
+
+    let end = match (early_end, controller_outcome.map(|c| c.end)) {
+        (Some(end), _) => end,
+        (None, Some(ControllerEnd::Finished(_))) => match exit_status {
+            Some(code) => BuildEnd::Exited(code),
+            None => BuildEnd::Lost {
+                why: "the session ended without the command's exit status (the target may have failed)".into(),
+                console_tail: target_tail,
+            },
+        },
+        (None, Some(ControllerEnd::HostKeyChanged)) => BuildEnd::HostKeyChanged,
+        (None, Some(ControllerEnd::TargetUnreachable)) => BuildEnd::TargetUnreachable {
+            console_tail: target_tail,
+        },
+        (None, Some(ControllerEnd::HandshakeFailed)) => BuildEnd::HandshakeFailed,
+        (None, Some(ControllerEnd::Interrupted)) => BuildEnd::Interrupted,
+        (None, Some(ControllerEnd::Died { why, console_tail })) => BuildEnd::Lost {
+            why: format!("the controller VM stopped during the build: {why}"),
+            console_tail,
+        },
+        (None, None) => BuildEnd::Lost {
+            why: "the controller thread ended without a result".into(),
+            console_tail: String::new(),
+        },
+    };
+    Ok(BuildOutcome { end, timings: t })
+}
+
+/// What the target runs in the SSH session: markers on its console (fd 3), the clock set
+/// to now (the snapshot's clock stopped at bootstrap), the shares mounted, the command,
+/// then a `sync` so that everything written to xchg is on the host before the status.
+fn session_script(
+    spec: &BuildSpec,
+    manifest: &Manifest,
+    profile: &dyn profile::Profile,
+) -> Vec<u8> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut s = Vec::new();
+    s.extend_from_slice(b"# vmbuild build session (generated)\nexec 3>/dev/console\n");
+    s.extend_from_slice(b"echo vmbuild-phase=session >&3\n");
+    s.extend_from_slice(format!("date -s @{now} >/dev/null 2>&1\n").as_bytes());
+    let mut mounts = String::new();
+    if let Some((_, mount)) = &spec.store {
+        mounts.push_str(&profile.mount_share(STORE_TAG, mount, true));
+    }
+    mounts.push_str(&profile.mount_share(XCHG_TAG, &manifest.mounts.xchg, false));
+    s.extend_from_slice(b"(\n");
+    s.extend_from_slice(mounts.as_bytes());
+    s.extend_from_slice(b") || { status=$?; echo \"vmbuild-exit=$status\" >&3; exit $status; }\n");
+    s.extend_from_slice(b"echo vmbuild-phase=mounted >&3\n(\n");
+    s.extend(
+        GuestCommand {
+            argv: &spec.argv,
+            env: &spec.env,
+            cwd: spec.cwd.as_deref(),
+            io: CommandIo::Session,
+        }
+        .script(),
+    );
+    s.extend_from_slice(b")\nstatus=$?\nsync\necho \"vmbuild-exit=$status\" >&3\nexit $status\n");
+    s
+}
+
+/// The snapshot directory a build reads, made absolute (QEMU gets absolute paths).
+pub fn snapshot_path(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
