@@ -231,7 +231,7 @@ status=$?
 wait
 mark session-end
 if [ "$status" -ne 0 ]; then
-	if grep -q "Host key mismatch" /tmp/ssh.err; then
+	if grep -qi "host key mismatch" /tmp/ssh.err; then
 		mark ssh-hostkey
 		exit {HOST_KEY_CHANGED}
 	fi

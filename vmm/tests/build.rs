@@ -1,0 +1,557 @@
+//! The snapshot lifecycle end to end: the real binary bootstraps the `linux` profile once
+//! per test run (QEMU TCG, the guest kit, Debian's dropbear), then builds revive it. Every
+//! build gets its own runtime directory (XDG_RUNTIME_DIR) and is checked afterwards for
+//! leftovers: sockets, directories, QEMU processes.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn vmbuild() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmbuild"));
+    // Verification stamps of this run stay with this run.
+    cmd.env("XDG_CACHE_HOME", tmp_root().join("cache"))
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn tmp_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("build-tests")
+}
+
+/// The snapshot every test builds from: bootstrapped once per test run.
+fn snapshot() -> &'static Path {
+    static SNAPSHOT: OnceLock<PathBuf> = OnceLock::new();
+    SNAPSHOT.get_or_init(|| {
+        let root = tmp_root();
+        let dir = root.join("linux");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&root).unwrap();
+        let runtime = tempfile::tempdir().unwrap();
+        let out = vmbuild()
+            .args(["bootstrap", "--profile", "linux", "--out"])
+            .arg(&dir)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "bootstrap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_clean(runtime.path());
+        dir
+    })
+}
+
+struct Build {
+    runtime: tempfile::TempDir,
+    cmd: Command,
+}
+
+fn build_from(snapshot: &Path, args: &[&str]) -> Build {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut cmd = vmbuild();
+    cmd.arg("build")
+        .arg("--snapshot")
+        .arg(snapshot)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime.path());
+    Build { runtime, cmd }
+}
+
+fn build(args: &[&str]) -> Build {
+    build_from(snapshot(), args)
+}
+
+impl Build {
+    fn output(mut self) -> Output {
+        let out = self.cmd.output().unwrap();
+        assert_clean(self.runtime.path());
+        out
+    }
+
+    fn spawn(mut self) -> (Child, tempfile::TempDir) {
+        let child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, self.runtime)
+    }
+}
+
+/// Nothing of a vmbuild invocation remains: its runtime directory is empty and no QEMU
+/// process refers to it.
+fn assert_clean(runtime: &Path) {
+    let dir = runtime.join("vmbuild");
+    if dir.exists() {
+        let left: Vec<PathBuf> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+    assert!(qemu_pids(runtime).is_empty(), "QEMU left running");
+}
+
+/// QEMU processes whose command line mentions `needle` (a runtime directory).
+fn qemu_pids(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+                pids.push((pid, cmdline));
+            }
+        }
+    }
+    pids
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("vmbuild was killed by a signal")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A copy of the snapshot whose files are hard links (cheap), except `copied`, which are
+/// real copies a test may damage, and the manifest, which a test may edit.
+fn snapshot_copy(copied: &[&str]) -> tempfile::TempDir {
+    let src = snapshot();
+    let dst = tempfile::Builder::new()
+        .prefix("snapshot-copy-")
+        .tempdir_in(tmp_root())
+        .unwrap();
+    fs::create_dir(dst.path().join("ssh")).unwrap();
+    for name in [
+        "disk.qcow2",
+        "state",
+        "vmlinux",
+        "initrd.img",
+        "controller.cpio",
+        "ssh/client_key",
+    ] {
+        if copied.contains(&name) {
+            fs::copy(src.join(name), dst.path().join(name)).unwrap();
+        } else {
+            fs::hard_link(src.join(name), dst.path().join(name)).unwrap();
+        }
+    }
+    fs::copy(src.join("manifest.json"), dst.path().join("manifest.json")).unwrap();
+    dst
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut m);
+    fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+fn verify(dir: &Path) -> Output {
+    vmbuild()
+        .args(["snapshot", "verify"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+// --- behaviour -------------------------------------------------------------------------
+
+#[test]
+fn bootstrap_writes_a_complete_verifiable_snapshot() {
+    let dir = snapshot();
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["profile"], "linux");
+    assert!(m["machine"]["machine"]
+        .as_str()
+        .unwrap()
+        .starts_with("pc-i440fx-"));
+    assert!(m["ssh"]["host_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("ssh-ed25519 "));
+    for key in ["install", "suspend", "controller_up", "handshake", "total"] {
+        assert!(m["timings"][key].as_f64().is_some(), "no timing {key}: {m}");
+    }
+    let roles: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["role"].as_str().unwrap())
+        .collect();
+    for role in ["disk", "state", "kernel", "initrd", "controller", "key"] {
+        assert!(roles.contains(&role), "no {role} in {roles:?}");
+    }
+    let key = fs::metadata(dir.join("ssh/client_key")).unwrap();
+    assert_eq!(
+        key.permissions().mode() & 0o077,
+        0,
+        "the private key is readable by others"
+    );
+    // No staging directory is left next to it.
+    for e in fs::read_dir(dir.parent().unwrap()).unwrap().flatten() {
+        assert!(
+            !e.file_name().to_string_lossy().contains(".partial-"),
+            "staging left: {:?}",
+            e.path()
+        );
+    }
+    let out = verify(dir);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = vmbuild()
+        .args(["snapshot", "inspect", "--json"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0);
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["state"]["format"], "mapped-ram");
+}
+
+#[test]
+fn exit_codes_come_back_from_the_target() {
+    for expected in [0, 3, 255] {
+        let script = format!("echo out; echo err >&2; exit {expected}");
+        let out = build(&["--", "sh", "-c", &script]).output();
+        assert_eq!(code(&out), expected, "{}", stderr(&out));
+        assert_eq!(stdout(&out), "out\n");
+        assert!(stderr(&out).contains("err\n"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn xchg_is_seen_as_it_is_now_and_outputs_arrive() {
+    let xchg = tempfile::tempdir().unwrap();
+    // Made long after the bootstrap: the build must see it.
+    fs::write(xchg.path().join("input.txt"), "made after bootstrap\n").unwrap();
+    let out = build(&[
+        "--xchg",
+        xchg.path().to_str().unwrap(),
+        "--timings",
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/xchg/input.txt; mkdir /tmp/xchg/out && uname -n > /tmp/xchg/out/host && \
+         head -c 1048576 /dev/urandom > /tmp/xchg/out/blob && sha256sum /tmp/xchg/out/blob | cut -d' ' -f1",
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(lines[0], "made after bootstrap");
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("out/host")).unwrap(),
+        "vmbuild-target\n"
+    );
+    let blob = fs::read(xchg.path().join("out/blob")).unwrap();
+    assert_eq!(blob.len(), 1 << 20);
+    let host_sum = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&blob);
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(lines[1], host_sum, "the output arrived damaged");
+    // --timings: one JSON line on stderr with every phase.
+    let timings: serde_json::Value = stderr(&out)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("no timings JSON on stderr");
+    for key in [
+        "verify",
+        "revive",
+        "shares_attached",
+        "controller_up",
+        "handshake",
+        "mount",
+        "command",
+        "collect",
+        "teardown",
+        "total",
+    ] {
+        assert!(timings[key].as_f64().is_some(), "{key} missing: {timings}");
+    }
+}
+
+#[test]
+fn the_store_is_read_only_in_the_target() {
+    let store = tempfile::tempdir().unwrap();
+    fs::write(store.path().join("pkg"), "content\n").unwrap();
+    let store_path = store.path().to_str().unwrap();
+    let script = format!(
+        "cat {store_path}/pkg; if touch {store_path}/new 2>/dev/null; then echo writable; else echo refused; fi"
+    );
+    let out = build(&["--store", store_path, "--", "sh", "-c", &script]).output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "content\nrefused\n");
+    assert!(!store.path().join("new").exists());
+}
+
+#[test]
+fn builds_from_one_snapshot_run_concurrently_with_separate_results() {
+    let xchgs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut children = Vec::new();
+    for (i, x) in xchgs.iter().enumerate() {
+        let script = format!(
+            "echo {i} > /root/mine; sleep 2; cat /root/mine > /tmp/xchg/result; ls /root > /tmp/xchg/listing"
+        );
+        let b = build(&[
+            "--xchg",
+            x.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        children.push((Instant::now(), b.spawn()));
+    }
+    let mut spans = Vec::new();
+    for (started, (child, runtime)) in children {
+        let out = child.wait_with_output().unwrap();
+        spans.push((started, Instant::now()));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_clean(runtime.path());
+    }
+    // They overlapped: the second started before the first finished.
+    assert!(spans[1].0 < spans[0].1);
+    for (i, x) in xchgs.iter().enumerate() {
+        assert_eq!(
+            fs::read_to_string(x.path().join("result")).unwrap(),
+            format!("{i}\n")
+        );
+        // Each target's disk is its own overlay: neither saw the other's file.
+        assert_eq!(
+            fs::read_to_string(x.path().join("listing")).unwrap(),
+            "mine\n"
+        );
+    }
+}
+
+#[test]
+fn builds_leave_the_snapshot_unchanged() {
+    let dir = snapshot();
+    let before = fs::read(dir.join("manifest.json")).unwrap();
+    let out = build(&[
+        "--",
+        "sh",
+        "-c",
+        "echo scribble > /root/scribble; dd if=/dev/zero of=/root/zeros bs=1M count=8 2>/dev/null; sync",
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = build(&["--", "sh", "-c", "ls /root"]).output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        !stdout(&out).contains("scribble"),
+        "a build saw an earlier build's writes"
+    );
+    let out = verify(dir);
+    assert_eq!(code(&out), 0, "checksums changed: {}", stderr(&out));
+    assert_eq!(fs::read(dir.join("manifest.json")).unwrap(), before);
+}
+
+// --- faults ------------------------------------------------------------------------------
+
+#[test]
+fn a_missing_or_foreign_snapshot_is_refused() {
+    let nowhere = tmp_root().join("no-such-snapshot");
+    let out = build_from(&nowhere, &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+
+    let empty = tempfile::tempdir().unwrap();
+    let out = build_from(empty.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("manifest.json"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_truncated_or_corrupted_snapshot_is_refused() {
+    let copy = snapshot_copy(&["state", "disk.qcow2"]);
+    // Truncated state: caught by its size before anything starts.
+    let state = fs::OpenOptions::new()
+        .write(true)
+        .open(copy.path().join("state"))
+        .unwrap();
+    let len = state.metadata().unwrap().len();
+    state.set_len(len / 2).unwrap();
+    drop(state);
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+
+    // Restore the size, corrupt one byte of the disk: caught by its checksum.
+    fs::copy(snapshot().join("state"), copy.path().join("state")).unwrap();
+    let disk = copy.path().join("disk.qcow2");
+    let mut bytes = fs::read(&disk).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0xff;
+    fs::write(&disk, bytes).unwrap();
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("checksum mismatch"),
+        "{}",
+        stderr(&out)
+    );
+    let out = verify(copy.path());
+    assert_eq!(code(&out), 120);
+}
+
+#[test]
+fn a_snapshot_from_another_qemu_or_machine_is_refused() {
+    let copy = snapshot_copy(&[]);
+    edit_manifest(copy.path(), |m| m["qemu"]["version"] = "9.2.0".into());
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 121, "{}", stderr(&out));
+    assert!(stderr(&out).contains("QEMU 9.2.0"), "{}", stderr(&out));
+
+    let copy = snapshot_copy(&[]);
+    edit_manifest(copy.path(), |m| {
+        m["machine"]["machine"] = "pc-i440fx-1.0-imaginary".into()
+    });
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 121, "{}", stderr(&out));
+    assert!(stderr(&out).contains("machine type"), "{}", stderr(&out));
+
+    let copy = snapshot_copy(&[]);
+    edit_manifest(copy.path(), |m| m["format"] = 99.into());
+    let out = verify(copy.path());
+    assert_eq!(code(&out), 121, "{}", stderr(&out));
+}
+
+#[test]
+fn a_target_that_never_answers_ssh_is_reported_in_bounded_time() {
+    // The controller is sent to an address nobody has.
+    let copy = snapshot_copy(&[]);
+    edit_manifest(copy.path(), |m| {
+        m["network"]["target_ip"] = "10.77.0.99".into()
+    });
+    let started = Instant::now();
+    let out = build_from(copy.path(), &["--ssh-wait", "3", "--", "true"]).output();
+    assert_eq!(code(&out), 122, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not answer SSH within 3 s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_changed_host_key_is_refused() {
+    let copy = snapshot_copy(&[]);
+    // Pin some other key: the real target's key no longer matches.
+    edit_manifest(copy.path(), |m| {
+        let client = m["ssh"]["client_public_key"].clone();
+        m["ssh"]["host_key"] = client;
+    });
+    let out = build_from(copy.path(), &["--", "sh", "-c", "echo must-not-run"]).output();
+    assert_eq!(code(&out), 119, "{}", stderr(&out));
+    assert!(!stdout(&out).contains("must-not-run"));
+    assert!(stderr(&out).contains("host key"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_hanging_command_times_out() {
+    let started = Instant::now();
+    let out = build(&["--timeout", "8", "--", "sleep", "600"]).output();
+    assert_eq!(code(&out), 124, "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(40));
+}
+
+#[test]
+fn a_target_that_dies_mid_build_is_reported() {
+    let out = build(&["--", "sh", "-c", "echo o > /proc/sysrq-trigger; sleep 30"]).output();
+    assert_eq!(code(&out), 123, "{}", stderr(&out));
+    assert!(stderr(&out).contains("target"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_controller_that_dies_mid_build_is_reported() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let b = build(&["--log", log.path().to_str().unwrap(), "--", "sleep", "60"]);
+    let runtime_path = b.runtime.path().to_owned();
+    let (child, runtime) = b.spawn();
+    // Wait until the command runs (both VMs are up), then kill the controller.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let controller = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the build never started its command"
+        );
+        let pids = qemu_pids(&runtime_path);
+        if pids.len() == 2 && command_started(log.path()) {
+            break pids
+                .into_iter()
+                .find(|(_, cmd)| cmd.contains("controller-initrd") || !cmd.contains("incoming"))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: kill(2) on a process id read from /proc.
+    unsafe { libc::kill(controller.0 as i32, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 123, "{}", stderr(&out));
+    assert!(stderr(&out).contains("controller"), "{}", stderr(&out));
+    assert_clean(runtime.path());
+}
+
+/// Whether the target has started the command, from its console log (`--log`).
+fn command_started(log: &Path) -> bool {
+    fs::read_to_string(log)
+        .map(|l| l.contains("vmbuild-phase=command-start"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn ctrl_c_stops_everything_and_cleans_up() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let b = build(&["--log", log.path().to_str().unwrap(), "--", "sleep", "600"]);
+    let (child, runtime) = b.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !command_started(log.path()) {
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 130, "{}", stderr(&out));
+    assert_clean(runtime.path());
+}
+
+#[test]
+fn bad_input_exits_2() {
+    let out = build(&[]).output();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no command"));
+    let out = build(&["--timeout", "-1", "--", "true"]).output();
+    assert_eq!(code(&out), 2);
+    let out = build(&["--xchg", "/nonexistent/xchg", "--", "true"]).output();
+    assert_eq!(code(&out), 2);
+    let out = vmbuild()
+        .args(["bootstrap", "--profile", "beos", "--out", "/tmp/never"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("unknown profile"));
+    assert!(!Path::new("/tmp/never").exists());
+}
