@@ -539,6 +539,55 @@ fn ctrl_c_stops_everything_and_cleans_up() {
 }
 
 #[test]
+fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interrupted() {
+    let root = tempfile::Builder::new()
+        .prefix("bootstrap-")
+        .tempdir_in(tmp_root())
+        .unwrap();
+    let out = root.path().join("snap");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("precious"), "keep me").unwrap();
+    let refused = vmbuild()
+        .args(["bootstrap", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--replace"));
+    assert_eq!(fs::read_to_string(out.join("precious")).unwrap(), "keep me");
+
+    // Interrupted while the target boots: no snapshot, no staging, no VM.
+    let fresh = root.path().join("fresh");
+    let runtime = tempfile::tempdir().unwrap();
+    let child = vmbuild()
+        .args(["bootstrap", "--out"])
+        .arg(&fresh)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu_pids(runtime.path()).len() < 2 {
+        assert!(Instant::now() < deadline, "bootstrap never started its VMs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 130, "{}", stderr(&out));
+    // Progress was shown while it worked.
+    assert!(stderr(&out).contains("installing the linux target"), "{}", stderr(&out));
+    assert!(!fresh.exists());
+    let left: Vec<_> = fs::read_dir(root.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "left behind: {left:?}");
+    assert_clean(runtime.path());
+}
+
+#[test]
 fn bad_input_exits_2() {
     let out = build(&[]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));

@@ -114,6 +114,17 @@ impl BootstrapArgs {
             return Err("--cpus must be between 1 and 255".into());
         }
         let disk_size_mib = parse_size_mib(&self.disk_size)?;
+        if self.out.exists() {
+            let empty = std::fs::read_dir(&self.out)
+                .map(|mut d| d.next().is_none())
+                .map_err(|e| format!("--out {}: {e}", self.out.display()))?;
+            if !empty && !self.replace {
+                return Err(format!(
+                    "--out {} exists and is not empty: choose another directory or pass --replace",
+                    self.out.display()
+                ));
+            }
+        }
         if !(self.ssh_wait > 0.0 && self.ssh_wait.is_finite()) {
             return Err("--ssh-wait must be a positive number of seconds".into());
         }

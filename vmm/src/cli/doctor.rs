@@ -103,6 +103,20 @@ impl DoctorArgs {
                 None,
             ));
         }
+        match crate::snapshot::dropbear::check_installed() {
+            Ok(()) => f.push(finding(
+                "ssh_for_snapshots",
+                "ok",
+                "dropbear server, client and keygen (bootstrap/build)",
+                None,
+            )),
+            Err(e) => f.push(finding(
+                "ssh_for_snapshots",
+                "fail",
+                format!("{e:#}"),
+                Some("apt-get install dropbear-bin (or scripts/install-host-deps.sh)"),
+            )),
+        }
         let kit = GuestKit::locate();
         match &kit {
             Ok(k) => {
