@@ -576,7 +576,11 @@ fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interru
     let out = child.wait_with_output().unwrap();
     assert_eq!(code(&out), 130, "{}", stderr(&out));
     // Progress was shown while it worked.
-    assert!(stderr(&out).contains("installing the linux target"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("installing the linux target"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!fresh.exists());
     let left: Vec<_> = fs::read_dir(root.path())
         .unwrap()

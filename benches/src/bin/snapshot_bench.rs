@@ -3,6 +3,9 @@
 //! → the guest's next output) for the Nix tooling's method (`exec:gzip -c > state.gz`,
 //! `-incoming 'exec: gzip -c -d …'`), plain `file:`, and `file:` with `mapped-ram`.
 //! The methods run one after another on the same guest: each revive suspends again.
+//! Every method is revived twice per round: with the state file in the page cache (warm,
+//! as right after a bootstrap or on a farm that revives often) and after evicting it
+//! (cold: `fdatasync` + `posix_fadvise(DONTNEED)` on the file, as after a reboot).
 //!
 //! Reproduce: `cargo build --release -p vmbuild-benches && target/release/snapshot-bench`
 
@@ -86,8 +89,9 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&args.workdir);
     std::fs::create_dir_all(&args.workdir)?;
     let kit = GuestKit::locate()?;
-    println!("| guest | method | suspend (s) | state on disk (MiB) | revive → running (s) | revive → next output (s) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| guest | method | suspend (s) | state on disk (MiB) | warm: revive → running (s) | warm: → next output (s) | cold: revive → running (s) | cold: → next output (s) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
     for &mib in &args.sizes {
         // Fill half of memory with non-zero data (zero pages would migrate for free),
         // then count: each revive must carry on counting.
@@ -110,57 +114,97 @@ fn main() -> anyhow::Result<()> {
             .recv_timeout(Duration::from_secs(600))
             .context("the guest never started counting")?;
         let methods = [Method::Gzip, Method::File, Method::MappedRam];
-        let mut samples: Vec<[Vec<f64>; 4]> = methods.iter().map(|_| Default::default()).collect();
+        let mut samples: Vec<[Vec<f64>; 6]> = methods.iter().map(|_| Default::default()).collect();
         let mut cycle = 0;
         for _ in 0..args.rounds {
             for (m, method) in methods.into_iter().enumerate() {
-                let t = Instant::now();
-                guest.qmp.suspend_to_uri(
-                    &method.out_uri(&dir),
-                    method.format(),
-                    Duration::from_secs(600),
-                )?;
-                let suspend = t.elapsed().as_secs_f64();
-                // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
-                let size =
-                    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(method.path(&dir))?)
-                        as f64
+                for cold in [false, true] {
+                    let t = Instant::now();
+                    guest.qmp.suspend_to_uri(
+                        &method.out_uri(&dir),
+                        method.format(),
+                        Duration::from_secs(600),
+                    )?;
+                    let suspend = t.elapsed().as_secs_f64();
+                    // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
+                    let size = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(
+                        method.path(&dir),
+                    )?) as f64
                         * 512.0
                         / (1 << 20) as f64;
-                guest.qemu.kill();
-                cycle += 1;
-                let mut next = start(&dir, &format!("r{cycle}"), &kit, &initrd, mib, true)?;
-                let t = Instant::now();
-                next.qmp.revive_from_uri(
-                    &method.in_uri(&dir),
-                    method.format(),
-                    Duration::from_secs(600),
-                )?;
-                let running = t.elapsed().as_secs_f64();
-                next.ticks
-                    .recv_timeout(Duration::from_secs(60))
-                    .context("no output after the revive")?;
-                let output = t.elapsed().as_secs_f64();
-                for (i, v) in [suspend, size, running, output].into_iter().enumerate() {
-                    samples[m][i].push(v);
+                    guest.qemu.kill();
+                    if cold {
+                        evict_from_page_cache(&method.path(&dir))?;
+                    }
+                    cycle += 1;
+                    let mut next = start(&dir, &format!("r{cycle}"), &kit, &initrd, mib, true)?;
+                    let t = Instant::now();
+                    next.qmp.revive_from_uri(
+                        &method.in_uri(&dir),
+                        method.format(),
+                        Duration::from_secs(600),
+                    )?;
+                    let running = t.elapsed().as_secs_f64();
+                    next.ticks
+                        .recv_timeout(Duration::from_secs(60))
+                        .context("no output after the revive")?;
+                    let output = t.elapsed().as_secs_f64();
+                    if cold {
+                        samples[m][4].push(running);
+                        samples[m][5].push(output);
+                    } else {
+                        for (i, v) in [suspend, size, running, output].into_iter().enumerate() {
+                            samples[m][i].push(v);
+                        }
+                    }
+                    guest = next;
                 }
-                guest = next;
             }
         }
         for (m, method) in methods.into_iter().enumerate() {
             let med = |i: usize| vmbuild_benches::report::median(samples[m][i].clone());
             println!(
-                "| {mib} MiB | {} | {:.3} | {:.0} | {:.3} | {:.3} |",
+                "| {mib} MiB | {} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 method.name(),
                 med(0),
                 med(1),
                 med(2),
-                med(3)
+                med(3),
+                med(4),
+                med(5)
             );
         }
+        let med = |m: usize, i: usize| vmbuild_benches::report::median(samples[m][i].clone());
+        ratios.push(format!(
+            "| {mib} MiB | {:.1}× | {:.1}× | {:.1}× | {:.1}× |",
+            med(0, 2) / med(1, 2),
+            med(0, 4) / med(1, 4),
+            med(0, 2) / med(2, 2),
+            med(0, 4) / med(2, 4)
+        ));
         guest.qemu.kill();
     }
+    println!();
+    println!("Revive → running, how many times faster than the gzip method:");
+    println!();
+    println!("| guest | file: warm | file: cold | mapped-ram warm | mapped-ram cold |");
+    println!("|---|---|---|---|---|");
+    for r in ratios {
+        println!("{r}");
+    }
     let _ = std::fs::remove_dir_all(&args.workdir);
+    Ok(())
+}
+
+/// Writes back and drops `path`'s pages from the page cache, so that the next reader
+/// waits for the disk.
+fn evict_from_page_cache(path: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_data()?;
+    // SAFETY: fadvise on a file descriptor we own, whole file.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    anyhow::ensure!(r == 0, "posix_fadvise: error {r}");
     Ok(())
 }
 
