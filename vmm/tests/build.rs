@@ -139,14 +139,10 @@ fn snapshot_copy(copied: &[&str]) -> tempfile::TempDir {
         .tempdir_in(tmp_root())
         .unwrap();
     fs::create_dir(dst.path().join("ssh")).unwrap();
-    for name in [
-        "disk.qcow2",
-        "state",
-        "vmlinux",
-        "initrd.img",
-        "controller.cpio",
-        "ssh/client_key",
-    ] {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(src.join("manifest.json")).unwrap()).unwrap();
+    for file in manifest["files"].as_array().unwrap() {
+        let name = file["name"].as_str().unwrap();
         if copied.contains(&name) {
             fs::copy(src.join(name), dst.path().join(name)).unwrap();
         } else {
@@ -235,6 +231,22 @@ fn exit_codes_come_back_from_the_target() {
         assert_eq!(stdout(&out), "out\n");
         assert!(stderr(&out).contains("err\n"), "{}", stderr(&out));
     }
+}
+
+#[test]
+fn a_freshly_booted_controller_does_the_same_job() {
+    let out = build(&[
+        "--controller",
+        "boot",
+        "--timings",
+        "--",
+        "sh",
+        "-c",
+        "echo booted; exit 7",
+    ])
+    .output();
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "booted\n");
 }
 
 #[test]
@@ -501,7 +513,7 @@ fn a_controller_that_dies_mid_build_is_reported() {
         if pids.len() == 2 && command_started(log.path()) {
             break pids
                 .into_iter()
-                .find(|(_, cmd)| cmd.contains("controller-initrd") || !cmd.contains("incoming"))
+                .find(|(_, cmd)| cmd.contains("controller-qmp"))
                 .unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -29,7 +29,8 @@ struct Args {
     workdir: PathBuf,
 }
 
-const SMALL_FILES: &str = "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
+const SMALL_FILES: &str =
+    "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
      for i in $(seq 200); do echo $i > /tmp/xchg/out/$i; done";
 
 const PHASES: [&str; 10] = [
@@ -56,7 +57,10 @@ fn main() -> anyhow::Result<()> {
         fs::write(dir.join(format!("f{i:04}")), vec![b'a'; 100 + i % 3000])?;
     }
     let snapshot = args.workdir.join("snapshot");
-    eprintln!("[lifecycle-bench] bootstrapping a {} MiB linux target", args.memory);
+    eprintln!(
+        "[lifecycle-bench] bootstrapping a {} MiB linux target",
+        args.memory
+    );
     let t = Instant::now();
     let out = Command::new(peers::vmbuild_binary()?)
         .args(["bootstrap", "--quiet", "--accel", "tcg", "--memory"])
@@ -113,7 +117,10 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         markdown(
-            &["vmbuild build (revive + controller)", "vmbuild run (fresh boot)"],
+            &[
+                "vmbuild build (revive + controller)",
+                "vmbuild run (fresh boot)"
+            ],
             &rows
         )
     );
@@ -147,7 +154,10 @@ fn build(
         .context("running vmbuild build")?;
     let wall = start.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("vmbuild build failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "vmbuild build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let t = serde_json::from_str(&fs::read_to_string(&timings)?)?;
     Ok((wall, t))
@@ -169,7 +179,10 @@ fn run(work: &Path, store: &Path, memory: u32, script: &str) -> anyhow::Result<f
         .context("running vmbuild run")?;
     let wall = start.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("vmbuild run failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "vmbuild run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(wall)
 }

@@ -41,6 +41,7 @@ enum Method {
     Gzip,
     File,
     MappedRam,
+    MappedRamMultifd,
 }
 
 impl Method {
@@ -49,11 +50,13 @@ impl Method {
             Method::Gzip => "exec: gzip (Nix tooling)",
             Method::File => "file:",
             Method::MappedRam => "file: + mapped-ram",
+            Method::MappedRamMultifd => "file: + mapped-ram + multifd ×2",
         }
     }
     fn format(self) -> StateFormat {
         match self {
             Method::MappedRam => StateFormat::MappedRam,
+            Method::MappedRamMultifd => StateFormat::MappedRamMultifd(2),
             _ => StateFormat::Stream,
         }
     }
@@ -62,6 +65,7 @@ impl Method {
             Method::Gzip => dir.join("state.gz"),
             Method::File => dir.join("state"),
             Method::MappedRam => dir.join("state.mapped"),
+            Method::MappedRamMultifd => dir.join("state.multifd"),
         }
     }
     fn out_uri(self, dir: &Path) -> String {
@@ -113,7 +117,12 @@ fn main() -> anyhow::Result<()> {
             .ticks
             .recv_timeout(Duration::from_secs(600))
             .context("the guest never started counting")?;
-        let methods = [Method::Gzip, Method::File, Method::MappedRam];
+        let methods = [
+            Method::Gzip,
+            Method::File,
+            Method::MappedRam,
+            Method::MappedRamMultifd,
+        ];
         let mut samples: Vec<[Vec<f64>; 6]> = methods.iter().map(|_| Default::default()).collect();
         let mut cycle = 0;
         for _ in 0..args.rounds {
@@ -176,19 +185,21 @@ fn main() -> anyhow::Result<()> {
         }
         let med = |m: usize, i: usize| vmbuild_benches::report::median(samples[m][i].clone());
         ratios.push(format!(
-            "| {mib} MiB | {:.1}× | {:.1}× | {:.1}× | {:.1}× |",
+            "| {mib} MiB | {:.1}× | {:.1}× | {:.1}× | {:.1}× | {:.1}× | {:.1}× |",
             med(0, 2) / med(1, 2),
             med(0, 4) / med(1, 4),
             med(0, 2) / med(2, 2),
-            med(0, 4) / med(2, 4)
+            med(0, 4) / med(2, 4),
+            med(0, 2) / med(3, 2),
+            med(0, 4) / med(3, 4)
         ));
         guest.qemu.kill();
     }
     println!();
     println!("Revive → running, how many times faster than the gzip method:");
     println!();
-    println!("| guest | file: warm | file: cold | mapped-ram warm | mapped-ram cold |");
-    println!("|---|---|---|---|---|");
+    println!("| guest | file: warm | file: cold | mapped-ram warm | mapped-ram cold | + multifd warm | + multifd cold |");
+    println!("|---|---|---|---|---|---|---|");
     for r in ratios {
         println!("{r}");
     }

@@ -10,7 +10,7 @@ use clap::Args;
 use super::run::{collect_env, directory, guest_path, usage, Usage};
 use crate::exit;
 use crate::qemu::QemuBinary;
-use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec};
+use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, ControllerChoice};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -65,6 +65,9 @@ pub struct BuildArgs {
     /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     timings: Option<PathBuf>,
+    /// The controller: revive the one the snapshot keeps suspended (fast), or boot a fresh one
+    #[arg(long, value_enum, default_value = "auto")]
+    controller: ControllerChoice,
     /// Append the target's console to this file
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
@@ -199,6 +202,7 @@ impl BuildArgs {
             ssh_wait: Duration::from_secs_f64(self.ssh_wait),
             verify_full: self.verify,
             console_log: self.log,
+            controller: self.controller,
         })
     }
 }

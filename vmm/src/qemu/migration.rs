@@ -24,6 +24,8 @@ pub enum StateFormat {
     Stream,
     /// `mapped-ram`: every page at a fixed offset (QEMU ≥ 9.0); revives read it in place.
     MappedRam,
+    /// `mapped-ram` written and read by this many multifd channels (threads) in parallel.
+    MappedRamMultifd(u8),
 }
 
 impl Qmp {
@@ -47,10 +49,20 @@ impl Qmp {
     /// Sets mapped-ram on or off explicitly: a QEMU revived from a mapped-ram file keeps
     /// the capability, and a later stream migration (to `exec:`) would then be refused.
     fn set_format(&mut self, format: StateFormat) -> anyhow::Result<()> {
-        let on = format == StateFormat::MappedRam;
+        let (mapped, channels) = match format {
+            StateFormat::Stream => (false, None),
+            StateFormat::MappedRam => (true, None),
+            StateFormat::MappedRamMultifd(n) => (true, Some(n.max(1))),
+        };
+        if let Some(n) = channels {
+            self.execute("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+        }
         self.execute(
             "migrate-set-capabilities",
-            json!({ "capabilities": [ { "capability": "mapped-ram", "state": on } ] }),
+            json!({ "capabilities": [
+                { "capability": "mapped-ram", "state": mapped },
+                { "capability": "multifd", "state": channels.is_some() }
+            ] }),
         )
         .map(drop)
     }

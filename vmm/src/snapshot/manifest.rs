@@ -43,6 +43,9 @@ pub struct Manifest {
     pub ssh: SshPlan,
     /// Where the target mounts xchg (the store is mounted at its host path, as in `run`).
     pub mounts: MountPlan,
+    /// The controller suspended after its first login, when bootstrap made one.
+    #[serde(default)]
+    pub controller: Option<ControllerSnapshot>,
     pub files: Vec<FileEntry>,
     /// Seconds per bootstrap phase.
     pub timings: BTreeMap<String, f64>,
@@ -113,6 +116,13 @@ pub struct SshPlan {
     pub client_public_key: String,
     /// The target's host key, pinned at bootstrap: a build refuses any other.
     pub host_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerSnapshot {
+    pub state: String,
+    pub initrd: String,
+    pub memory_mib: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -45,11 +45,30 @@ pub struct Placement<'a> {
     pub console_log: Option<PathBuf>,
 }
 
+/// The last lines a guest printed on its console (markers excluded), for error messages.
+#[derive(Clone, Default)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<String>>>);
+
+impl ConsoleTail {
+    pub fn text(&self) -> String {
+        let t = self.0.lock().unwrap();
+        t.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn push(&self, line: String) {
+        let mut t = self.0.lock().unwrap();
+        if t.len() == CONSOLE_TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+}
+
 pub struct TargetVm {
     pub qemu: QemuProcess,
     pub qmp: Qmp,
     pub events: Receiver<TargetEvent>,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    tail: ConsoleTail,
     /// The time QEMU was spawned.
     pub spawned: Instant,
 }
@@ -154,7 +173,7 @@ impl TargetVm {
             }
         });
         let qmp = Qmp::handshake(qmp_s, qmp_tx)?;
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let tail = ConsoleTail::default();
         spawn_console_reader(console, at.console_log.clone(), tail.clone(), tx)?;
         Ok(TargetVm {
             qemu,
@@ -167,8 +186,7 @@ impl TargetVm {
 
     /// The last console lines, for error messages.
     pub fn console_tail(&self) -> String {
-        let t = self.tail.lock().unwrap();
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.tail.text()
     }
 
     /// Plugs a vhost-user-fs device for the share served on `socket` into the running
@@ -202,10 +220,12 @@ impl TargetVm {
     }
 }
 
-fn spawn_console_reader(
+/// Reads a guest console: marker lines become events, the others go to the tail (and
+/// every line to `log`).
+pub fn spawn_console_reader(
     stream: UnixStream,
     log: Option<PathBuf>,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    tail: ConsoleTail,
     events: Sender<TargetEvent>,
 ) -> anyhow::Result<()> {
     let mut log = match log {
@@ -249,11 +269,7 @@ fn spawn_console_reader(
                 if line.is_empty() {
                     continue;
                 }
-                let mut t = tail.lock().unwrap();
-                if t.len() == CONSOLE_TAIL_LINES {
-                    t.pop_front();
-                }
-                t.push_back(line);
+                tail.push(line);
             }
         })?;
     Ok(())

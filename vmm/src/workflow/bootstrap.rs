@@ -15,11 +15,13 @@ use crate::accel::Accel;
 use crate::guest_kit::GuestKit;
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;
+use crate::snapshot::controller::revive::{bootstrap_controller, ControllerMachine};
 use crate::snapshot::controller::{
-    Controller, ControllerEnd, QemuController, SessionPlan, CLIENT_KEY_GUEST,
+    ControllerEnd, CLIENT_KEY_GUEST, CONTROLLER_INITRD, CONTROLLER_MEMORY_MIB, CONTROLLER_STATE,
 };
 use crate::snapshot::manifest::{
-    self, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan, StateInfo,
+    self, ControllerSnapshot, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan,
+    StateInfo,
 };
 use crate::snapshot::profile::{InstallContext, Profile, DISK_FILE};
 use crate::snapshot::progress::Progress;
@@ -152,25 +154,26 @@ pub fn bootstrap(
         },
         false,
     )?;
-    let controller = QemuController {
-        qemu: spec.qemu.clone(),
-        accel: spec.accel,
-    };
     let (kernel, kit_initrd) = (dir.join(KIT_KERNEL), dir.join(KIT_INITRD));
     let controller_cpio = dir.join(CONTROLLER_CPIO);
-    let session = controller.run_session(
-        &SessionPlan {
-            network: &network,
-            ssh: &ssh,
+    let controller_log = rundir.join("controller-console.log");
+    let session = bootstrap_controller(
+        &ControllerMachine {
+            qemu: &spec.qemu,
+            accel: spec.accel,
             kernel: &kernel,
-            initrd_parts: vec![&kit_initrd, &controller_cpio],
+            initrd: &kit_initrd,
             net_socket: &segment.controller_socket,
-            target_script: None,
-            ssh_wait: spec.ssh_wait,
+            mac: &network.controller_mac,
             rundir: rundir.path(),
-            console_log: rundir.join("controller-console.log"),
+            console_log: Some(&controller_log),
         },
-        signals,
+        &[&kit_initrd, &controller_cpio],
+        dir,
+        &network,
+        &ssh,
+        spec.ssh_wait,
+        &signals,
     )?;
     let mut target_up = None;
     while let Ok(ev) = target.events.try_recv() {
@@ -180,32 +183,35 @@ pub fn bootstrap(
             }
         }
     }
-    match session.end {
-        ControllerEnd::Finished(0) => {}
-        ControllerEnd::Interrupted => return Ok(Err(BootstrapFailure::Interrupted)),
-        ControllerEnd::TargetUnreachable => {
+    let marks = match session {
+        Ok(marks) => marks,
+        Err(ControllerEnd::Finished(0)) => {
+            unreachable!("bootstrap_controller reports success as Ok")
+        }
+        Err(ControllerEnd::Interrupted) => return Ok(Err(BootstrapFailure::Interrupted)),
+        Err(ControllerEnd::TargetUnreachable) => {
             return Ok(Err(BootstrapFailure::TargetUnreachable(
                 target.console_tail(),
             )))
         }
-        ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed => {
+        Err(ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed) => {
             return Ok(Err(BootstrapFailure::HandshakeFailed(
                 target.console_tail(),
             )))
         }
-        ControllerEnd::Finished(code) => {
+        Err(ControllerEnd::Finished(code)) => {
             return Ok(Err(BootstrapFailure::HandshakeFailed(format!(
                 "the controller's session ended with status {code}"
             ))))
         }
-        ControllerEnd::Died { why, console_tail } => {
+        Err(ControllerEnd::Died { why, console_tail }) => {
             return Ok(Err(BootstrapFailure::ControllerDied(format!(
                 "{why}\n{console_tail}"
             ))))
         }
-    }
+    };
     step.done();
-    let m = &session.marks;
+    let m = &marks;
     if let Some(t) = target_up {
         timings.insert(
             "target_boot".into(),
@@ -215,7 +221,7 @@ pub fn bootstrap(
     if let (Some(s), Some(up)) = (m.start, m.phase("controller-up")) {
         timings.insert("controller_up".into(), (up - s).as_secs_f64());
     }
-    if let (Some(open), Some(end)) = (m.phase("port-open"), m.phase("session-end")) {
+    if let (Some(open), Some(end)) = (m.phase("port-open"), m.phase("controller-ready")) {
         timings.insert("handshake".into(), (end - open).as_secs_f64());
     }
 
@@ -249,6 +255,8 @@ pub fn bootstrap(
         manifest::file_entry(dir, CLIENT_KEY, "key")?,
         manifest::file_entry(dir, KIT_KERNEL, "kernel")?,
         manifest::file_entry(dir, KIT_INITRD, "initrd")?,
+        manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
+        manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
     ];
     let state_bytes = std::fs::metadata(&state)?.len();
     let (a, b, c) = spec.qemu.version;
@@ -270,6 +278,11 @@ pub fn bootstrap(
         },
         network,
         ssh,
+        controller: Some(ControllerSnapshot {
+            state: CONTROLLER_STATE.into(),
+            initrd: CONTROLLER_INITRD.into(),
+            memory_mib: CONTROLLER_MEMORY_MIB,
+        }),
         mounts: MountPlan {
             xchg: spec.profile.xchg_mount().into(),
         },

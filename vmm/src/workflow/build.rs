@@ -29,7 +29,7 @@ use crate::accel::Accel;
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
-    Controller, ControllerEnd, ControllerOutcome, QemuController, SessionPlan,
+    BootedController, Controller, ControllerEnd, ControllerOutcome, RevivedController, SessionPlan,
 };
 use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
@@ -58,6 +58,17 @@ pub struct BuildSpec {
     pub verify_full: bool,
     /// The target's console is appended here (by default it is only kept for errors).
     pub console_log: Option<PathBuf>,
+    pub controller: ControllerChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControllerChoice {
+    /// Revive the controller the snapshot keeps suspended, else boot one
+    Auto,
+    /// Revive the snapshot's suspended controller
+    Revive,
+    /// Boot a fresh controller
+    Boot,
 }
 
 #[derive(Debug)]
@@ -171,14 +182,32 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     let (stop_controller, controller_stop_rx) = mpsc::channel::<()>();
     let (controller_done_tx, controller_done) =
         mpsc::channel::<anyhow::Result<ControllerOutcome>>();
-    let controller: Arc<dyn Controller> = Arc::new(QemuController {
-        qemu: spec.qemu.clone(),
-        accel: if manifest.machine.accel == "kvm" {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        },
-    });
+    let accel = if manifest.machine.accel == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let controller: Arc<dyn Controller> = match (spec.controller, &manifest.controller) {
+        (ControllerChoice::Boot, _) | (ControllerChoice::Auto, None) => Arc::new(BootedController {
+            qemu: spec.qemu.clone(),
+            accel,
+        }),
+        (_, Some(c)) => Arc::new(RevivedController {
+            qemu: spec.qemu.clone(),
+            accel,
+            state: dir.join(&c.state),
+            initrd: dir.join(&c.initrd),
+        }),
+        (ControllerChoice::Revive, None) => {
+            return Ok(BuildOutcome {
+                end: BuildEnd::SnapshotIncompatible(format!(
+                    "{} keeps no suspended controller (made by an older vmbuild): use --controller boot or bootstrap it again",
+                    dir.display()
+                )),
+                timings: t,
+            })
+        }
+    };
     {
         let (network, ssh) = (manifest.network.clone(), manifest.ssh.clone());
         let (kernel, kit_initrd, cpio) = (
