@@ -33,10 +33,11 @@ const SMALL_FILES: &str =
     "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
      for i in $(seq 200); do echo $i > /tmp/xchg/out/$i; done";
 
-const PHASES: [&str; 10] = [
+const PHASES: [&str; 11] = [
     "verify",
     "revive",
     "shares_attached",
+    "controller_revive",
     "controller_up",
     "handshake",
     "mount",

@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::qemu::QemuBinary;
+use crate::qemu::{QemuBinary, StateFormat};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Bumped when a snapshot made by an older vmbuild can no longer be revived by this one.
@@ -38,6 +38,10 @@ pub struct Manifest {
     pub created_at: String,
     pub qemu: QemuInfo,
     pub machine: MachinePlan,
+    /// The QEMU options `machine` renders to (for people; a revive derives them from
+    /// `machine` again), with $SNAPSHOT, $DISK and $NET_SOCKET for what differs per run.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
     pub state: StateInfo,
     pub network: NetworkPlan,
     pub ssh: SshPlan,
@@ -81,6 +85,28 @@ pub struct StateInfo {
     /// `mapped-ram` or `stream`.
     pub format: String,
     pub bytes: u64,
+    /// Written (and to be read) by this many multifd channels in parallel.
+    #[serde(default)]
+    pub multifd_channels: Option<u8>,
+}
+
+impl StateInfo {
+    pub fn state_format(&self) -> StateFormat {
+        match (self.format.as_str(), self.multifd_channels) {
+            ("stream", _) => StateFormat::Stream,
+            (_, Some(n)) => StateFormat::MappedRamMultifd(n),
+            (_, None) => StateFormat::MappedRam,
+        }
+    }
+}
+
+/// How snapshots are written: `mapped-ram` (pages at fixed offsets, read in place on
+/// revive) with multifd channels reading and writing in parallel. Measured
+/// (`snapshot-bench`): with 2 channels a cold-cache revive of a 256 MiB guest takes
+/// 0.14 s instead of 0.37 s, a warm one 0.06 s instead of 0.07 s.
+pub fn snapshot_state_format() -> StateFormat {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    StateFormat::MappedRamMultifd(cores.clamp(2, 4) as u8)
 }
 
 /// The private segment every build gets a copy of: the same addresses each time, since

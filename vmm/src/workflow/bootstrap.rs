@@ -26,7 +26,7 @@ use crate::snapshot::manifest::{
 use crate::snapshot::profile::{InstallContext, Profile, DISK_FILE};
 use crate::snapshot::progress::Progress;
 use crate::snapshot::segment::Segment;
-use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
+use crate::snapshot::target::{machine_args, Placement, TargetEvent, TargetVm};
 use crate::snapshot::{
     dropbear, BOOTSTRAP_LOG, CLIENT_KEY, CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL, STATE_FILE,
 };
@@ -154,6 +154,7 @@ pub fn bootstrap(
         },
         false,
     )?;
+    let state_format = manifest::snapshot_state_format();
     let (kernel, kit_initrd) = (dir.join(KIT_KERNEL), dir.join(KIT_INITRD));
     let controller_cpio = dir.join(CONTROLLER_CPIO);
     let controller_log = rundir.join("controller-console.log");
@@ -174,6 +175,7 @@ pub fn bootstrap(
         &ssh,
         spec.ssh_wait,
         &signals,
+        state_format,
     )?;
     let mut target_up = None;
     while let Ok(ev) = target.events.try_recv() {
@@ -232,7 +234,7 @@ pub fn bootstrap(
         .qmp
         .suspend_with_progress(
             &format!("file:{}", state.display()),
-            StateFormat::MappedRam,
+            state_format,
             Duration::from_secs(600),
             &mut |done, total| progress.fraction("saving memory", done, total),
         )
@@ -261,6 +263,17 @@ pub fn bootstrap(
     let state_bytes = std::fs::metadata(&state)?.len();
     let (a, b, c) = spec.qemu.version;
     timings.insert("total".into(), started.elapsed().as_secs_f64());
+    let qemu_args = machine_args(
+        &plan,
+        &network,
+        &Placement {
+            snapshot_dir: Path::new("$SNAPSHOT"),
+            disk: Path::new("$DISK"),
+            net_socket: Path::new("$NET_SOCKET"),
+            rundir: Path::new(""),
+            console_log: None,
+        },
+    );
     let manifest = Manifest {
         format: manifest::FORMAT,
         vmbuild_version: env!("CARGO_PKG_VERSION").into(),
@@ -271,10 +284,15 @@ pub fn bootstrap(
             binary: spec.qemu.path.display().to_string(),
         },
         machine: plan,
+        qemu_args,
         state: StateInfo {
             file: STATE_FILE.into(),
             format: "mapped-ram".into(),
             bytes: state_bytes,
+            multifd_channels: match state_format {
+                StateFormat::MappedRamMultifd(n) => Some(n),
+                _ => None,
+            },
         },
         network,
         ssh,

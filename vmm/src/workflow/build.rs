@@ -26,7 +26,7 @@ use serde::Serialize;
 use virtiofs_bridge::{ShareConfig, ShareServer};
 
 use crate::accel::Accel;
-use crate::qemu::{QemuBinary, StateFormat};
+use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
     BootedController, Controller, ControllerEnd, ControllerOutcome, RevivedController, SessionPlan,
@@ -99,7 +99,10 @@ pub struct BuildTimings {
     pub revive: Option<f64>,
     /// Share devices plugged into the running target (host side).
     pub shares_attached: Option<f64>,
-    /// Controller QEMU started → its network is up (it boots while the target revives).
+    /// Controller QEMU started → running again (a revived controller only).
+    pub controller_revive: Option<f64>,
+    /// Controller QEMU started → its network is up and the session in hand (it revives
+    /// or boots while the target revives).
     pub controller_up: Option<f64>,
     /// Target's SSH port answered → logged in with the pinned host key and the session
     /// script started in the target.
@@ -197,6 +200,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             accel,
             state: dir.join(&c.state),
             initrd: dir.join(&c.initrd),
+            format: manifest.state.state_format(),
         }),
         (ControllerChoice::Revive, None) => {
             return Ok(BuildOutcome {
@@ -250,11 +254,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         },
         true,
     )?;
-    let format = if manifest.state.format == "stream" {
-        StateFormat::Stream
-    } else {
-        StateFormat::MappedRam
-    };
+    let format = manifest.state.state_format();
     target
         .qmp
         .revive_from_file(
@@ -341,6 +341,9 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     let controller_outcome = controller_outcome.transpose()?;
     if let Some(c) = &controller_outcome {
         let m = &c.marks;
+        if controller.kind() == "qemu-revive" {
+            t.controller_revive = secs(m.start, m.vmm_ready);
+        }
         t.controller_up = secs(m.start, m.phase("controller-up"));
         t.handshake = secs(m.phase("port-open"), phase("session"));
     }

@@ -185,6 +185,7 @@ pub fn bootstrap_controller(
     ssh: &SshPlan,
     ssh_wait: Duration,
     signals: &Receiver<()>,
+    format: StateFormat,
 ) -> anyhow::Result<Result<Marks, ControllerEnd>> {
     let known_hosts = format!("{} {}\n", network.target_ip, ssh.host_key);
     let probe = super::controller_script(&SessionPlan {
@@ -278,7 +279,7 @@ pub fn bootstrap_controller(
     vm.qmp
         .suspend_to_file(
             &dir.join(CONTROLLER_STATE),
-            StateFormat::MappedRam,
+            format,
             Duration::from_secs(120),
         )
         .context("suspending the controller")?;
@@ -295,6 +296,8 @@ pub struct RevivedController {
     pub accel: Accel,
     pub state: PathBuf,
     pub initrd: PathBuf,
+    /// As the target's state (the manifest records one format for both).
+    pub format: StateFormat,
 }
 
 impl Controller for RevivedController {
@@ -325,7 +328,7 @@ impl Controller for RevivedController {
             ..Marks::default()
         };
         vm.qmp
-            .revive_from_file(&self.state, StateFormat::MappedRam, Duration::from_secs(60))
+            .revive_from_file(&self.state, self.format, Duration::from_secs(60))
             .context("reviving the controller")?;
         marks.vmm_ready = Some(Instant::now());
         // The session, as one line on the port the controller waits on.
