@@ -6,6 +6,7 @@ pub mod accel;
 pub mod cli;
 pub mod exit;
 pub mod guest_kit;
+pub mod kvm;
 pub mod qemu;
 pub mod runtime_dir;
 pub mod signals;
