@@ -1,0 +1,93 @@
+//! Virtio devices of the embedded VMM, on the virtio-mmio transport ([`mmio`]). The split
+//! virtqueues themselves (descriptor validation, ring indices) are the `virtio-queue`
+//! crate's; the devices here decide what a request means.
+//!
+//! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket).
+//!
+//! Interrupts are raised through an [`IrqLine`]: the transport's interrupt status bit,
+//! plus an eventfd when the VM has an in-kernel interrupt controller to route it
+//! (irqfd); a driver that polls (the device tests) only needs the status bit.
+
+pub mod mmio;
+pub mod net;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::kvm::memory::GuestRam;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Interrupt status bit: a used buffer was returned.
+pub const INT_USED_RING: u32 = 1;
+
+/// A device's view of guest memory, as vm-memory's type over the VM's own mapping.
+pub fn guest_memory(ram: &Arc<GuestRam>) -> std::io::Result<GuestMemoryMmap> {
+    // SAFETY: the mapping belongs to `ram`, which outlives every device of its VM (the VM
+    // holds the Arc); vm-memory does not unmap a region built from a raw pointer.
+    let region = unsafe {
+        MmapRegion::build_raw(
+            ram.host_address() as *mut u8,
+            ram.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+    }
+    .map_err(|e| std::io::Error::other(format!("guest memory for devices: {e}")))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| std::io::Error::other("guest memory region overflows"))?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| std::io::Error::other(format!("guest memory for devices: {e}")))
+}
+
+/// How a device tells the driver that it returned buffers.
+#[derive(Clone)]
+pub struct IrqLine {
+    status: Arc<AtomicU32>,
+    irqfd: Option<Arc<EventFd>>,
+}
+
+impl IrqLine {
+    pub fn new(status: Arc<AtomicU32>, irqfd: Option<Arc<EventFd>>) -> IrqLine {
+        IrqLine { status, irqfd }
+    }
+
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::AcqRel);
+        if let Some(fd) = &self.irqfd {
+            let _ = fd.write(1);
+        }
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (1 net, 26 fs, 9 9p, ...).
+    fn device_type(&self) -> u32;
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the number of queues is this slice's length.
+    fn queue_max_sizes(&self) -> &[u16];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK: the queues are configured and valid.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: IrqLine,
+    ) -> anyhow::Result<()>;
+    /// The driver notified queue `index`.
+    fn queue_notify(&mut self, index: u16);
+    /// Back to the state before activation (the driver wrote status 0).
+    fn reset(&mut self);
+}
