@@ -5,14 +5,17 @@
 //! * **xchg**, read-write, where the host and the guest see each other's changes.
 //!
 //! Each share is served on its own vhost-user socket ([`ShareServer`]) for QEMU's
-//! `vhost-user-fs-pci`; several shares run in one process. The FUSE wire format and the
+//! `vhost-user-fs-pci`; several shares run in one process. A VMM in this same process
+//! uses [`InProcessShare`] instead, with no socket. The FUSE wire format and the
 //! passthrough engine come from `fuse-backend-rs`; this crate adds the share policies
 //! ([`share`]), the vhost-user device ([`vhost_user`]) and the serving lifecycle.
 
+pub mod inprocess;
 pub mod share;
 pub mod stats;
 pub mod vhost_user;
 
+pub use inprocess::InProcessShare;
 pub use share::{CacheMode, ShareConfig};
 pub use stats::StatsSnapshot;
 pub use vhost_user::ShareServer;

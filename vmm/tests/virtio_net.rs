@@ -5,8 +5,11 @@
 //! device keeps working. No vCPU is needed, so this runs wherever the crate builds.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod support;
+
+use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
 use vmbuild::kvm::memory::GuestRam;
 use vmbuild::kvm::virtio::mmio::MmioTransport;
 use vmbuild::kvm::virtio::net::NetDevice;
@@ -18,9 +21,6 @@ use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
 
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xbb];
-const QSIZE: u16 = 16;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
 fn frame(dst: [u8; 6], src: [u8; 6], fill: u8) -> Vec<u8> {
     let mut f = Vec::new();
@@ -29,79 +29,6 @@ fn frame(dst: [u8; 6], src: [u8; 6], fill: u8) -> Vec<u8> {
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     f.extend_from_slice(&[fill; 46]);
     f
-}
-
-/// The test's side of one queue: where its rings are and what it has posted.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_avail: u16,
-}
-
-struct Driver {
-    ram: Arc<GuestRam>,
-    t: MmioTransport,
-    queues: Vec<DriverQueue>,
-}
-
-impl Driver {
-    fn r(&mut self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn w(&mut self, off: u64, v: u32) {
-        self.t.write(off, &v.to_le_bytes());
-    }
-
-    fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = self.queues[q].desc + 16 * u64::from(i);
-        let mut d = Vec::new();
-        d.extend_from_slice(&addr.to_le_bytes());
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-        self.ram.write(at, &d).unwrap();
-    }
-
-    /// Makes descriptor `head` available and notifies the queue.
-    fn post(&mut self, q: usize, head: u16) {
-        let dq = &mut self.queues[q];
-        let slot = dq.avail + 4 + 2 * u64::from(dq.next_avail % QSIZE);
-        self.ram.write(slot, &head.to_le_bytes()).unwrap();
-        dq.next_avail = dq.next_avail.wrapping_add(1);
-        let idx = dq.next_avail;
-        let avail = dq.avail;
-        self.ram.write(avail + 2, &idx.to_le_bytes()).unwrap();
-        self.w(0x50, q as u32);
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        let mut b = [0u8; 2];
-        self.ram.read(self.queues[q].used + 2, &mut b).unwrap();
-        u16::from_le_bytes(b)
-    }
-
-    /// (id, len) of used element `n`.
-    fn used_elem(&self, q: usize, n: u16) -> (u32, u32) {
-        let at = self.queues[q].used + 4 + 8 * u64::from(n % QSIZE);
-        (
-            self.ram.read_u32(at).unwrap(),
-            self.ram.read_u32(at + 4).unwrap(),
-        )
-    }
-
-    fn wait_used(&self, q: usize, want: u16) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.used_idx(q) != want {
-            assert!(
-                Instant::now() < deadline,
-                "queue {q} never reached used idx {want}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
 }
 
 /// A switch with a peer port, and a NIC the test drives up to DRIVER_OK.
@@ -116,53 +43,7 @@ fn setup() -> (
     let nic = NetDevice::new(&switch, "vm0", VM_MAC, VlanMode::default());
     let counters = nic.counters();
     let t = MmioTransport::new(Box::new(nic), guest_memory(&ram).unwrap(), None);
-    let queues = (0..2u64)
-        .map(|q| {
-            let base = 0x10000 * (q + 1);
-            DriverQueue {
-                desc: base,
-                avail: base + 0x1000,
-                used: base + 0x2000,
-                next_avail: 0,
-            }
-        })
-        .collect();
-    let mut d = Driver { ram, t, queues };
-    assert_eq!(d.r(0x000), 0x7472_6976, "magic");
-    assert_eq!(d.r(0x004), 2, "version");
-    assert_eq!(d.r(0x008), 1, "device id: net");
-    d.w(0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    d.w(0x014, 1);
-    assert_eq!(d.r(0x010) & 1, 1, "VERSION_1 offered");
-    d.w(0x014, 0);
-    assert_ne!(d.r(0x010) & (1 << 5), 0, "MAC offered");
-    d.w(0x024, 0);
-    d.w(0x020, 1 << 5);
-    d.w(0x024, 1);
-    d.w(0x020, 1);
-    d.w(
-        0x070,
-        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-    );
-    assert_ne!(d.r(0x070) & STATUS_FEATURES_OK, 0);
-    for q in 0..2 {
-        d.w(0x030, q as u32);
-        assert!(d.r(0x034) >= u32::from(QSIZE));
-        d.w(0x038, u32::from(QSIZE));
-        let (desc, avail, used) = (d.queues[q].desc, d.queues[q].avail, d.queues[q].used);
-        d.w(0x080, desc as u32);
-        d.w(0x084, 0);
-        d.w(0x090, avail as u32);
-        d.w(0x094, 0);
-        d.w(0x0a0, used as u32);
-        d.w(0x0a4, 0);
-        d.w(0x044, 1);
-    }
-    d.w(
-        0x070,
-        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-    );
-    assert_ne!(d.r(0x070) & STATUS_DRIVER_OK, 0);
+    let mut d = Driver::init(ram, t, 1, (1 << 32) | (1 << 5), 2);
     let mut mac = [0u8; 6];
     d.t.read(0x100, &mut mac);
     assert_eq!(mac, VM_MAC);

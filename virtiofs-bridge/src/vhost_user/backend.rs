@@ -129,12 +129,15 @@ impl FsBackend {
 /// Serves one request and returns how many bytes were written into the chain. A request
 /// that cannot be decoded is counted and answered with an empty used element, so the
 /// guest's waiter is released and the queue keeps moving.
-fn serve_chain(
+pub(crate) fn serve_chain<M>(
     server: &Server<Arc<ShareFs>>,
     stats: &ShareStats,
     mem: &GuestMemoryMmap,
-    chain: Chain,
-) -> u32 {
+    chain: DescriptorChain<M>,
+) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
     stats.count_request();
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
@@ -165,7 +168,10 @@ fn serve_chain(
 /// Answers a request the FUSE layer rejected with `EINVAL`, when its header can be read,
 /// so the guest's waiter is released with an error instead of waiting forever. Requests
 /// that never get replies (FORGET) and chains with no room for a header get none.
-fn reply_einval(mem: &GuestMemoryMmap, chain: Chain) -> u32 {
+fn reply_einval<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
     let Ok(mut reader) = Reader::from_descriptor_chain(mem, chain.clone()) else {
         return 0;
     };

@@ -1,7 +1,7 @@
 //! virtio-fs over vhost-user: the device back-end QEMU's `vhost-user-fs-pci` talks to, and
 //! the socket server that keeps a share available across front-end restarts.
 
-mod backend;
+pub(crate) mod backend;
 mod pool;
 mod server;
 

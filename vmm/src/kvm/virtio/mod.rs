@@ -2,12 +2,14 @@
 //! virtqueues themselves (descriptor validation, ring indices) are the `virtio-queue`
 //! crate's; the devices here decide what a request means.
 //!
-//! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket).
+//! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket);
+//! * [`fs`]: virtio-fs answered by a `virtiofs-bridge` share in this process.
 //!
 //! Interrupts are raised through an [`IrqLine`]: the transport's interrupt status bit,
 //! plus an eventfd when the VM has an in-kernel interrupt controller to route it
 //! (irqfd); a driver that polls (the device tests) only needs the status bit.
 
+pub mod fs;
 pub mod mmio;
 pub mod net;
 

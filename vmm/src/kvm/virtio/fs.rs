@@ -1,0 +1,106 @@
+//! virtio-fs served in this process: each request queue's descriptor chains go straight to
+//! a `virtiofs-bridge` share ([`InProcessShare`]), with its policies (read-only store,
+//! no way out of the share) and counters. No vhost-user socket, no shared-memory setup.
+//!
+//! Queues: hiprio (FORGET, INTERRUPT) and one request queue, as QEMU's vhost-user-fs-pci
+//! and the Linux driver use. Config space: the tag (36 bytes, NUL-padded) and the number
+//! of request queues.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use virtiofs_bridge::InProcessShare;
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const TAG_LEN: usize = 36;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    irq: IrqLine,
+}
+
+pub struct FsDevice {
+    share: Arc<InProcessShare>,
+    config: [u8; TAG_LEN + 4],
+    active: Option<Active>,
+}
+
+impl FsDevice {
+    /// Fails when the share's tag does not fit the 36 bytes virtio-fs gives it.
+    pub fn new(share: Arc<InProcessShare>) -> anyhow::Result<FsDevice> {
+        let tag = share.tag().as_bytes();
+        anyhow::ensure!(
+            !tag.is_empty() && tag.len() <= TAG_LEN,
+            "a virtio-fs tag has 1 to {TAG_LEN} bytes, '{}' has {}",
+            share.tag(),
+            tag.len()
+        );
+        let mut config = [0u8; TAG_LEN + 4];
+        config[..tag.len()].copy_from_slice(tag);
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        Ok(FsDevice {
+            share,
+            config,
+            active: None,
+        })
+    }
+}
+
+impl VirtioDevice for FsDevice {
+    fn device_type(&self) -> u32 {
+        26
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[128, 1024]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: IrqLine,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(queues.len() == 2, "virtio-fs needs 2 queues");
+        self.active = Some(Active { mem, queues, irq });
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some(q) = a.queues.get_mut(index as usize) else {
+            return;
+        };
+        let mut returned = false;
+        while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let used = self.share.serve(&a.mem, chain);
+            if q.add_used(&a.mem, head, used).is_err() {
+                tracing::debug!("virtio-fs: add_used failed");
+            }
+            returned = true;
+        }
+        if returned {
+            a.irq.signal_used();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
