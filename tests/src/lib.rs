@@ -6,3 +6,21 @@ pub mod fuse_client;
 pub mod guest;
 pub mod netns;
 pub mod vhost_frontend;
+
+/// Reports a test (or part of one) skipped because this host lacks something, with the
+/// reason: on stderr, and as a line in `$VMBUILD_SKIP_LOG` when set (scripts/test.sh
+/// counts those lines as skipped tests; cargo itself only knows passed and ignored).
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("vmbuild-test-skipped: {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("VMBUILD_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

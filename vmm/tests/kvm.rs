@@ -22,7 +22,7 @@ fn kvm_or_skip(test: &str) -> bool {
     match GuestRam::new(MIB).and_then(|ram| Vm::new(ram, 1).map_err(std::io::Error::other)) {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("vmbuild-test-skipped: {test}: KVM is not usable here: {e}");
+            vmbuild_tests::skip(test, &format!("KVM is not usable here: {e}"));
             false
         }
     }

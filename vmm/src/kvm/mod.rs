@@ -5,19 +5,23 @@
 //! * [`vm`]: a VM with its memory slot and vCPUs (CPUID as KVM supports it),
 //! * [`cpu_mode`]: entering real, protected or long mode as a loader would,
 //! * [`vcpu`]: the run loop, with port and MMIO exits handed to a [`vcpu::Bus`],
-//! * [`serial`]: the console (16550 transmit side at COM1),
+//! * [`serial`]: the console (16550 transmit side at COM1) for test guests, and [`uart`]
+//!   (vm-superio's full 16550A, interrupt through an irqfd) for Linux,
+//! * [`linux`]: booting an ELF vmlinux through its PVH entry with an initramfs, in a VM
+//!   with the PC's interrupt controllers and timer in the kernel,
 //! * [`snapshot`]: versioned vCPU state + memory file, restored copy-on-write,
 //! * [`virtio`]: the virtio-mmio transport and virtio-net on a vswitch in-process port.
 //!
-//! Not yet: an in-kernel interrupt controller (so HLT exits to userspace, LAPIC state is
-//! not saved and devices cannot interrupt a running guest), the Linux boot (PVH and
-//! bzImage), virtio-fs and 9p from the share core, the command channel, device state in
-//! snapshots, `vmbuild run --vmm`.
+//! Not yet: bzImage boot, virtio devices for a Linux guest (the mmio window, the
+//! `virtio_mmio.device=` command line, irqfd routing), 9p, the command channel, LAPIC and
+//! device state in snapshots, `vmbuild run --vmm`.
 
 pub mod cpu_mode;
+pub mod linux;
 pub mod memory;
 pub mod serial;
 pub mod snapshot;
+pub mod uart;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

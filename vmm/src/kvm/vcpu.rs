@@ -64,3 +64,33 @@ pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, pause: &AtomicBool) -> Stop {
         }
     }
 }
+
+/// The signal that knocks a vCPU thread out of KVM_RUN (KVM_RUN returns EINTR; [`run`]
+/// then sees its `pause` flag). Its handler does nothing.
+pub fn kick_signal() -> libc::c_int {
+    use std::sync::Once;
+    static REGISTER: Once = Once::new();
+    extern "C" fn ignore(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let sig = vmm_sys_util::signal::SIGRTMIN() + 1;
+    REGISTER.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, ignore) {
+            tracing::warn!("cannot register the vCPU kick signal: {e}");
+        }
+    });
+    sig
+}
+
+/// Stops a vCPU thread running [`run`]: sets `pause` and signals the thread until it has
+/// left KVM_RUN (a guest spinning without exits never looks at `pause` by itself).
+pub fn stop_thread<T>(thread: &std::thread::JoinHandle<T>, pause: &AtomicBool) {
+    use vmm_sys_util::signal::Killable;
+    pause.store(true, Ordering::Release);
+    let sig = kick_signal();
+    for _ in 0..200 {
+        if thread.is_finished() {
+            return;
+        }
+        let _ = thread.kill(sig);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -18,9 +18,21 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates a VM over `ram` with `vcpus` vCPUs. Fails with what to do when /dev/kvm
-    /// is missing or not accessible.
+    /// Creates a VM over `ram` with `vcpus` vCPUs and no interrupt controller: HLT exits
+    /// to userspace (what small test guests want). Fails with what to do when /dev/kvm is
+    /// missing or not accessible.
     pub fn new(ram: GuestRam, vcpus: u8) -> anyhow::Result<Vm> {
+        Self::create(ram, vcpus, false)
+    }
+
+    /// A VM with the PC's interrupt controllers and timer in the kernel (PIC, IOAPIC,
+    /// LAPIC, PIT), as Linux needs them: HLT waits in the kernel for an interrupt, devices
+    /// raise GSIs through irqfds.
+    pub fn new_pc(ram: GuestRam, vcpus: u8) -> anyhow::Result<Vm> {
+        Self::create(ram, vcpus, true)
+    }
+
+    fn create(ram: GuestRam, vcpus: u8, pc: bool) -> anyhow::Result<Vm> {
         if vcpus == 0 {
             bail!("a VM needs at least one vCPU");
         }
@@ -40,6 +52,18 @@ impl Vm {
         // SAFETY: the region is the mapping `ram` owns, which this Vm keeps alive (Arc)
         // for as long as the VM exists.
         unsafe { fd.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        if pc {
+            // Intel VMX needs a TSS region (3 pages) for real-mode emulation; out of the
+            // way just below 4 GiB, as other VMMs place it.
+            fd.set_tss_address(0xfffb_d000)
+                .context("KVM_SET_TSS_ADDR")?;
+            fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).context("KVM_CREATE_PIT2")?;
+        }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("KVM_GET_SUPPORTED_CPUID")?;
@@ -49,6 +73,9 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
             vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+            if pc {
+                set_lint(&vcpu)?;
+            }
             list.push(vcpu);
         }
         Ok(Vm {
@@ -84,4 +111,29 @@ impl Vm {
     pub fn return_vcpus(&mut self, vcpus: Vec<VcpuFd>) {
         self.vcpus = vcpus;
     }
+}
+
+/// Local APIC LINT0 as ExtINT (the PIC's output, which Linux uses until it finds an
+/// IOAPIC) and LINT1 as NMI, as a PC's firmware leaves them.
+fn set_lint(vcpu: &VcpuFd) -> anyhow::Result<()> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const DELIVERY_MODE_EXTINT: u32 = 7 << 8;
+    const DELIVERY_MODE_NMI: u32 = 4 << 8;
+    let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC")?;
+    let mut reg = |offset: usize, mode: u32| {
+        let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+            .iter()
+            .map(|b| *b as u8)
+            .collect();
+        let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let v = (v & !0x700) | mode;
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as _;
+        }
+    };
+    reg(LVT_LINT0, DELIVERY_MODE_EXTINT);
+    reg(LVT_LINT1, DELIVERY_MODE_NMI);
+    vcpu.set_lapic(&lapic).context("KVM_SET_LAPIC")?;
+    Ok(())
 }

@@ -1,0 +1,240 @@
+//! Booting Linux in the embedded VMM through PVH: the ELF vmlinux is loaded at its
+//! physical addresses (linux-loader), the initramfs at the top of low memory, and the vCPU
+//! enters the kernel's PVH entry in 32-bit protected mode with `%ebx` pointing at an
+//! `hvm_start_info` (command line, memory map, initramfs as module 0), the way QEMU's
+//! `-kernel vmlinux` does. One vCPU; a PC's interrupt controllers and timer in the
+//! kernel; COM1 as the console; the keyboard controller's reset line (`reboot=k`) and a
+//! triple fault end the VM.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::kvm::cpu_mode::{enter, CpuMode};
+use crate::kvm::memory::GuestRam;
+use crate::kvm::uart::{Transcript, Uart, COM1_BASE, COM1_GSI};
+use crate::kvm::vcpu::{run, Bus, Stop};
+use crate::kvm::virtio::guest_memory;
+use crate::kvm::vm::Vm;
+
+const START_INFO: u64 = 0x6000;
+const MODLIST: u64 = 0x6100;
+const MEMMAP: u64 = 0x6200;
+const CMDLINE: u64 = 0x20000;
+const CMDLINE_MAX: usize = 4096;
+const EBDA: u64 = 0x9fc00;
+const HIGH_MEMORY: u64 = 0x10_0000;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const E820_RAM: u32 = 1;
+/// Guest RAM stays below the PCI hole a PC keeps under 4 GiB.
+const MAX_MEMORY: usize = 3 << 30;
+
+pub struct LinuxConfig<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub memory_mib: usize,
+}
+
+/// How a Linux guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinuxEnd {
+    /// The guest reset (keyboard controller or triple fault): under `panic=-1` and
+    /// `reboot -f`, this is how the kit's guests power off without ACPI.
+    Reset,
+    TimedOut,
+    Failed(String),
+}
+
+/// The PC devices a Linux guest touches: COM1, and the keyboard controller's reset line.
+struct PcBus {
+    uart: Uart,
+    reset: Arc<AtomicBool>,
+}
+
+impl Bus for PcBus {
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if self.uart.pio_write(port, data) {
+            return;
+        }
+        // i8042 command 0xFE: pulse the CPU reset line.
+        if port == 0x64 && data.first() == Some(&0xfe) {
+            self.reset.store(true, Ordering::Release);
+        }
+    }
+
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if self.uart.pio_read(port, data) {
+            return;
+        }
+        // The keyboard controller's status reads "empty": the reboot path does not wait.
+        data.fill(if port == 0x64 { 0 } else { 0xff });
+    }
+
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+pub struct LinuxVm {
+    vm: Vm,
+    bus: Arc<PcBus>,
+    pub console: Transcript,
+}
+
+impl LinuxVm {
+    /// Loads the kernel, initramfs and command line and sets the vCPU at the PVH entry.
+    pub fn new(config: &LinuxConfig, console: Transcript) -> anyhow::Result<LinuxVm> {
+        let mem_bytes = config.memory_mib << 20;
+        if !(64 << 20..=MAX_MEMORY).contains(&mem_bytes) {
+            bail!(
+                "memory {} MiB: the embedded VMM boots Linux with 64 to {} MiB",
+                config.memory_mib,
+                MAX_MEMORY >> 20
+            );
+        }
+        let ram = GuestRam::new(mem_bytes)?;
+        let vm = Vm::new_pc(ram, 1)?;
+        let mem = guest_memory(vm.ram())?;
+
+        let mut kernel = File::open(config.kernel)
+            .with_context(|| format!("opening the kernel {}", config.kernel.display()))?;
+        let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a loadable ELF vmlinux ({e}); use the uncompressed vmlinux (the guest kit's)",
+                    config.kernel.display()
+                )
+            })?;
+        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+            bail!(
+                "{} has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH",
+                config.kernel.display()
+            );
+        };
+        let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
+
+        let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cmdline
+            .insert_str(config.cmdline)
+            .map_err(|e| anyhow::anyhow!("kernel command line: {e}"))?;
+        load_cmdline(&mem, GuestAddress(CMDLINE), &cmdline)
+            .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
+
+        let mut start = hvm_start_info {
+            magic: XEN_HVM_START_MAGIC,
+            version: 1,
+            cmdline_paddr: CMDLINE,
+            memmap_paddr: MEMMAP,
+            memmap_entries: 2,
+            ..Default::default()
+        };
+        if let Some(initrd) = config.initrd {
+            let data = std::fs::read(initrd)
+                .with_context(|| format!("reading the initramfs {}", initrd.display()))?;
+            let top = mem_bytes as u64;
+            let at = top
+                .checked_sub(data.len() as u64)
+                .map(|a| a & !0xfff)
+                .filter(|a| *a >= kernel_end)
+                .with_context(|| {
+                    format!(
+                        "the initramfs ({} MiB) does not fit above the kernel in {} MiB",
+                        data.len() >> 20,
+                        config.memory_mib
+                    )
+                })?;
+            vm.ram().write(at, &data)?;
+            let module = hvm_modlist_entry {
+                paddr: at,
+                size: data.len() as u64,
+                ..Default::default()
+            };
+            write_struct(vm.ram(), MODLIST, &module)?;
+            start.nr_modules = 1;
+            start.modlist_paddr = MODLIST;
+        }
+        let memmap = [
+            hvm_memmap_table_entry {
+                addr: 0,
+                size: EBDA,
+                type_: E820_RAM,
+                reserved: 0,
+            },
+            hvm_memmap_table_entry {
+                addr: HIGH_MEMORY,
+                size: mem_bytes as u64 - HIGH_MEMORY,
+                type_: E820_RAM,
+                reserved: 0,
+            },
+        ];
+        for (i, e) in memmap.iter().enumerate() {
+            write_struct(vm.ram(), MEMMAP + (i * std::mem::size_of_val(e)) as u64, e)?;
+        }
+        write_struct(vm.ram(), START_INFO, &start)?;
+
+        enter(&vm.vcpus()[0], vm.ram(), CpuMode::Protected32, entry.0, 0)?;
+        let mut regs = vm.vcpus()[0].get_regs()?;
+        regs.rbx = START_INFO;
+        vm.vcpus()[0].set_regs(&regs)?;
+
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        vm.fd()
+            .register_irqfd(&irq, COM1_GSI)
+            .context("routing the UART's interrupt (KVM_IRQFD)")?;
+        let bus = Arc::new(PcBus {
+            uart: Uart::new(COM1_BASE, irq, console.clone()),
+            reset: Arc::new(AtomicBool::new(false)),
+        });
+        Ok(LinuxVm { vm, bus, console })
+    }
+
+    /// Runs the guest until it resets, fails, or `timeout` passes.
+    pub fn run(&mut self, timeout: Duration) -> LinuxEnd {
+        let mut vcpus = self.vm.take_vcpus();
+        let mut vcpu = vcpus.pop().expect("one vCPU");
+        let (bus, stop) = (self.bus.clone(), self.bus.reset.clone());
+        crate::kvm::vcpu::kick_signal();
+        let thread = std::thread::spawn(move || {
+            let end = run(&mut vcpu, &*bus, &stop);
+            (vcpu, end)
+        });
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                crate::kvm::vcpu::stop_thread(&thread, &self.bus.reset);
+                if let Ok((vcpu, _)) = thread.join() {
+                    self.vm.return_vcpus(vec![vcpu]);
+                }
+                return LinuxEnd::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (vcpu, end) = thread.join().expect("vCPU thread");
+        self.vm.return_vcpus(vec![vcpu]);
+        match end {
+            Stop::Paused | Stop::Shutdown => LinuxEnd::Reset,
+            Stop::Halted => LinuxEnd::Failed("the vCPU halted with no interrupt controller".into()),
+            Stop::Failed(why) => LinuxEnd::Failed(why),
+        }
+    }
+}
+
+fn write_struct<T: Copy>(ram: &GuestRam, gpa: u64, v: &T) -> anyhow::Result<()> {
+    // SAFETY: T is one of the repr(C) PVH structures (plain data); its bytes are its
+    // initialised fields.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    };
+    ram.write(gpa, bytes)?;
+    Ok(())
+}

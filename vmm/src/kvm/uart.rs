@@ -1,0 +1,100 @@
+//! A full 16550A for guests that probe it (Linux's 8250 driver): vm-superio's emulation,
+//! its interrupt raised on a GSI through an irqfd. What the guest transmits is kept (for
+//! tests and error messages) and copied to an optional sink (the user's terminal, a log).
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const COM1_BASE: u16 = 0x3f8;
+pub const COM1_GSI: u32 = 4;
+
+/// Raises the UART's interrupt line.
+pub struct IrqTrigger(pub Arc<EventFd>);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Everything transmitted, plus an optional live copy.
+#[derive(Clone)]
+pub struct Transcript {
+    kept: Arc<Mutex<Vec<u8>>>,
+    live: Option<Arc<Mutex<Box<dyn Write + Send>>>>,
+}
+
+impl Transcript {
+    pub fn new(live: Option<Box<dyn Write + Send>>) -> Transcript {
+        Transcript {
+            kept: Arc::new(Mutex::new(Vec::new())),
+            live: live.map(|w| Arc::new(Mutex::new(w))),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.kept.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Transcript {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.kept.lock().unwrap().extend_from_slice(buf);
+        if let Some(live) = &self.live {
+            let _ = live.lock().unwrap().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(live) = &self.live {
+            let _ = live.lock().unwrap().flush();
+        }
+        Ok(())
+    }
+}
+
+pub struct Uart {
+    serial: Mutex<Serial<IrqTrigger, NoEvents, Transcript>>,
+    base: u16,
+}
+
+impl Uart {
+    pub fn new(base: u16, irq: Arc<EventFd>, out: Transcript) -> Uart {
+        Uart {
+            serial: Mutex::new(Serial::new(IrqTrigger(irq), out)),
+            base,
+        }
+    }
+
+    fn offset(&self, port: u16) -> Option<u8> {
+        port.checked_sub(self.base)
+            .filter(|o| *o < 8)
+            .map(|o| o as u8)
+    }
+
+    /// Handles a port write; false if the port is not this UART's.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        let Some(off) = self.offset(port) else {
+            return false;
+        };
+        if let Err(e) = self.serial.lock().unwrap().write(off, data[0]) {
+            tracing::debug!("uart: {e:?}");
+        }
+        true
+    }
+
+    /// Handles a port read; false if the port is not this UART's.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        let Some(off) = self.offset(port) else {
+            return false;
+        };
+        data.fill(0);
+        data[0] = self.serial.lock().unwrap().read(off);
+        true
+    }
+}
