@@ -231,6 +231,40 @@ fn a_counting_guest_is_snapshotted_and_restored_twice_at_once() {
 }
 
 #[test]
+fn a_pc_vm_keeps_its_apic_and_interrupt_controllers_across_a_snapshot() {
+    if !kvm_or_skip("a_pc_vm_keeps_its_apic_and_interrupt_controllers_across_a_snapshot") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let ram = GuestRam::new(2 * MIB).unwrap();
+    ram.write(0x7c00, &COUNTER).unwrap();
+    let mut vm = Vm::new_pc(ram, 1).unwrap();
+    enter(&vm.vcpus()[0], vm.ram(), CpuMode::Real, 0x7c00, 0x7000).unwrap();
+    let lapic_before = vm.vcpus()[0].get_lapic().unwrap();
+    let pit_before = vm.fd().get_pit2().unwrap();
+    let at_snapshot = count_until(&mut vm, 200);
+    snapshot::save(&vm, &snap).unwrap();
+    drop(vm);
+
+    let mut vm = snapshot::restore(&snap).unwrap();
+    assert!(vm.is_pc());
+    let lapic_after = vm.vcpus()[0].get_lapic().unwrap();
+    // LINT0 (ExtINT) and LINT1 (NMI) as the VM set them up, and the APIC ID page.
+    assert_eq!(
+        lapic_after.regs[0x350..0x370],
+        lapic_before.regs[0x350..0x370]
+    );
+    assert_eq!(
+        vm.fd().get_pit2().unwrap().channels[0].count,
+        pit_before.channels[0].count
+    );
+    assert_eq!(vm.ram().read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+    let now = count_until(&mut vm, at_snapshot + 100);
+    assert!(now >= at_snapshot + 100);
+}
+
+#[test]
 fn damaged_or_foreign_snapshots_are_refused() {
     if !kvm_or_skip("damaged_or_foreign_snapshots_are_refused") {
         return;
@@ -243,7 +277,14 @@ fn damaged_or_foreign_snapshots_are_refused() {
 
     let state = snap.join(snapshot::STATE_FILE);
     let original = std::fs::read_to_string(&state).unwrap();
-    std::fs::write(&state, original.replace("\"version\":1", "\"version\":99")).unwrap();
+    std::fs::write(
+        &state,
+        original.replace(
+            &format!("\"version\":{}", snapshot::VERSION),
+            "\"version\":99",
+        ),
+    )
+    .unwrap();
     let e = snapshot::restore(&snap).err().unwrap().to_string();
     assert!(e.contains("format 99"), "{e}");
 

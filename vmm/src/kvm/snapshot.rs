@@ -1,6 +1,7 @@
 //! Snapshots of an embedded-VMM guest: every vCPU's state (general and special registers,
-//! FPU, XCRs, pending events, MP state, MSRs) in a versioned state file, and guest memory
-//! in a file of its own. Restoring maps the memory file privately (copy-on-write), so a
+//! FPU and XSAVE area, XCRs, debug registers, pending events, MP state, MSRs, and the
+//! local APIC) and the VM's in-kernel devices (PIC, IOAPIC, PIT, kvmclock) in a versioned
+//! state file, and guest memory in a file of its own. Restoring maps the memory file privately (copy-on-write), so a
 //! restore costs an mmap plus a few ioctls per vCPU, and many VMs can restore from one
 //! snapshot at once.
 //!
@@ -22,7 +23,7 @@ use crate::kvm::vm::Vm;
 
 pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// Bumped whenever the state file's meaning changes: older files are refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const STATE_FILE: &str = "vcpus.json";
 pub const MEMORY_FILE: &str = "memory";
 
@@ -46,6 +47,19 @@ struct StateFile {
     version: u32,
     memory_bytes: u64,
     vcpus: Vec<VcpuState>,
+    /// The in-kernel PC devices, for a VM made with `Vm::new_pc`.
+    pc: Option<PcState>,
+}
+
+/// KVM structures kept as their bytes (kvm-bindings has no serde for them), checked for
+/// size on restore.
+#[derive(Serialize, Deserialize)]
+struct PcState {
+    pic_master: Vec<u8>,
+    pic_slave: Vec<u8>,
+    ioapic: Vec<u8>,
+    pit: Vec<u8>,
+    clock: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,6 +72,11 @@ struct VcpuState {
     events: kvm_vcpu_events,
     mp_state: kvm_mp_state,
     msrs: Vec<(u32, u64)>,
+    /// The legacy 4 KiB XSAVE area (FPU, SSE, AVX state).
+    xsave: Vec<u32>,
+    debugregs: Vec<u8>,
+    /// Only with an in-kernel APIC.
+    lapic: Option<Vec<u8>>,
 }
 
 /// The bytes of a plain-old-data KVM structure.
@@ -85,7 +104,7 @@ fn pod_from_bytes<T: Copy + Default>(bytes: &[u8]) -> anyhow::Result<T> {
     Ok(v)
 }
 
-fn save_vcpu(vcpu: &VcpuFd) -> anyhow::Result<VcpuState> {
+fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
     let mut msrs = Msrs::from_entries(
         &MSRS
             .iter()
@@ -108,6 +127,13 @@ fn save_vcpu(vcpu: &VcpuFd) -> anyhow::Result<VcpuState> {
             .iter()
             .map(|e| (e.index, e.data))
             .collect(),
+        xsave: vcpu.get_xsave().context("KVM_GET_XSAVE")?.region.to_vec(),
+        debugregs: pod_bytes(&vcpu.get_debug_regs().context("KVM_GET_DEBUGREGS")?),
+        lapic: if pc {
+            Some(pod_bytes(&vcpu.get_lapic().context("KVM_GET_LAPIC")?))
+        } else {
+            None
+        },
     })
 }
 
@@ -117,7 +143,25 @@ fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> anyhow::Result<()> {
     vcpu.set_regs(&s.regs).context("KVM_SET_REGS")?;
     vcpu.set_fpu(&pod_from_bytes::<kvm_fpu>(&s.fpu)?)
         .context("KVM_SET_FPU")?;
+    let mut xsave = kvm_bindings::kvm_xsave::default();
+    if s.xsave.len() != xsave.region.len() {
+        bail!(
+            "a saved XSAVE area has {} words, not {}",
+            s.xsave.len(),
+            xsave.region.len()
+        );
+    }
+    xsave.region.copy_from_slice(&s.xsave);
+    // SAFETY: a legacy (4 KiB) XSAVE area as KVM_GET_XSAVE returned it, with no extra
+    // (AMX) state after it, which is what KVM_SET_XSAVE reads.
+    unsafe { vcpu.set_xsave(&xsave) }.context("KVM_SET_XSAVE")?;
     vcpu.set_xcrs(&s.xcrs).context("KVM_SET_XCRS")?;
+    vcpu.set_debug_regs(&pod_from_bytes(&s.debugregs)?)
+        .context("KVM_SET_DEBUGREGS")?;
+    if let Some(lapic) = &s.lapic {
+        vcpu.set_lapic(&pod_from_bytes(lapic)?)
+            .context("KVM_SET_LAPIC")?;
+    }
     let msrs = Msrs::from_entries(
         &s.msrs
             .iter()
@@ -145,8 +189,27 @@ pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     let vcpus = vm
         .vcpus()
         .iter()
-        .map(save_vcpu)
+        .map(|v| save_vcpu(v, vm.is_pc()))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let pc = if vm.is_pc() {
+        let chip = |id: u32| -> anyhow::Result<Vec<u8>> {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            vm.fd().get_irqchip(&mut c).context("KVM_GET_IRQCHIP")?;
+            Ok(pod_bytes(&c))
+        };
+        Some(PcState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: pod_bytes(&vm.fd().get_pit2().context("KVM_GET_PIT2")?),
+            clock: pod_bytes(&vm.fd().get_clock().context("KVM_GET_CLOCK")?),
+        })
+    } else {
+        None
+    };
     vm.ram()
         .save(&dir.join(MEMORY_FILE))
         .context("writing guest memory")?;
@@ -155,6 +218,7 @@ pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
         version: VERSION,
         memory_bytes: vm.ram().len() as u64,
         vcpus,
+        pc,
     };
     let tmp = dir.join(".vcpus.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
@@ -192,7 +256,20 @@ pub fn restore(dir: &Path) -> anyhow::Result<Vm> {
     }
     let ram = GuestRam::map_private(&dir.join(MEMORY_FILE), state.memory_bytes as usize)
         .context("mapping the snapshot's memory")?;
-    let vm = Vm::new(ram, state.vcpus.len() as u8)?;
+    let vm = Vm::create(ram, state.vcpus.len() as u8, state.pc.is_some())?;
+    if let Some(pc) = &state.pc {
+        for bytes in [&pc.pic_master, &pc.pic_slave, &pc.ioapic] {
+            let chip: kvm_bindings::kvm_irqchip = pod_from_bytes(bytes)?;
+            vm.fd().set_irqchip(&chip).context("KVM_SET_IRQCHIP")?;
+        }
+        vm.fd()
+            .set_pit2(&pod_from_bytes(&pc.pit)?)
+            .context("KVM_SET_PIT2")?;
+        let mut clock: kvm_bindings::kvm_clock_data = pod_from_bytes(&pc.clock)?;
+        // Only the clock value is restored; flags describe the host it was read on.
+        clock.flags = 0;
+        vm.fd().set_clock(&clock).context("KVM_SET_CLOCK")?;
+    }
     for (vcpu, s) in vm.vcpus().iter().zip(&state.vcpus) {
         restore_vcpu(vcpu, s)?;
     }

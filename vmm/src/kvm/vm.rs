@@ -15,6 +15,7 @@ pub struct Vm {
     fd: VmFd,
     ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
+    pc: bool,
 }
 
 impl Vm {
@@ -32,7 +33,8 @@ impl Vm {
         Self::create(ram, vcpus, true)
     }
 
-    fn create(ram: GuestRam, vcpus: u8, pc: bool) -> anyhow::Result<Vm> {
+    /// [`Vm::new`] or [`Vm::new_pc`].
+    pub fn create(ram: GuestRam, vcpus: u8, pc: bool) -> anyhow::Result<Vm> {
         if vcpus == 0 {
             bail!("a VM needs at least one vCPU");
         }
@@ -83,11 +85,17 @@ impl Vm {
             fd,
             ram: Arc::new(ram),
             vcpus: list,
+            pc,
         })
     }
 
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+
+    /// Whether the VM has the PC's in-kernel interrupt controllers and timer.
+    pub fn is_pc(&self) -> bool {
+        self.pc
     }
 
     pub fn fd(&self) -> &VmFd {
