@@ -172,6 +172,14 @@ impl CountersSnapshot {
     }
 }
 
+/// Wakes a port's reader thread blocked in poll(2) on its stop eventfd.
+pub(crate) fn signal_eventfd(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

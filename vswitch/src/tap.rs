@@ -262,15 +262,7 @@ fn read_loop(switch: Arc<Switch>, id: PortId, mut tap: File, stop: libc::c_int, 
 
 impl Drop for TapPort {
     fn drop(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to our eventfd.
-        unsafe {
-            libc::write(
-                self.stop.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        crate::port::signal_eventfd(&self.stop);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

@@ -99,12 +99,7 @@ impl BuildArgs {
             }
         };
         if let Some(dest) = timings {
-            let json = serde_json::to_string(&outcome.timings)?;
-            if dest.as_os_str() == "-" {
-                eprintln!("{json}");
-            } else {
-                std::fs::write(&dest, format!("{json}\n"))?;
-            }
+            super::signal_channel::write_timings(&dest, &outcome.timings)?;
         }
         let say = |m: String| eprintln!("vmbuild build: {m}");
         Ok(match outcome.end {

@@ -127,12 +127,7 @@ impl RunArgs {
             }
         };
         if let Some(dest) = timings {
-            let json = serde_json::to_string(&outcome.marks.timings())?;
-            if dest.as_os_str() == "-" {
-                eprintln!("{json}");
-            } else {
-                std::fs::write(&dest, format!("{json}\n"))?;
-            }
+            super::signal_channel::write_timings(&dest, &outcome.marks.timings())?;
         }
         Ok(match outcome.end {
             RunEnd::Exited(code) => {

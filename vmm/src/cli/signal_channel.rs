@@ -1,4 +1,5 @@
-//! SIGINT/SIGTERM as messages on a channel, for the workflows' wait loops.
+//! What the workflow subcommands share: SIGINT/SIGTERM as messages on a channel for their
+//! wait loops, and `--timings` output.
 
 use std::sync::mpsc::{self, Receiver};
 
@@ -17,4 +18,18 @@ pub fn signal_channel() -> anyhow::Result<Receiver<()>> {
         }
     });
     Ok(rx)
+}
+
+/// `--timings[=FILE]`: one line of JSON on stderr (`-`) or in FILE.
+pub fn write_timings(
+    dest: &std::path::Path,
+    timings: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    let json = serde_json::to_string(timings)?;
+    if dest.as_os_str() == "-" {
+        eprintln!("{json}");
+    } else {
+        std::fs::write(dest, format!("{json}\n"))?;
+    }
+    Ok(())
 }

@@ -425,7 +425,7 @@ fn spawn_console_reader(
 }
 
 /// Copies a guest serial port to one of our output streams, byte for byte.
-fn spawn_copy(
+pub(crate) fn spawn_copy(
     mut from: UnixStream,
     mut to: impl Write + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {

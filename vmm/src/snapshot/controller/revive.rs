@@ -23,6 +23,7 @@ use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, Sta
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
 use crate::snapshot::target::{spawn_console_reader, ConsoleTail, TargetEvent};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+use crate::workflow::run::spawn_copy;
 use crate::workflow::timings::Marks;
 
 /// The controller's memory state and initramfs in a snapshot directory.
@@ -337,8 +338,8 @@ impl Controller for RevivedController {
         vm.stdout
             .write_all(line.as_bytes())
             .context("handing the session to the controller")?;
-        let out = copy_thread(vm.stdout.try_clone()?, std::io::stdout())?;
-        let err = copy_thread(vm.stderr.try_clone()?, std::io::stderr())?;
+        let out = spawn_copy(vm.stdout.try_clone()?, std::io::stdout())?;
+        let err = spawn_copy(vm.stderr.try_clone()?, std::io::stderr())?;
 
         let mut status = None;
         let mut interrupted = false;
@@ -388,28 +389,6 @@ impl Controller for RevivedController {
         };
         Ok(ControllerOutcome { end, marks })
     }
-}
-
-fn copy_thread(
-    mut from: UnixStream,
-    mut to: impl Write + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    Ok(std::thread::Builder::new()
-        .name("controller-output".into())
-        .spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        let _ = to.flush();
-                    }
-                }
-            }
-        })?)
 }
 
 fn base64(data: &[u8]) -> String {
