@@ -10,11 +10,12 @@
 //! * [`linux`]: booting an ELF vmlinux through its PVH entry with an initramfs, in a VM
 //!   with the PC's interrupt controllers and timer in the kernel,
 //! * [`snapshot`]: versioned vCPU state + memory file, restored copy-on-write,
-//! * [`virtio`]: the virtio-mmio transport and virtio-net on a vswitch in-process port.
+//! * [`virtio`]: the virtio-mmio transport; virtio-net on a vswitch in-process port,
+//!   virtio-fs on an in-process share, virtio-console as the command channel.
 //!
-//! Not yet: bzImage boot, virtio devices for a Linux guest (the mmio window, the
-//! `virtio_mmio.device=` command line, irqfd routing), 9p, the command channel, LAPIC and
-//! device state in snapshots, `vmbuild run --vmm`.
+//! Not yet: bzImage boot; giving a Linux guest its virtio devices (Debian's kernel has no
+//! `virtio_mmio.device=` support, so it needs ACPI tables or a virtio-pci transport); 9p;
+//! device state in snapshots; `vmbuild run --vmm`.
 
 pub mod cpu_mode;
 pub mod linux;

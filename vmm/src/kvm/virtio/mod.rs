@@ -3,12 +3,14 @@
 //! crate's; the devices here decide what a request means.
 //!
 //! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket);
-//! * [`fs`]: virtio-fs answered by a `virtiofs-bridge` share in this process.
+//! * [`fs`]: virtio-fs answered by a `virtiofs-bridge` share in this process;
+//! * [`console`]: a virtio-console port as the host ↔ guest command channel.
 //!
 //! Interrupts are raised through an [`IrqLine`]: the transport's interrupt status bit,
 //! plus an eventfd when the VM has an in-kernel interrupt controller to route it
 //! (irqfd); a driver that polls (the device tests) only needs the status bit.
 
+pub mod console;
 pub mod fs;
 pub mod mmio;
 pub mod net;
