@@ -567,6 +567,15 @@ fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interru
     assert_eq!(code(&refused), 2, "{}", stderr(&refused));
     assert!(stderr(&refused).contains("--replace"));
     assert_eq!(fs::read_to_string(out.join("precious")).unwrap(), "keep me");
+    // --replace replaces snapshots only.
+    let refused = vmbuild()
+        .args(["bootstrap", "--replace", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("not a vmbuild snapshot"));
+    assert_eq!(fs::read_to_string(out.join("precious")).unwrap(), "keep me");
 
     // Interrupted while the target boots: no snapshot, no staging, no VM.
     let fresh = root.path().join("fresh");
@@ -604,6 +613,40 @@ fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interru
 }
 
 #[test]
+fn a_failing_command_whose_stderr_looks_like_ssh_is_still_the_command() {
+    // "Permission denied" and "host key mismatch" on the command's stderr once logged in
+    // are the command's business, not a refused login (122) or a changed key (119).
+    let out = build(&[
+        "--",
+        "sh",
+        "-c",
+        "echo 'Permission denied' >&2; echo 'Host key mismatch' >&2; exit 126",
+    ])
+    .output();
+    assert_eq!(code(&out), 126, "{}", stderr(&out));
+}
+
+#[test]
+fn a_store_path_with_a_quote_is_mounted_where_asked() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("o'neil store");
+    fs::create_dir(&store).unwrap();
+    fs::write(store.join("f"), "quoted\n").unwrap();
+    let out = build(&[
+        "--store",
+        store.to_str().unwrap(),
+        "--store-mount",
+        "/srv/o'neil",
+        "--",
+        "cat",
+        "/srv/o'neil/f",
+    ])
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "quoted\n");
+}
+
+#[test]
 fn bad_input_exits_2() {
     let out = build(&[]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));
@@ -612,6 +655,8 @@ fn bad_input_exits_2() {
     assert_eq!(code(&out), 2);
     let out = build(&["--xchg", "/nonexistent/xchg", "--", "true"]).output();
     assert_eq!(code(&out), 2);
+    let out = build(&["--timeout", "1e20", "--", "true"]).output();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
     let out = vmbuild()
         .args(["bootstrap", "--profile", "beos", "--out", "/tmp/never"])
         .output()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::port::{PortId, PortSink, VlanMode};
 use crate::switch::Switch;
@@ -24,6 +24,8 @@ use crate::switch::Switch;
 const MAX_FRAME: usize = 65_550;
 /// A peer that stops reading loses frames after this long instead of stalling the switch.
 const SEND_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a frame that is partly out may take to finish before the stream is given up.
+const PARTIAL_FRAME_PATIENCE: Duration = Duration::from_secs(2);
 
 struct StreamSink {
     peer: Mutex<Option<UnixStream>>,
@@ -41,13 +43,42 @@ impl PortSink for StreamSink {
         let mut buf = Vec::with_capacity(4 + frame.len());
         buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
         buf.extend_from_slice(frame);
-        if let Err(e) = peer.write_all(&buf) {
-            // Part of a frame may be out: the stream can no longer be framed. Close it;
-            // the reader sees the hang-up and waits for the peer to reconnect.
+        let started = Instant::now();
+        let mut written = 0;
+        while written < buf.len() {
+            match peer.write(&buf[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A peer too busy to take this frame loses it, as on a wire; the stream
+                // is still in step as long as none of it went out.
+                Err(e)
+                    if written == 0
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    return Err(e)
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && started.elapsed() < PARTIAL_FRAME_PATIENCE => {}
+                Err(_) => break,
+            }
+        }
+        if written < buf.len() {
+            // Part of a frame went out: the stream can no longer be framed. Close it;
+            // the reader sees the hang-up and the peer reconnects.
             let _ = peer.shutdown(std::net::Shutdown::Both);
             *guard = None;
             self.protocol_errors.fetch_add(1, Relaxed);
-            return Err(e);
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream peer stalled mid-frame",
+            ));
         }
         Ok(())
     }
@@ -170,7 +201,7 @@ fn serve(
         };
         let _ = writer.set_write_timeout(Some(SEND_TIMEOUT));
         // A peer that stops mid-frame must not hold the thread (and so Drop) forever.
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         *sink.peer.lock().unwrap() = Some(writer);
         tracing::debug!(port = id, path = %sink.path.display(), "stream peer connected");
         let stopped = read_frames(&switch, id, &stream, &sink, stop, &mut frame);

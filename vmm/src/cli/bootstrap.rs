@@ -1,7 +1,6 @@
 //! `vmbuild bootstrap`: install a target once and suspend it to a snapshot directory.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 
@@ -124,10 +123,15 @@ impl BootstrapArgs {
                     self.out.display()
                 ));
             }
+            if !empty && !self.out.join("manifest.json").is_file() {
+                return Err(format!(
+                    "--out {}: refusing to replace a directory that is not a vmbuild snapshot",
+                    self.out.display()
+                ));
+            }
         }
-        if !(self.ssh_wait > 0.0 && self.ssh_wait.is_finite()) {
-            return Err("--ssh-wait must be a positive number of seconds".into());
-        }
+        let ssh_wait = super::run::seconds(self.ssh_wait, "--ssh-wait", 86_400.0)
+            .map_err(|super::run::Usage(m)| m)?;
         let qemu = QemuBinary::locate().map_err(|e| format!("{e:#}"))?;
         let kit = GuestKit::locate().map_err(|e| format!("{e:#}"))?;
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kit.kernel, &kit.initrd);
@@ -144,7 +148,7 @@ impl BootstrapArgs {
             memory_mib: self.memory,
             cpus: self.cpus,
             disk_size_mib,
-            ssh_wait: Duration::from_secs_f64(self.ssh_wait),
+            ssh_wait,
             progress: !self.quiet,
         })
     }

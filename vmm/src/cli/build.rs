@@ -3,11 +3,10 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 
-use super::run::{collect_env, directory, guest_path, usage, Usage};
+use super::run::{collect_env, directory, guest_path, seconds, usage, Usage, MAX_TIMEOUT};
 use crate::exit;
 use crate::qemu::QemuBinary;
 use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, ControllerChoice};
@@ -152,16 +151,11 @@ impl BuildArgs {
         if self.command.is_empty() {
             usage!("no command: vmbuild build --snapshot DIR [OPTIONS] -- COMMAND [ARGS...]");
         }
-        let timeout = match self.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                usage!("--timeout must be a positive number of seconds")
-            }
-            Some(t) => Some(Duration::from_secs_f64(t)),
-            None => None,
-        };
-        if !(self.ssh_wait > 0.0 && self.ssh_wait.is_finite()) {
-            usage!("--ssh-wait must be a positive number of seconds");
-        }
+        let timeout = self
+            .timeout
+            .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
+            .transpose()?;
+        let ssh_wait = seconds(self.ssh_wait, "--ssh-wait", 86_400.0)?;
         let store = match self.store {
             Some(dir) => {
                 directory(&dir, "store (--store)")?;
@@ -194,7 +188,7 @@ impl BuildArgs {
             xchg: self.xchg,
             keep_xchg: self.keep_xchg,
             timeout,
-            ssh_wait: Duration::from_secs_f64(self.ssh_wait),
+            ssh_wait,
             verify_full: self.verify,
             console_log: self.log,
             controller: self.controller,

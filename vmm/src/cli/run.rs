@@ -179,13 +179,10 @@ impl RunArgs {
         if self.cpus == 0 || self.cpus > 255 {
             usage!("--cpus must be between 1 and 255");
         }
-        let timeout = match self.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                usage!("--timeout must be a positive number of seconds")
-            }
-            Some(t) => Some(Duration::from_secs_f64(t)),
-            None => None,
-        };
+        let timeout = self
+            .timeout
+            .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
+            .transpose()?;
         let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
         let (kernel, initrd) = match (self.kernel, self.initrd) {
             (Some(k), Some(i)) => (k, i),
@@ -274,6 +271,20 @@ impl RunArgs {
             log: self.log,
         })
     }
+}
+
+/// The longest --timeout accepted (30 days): past that, "no timeout" is what is meant.
+pub(super) const MAX_TIMEOUT: f64 = 30.0 * 86_400.0;
+
+/// A positive, finite number of seconds up to `max`.
+pub(super) fn seconds(value: f64, flag: &str, max: f64) -> Result<Duration, Usage> {
+    if !(value > 0.0 && value.is_finite()) {
+        usage!("{flag} must be a positive number of seconds");
+    }
+    if value > max {
+        usage!("{flag} {value} is more than {max} seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 pub(super) fn readable_file(path: &Path, what: &str) -> Result<(), Usage> {

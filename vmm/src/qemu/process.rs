@@ -2,6 +2,7 @@
 //! back to (vmbuild listens, QEMU connects: no race on socket creation, no polling).
 
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +27,23 @@ impl QemuProcess {
         let mut cmd = Command::new(binary);
         cmd.args(args).stderr(stderr);
         if !stdio_console {
-            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+            // Its own process group: the terminal's Ctrl-C is vmbuild's to handle (stop the
+            // guest, clean up, exit 130), not a signal that kills QEMU mid-operation. A
+            // QEMU whose console is the terminal must stay in the foreground group.
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .process_group(0);
+        }
+        // SAFETY: prctl in the child between fork and exec is async-signal-safe. If the
+        // thread that owns this QEMU dies without dropping it (vmbuild killed, a panic),
+        // the kernel kills QEMU instead of leaving it running.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let child = cmd
             .spawn()

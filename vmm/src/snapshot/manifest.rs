@@ -194,9 +194,65 @@ impl Manifest {
             ))
             .into());
         }
-        serde_json::from_value(value).map_err(|e| {
-            SnapshotProblem::Damaged(format!("{} is damaged: {e}", path.display())).into()
-        })
+        let m: Manifest = serde_json::from_value(value)
+            .map_err(|e| SnapshotProblem::Damaged(format!("{} is damaged: {e}", path.display())))?;
+        m.check_plan().map_err(|why| {
+            SnapshotProblem::Damaged(format!("{} is damaged: {why}", path.display()))
+        })?;
+        Ok(m)
+    }
+
+    /// The values that end up in guest scripts and QEMU options must be what bootstrap
+    /// writes: addresses, a MAC, a plain user name, an absolute path without quotes.
+    fn check_plan(&self) -> Result<(), String> {
+        let n = &self.network;
+        for (what, ip) in [
+            ("target_ip", &n.target_ip),
+            ("controller_ip", &n.controller_ip),
+        ] {
+            ip.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("network.{what} '{ip}' is not an IPv4 address"))?;
+        }
+        if n.prefix_len == 0 || n.prefix_len > 30 {
+            return Err(format!("network.prefix_len {} is not 1-30", n.prefix_len));
+        }
+        for (what, mac) in [
+            ("target_mac", &n.target_mac),
+            ("controller_mac", &n.controller_mac),
+        ] {
+            let ok = mac.len() == 17
+                && mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+            if !ok {
+                return Err(format!("network.{what} '{mac}' is not a MAC address"));
+            }
+        }
+        let user_ok = !self.ssh.user.is_empty()
+            && self
+                .ssh
+                .user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !user_ok {
+            return Err(format!(
+                "ssh.user '{}' is not a plain user name",
+                self.ssh.user
+            ));
+        }
+        let key_ok = |k: &str| {
+            k.split(' ').count() == 2
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+/=- ".contains(c))
+        };
+        if !key_ok(&self.ssh.host_key) {
+            return Err("ssh.host_key is not a public key line".into());
+        }
+        let x = &self.mounts.xchg;
+        if !x.starts_with('/') || x.contains(['\'', '"', '\\', '\n']) {
+            return Err(format!("mounts.xchg '{x}' is not a plain absolute path"));
+        }
+        Ok(())
     }
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {

@@ -113,7 +113,7 @@ pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Ve
     push(&[
         "-netdev",
         &format!(
-            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
             at.net_socket.display()
         ),
         "-device",
@@ -245,7 +245,9 @@ pub fn spawn_console_reader(
             let mut raw = Vec::new();
             loop {
                 raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
+                match std::io::Read::take(&mut reader, crate::workflow::run::MAX_CONSOLE_LINE)
+                    .read_until(b'\n', &mut raw)
+                {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }

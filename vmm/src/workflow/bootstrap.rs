@@ -67,12 +67,7 @@ pub fn bootstrap(
 
     // --- where it goes --------------------------------------------------------------
     let out = absolute(&spec.out)?;
-    if out.exists() && !spec.replace && std::fs::read_dir(&out)?.next().is_some() {
-        bail!(
-            "{} exists and is not empty: choose another --out or pass --replace",
-            out.display()
-        );
-    }
+    check_out(&out, spec.replace)?;
     let parent = out
         .parent()
         .context("--out has no parent directory")?
@@ -311,13 +306,27 @@ pub fn bootstrap(
     step.done();
 
     // --- into place ----------------------------------------------------------------------------
-    if out.exists() {
-        std::fs::remove_dir_all(&out)
-            .with_context(|| format!("removing the old snapshot {}", out.display()))?;
+    // The old snapshot (if any) moves aside, the new one in, and only then is the old one
+    // removed: a failure in between leaves one of them whole under --out.
+    check_out(&out, spec.replace)?;
+    let old = out
+        .exists()
+        .then(|| parent.join(format!(".{name}.old-{}", std::process::id())));
+    if let Some(old) = &old {
+        std::fs::rename(&out, old)
+            .with_context(|| format!("moving the old snapshot {} aside", out.display()))?;
     }
-    let kept = staging.keep();
-    std::fs::rename(&kept, &out)
-        .with_context(|| format!("moving the snapshot to {}", out.display()))?;
+    if let Err(e) = std::fs::rename(staging.path(), &out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, &out);
+        }
+        return Err(e).with_context(|| format!("moving the snapshot to {}", out.display()));
+    }
+    let _ = staging.keep();
+    if let Some(old) = &old {
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("removing the old snapshot {}", old.display()))?;
+    }
     manifest::mark_verified(&out, &manifest);
     progress.note(&format!(
         "snapshot ready in {} ({:.1} s)",
@@ -325,6 +334,34 @@ pub fn bootstrap(
         progress.elapsed()
     ));
     Ok(Ok(manifest))
+}
+
+/// `out` may be written: absent, empty, or (with `replace`) a snapshot. Never replaces a
+/// directory that is not a snapshot.
+fn check_out(out: &Path, replace: bool) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    if std::fs::read_dir(out)?.next().is_none() {
+        return Ok(());
+    }
+    if !replace {
+        bail!(
+            "{} exists and is not empty: choose another --out or pass --replace",
+            out.display()
+        );
+    }
+    if !out.join(manifest::MANIFEST_FILE).is_file() {
+        bail!(
+            "refusing to replace {}: it is not a vmbuild snapshot (no {})",
+            out.display(),
+            manifest::MANIFEST_FILE
+        );
+    }
+    Ok(())
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

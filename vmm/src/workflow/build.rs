@@ -182,9 +182,6 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
 
     // --- the controller boots while the target revives ----------------------------------------
     let target_script = session_script(spec, &manifest, profile.as_ref());
-    let (stop_controller, controller_stop_rx) = mpsc::channel::<()>();
-    let (controller_done_tx, controller_done) =
-        mpsc::channel::<anyhow::Result<ControllerOutcome>>();
     let accel = if manifest.machine.accel == "kvm" {
         Accel::Kvm
     } else {
@@ -212,7 +209,9 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             })
         }
     };
-    {
+    // Dropped on every way out of this function: stops the controller and waits for it,
+    // so that an error below never leaves its QEMU behind.
+    let mut controller_thread = {
         let (network, ssh) = (manifest.network.clone(), manifest.ssh.clone());
         let (kernel, kit_initrd, cpio) = (
             dir.join(KIT_KERNEL),
@@ -223,7 +222,9 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         let rundir_path = rundir.path().to_owned();
         let ssh_wait = spec.ssh_wait;
         let controller = controller.clone();
-        std::thread::Builder::new()
+        let (stop_tx, controller_stop_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<anyhow::Result<ControllerOutcome>>();
+        let handle = std::thread::Builder::new()
             .name("controller".into())
             .spawn(move || {
                 let plan = SessionPlan {
@@ -237,9 +238,14 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
                     rundir: &rundir_path,
                     console_log: rundir_path.join("controller-console.log"),
                 };
-                let _ = controller_done_tx.send(controller.run_session(&plan, controller_stop_rx));
+                let _ = done_tx.send(controller.run_session(&plan, controller_stop_rx));
             })?;
-    }
+        ControllerThread {
+            stop: Some(stop_tx),
+            done: done_rx,
+            handle: Some(handle),
+        }
+    };
 
     let mut target = TargetVm::start(
         &spec.qemu,
@@ -277,30 +283,34 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     let mut phases: Vec<(String, Instant)> = Vec::new();
     let mut early_end: Option<BuildEnd> = None;
     let mut target_gone = false;
+    let mut stop_sent_at: Option<Instant> = None;
     let controller_outcome = loop {
-        match controller_done.recv_timeout(Duration::from_millis(10)) {
+        match controller_thread
+            .done
+            .recv_timeout(Duration::from_millis(10))
+        {
             Ok(outcome) => break Some(outcome),
             Err(RecvTimeoutError::Disconnected) => break None,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        while let Ok(ev) = target.events.try_recv() {
-            match ev {
-                TargetEvent::Phase(p, at) => phases.push((p, at)),
-                TargetEvent::Exit(n, _) => exit_status = Some(n),
-                TargetEvent::Qmp(_) => {}
+        drain(&target.events, &mut phases, &mut exit_status);
+        if let Some(at) = stop_sent_at {
+            // The controller was told to stop; give it a bounded time to do so.
+            if at.elapsed() > Duration::from_secs(15) {
+                break None;
             }
-        }
-        if early_end.is_some() {
-            continue; // the controller was told to stop; wait for it
+            continue;
         }
         if signals.try_recv().is_ok() {
             early_end = Some(BuildEnd::Interrupted);
         } else if deadline.is_some_and(|d| Instant::now() >= d) {
             early_end = Some(BuildEnd::TimedOut(spec.timeout.unwrap_or_default()));
         } else if !target_gone && target.qemu.try_wait()?.is_some() {
-            // Give the controller a moment to report the end of a finished session.
+            // A command that powered the target off after reporting its status has
+            // finished: give its last console lines and the controller a moment.
             target_gone = true;
             std::thread::sleep(Duration::from_millis(200));
+            drain(&target.events, &mut phases, &mut exit_status);
             if exit_status.is_none() {
                 early_end = Some(BuildEnd::Lost {
                     why: "the target VM stopped during the build".into(),
@@ -309,15 +319,22 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             }
         }
         if early_end.is_some() {
-            let _ = stop_controller.send(());
+            controller_thread.stop();
+            stop_sent_at = Some(Instant::now());
         }
     };
     let session_done = Instant::now();
-    while let Ok(ev) = target.events.try_recv() {
-        match ev {
-            TargetEvent::Phase(p, at) => phases.push((p, at)),
-            TargetEvent::Exit(n, _) => exit_status = Some(n),
-            TargetEvent::Qmp(_) => {}
+    drain(&target.events, &mut phases, &mut exit_status);
+    // The controller saw the session end; the target's status line may still be on its
+    // way through the console reader.
+    let finished =
+        matches!(&controller_outcome, Some(Ok(c)) if matches!(c.end, ControllerEnd::Finished(_)));
+    if finished && exit_status.is_none() {
+        let until = Instant::now() + Duration::from_secs(1);
+        while exit_status.is_none() && Instant::now() < until {
+            if let Ok(ev) = target.events.recv_timeout(Duration::from_millis(20)) {
+                record(ev, &mut phases, &mut exit_status);
+            }
         }
     }
 
@@ -353,8 +370,22 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     t.teardown = secs(Some(session_done), Some(done));
     t.total = secs(Some(start), Some(done));
 
+    // Once the target has started the session, the login was fine: whatever the SSH
+    // client's stderr said was the command's (its "Permission denied" included).
+    let logged_in = phase("session").is_some() || exit_status.is_some();
     let end = match (early_end, controller_outcome.map(|c| c.end)) {
         (Some(end), _) => end,
+        (None, Some(ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed))
+            if logged_in =>
+        {
+            match exit_status {
+                Some(code) => BuildEnd::Exited(code),
+                None => BuildEnd::Lost {
+                    why: "the session ended without the command's exit status (the target may have failed)".into(),
+                    console_tail: target_tail.clone(),
+                },
+            }
+        }
         (None, Some(ControllerEnd::Finished(_))) => match exit_status {
             Some(code) => BuildEnd::Exited(code),
             None => BuildEnd::Lost {
@@ -378,6 +409,48 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         },
     };
     Ok(BuildOutcome { end, timings: t })
+}
+
+/// The controller's thread: stopped and joined when dropped.
+struct ControllerThread {
+    stop: Option<mpsc::Sender<()>>,
+    done: mpsc::Receiver<anyhow::Result<ControllerOutcome>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControllerThread {
+    fn stop(&mut self) {
+        // Closing the channel is the signal (a send could race a controller that has
+        // already stopped listening).
+        self.stop.take();
+    }
+}
+
+impl Drop for ControllerThread {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn record(ev: TargetEvent, phases: &mut Vec<(String, Instant)>, exit: &mut Option<i32>) {
+    match ev {
+        TargetEvent::Phase(p, at) => phases.push((p, at)),
+        TargetEvent::Exit(n, _) => *exit = Some(n),
+        TargetEvent::Qmp(_) => {}
+    }
+}
+
+fn drain(
+    events: &mpsc::Receiver<TargetEvent>,
+    phases: &mut Vec<(String, Instant)>,
+    exit: &mut Option<i32>,
+) {
+    while let Ok(ev) = events.try_recv() {
+        record(ev, phases, exit);
+    }
 }
 
 /// What the target runs in the SSH session: markers on its console (fd 3), the clock set

@@ -31,6 +31,8 @@ use crate::workflow::timings::Marks;
 /// Where the control share (command script, exit status) is mounted in the guest.
 const CTL_MOUNT: &str = "/run/vmbuild";
 const CONSOLE_TAIL_LINES: usize = 40;
+/// Longest console line kept in one piece; longer ones are split.
+pub(crate) const MAX_CONSOLE_LINE: u64 = 64 << 10;
 
 /// A host directory mounted in the guest.
 #[derive(Debug, Clone)]
@@ -236,7 +238,13 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     let (tx, rx) = mpsc::channel::<Event>();
     let (qmp_tx, qmp_rx) = mpsc::channel::<QmpEvent>();
     forward(qmp_rx, tx.clone(), Event::Qmp);
-    forward(signals, tx.clone(), |()| Event::Signal);
+    // A closed channel means stop too: a caller (a build's controller thread) that goes
+    // away must not leave this VM running.
+    let stop_tx = tx.clone();
+    std::thread::spawn(move || {
+        let _ = signals.recv();
+        let _ = stop_tx.send(Event::Signal);
+    });
     let mut qmp = Qmp::handshake(qmp_stream, qmp_tx)?;
     marks.vmm_ready = Some(Instant::now());
 
@@ -392,7 +400,9 @@ fn spawn_console_reader(
             let mut raw = Vec::new();
             loop {
                 raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
+                // Bounded: a guest that never prints a newline cannot grow this buffer.
+                match std::io::Read::take(&mut reader, MAX_CONSOLE_LINE).read_until(b'\n', &mut raw)
+                {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -558,7 +568,7 @@ fn qemu_args(
         push(&[
             "-netdev",
             &format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
                 nic.socket.display()
             ),
             "-device",

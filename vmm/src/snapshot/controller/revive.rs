@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -98,7 +98,7 @@ impl ControllerVm {
         push(&[
             "-netdev",
             &format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
                 m.net_socket.display()
             ),
             "-device",
@@ -332,24 +332,32 @@ impl Controller for RevivedController {
             .revive_from_file(&self.state, self.format, Duration::from_secs(60))
             .context("reviving the controller")?;
         marks.vmm_ready = Some(Instant::now());
-        // The session, as one line on the port the controller waits on.
+        // The session, as one line on the port the controller waits on. An emulated UART
+        // is slow, but never this slow: a stuck controller must not hold the build.
         let mut line = base64(&session_files(plan));
         line.push('\n');
+        vm.stdout.set_write_timeout(Some(Duration::from_secs(60)))?;
         vm.stdout
             .write_all(line.as_bytes())
             .context("handing the session to the controller")?;
+        vm.stdout.set_write_timeout(None)?;
         let out = spawn_copy(vm.stdout.try_clone()?, std::io::stdout())?;
         let err = spawn_copy(vm.stderr.try_clone()?, std::io::stderr())?;
 
         let mut status = None;
-        let mut interrupted = false;
+        let mut interrupted: Option<Instant> = None;
         loop {
             if vm.qemu.try_wait()?.is_some() {
                 break;
             }
-            if !interrupted && stop.try_recv().is_ok() {
-                interrupted = true;
+            // A message or a closed channel: the build is over, stop.
+            if interrupted.is_none() && !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                interrupted = Some(Instant::now());
                 let _ = vm.qmp.quit();
+            }
+            if interrupted.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
+                vm.qemu.kill();
+                break;
             }
             match vm.events.recv_timeout(Duration::from_millis(10)) {
                 Ok(TargetEvent::Phase(p, at)) => marks.phases.push((p, at)),
@@ -373,7 +381,7 @@ impl Controller for RevivedController {
                 _ => {}
             }
         }
-        let end = if interrupted {
+        let end = if interrupted.is_some() {
             ControllerEnd::Interrupted
         } else {
             match status {

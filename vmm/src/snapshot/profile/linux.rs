@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 
 use super::{Boot, InstallContext, Profile, DISK_FILE};
 use crate::snapshot::{dropbear, KIT_INITRD, KIT_KERNEL};
+use crate::workflow::guest_script::shell_quote;
 
 pub struct Linux;
 
@@ -154,14 +155,16 @@ impl Profile for Linux {
 
     fn mount_share(&self, tag: &str, mountpoint: &str, read_only: bool) -> String {
         let opts = if read_only { "-o ro " } else { "" };
+        let mp = String::from_utf8_lossy(&shell_quote(mountpoint.as_bytes())).into_owned();
+        let tag_q = String::from_utf8_lossy(&shell_quote(tag.as_bytes())).into_owned();
         // The device is hot-plugged just after the revive; ACPI and the driver take some
         // tens of milliseconds under TCG. Wait up to 20 s.
         format!(
-            "mkdir -p '{mountpoint}'\n\
+            "mkdir -p {mp}\n\
              n=0\n\
-             while ! mount -t virtiofs {opts}{tag} '{mountpoint}' 2>/dev/null; do\n\
+             while ! mount -t virtiofs {opts}{tag_q} {mp} 2>/dev/null; do\n\
              \tn=$((n + 1))\n\
-             \tif [ $n -ge 800 ]; then echo 'vmbuild: the share {tag} did not appear in the target' >&2; exit 125; fi\n\
+             \tif [ $n -ge 800 ]; then echo 'vmbuild: a share did not appear in the target' >&2; exit 125; fi\n\
              \tsleep 0.025\n\
              done\n"
         )
