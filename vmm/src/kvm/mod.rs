@@ -17,6 +17,7 @@
 //! `virtio_mmio.device=` support, so it needs ACPI tables or a virtio-pci transport); 9p;
 //! device state in snapshots; `vmbuild run --vmm`.
 
+pub mod acpi;
 pub mod cpu_mode;
 pub mod linux;
 pub mod memory;
