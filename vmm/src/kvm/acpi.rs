@@ -36,7 +36,7 @@ pub fn build(base: u64, vcpus: u8, devices: &[MmioDevice]) -> Tables {
     let madt = madt(vcpus);
     // Layout: RSDP (36, padded to 64), XSDT, FADT, MADT, DSDT, each 16-byte aligned.
     let mut out = vec![0u8; 64];
-    let mut place = |out: &mut Vec<u8>, table: Vec<u8>| -> u64 {
+    let place = |out: &mut Vec<u8>, table: Vec<u8>| -> u64 {
         while out.len() % 16 != 0 {
             out.push(0);
         }
