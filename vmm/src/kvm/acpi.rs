@@ -37,7 +37,7 @@ pub fn build(base: u64, vcpus: u8, devices: &[MmioDevice]) -> Tables {
     // Layout: RSDP (36, padded to 64), XSDT, FADT, MADT, DSDT, each 16-byte aligned.
     let mut out = vec![0u8; 64];
     let place = |out: &mut Vec<u8>, table: Vec<u8>| -> u64 {
-        while out.len() % 16 != 0 {
+        while !out.len().is_multiple_of(16) {
             out.push(0);
         }
         let at = base + out.len() as u64;
