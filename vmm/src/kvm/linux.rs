@@ -3,8 +3,9 @@
 //! enters the kernel's PVH entry in 32-bit protected mode with `%ebx` pointing at an
 //! `hvm_start_info` (command line, memory map, initramfs as module 0), the way QEMU's
 //! `-kernel vmlinux` does. One vCPU; a PC's interrupt controllers and timer in the
-//! kernel; COM1 as the console; the keyboard controller's reset line (`reboot=k`) and a
-//! triple fault end the VM.
+//! kernel; COM1 as the console; virtio devices on virtio-mmio windows the kernel finds in
+//! ACPI tables (RSDP passed in the start info); the keyboard controller's reset line
+//! (`reboot=k`) and a triple fault end the VM.
 
 use std::fs::File;
 use std::path::Path;
@@ -21,11 +22,13 @@ use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::kvm::acpi::{self, MmioDevice};
 use crate::kvm::cpu_mode::{enter, CpuMode};
 use crate::kvm::memory::GuestRam;
 use crate::kvm::uart::{Transcript, Uart, COM1_BASE, COM1_GSI};
 use crate::kvm::vcpu::{run, Bus, Stop};
-use crate::kvm::virtio::guest_memory;
+use crate::kvm::virtio::mmio::{MmioTransport, WINDOW as MMIO_WINDOW};
+use crate::kvm::virtio::{guest_memory, VirtioDevice};
 use crate::kvm::vm::Vm;
 
 const START_INFO: u64 = 0x6000;
@@ -57,10 +60,29 @@ pub enum LinuxEnd {
     Failed(String),
 }
 
-/// The PC devices a Linux guest touches: COM1, and the keyboard controller's reset line.
+/// Where the virtio-mmio windows start, one page each, and the first GSI they use (COM1
+/// has 4; 5 and up are free on a PC without legacy devices).
+const VIRTIO_MMIO_BASE: u32 = 0xd000_0000;
+const VIRTIO_FIRST_GSI: u32 = 5;
+const MAX_VIRTIO_DEVICES: usize = 16;
+/// The ACPI tables live in the BIOS area, which the memory map leaves out of RAM.
+const ACPI_TABLES: u64 = 0xe_0000;
+
+/// The PC devices a Linux guest touches: COM1, the keyboard controller's reset line, and
+/// the virtio-mmio windows.
 struct PcBus {
     uart: Uart,
     reset: Arc<AtomicBool>,
+    virtio: Vec<(u64, std::sync::Mutex<MmioTransport>)>,
+}
+
+impl PcBus {
+    fn window(&self, addr: u64) -> Option<(u64, &std::sync::Mutex<MmioTransport>)> {
+        self.virtio
+            .iter()
+            .find(|(base, _)| (*base..*base + MMIO_WINDOW).contains(&addr))
+            .map(|(base, t)| (addr - base, t))
+    }
 }
 
 impl Bus for PcBus {
@@ -82,7 +104,18 @@ impl Bus for PcBus {
         data.fill(if port == 0x64 { 0 } else { 0xff });
     }
 
-    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((off, t)) = self.window(addr) {
+            t.lock().unwrap().write(off, data);
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.window(addr) {
+            Some((off, t)) => t.lock().unwrap().read(off, data),
+            None => data.fill(0xff),
+        }
+    }
 }
 
 pub struct LinuxVm {
@@ -93,7 +126,15 @@ pub struct LinuxVm {
 
 impl LinuxVm {
     /// Loads the kernel, initramfs and command line and sets the vCPU at the PVH entry.
-    pub fn new(config: &LinuxConfig, console: Transcript) -> anyhow::Result<LinuxVm> {
+    /// `devices` get virtio-mmio windows, described to the kernel in ACPI tables.
+    pub fn new(
+        config: &LinuxConfig,
+        console: Transcript,
+        devices: Vec<Box<dyn VirtioDevice>>,
+    ) -> anyhow::Result<LinuxVm> {
+        if devices.len() > MAX_VIRTIO_DEVICES {
+            bail!("at most {MAX_VIRTIO_DEVICES} virtio devices");
+        }
         let mem_bytes = config.memory_mib << 20;
         if !(64 << 20..=MAX_MEMORY).contains(&mem_bytes) {
             bail!(
@@ -130,9 +171,19 @@ impl LinuxVm {
         load_cmdline(&mem, GuestAddress(CMDLINE), &cmdline)
             .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
 
+        let windows: Vec<MmioDevice> = (0..devices.len() as u32)
+            .map(|i| MmioDevice {
+                base: VIRTIO_MMIO_BASE + i * MMIO_WINDOW as u32,
+                size: MMIO_WINDOW as u32,
+                gsi: VIRTIO_FIRST_GSI + i,
+            })
+            .collect();
+        let tables = acpi::build(ACPI_TABLES, 1, &windows);
+        vm.ram().write(ACPI_TABLES, &tables.bytes)?;
         let mut start = hvm_start_info {
             magic: XEN_HVM_START_MAGIC,
             version: 1,
+            rsdp_paddr: tables.rsdp,
             cmdline_paddr: CMDLINE,
             memmap_paddr: MEMMAP,
             memmap_entries: 2,
@@ -191,9 +242,19 @@ impl LinuxVm {
         vm.fd()
             .register_irqfd(&irq, COM1_GSI)
             .context("routing the UART's interrupt (KVM_IRQFD)")?;
+        let mut virtio = Vec::new();
+        for (device, w) in devices.into_iter().zip(&windows) {
+            let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+            vm.fd()
+                .register_irqfd(&irq, w.gsi)
+                .with_context(|| format!("routing GSI {} (KVM_IRQFD)", w.gsi))?;
+            let transport = MmioTransport::new(device, guest_memory(vm.ram())?, Some(irq));
+            virtio.push((u64::from(w.base), std::sync::Mutex::new(transport)));
+        }
         let bus = Arc::new(PcBus {
             uart: Uart::new(COM1_BASE, irq, console.clone()),
             reset: Arc::new(AtomicBool::new(false)),
+            virtio,
         });
         Ok(LinuxVm { vm, bus, console })
     }
