@@ -93,6 +93,55 @@ fn frames_cross_between_the_guest_and_a_switch_port() {
 }
 
 #[test]
+fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
+    let (mut d, peer, _) = setup();
+    let send = |d: &mut Driver, head: u16, fill: u8| {
+        let out = frame(PEER_MAC, VM_MAC, fill);
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(&out);
+        let at = 0x100000 + 0x1000 * u64::from(head);
+        d.ram.write(at, &buf).unwrap();
+        d.desc(1, head, at, buf.len() as u32, 0, 0);
+        d.post(1, head);
+        out
+    };
+    let first = send(&mut d, 0, 1);
+    assert_eq!(peer.recv_timeout(Duration::from_secs(5)), Some(first));
+    d.wait_used(1, 1);
+
+    // Snapshot the transport, throw the device away, restore into a new one (as a VM
+    // restored from a snapshot would get): the driver carries on at the next index.
+    let state = d.t.save();
+    assert_ne!(state.status & vmbuild::kvm::virtio::STATUS_DRIVER_OK, 0);
+    assert_eq!(state.queues[1].next_avail, 1);
+    let switch = Switch::new(SwitchConfig::default());
+    let peer2 = InProcessPort::attach(&switch, "peer2", VlanMode::default());
+    let nic = NetDevice::new(&switch, "vm0-restored", VM_MAC, VlanMode::default());
+    d.t =
+        MmioTransport::restore(Box::new(nic), guest_memory(&d.ram).unwrap(), None, &state).unwrap();
+    assert_eq!(
+        d.t.save(),
+        state,
+        "the restored transport differs from the saved one"
+    );
+    let second = send(&mut d, 1, 2);
+    assert_eq!(peer2.recv_timeout(Duration::from_secs(5)), Some(second));
+    d.wait_used(1, 2);
+    d.desc(0, 0, 0x180000, 2048, DESC_F_WRITE, 0);
+    d.post(0, 0);
+    peer2.send(&frame(VM_MAC, PEER_MAC, 3));
+    d.wait_used(0, 1);
+
+    // A state for another kind of device is refused.
+    let mut wrong = state.clone();
+    wrong.device_type = 26;
+    let nic = NetDevice::new(&switch, "vm0-wrong", VM_MAC, VlanMode::default());
+    assert!(
+        MmioTransport::restore(Box::new(nic), guest_memory(&d.ram).unwrap(), None, &wrong).is_err()
+    );
+}
+
+#[test]
 fn malformed_chains_are_returned_and_counted_and_the_nic_keeps_working() {
     let (mut d, peer, counters) = setup();
     let bad = |c: &vmbuild::kvm::virtio::net::NetCounters| {

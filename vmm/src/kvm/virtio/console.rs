@@ -134,6 +134,16 @@ impl VirtioDevice for ConsoleDevice {
     fn reset(&mut self) {
         *self.shared.active.lock().unwrap() = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.shared
+            .active
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Copies pending host bytes into the receive buffers the guest posted.

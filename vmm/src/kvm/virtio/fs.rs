@@ -103,4 +103,11 @@ impl VirtioDevice for FsDevice {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
 }

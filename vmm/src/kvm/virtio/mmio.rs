@@ -11,8 +11,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    IrqLine, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    IrqLine, SavedQueue, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -20,6 +20,23 @@ const VERSION: u32 = 2;
 const VENDOR: u32 = 0x564d_4231; // "VMB1"
 /// Size of the register window; config space starts at 0x100.
 pub const WINDOW: u64 = 0x1000;
+
+/// What a snapshot keeps of a transport: the negotiation, the status, and (once live)
+/// the queues' positions. Device-internal state beyond the queues (frames in flight, an
+/// in-process share's open files) is not kept: a restored NIC has lost what was on the
+/// wire, and a share must not be mounted across a snapshot (as the lifecycle does it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<SavedQueue>,
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -58,6 +75,71 @@ impl MmioTransport {
             config_generation: 0,
             bad_accesses: AtomicU64::new(0),
         }
+    }
+
+    pub fn save(&self) -> TransportState {
+        let live = self.status & STATUS_DRIVER_OK != 0;
+        let queues = if live {
+            self.device.queue_states()
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            interrupt_status: self.interrupt_status.load(Ordering::Acquire),
+            config_generation: self.config_generation,
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+        }
+    }
+
+    /// A transport for `device` in the state `saved`: a live device is activated with its
+    /// queues where they were. Refuses a state for another kind of device or with queues
+    /// the device cannot have.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+        saved: &TransportState,
+    ) -> anyhow::Result<MmioTransport> {
+        anyhow::ensure!(
+            saved.device_type == device.device_type(),
+            "the saved state is for virtio device type {}, not {}",
+            saved.device_type,
+            device.device_type()
+        );
+        anyhow::ensure!(
+            saved.queues.len() == device.queue_max_sizes().len(),
+            "the saved state has {} queues, the device {}",
+            saved.queues.len(),
+            device.queue_max_sizes().len()
+        );
+        let mut t = MmioTransport::new(device, mem, irqfd);
+        let mut queues = Vec::new();
+        for (i, q) in saved.queues.iter().enumerate() {
+            let q = Queue::try_from(virtio_queue::QueueState::from(*q))
+                .map_err(|e| anyhow::anyhow!("saved queue {i} is invalid: {e}"))?;
+            queues.push(q);
+        }
+        t.driver_features = saved.driver_features;
+        t.queue_sel = saved.queue_sel;
+        t.device_features_sel = saved.device_features_sel;
+        t.driver_features_sel = saved.driver_features_sel;
+        t.config_generation = saved.config_generation;
+        t.interrupt_status
+            .store(saved.interrupt_status, Ordering::Release);
+        if saved.status & STATUS_DRIVER_OK != 0 {
+            let irq = IrqLine::new(t.interrupt_status.clone(), t.irqfd.clone());
+            t.device.activate(t.mem.clone(), queues, irq)?;
+        } else {
+            t.queues = queues;
+        }
+        t.status = saved.status;
+        Ok(t)
     }
 
     pub fn bad_accesses(&self) -> u64 {

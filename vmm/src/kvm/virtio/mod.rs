@@ -94,4 +94,53 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u16);
     /// Back to the state before activation (the driver wrote status 0).
     fn reset(&mut self);
+    /// The live queues' positions, for a snapshot (empty before activation).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+}
+
+/// A queue's position and configuration as a snapshot keeps it (virtio-queue's
+/// `QueueState`, which has no serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for SavedQueue {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        SavedQueue {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for virtio_queue::QueueState {
+    fn from(q: SavedQueue) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }

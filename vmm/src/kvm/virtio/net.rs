@@ -166,6 +166,13 @@ impl VirtioDevice for NetDevice {
         self.stop_rx_thread();
         *self.active.lock().unwrap() = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        match self.active.lock().unwrap().as_ref() {
+            Some(a) => vec![a.rx.state(), a.tx.state()],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Whether a chain ends where the driver says it does. virtio-queue stops iterating a
