@@ -155,6 +155,22 @@ impl DoctorArgs {
                 (!probe.usable).then_some("nothing to fix here: guests run under TCG (slower); a host with full KVM runs them natively"),
             ));
         }
+        if kvm.is_ok() {
+            f.push(match embedded_vmm_check() {
+                Ok(ms) => finding(
+                    "embedded_vmm",
+                    "ok",
+                    format!("the embedded KVM VMM runs a guest (VM creation to first instruction {ms:.2} ms)"),
+                    None,
+                ),
+                Err(e) => finding(
+                    "embedded_vmm",
+                    "warn",
+                    format!("the embedded KVM VMM cannot run a guest here: {e:#}"),
+                    Some("check /dev/kvm permissions; QEMU remains available"),
+                ),
+            });
+        }
         f.push(
             match std::fs::OpenOptions::new()
                 .read(true)
@@ -211,4 +227,30 @@ fn kit_release(kernel: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(kernel.with_file_name("kit.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("kernel_release")?.as_str().map(str::to_owned)
+}
+
+/// Runs a three-instruction real-mode guest in the embedded VMM (out 0x80, hlt).
+fn embedded_vmm_check() -> anyhow::Result<f64> {
+    use crate::kvm::{cpu_mode, memory::GuestRam, vcpu, vm::Vm};
+    struct Quiet;
+    impl vcpu::Bus for Quiet {
+        fn pio_write(&self, _: u16, _: &[u8]) {}
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+    let start = std::time::Instant::now();
+    let ram = GuestRam::new(1 << 20)?;
+    ram.write(0x7c00, &[0xe6, 0x80, 0xf4])?;
+    let mut vm = Vm::new(ram, 1)?;
+    cpu_mode::enter(
+        &vm.vcpus()[0],
+        vm.ram(),
+        cpu_mode::CpuMode::Real,
+        0x7c00,
+        0x7000,
+    )?;
+    let pause = std::sync::atomic::AtomicBool::new(false);
+    match vcpu::run(vm.vcpu_mut(0), &Quiet, &pause) {
+        vcpu::Stop::Halted => Ok(start.elapsed().as_secs_f64() * 1000.0),
+        other => anyhow::bail!("the test guest ended with {other:?}"),
+    }
 }
