@@ -152,11 +152,16 @@ fn controller_script(plan: &SessionPlan) -> String {
         r#"# vmbuild controller (generated)
 say() {{ echo "vmbuild controller: $*" >&2; }}
 mark() {{ echo "vmbuild-phase=$1" >/dev/console; }}
-# (A revived controller has it configured already.)
-ip addr add {ip}/{prefix} dev eth0 2>/dev/null
-if ! ip link set eth0 up || ! ip addr show dev eth0 | grep -q "inet {ip}/"; then
-	say "cannot configure eth0"
-	exit 125
+# A revived controller has its link up and configured already: a shell builtin tells,
+# where three `ip` processes would cost ~0.1 s under TCG.
+state=
+read -r state </sys/class/net/eth0/operstate 2>/dev/null
+if [ "$state" != up ] && [ "$state" != unknown ]; then
+	ip addr add {ip}/{prefix} dev eth0 2>/dev/null
+	if ! ip link set eth0 up || ! ip addr show dev eth0 | grep -q "inet {ip}/"; then
+		say "cannot configure eth0"
+		exit 125
+	fi
 fi
 mark controller-up
 deadline=$(($(date +%s) + {wait}))
