@@ -226,8 +226,26 @@ fn a_counting_guest_is_snapshotted_and_restored_twice_at_once() {
         t.join().unwrap();
     }
     // The restores wrote to private copies: the snapshot's memory is unchanged.
-    let ram = GuestRam::map_private(&snap.join(snapshot::MEMORY_FILE), 4 * MIB).unwrap();
+    let ram = GuestRam::map_private(&snapshot::memory_file(&snap).unwrap(), 4 * MIB).unwrap();
     assert_eq!(ram.read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+
+    // A restored VM snapshotted again into the same directory: the new snapshot has its
+    // count, and a VM still running from the old memory file keeps its own memory.
+    let mut a = snapshot::restore(&snap).unwrap();
+    let mut b = snapshot::restore(&snap).unwrap();
+    let a_count = count_until(&mut a, at_snapshot + 300);
+    snapshot::save(&a, &snap).unwrap();
+    assert_eq!(b.ram().read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+    let b_count = count_until(&mut b, at_snapshot + 50);
+    assert!(b_count >= at_snapshot + 50);
+    let c = snapshot::restore(&snap).unwrap();
+    assert_eq!(c.ram().read_u32(COUNTER_ADDR).unwrap(), a_count);
+    let memory_files = std::fs::read_dir(&snap)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("memory-"))
+        .count();
+    assert_eq!(memory_files, 1, "the old memory file was not removed");
 }
 
 #[test]
@@ -295,7 +313,7 @@ fn damaged_or_foreign_snapshots_are_refused() {
     std::fs::write(&state, &original).unwrap();
     let mem = std::fs::OpenOptions::new()
         .write(true)
-        .open(snap.join(snapshot::MEMORY_FILE))
+        .open(snapshot::memory_file(&snap).unwrap())
         .unwrap();
     mem.set_len((MIB / 2) as u64).unwrap();
     let e = format!("{:#}", snapshot::restore(&snap).err().unwrap());

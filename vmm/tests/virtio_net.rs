@@ -185,6 +185,35 @@ fn malformed_chains_are_returned_and_counted_and_the_nic_keeps_working() {
 }
 
 #[test]
+fn a_live_device_cannot_be_activated_twice_and_reports_no_shared_memory() {
+    let (mut d, peer, _) = setup();
+    let before = d.t.bad_accesses();
+    // Take DRIVER_OK back without a reset, as a guest re-activating the NIC would.
+    d.w(
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    assert_eq!(d.t.bad_accesses(), before + 1);
+    assert_ne!(
+        d.r(0x070) & STATUS_DRIVER_OK,
+        0,
+        "the device left DRIVER_OK"
+    );
+    // No shared memory region: length ~0 (a zero length would announce one at 0).
+    d.w(0x0ac, 0);
+    assert_eq!(d.r(0x0b0), u32::MAX);
+    assert_eq!(d.r(0x0b4), u32::MAX);
+    // Still working.
+    let out = frame(PEER_MAC, VM_MAC, 9);
+    let mut buf = vec![0u8; 12];
+    buf.extend_from_slice(&out);
+    d.ram.write(0x100000, &buf).unwrap();
+    d.desc(1, 0, 0x100000, buf.len() as u32, 0, 0);
+    d.post(1, 0);
+    assert_eq!(peer.recv_timeout(Duration::from_secs(5)), Some(out));
+}
+
+#[test]
 fn a_wild_avail_index_does_not_take_the_device_down() {
     let (mut d, peer, _) = setup();
     // The driver claims 1000 new buffers in a queue of 16.

@@ -119,8 +119,9 @@ impl Bus for PcBus {
 }
 
 pub struct LinuxVm {
-    vm: Vm,
+    // Dropped before the VM: device threads must be gone before guest RAM is.
     bus: Arc<PcBus>,
+    vm: Vm,
     pub console: Transcript,
 }
 
@@ -149,7 +150,7 @@ impl LinuxVm {
 
         let mut kernel = File::open(config.kernel)
             .with_context(|| format!("opening the kernel {}", config.kernel.display()))?;
-        let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+        let loaded = Elf::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "{} is not a loadable ELF vmlinux ({e}); use the uncompressed vmlinux (the guest kit's)",
@@ -162,13 +163,14 @@ impl LinuxVm {
                 config.kernel.display()
             );
         };
-        let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
+        // linux-loader reports the end as an address already.
+        let kernel_end = loaded.kernel_end;
 
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
         cmdline
             .insert_str(config.cmdline)
             .map_err(|e| anyhow::anyhow!("kernel command line: {e}"))?;
-        load_cmdline(&mem, GuestAddress(CMDLINE), &cmdline)
+        load_cmdline(&*mem, GuestAddress(CMDLINE), &cmdline)
             .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
 
         let windows: Vec<MmioDevice> = (0..devices.len() as u32)
@@ -256,7 +258,7 @@ impl LinuxVm {
             reset: Arc::new(AtomicBool::new(false)),
             virtio,
         });
-        Ok(LinuxVm { vm, bus, console })
+        Ok(LinuxVm { bus, vm, console })
     }
 
     /// Runs the guest until it resets, fails, or `timeout` passes.

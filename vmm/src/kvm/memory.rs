@@ -20,9 +20,10 @@ pub struct GuestRam {
     private: bool,
 }
 
-// SAFETY: the mapping is plain memory owned by this value; access from several threads
-// is what guest RAM is (the guest itself writes it concurrently), and every accessor below
-// goes through bounds-checked volatile copies.
+// SAFETY: the mapping is plain memory owned by this value and unmapped only when it is
+// dropped; every accessor below bounds-checks and copies bytes (no references into guest
+// memory escape, except the short-lived slice `save` reads while the vCPUs are stopped).
+// The guest writing concurrently can only change guest-visible bytes.
 unsafe impl Send for GuestRam {}
 // SAFETY: as above.
 unsafe impl Sync for GuestRam {}

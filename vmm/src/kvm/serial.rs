@@ -23,7 +23,7 @@ impl SerialConsole {
             return false;
         }
         if port - COM1 == THR {
-            self.out.lock().unwrap().extend_from_slice(&data[..1]);
+            self.out.lock().unwrap().extend_from_slice(data);
         }
         true
     }

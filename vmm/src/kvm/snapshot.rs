@@ -23,13 +23,17 @@ use crate::kvm::vm::Vm;
 
 pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// Bumped whenever the state file's meaning changes: older files are refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const STATE_FILE: &str = "vcpus.json";
-pub const MEMORY_FILE: &str = "memory";
+/// Guest memory is saved as `memory-<id>`, named in the state file: a new snapshot in
+/// the same directory never rewrites a file that restored VMs still map, and a state file
+/// can only ever be paired with the memory written with it.
+const MEMORY_PREFIX: &str = "memory-";
 
-/// MSRs a guest without an in-kernel APIC depends on: syscall entry points, segment
-/// bases, TSC, PAT.
-const MSRS: [u32; 9] = [
+/// MSRs saved when this host's KVM has them: syscall and sysenter entry points, segment
+/// bases, TSC and its deadline timer (which KVM keeps outside the LAPIC state), PAT,
+/// MISC_ENABLE, and kvmclock's system time and wall clock.
+const MSRS: [u32; 15] = [
     0xc000_0081, // STAR
     0xc000_0082, // LSTAR
     0xc000_0083, // CSTAR
@@ -37,14 +41,23 @@ const MSRS: [u32; 9] = [
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0100, // FS_BASE
     0xc000_0101, // GS_BASE
+    0x0000_0174, // SYSENTER_CS
+    0x0000_0175, // SYSENTER_ESP
+    0x0000_0176, // SYSENTER_EIP
     0x0000_0010, // TSC
     0x0000_0277, // PAT
+    0x0000_01a0, // MISC_ENABLE
+    0x4b56_4d01, // KVM_SYSTEM_TIME_NEW
+    0x4b56_4d00, // KVM_WALL_CLOCK_NEW
 ];
+/// After the LAPIC (it arms the LAPIC's deadline timer).
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     magic: String,
     version: u32,
+    memory_file: String,
     memory_bytes: u64,
     vcpus: Vec<VcpuState>,
     /// The in-kernel PC devices, for a VM made with `Vm::new_pc`.
@@ -105,17 +118,19 @@ fn pod_from_bytes<T: Copy + Default>(bytes: &[u8]) -> anyhow::Result<T> {
 }
 
 fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
-    let mut msrs = Msrs::from_entries(
-        &MSRS
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
-    let n = vcpu.get_msrs(&mut msrs).context("KVM_GET_MSRS")?;
+    // One MSR at a time: KVM_GET_MSRS stops at the first one it does not have, and which
+    // it has depends on the host and on the VM (no TSC deadline without an APIC).
+    let mut saved = Vec::new();
+    for index in MSRS.iter().chain(pc.then_some(&MSR_TSC_DEADLINE)) {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index: *index,
+            ..Default::default()
+        }])
+        .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
+        if vcpu.get_msrs(&mut one).context("KVM_GET_MSRS")? == 1 {
+            saved.push((*index, one.as_slice()[0].data));
+        }
+    }
     Ok(VcpuState {
         regs: vcpu.get_regs().context("KVM_GET_REGS")?,
         sregs: vcpu.get_sregs().context("KVM_GET_SREGS")?,
@@ -123,10 +138,7 @@ fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
         xcrs: vcpu.get_xcrs().context("KVM_GET_XCRS")?,
         events: vcpu.get_vcpu_events().context("KVM_GET_VCPU_EVENTS")?,
         mp_state: vcpu.get_mp_state().context("KVM_GET_MP_STATE")?,
-        msrs: msrs.as_slice()[..n]
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect(),
+        msrs: saved,
         xsave: vcpu.get_xsave().context("KVM_GET_XSAVE")?.region.to_vec(),
         debugregs: pod_bytes(&vcpu.get_debug_regs().context("KVM_GET_DEBUGREGS")?),
         lapic: if pc {
@@ -210,12 +222,19 @@ pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     } else {
         None
     };
-    vm.ram()
-        .save(&dir.join(MEMORY_FILE))
-        .context("writing guest memory")?;
+    let mut id = [0u8; 8];
+    // SAFETY: getrandom(2) filling our 8-byte buffer.
+    if unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) } != id.len() as isize {
+        bail!("getrandom failed: {}", std::io::Error::last_os_error());
+    }
+    let memory_file = format!("{MEMORY_PREFIX}{:016x}", u64::from_le_bytes(id));
+    let tmp_memory = dir.join(format!(".{memory_file}.tmp"));
+    vm.ram().save(&tmp_memory).context("writing guest memory")?;
+    std::fs::rename(&tmp_memory, dir.join(&memory_file))?;
     let state = StateFile {
         magic: MAGIC.into(),
         version: VERSION,
+        memory_file: memory_file.clone(),
         memory_bytes: vm.ram().len() as u64,
         vcpus,
         pc,
@@ -223,6 +242,32 @@ pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     let tmp = dir.join(".vcpus.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
     std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    // Memory of earlier snapshots here is no longer named by the state file. VMs that
+    // still map it keep their pages: unlinking does not take a mapping away.
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(MEMORY_PREFIX) && name != memory_file {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The memory file of the snapshot in `dir`, as its state file names it.
+pub fn memory_file(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE))?)?;
+    let name = state
+        .get("memory_file")
+        .and_then(|n| n.as_str())
+        .context("no memory_file in the state file")?;
+    check_memory_name(name)?;
+    Ok(dir.join(name))
+}
+
+fn check_memory_name(name: &str) -> anyhow::Result<()> {
+    if !name.starts_with(MEMORY_PREFIX) || name.contains('/') || name.contains("..") {
+        bail!("the state file names '{name}' as its memory, which is not a snapshot memory file");
+    }
     Ok(())
 }
 
@@ -254,7 +299,8 @@ pub fn restore(dir: &Path) -> anyhow::Result<Vm> {
     if state.vcpus.is_empty() || state.vcpus.len() > 255 {
         bail!("{} lists {} vCPUs", path.display(), state.vcpus.len());
     }
-    let ram = GuestRam::map_private(&dir.join(MEMORY_FILE), state.memory_bytes as usize)
+    check_memory_name(&state.memory_file)?;
+    let ram = GuestRam::map_private(&dir.join(&state.memory_file), state.memory_bytes as usize)
         .context("mapping the snapshot's memory")?;
     let vm = Vm::create(ram, state.vcpus.len() as u8, state.pc.is_some())?;
     if let Some(pc) = &state.pc {

@@ -42,9 +42,20 @@ impl Transcript {
     }
 }
 
+/// The transcript keeps the last this many bytes (a long build's console must not grow
+/// memory without bound); the live copy gets everything.
+const KEPT_BYTES: usize = 1 << 20;
+
 impl Write for Transcript {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.kept.lock().unwrap().extend_from_slice(buf);
+        {
+            let mut kept = self.kept.lock().unwrap();
+            kept.extend_from_slice(buf);
+            if kept.len() > 2 * KEPT_BYTES {
+                let cut = kept.len() - KEPT_BYTES;
+                kept.drain(..cut);
+            }
+        }
         if let Some(live) = &self.live {
             let _ = live.lock().unwrap().write_all(buf);
         }
@@ -82,8 +93,12 @@ impl Uart {
         let Some(off) = self.offset(port) else {
             return false;
         };
-        if let Err(e) = self.serial.lock().unwrap().write(off, data[0]) {
-            tracing::debug!("uart: {e:?}");
+        // `rep outsb` hands over several bytes in one exit: each is a register write.
+        let mut serial = self.serial.lock().unwrap();
+        for &b in data {
+            if let Err(e) = serial.write(off, b) {
+                tracing::debug!("uart: {e:?}");
+            }
         }
         true
     }
@@ -93,8 +108,10 @@ impl Uart {
         let Some(off) = self.offset(port) else {
             return false;
         };
-        data.fill(0);
-        data[0] = self.serial.lock().unwrap().read(off);
+        let mut serial = self.serial.lock().unwrap();
+        for b in data.iter_mut() {
+            *b = serial.read(off);
+        }
         true
     }
 }

@@ -10,9 +10,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
-use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -20,9 +19,11 @@ const TX: usize = 1;
 const MAX_PENDING: usize = 1 << 20;
 /// Largest single transmit chain accepted.
 const MAX_CHAIN: usize = 1 << 20;
+/// Guest output held for the host before further output is dropped (and counted).
+const MAX_RECEIVED: usize = 16 << 20;
 
 struct Active {
-    mem: GuestMemoryMmap,
+    mem: DeviceMemory,
     queues: Vec<Queue>,
     irq: IrqLine,
 }
@@ -36,6 +37,8 @@ struct Shared {
     received: Mutex<VecDeque<Vec<u8>>>,
     arrived: Condvar,
     bad_chains: AtomicU64,
+    /// Guest bytes dropped because the host did not take them.
+    dropped: AtomicU64,
 }
 
 /// The host's end of the channel.
@@ -90,6 +93,13 @@ impl ConsoleDevice {
     }
 }
 
+impl Drop for ConsoleDevice {
+    fn drop(&mut self) {
+        // A host handle may outlive the device: it must not reach guest memory then.
+        *self.shared.active.lock().unwrap() = None;
+    }
+}
+
 impl VirtioDevice for ConsoleDevice {
     fn device_type(&self) -> u32 {
         3
@@ -110,7 +120,7 @@ impl VirtioDevice for ConsoleDevice {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: DeviceMemory,
         queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -151,11 +161,11 @@ fn fill_rx(a: &mut Active, shared: &Shared) {
     let mut pending = shared.pending.lock().unwrap();
     let mut returned = false;
     while !pending.is_empty() {
-        let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
+        let Some(chain) = a.queues[RX].pop_descriptor_chain(&*a.mem) else {
             break;
         };
         let head = chain.head_index();
-        let written = match chain.writer(&a.mem) {
+        let written = match chain.writer(&*a.mem) {
             Ok(mut w) => {
                 let n = w.available_bytes().min(pending.len());
                 let bytes: Vec<u8> = pending.drain(..n).collect();
@@ -172,7 +182,7 @@ fn fill_rx(a: &mut Active, shared: &Shared) {
                 0
             }
         };
-        let _ = a.queues[RX].add_used(&a.mem, head, written);
+        let _ = a.queues[RX].add_used(&*a.mem, head, written);
         returned = true;
     }
     if returned {
@@ -183,20 +193,31 @@ fn fill_rx(a: &mut Active, shared: &Shared) {
 /// Takes everything the guest transmitted.
 fn drain_tx(a: &mut Active, shared: &Shared) {
     let mut returned = false;
-    while let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) {
+    let mut budget = a.queues[TX].size();
+    while budget > 0 {
+        let Some(chain) = a.queues[TX].pop_descriptor_chain(&*a.mem) else {
+            break;
+        };
+        budget -= 1;
         let head = chain.head_index();
         let mut buf = Vec::new();
-        let ok = match chain.reader(&a.mem) {
+        let ok = match chain.reader(&*a.mem) {
             Ok(mut r) if r.available_bytes() <= MAX_CHAIN => r.read_to_end(&mut buf).is_ok(),
             _ => false,
         };
         if ok && !buf.is_empty() {
-            shared.received.lock().unwrap().push_back(buf);
-            shared.arrived.notify_all();
+            let mut received = shared.received.lock().unwrap();
+            let held: usize = received.iter().map(Vec::len).sum();
+            if held + buf.len() > MAX_RECEIVED {
+                shared.dropped.fetch_add(buf.len() as u64, Relaxed);
+            } else {
+                received.push_back(buf);
+                shared.arrived.notify_all();
+            }
         } else if !ok {
             shared.bad_chains.fetch_add(1, Relaxed);
         }
-        let _ = a.queues[TX].add_used(&a.mem, head, 0);
+        let _ = a.queues[TX].add_used(&*a.mem, head, 0);
         returned = true;
     }
     if returned {

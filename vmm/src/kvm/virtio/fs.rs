@@ -10,14 +10,13 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use virtiofs_bridge::InProcessShare;
-use vm_memory::GuestMemoryMmap;
 
-use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const TAG_LEN: usize = 36;
 
 struct Active {
-    mem: GuestMemoryMmap,
+    mem: DeviceMemory,
     queues: Vec<Queue>,
     irq: IrqLine,
 }
@@ -70,7 +69,7 @@ impl VirtioDevice for FsDevice {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: DeviceMemory,
         queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -87,10 +86,10 @@ impl VirtioDevice for FsDevice {
             return;
         };
         let mut returned = false;
-        while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
+        while let Some(chain) = q.pop_descriptor_chain(&*a.mem) {
             let head = chain.head_index();
             let used = self.share.serve(&a.mem, chain);
-            if q.add_used(&a.mem, head, used).is_err() {
+            if q.add_used(&*a.mem, head, used).is_err() {
                 tracing::debug!("virtio-fs: add_used failed");
             }
             returned = true;

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{
-    IrqLine, SavedQueue, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
-    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    DeviceMemory, IrqLine, SavedQueue, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -40,7 +39,7 @@ pub struct TransportState {
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: DeviceMemory,
     queues: Vec<Queue>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -57,7 +56,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: DeviceMemory,
         irqfd: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
     ) -> MmioTransport {
         let queues = fresh_queues(device.as_ref());
@@ -102,7 +101,7 @@ impl MmioTransport {
     /// the device cannot have.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: DeviceMemory,
         irqfd: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
         saved: &TransportState,
     ) -> anyhow::Result<MmioTransport> {
@@ -193,6 +192,9 @@ impl MmioTransport {
                 u32::from((self.queue_sel as usize) < self.queues.len())
             }
             0x044 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            // Shared memory regions: none ("length ~0" is how the spec says so; a zero
+            // length would announce a region at address 0, e.g. a virtio-fs DAX window).
+            0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => u32::MAX,
             0x060 => self.interrupt_status.load(Ordering::Acquire),
             0x070 => self.status,
             0x0fc => self.config_generation,
@@ -233,6 +235,7 @@ impl MmioTransport {
                 }
             }
             0x024 => self.driver_features_sel = v,
+            0x0ac => {} // SHMSel: there are no regions to select
             0x030 => self.queue_sel = v,
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
                 self.write_queue_register(offset, v)
@@ -260,7 +263,7 @@ impl MmioTransport {
         };
         match offset {
             0x038 => {
-                if q.try_set_size(v as u16).is_err() || v > 0xffff {
+                if v > 0xffff || q.try_set_size(v as u16).is_err() {
                     self.bad(
                         "queue size that is not a power of two up to the maximum",
                         offset,
@@ -287,6 +290,11 @@ impl MmioTransport {
             self.interrupt_status.store(0, Ordering::Release);
             return;
         }
+        if v & self.status != self.status {
+            // Only a reset (0) takes bits back; anything else would let a driver
+            // re-activate a live device.
+            return self.bad("status write that clears bits (only 0 resets)", 0x70);
+        }
         let newly = v & !self.status;
         if newly & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
@@ -302,13 +310,13 @@ impl MmioTransport {
         if newly & STATUS_DRIVER_OK != 0 {
             if self.status & STATUS_FEATURES_OK == 0 {
                 self.bad("DRIVER_OK before FEATURES_OK", 0x70);
-                self.status = v | STATUS_FAILED;
+                self.status = (v & !STATUS_DRIVER_OK) | STATUS_FAILED;
                 return;
             }
-            if let Some(i) = self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
+            if let Some(i) = self.queues.iter().position(|q| !q.is_valid(&*self.mem)) {
                 self.bad("DRIVER_OK with an invalid queue", 0x70);
                 tracing::debug!(queue = i, "virtio-mmio: queue invalid at DRIVER_OK");
-                self.status = v | STATUS_NEEDS_RESET;
+                self.status = (v & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
                 return;
             }
             let irq = IrqLine::new(self.interrupt_status.clone(), self.irqfd.clone());
@@ -317,7 +325,7 @@ impl MmioTransport {
             let live = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
             if let Err(e) = self.device.activate(self.mem.clone(), live, irq) {
                 tracing::warn!("virtio device failed to activate: {e:#}");
-                self.status = v | STATUS_NEEDS_RESET;
+                self.status = (v & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
                 return;
             }
         }

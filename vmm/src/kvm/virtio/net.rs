@@ -16,10 +16,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vswitch::{InProcessPort, Switch, VlanMode};
 
-use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const HDR_LEN: usize = 12;
@@ -41,7 +40,7 @@ pub struct NetCounters {
 }
 
 struct Active {
-    mem: GuestMemoryMmap,
+    mem: DeviceMemory,
     rx: Queue,
     tx: Queue,
     irq: IrqLine,
@@ -86,6 +85,7 @@ impl NetDevice {
 impl Drop for NetDevice {
     fn drop(&mut self) {
         self.stop_rx_thread();
+        *self.active.lock().unwrap() = None;
     }
 }
 
@@ -111,11 +111,13 @@ impl VirtioDevice for NetDevice {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: DeviceMemory,
         mut queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(queues.len() == 2, "virtio-net needs 2 queues");
+        // The transport activates a device once per reset; never run two receivers.
+        self.stop_rx_thread();
         let tx = queues.pop().unwrap();
         let rx = queues.pop().unwrap();
         *self.active.lock().unwrap() = Some(Active {
@@ -193,11 +195,18 @@ where
 fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
     let mut returned = false;
     let mut buf = Vec::with_capacity(HDR_LEN + MAX_FRAME);
-    while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+    // At most one ring's worth per notify: a driver that keeps moving its avail index
+    // cannot keep this thread here.
+    let mut budget = a.tx.size();
+    while budget > 0 {
+        let Some(chain) = a.tx.pop_descriptor_chain(&*a.mem) else {
+            break;
+        };
+        budget -= 1;
         let head = chain.head_index();
         buf.clear();
         let ok = well_formed(&chain)
-            && match chain.reader(&a.mem) {
+            && match chain.reader(&*a.mem) {
                 Ok(mut r) if r.available_bytes() <= HDR_LEN + MAX_FRAME => {
                     r.read_to_end(&mut buf).is_ok() && buf.len() >= HDR_LEN + 14
                 }
@@ -209,7 +218,7 @@ fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
         } else {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
-        if a.tx.add_used(&a.mem, head, 0).is_err() {
+        if a.tx.add_used(&*a.mem, head, 0).is_err() {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
         returned = true;
@@ -222,16 +231,18 @@ fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
 /// Moves backlogged frames into the receive buffers the guest posted.
 fn deliver(a: &mut Active, counters: &NetCounters) {
     let mut returned = false;
-    while !a.backlog.is_empty() {
-        let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
+    let mut budget = a.rx.size();
+    while !a.backlog.is_empty() && budget > 0 {
+        let Some(chain) = a.rx.pop_descriptor_chain(&*a.mem) else {
             break;
         };
+        budget -= 1;
         let head = chain.head_index();
         let frame = a.backlog.pop_front().unwrap();
         let mut hdr = [0u8; HDR_LEN];
         hdr[10] = 1; // num_buffers
         let written = well_formed(&chain)
-            && match chain.writer(&a.mem) {
+            && match chain.writer(&*a.mem) {
                 Ok(mut w) if w.available_bytes() >= HDR_LEN + frame.len() => {
                     w.write_all(&hdr).and_then(|_| w.write_all(&frame)).is_ok()
                 }
@@ -244,7 +255,7 @@ fn deliver(a: &mut Active, counters: &NetCounters) {
             counters.bad_chains.fetch_add(1, Relaxed);
             0
         };
-        if a.rx.add_used(&a.mem, head, len).is_err() {
+        if a.rx.add_used(&*a.mem, head, len).is_err() {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
         returned = true;
