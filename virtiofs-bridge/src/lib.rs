@@ -11,6 +11,7 @@
 //! ([`share`]), the vhost-user device ([`vhost_user`]) and the serving lifecycle.
 
 pub mod inprocess;
+pub mod ninep;
 pub mod share;
 pub mod stats;
 pub mod vhost_user;

@@ -4,7 +4,8 @@
 //!
 //! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket);
 //! * [`fs`]: virtio-fs answered by a `virtiofs-bridge` share in this process;
-//! * [`console`]: a virtio-console port as the host ↔ guest command channel.
+//! * [`console`]: a virtio-console port as the host ↔ guest command channel;
+//! * [`ninep`]: virtio-9p (9P2000.L) for read-only shares, from `virtiofs-bridge`.
 //!
 //! Interrupts are raised through an [`IrqLine`]: the transport's interrupt status bit,
 //! plus an eventfd when the VM has an in-kernel interrupt controller to route it
@@ -14,6 +15,7 @@ pub mod console;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod ninep;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

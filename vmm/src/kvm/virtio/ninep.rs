@@ -1,0 +1,137 @@
+//! virtio-9p: 9P2000.L messages carried on one request queue, answered by a
+//! `virtiofs-bridge` 9p server for a read-only share (the store), for guests that mount
+//! `-t 9p -o trans=virtio`. Config space: the mount tag.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use virtiofs_bridge::ninep::{NinepServer, MAX_MSIZE};
+
+use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const VIRTIO_9P_MOUNT_TAG: u64 = 1;
+
+struct Active {
+    mem: DeviceMemory,
+    queue: Queue,
+    irq: IrqLine,
+}
+
+pub struct NinepDevice {
+    server: Arc<NinepServer>,
+    config: Vec<u8>,
+    active: Option<Active>,
+    bad_chains: Arc<AtomicU64>,
+}
+
+impl NinepDevice {
+    pub fn new(server: Arc<NinepServer>) -> NinepDevice {
+        let tag = server.tag().as_bytes();
+        let mut config = (tag.len() as u16).to_le_bytes().to_vec();
+        config.extend_from_slice(tag);
+        NinepDevice {
+            server,
+            config,
+            active: None,
+            bad_chains: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Chains that could not carry a request or its reply.
+    pub fn bad_chains(&self) -> Arc<AtomicU64> {
+        self.bad_chains.clone()
+    }
+}
+
+impl VirtioDevice for NinepDevice {
+    fn device_type(&self) -> u32 {
+        9
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_9P_MOUNT_TAG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[128]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: DeviceMemory,
+        mut queues: Vec<Queue>,
+        irq: IrqLine,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(queues.len() == 1, "virtio-9p has one queue");
+        self.active = Some(Active {
+            mem,
+            queue: queues.pop().unwrap(),
+            irq,
+        });
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if index != 0 {
+            return;
+        }
+        let mut returned = false;
+        let mut budget = a.queue.size();
+        while budget > 0 {
+            let Some(chain) = a.queue.pop_descriptor_chain(&*a.mem) else {
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            let mut req = Vec::new();
+            let read = match chain.clone().reader(&a.mem) {
+                Ok(mut r) if r.available_bytes() <= MAX_MSIZE as usize + 4096 => {
+                    r.read_to_end(&mut req).is_ok()
+                }
+                _ => false,
+            };
+            let mut used = 0;
+            if !read {
+                self.bad_chains.fetch_add(1, Relaxed);
+            } else if let Some(reply) = self.server.handle(&req) {
+                match chain.writer(&a.mem) {
+                    Ok(mut w) if w.available_bytes() >= reply.len() => {
+                        if w.write_all(&reply).is_ok() {
+                            used = reply.len() as u32;
+                        }
+                    }
+                    _ => {
+                        self.bad_chains.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            let _ = a.queue.add_used(&*a.mem, head, used);
+            returned = true;
+        }
+        if returned {
+            a.irq.signal_used();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+}
