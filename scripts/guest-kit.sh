@@ -36,7 +36,7 @@ EPOCH=${SOURCE_DATE_EPOCH:-0}
 MODULES=(failover net_failover virtio_ring virtio virtio_pci_modern_dev
   virtio_pci_legacy_dev virtio_pci virtio_net virtio_blk virtio_console
   netfs fscache 9pnet 9pnet_virtio 9p fuse virtiofs crc32c_generic ext4
-  virtio_rng virtio_mmio)
+  virtio_rng virtio_mmio 9pnet_fd)
 # Kernel command line that boots this kit fastest under TCG (measured; see
 # guest/README.md). Recorded in kit.json for callers.
 # cryptomgr.notests skips the crypto self-tests (~0.35 s under TCG); the usual

@@ -71,6 +71,8 @@ pub struct GuestVm {
     pub timeout: Duration,
     /// virtio-net NICs attached to vhost-user-net sockets: (socket, MAC).
     pub nics: Vec<(PathBuf, String)>,
+    /// A virtio-net NIC on QEMU's user-mode network (the host is 10.0.2.2).
+    pub user_net: bool,
 }
 
 /// What a boot produced.
@@ -102,6 +104,7 @@ impl GuestVm {
             exit_file: None,
             timeout: Duration::from_secs(300),
             nics: Vec::new(),
+            user_net: false,
         }
     }
 
@@ -193,6 +196,12 @@ impl GuestVm {
             args.push(format!("vhost-user,id=nd{i},chardev=net{i}"));
             args.push("-device".into());
             args.push(format!("virtio-net-pci,netdev=nd{i},mac={mac},romfile="));
+        }
+        if self.user_net {
+            args.push("-netdev".into());
+            args.push("user,id=usernet".into());
+            args.push("-device".into());
+            args.push("virtio-net-pci,netdev=usernet,romfile=".into());
         }
         append.push(format!("vmbuild.cmd={}", self.command));
         if let Some(f) = &self.exit_file {
