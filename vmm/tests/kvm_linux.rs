@@ -94,3 +94,94 @@ fn the_guest_kit_boots_from_its_pvh_entry() {
         );
     }
 }
+
+#[test]
+fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
+    let name = "a_booting_linux_is_snapshotted_and_restored_and_keeps_booting";
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vmbuild_tests::skip(name, "no /dev/kvm");
+        return;
+    }
+    let Some((kernel, initrd)) = kit() else {
+        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+        return;
+    };
+    let config = LinuxConfig {
+        kernel: &kernel,
+        initrd: Some(&initrd),
+        cmdline: "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 cryptomgr.notests",
+        memory_mib: 256,
+    };
+    let mut vm = LinuxVm::new(
+        &config,
+        Transcript::new(None),
+        vec![Box::new(ConsoleDevice::new().0)],
+    )
+    .unwrap();
+    // Run it in slices until it has printed its banner, then stop it there.
+    let mut slices = 0;
+    let before = loop {
+        let end = vm.run(Duration::from_secs(2));
+        if end != LinuxEnd::TimedOut {
+            vmbuild_tests::skip(
+                name,
+                &format!("the kernel ended before a snapshot ({end:?})"),
+            );
+            return;
+        }
+        let text = vm.console.text();
+        if text.contains("Command line:") {
+            break text;
+        }
+        slices += 1;
+        assert!(slices < 30, "no kernel banner within 60 s:\n{text}");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    vm.snapshot(dir.path()).unwrap();
+    drop(vm);
+
+    let mut restored = LinuxVm::restore(
+        dir.path(),
+        Transcript::new(None),
+        vec![Box::new(ConsoleDevice::new().0)],
+    )
+    .unwrap();
+    let end = restored.run(Duration::from_secs(20));
+    let after = restored.console.text();
+    if std::env::var_os("VMBUILD_SHOW_CONSOLE").is_some() {
+        eprintln!("--- before the snapshot:\n{before}\n--- after the restore ({end:?}):\n{after}");
+    }
+    assert!(
+        !after.contains("Linux version"),
+        "the restored guest booted from scratch:\n{after}"
+    );
+    assert!(
+        after.lines().count() >= 3,
+        "the restored guest did not carry on ({end:?}); before:\n{before}\nafter:\n{after}"
+    );
+    // Its clock carried on from the snapshot: printk times continue, not restart.
+    let first_after = after.lines().find_map(|l| {
+        l.strip_prefix('[')?
+            .split(']')
+            .next()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    });
+    let last_before = before
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix('[')?
+                .split(']')
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .last();
+    if let (Some(a), Some(b)) = (first_after, last_before) {
+        assert!(a >= b, "guest time went back: {b} → {a}");
+    }
+    // Device state came along: a restore with another set of devices is refused.
+    assert!(LinuxVm::restore(dir.path(), Transcript::new(None), Vec::new()).is_err());
+}

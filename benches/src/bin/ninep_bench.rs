@@ -112,7 +112,10 @@ fn main() -> anyhow::Result<()> {
     let store = args.workdir.join("store");
     std::fs::create_dir_all(store.join("files"))?;
     for i in 0..2000 {
-        std::fs::write(store.join(format!("files/f{i:04}")), vec![b'a'; 100 + i % 3000])?;
+        std::fs::write(
+            store.join(format!("files/f{i:04}")),
+            vec![b'a'; 100 + i % 3000],
+        )?;
     }
     std::fs::write(store.join("big"), vec![0x5au8; 64 << 20])?;
 

@@ -25,9 +25,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::kvm::acpi::{self, MmioDevice};
 use crate::kvm::cpu_mode::{enter, CpuMode};
 use crate::kvm::memory::GuestRam;
-use crate::kvm::uart::{Transcript, Uart, COM1_BASE, COM1_GSI};
+use crate::kvm::snapshot;
+use crate::kvm::uart::{Transcript, Uart, UartState, COM1_BASE, COM1_GSI};
 use crate::kvm::vcpu::{run, Bus, Stop};
-use crate::kvm::virtio::mmio::{MmioTransport, WINDOW as MMIO_WINDOW};
+use crate::kvm::virtio::mmio::{MmioTransport, TransportState, WINDOW as MMIO_WINDOW};
 use crate::kvm::virtio::{guest_memory, VirtioDevice};
 use crate::kvm::vm::Vm;
 
@@ -173,13 +174,7 @@ impl LinuxVm {
         load_cmdline(&*mem, GuestAddress(CMDLINE), &cmdline)
             .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
 
-        let windows: Vec<MmioDevice> = (0..devices.len() as u32)
-            .map(|i| MmioDevice {
-                base: VIRTIO_MMIO_BASE + i * MMIO_WINDOW as u32,
-                size: MMIO_WINDOW as u32,
-                gsi: VIRTIO_FIRST_GSI + i,
-            })
-            .collect();
+        let windows = windows(devices.len());
         let tables = acpi::build(ACPI_TABLES, 1, &windows);
         vm.ram().write(ACPI_TABLES, &tables.bytes)?;
         let mut start = hvm_start_info {
@@ -240,29 +235,14 @@ impl LinuxVm {
         regs.rbx = START_INFO;
         vm.vcpus()[0].set_regs(&regs)?;
 
-        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        vm.fd()
-            .register_irqfd(&irq, COM1_GSI)
-            .context("routing the UART's interrupt (KVM_IRQFD)")?;
-        let mut virtio = Vec::new();
-        for (device, w) in devices.into_iter().zip(&windows) {
-            let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            vm.fd()
-                .register_irqfd(&irq, w.gsi)
-                .with_context(|| format!("routing GSI {} (KVM_IRQFD)", w.gsi))?;
-            let transport = MmioTransport::new(device, guest_memory(vm.ram())?, Some(irq));
-            virtio.push((u64::from(w.base), std::sync::Mutex::new(transport)));
-        }
-        let bus = Arc::new(PcBus {
-            uart: Uart::new(COM1_BASE, irq, console.clone()),
-            reset: Arc::new(AtomicBool::new(false)),
-            virtio,
-        });
+        let bus = build_bus(&vm, &console, devices, &windows, None)?;
         Ok(LinuxVm { bus, vm, console })
     }
 
-    /// Runs the guest until it resets, fails, or `timeout` passes.
+    /// Runs the guest until it resets, fails, or `timeout` passes. After a timeout the
+    /// vCPU is stopped between two instructions: the VM can be snapshotted, or run again.
     pub fn run(&mut self, timeout: Duration) -> LinuxEnd {
+        self.bus.reset.store(false, Ordering::Release);
         let mut vcpus = self.vm.take_vcpus();
         let mut vcpu = vcpus.pop().expect("one vCPU");
         let (bus, stop) = (self.bus.clone(), self.bus.reset.clone());
@@ -290,6 +270,105 @@ impl LinuxVm {
             Stop::Failed(why) => LinuxEnd::Failed(why),
         }
     }
+}
+
+/// What a Linux VM's snapshot keeps beyond the VM's own (`kvm::snapshot`): the UART and
+/// the virtio transports.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeviceStates {
+    uart: UartState,
+    virtio: Vec<TransportState>,
+}
+
+const DEVICES_FILE: &str = "devices.json";
+
+impl LinuxVm {
+    /// Writes the stopped VM (after [`LinuxVm::run`] returned) and its devices to `dir`.
+    pub fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
+        snapshot::save(&self.vm, dir)?;
+        let states = DeviceStates {
+            uart: self.bus.uart.save(),
+            virtio: self
+                .bus
+                .virtio
+                .iter()
+                .map(|(_, t)| t.lock().unwrap().save())
+                .collect(),
+        };
+        std::fs::write(dir.join(DEVICES_FILE), serde_json::to_vec(&states)?)?;
+        Ok(())
+    }
+
+    /// A VM restored from `dir`, with `devices` (the same kinds, in the same order, as
+    /// the snapshotted VM had) taking over their transports' state.
+    pub fn restore(
+        dir: &Path,
+        console: Transcript,
+        devices: Vec<Box<dyn VirtioDevice>>,
+    ) -> anyhow::Result<LinuxVm> {
+        let states: DeviceStates = serde_json::from_slice(
+            &std::fs::read(dir.join(DEVICES_FILE))
+                .with_context(|| format!("{} has no device state", dir.display()))?,
+        )
+        .with_context(|| format!("{} is damaged", dir.join(DEVICES_FILE).display()))?;
+        if states.virtio.len() != devices.len() {
+            bail!(
+                "the snapshot had {} virtio devices, {} were given",
+                states.virtio.len(),
+                devices.len()
+            );
+        }
+        let vm = snapshot::restore(dir)?;
+        let windows = windows(devices.len());
+        let bus = build_bus(&vm, &console, devices, &windows, Some(&states))?;
+        Ok(LinuxVm { bus, vm, console })
+    }
+}
+
+fn windows(n: usize) -> Vec<MmioDevice> {
+    (0..n as u32)
+        .map(|i| MmioDevice {
+            base: VIRTIO_MMIO_BASE + i * MMIO_WINDOW as u32,
+            size: MMIO_WINDOW as u32,
+            gsi: VIRTIO_FIRST_GSI + i,
+        })
+        .collect()
+}
+
+/// The devices of a Linux VM, their interrupts routed: fresh, or from a snapshot.
+fn build_bus(
+    vm: &Vm,
+    console: &Transcript,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    windows: &[MmioDevice],
+    saved: Option<&DeviceStates>,
+) -> anyhow::Result<Arc<PcBus>> {
+    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    vm.fd()
+        .register_irqfd(&irq, COM1_GSI)
+        .context("routing the UART's interrupt (KVM_IRQFD)")?;
+    let uart = match saved {
+        Some(s) => Uart::restore(COM1_BASE, irq, console.clone(), &s.uart)?,
+        None => Uart::new(COM1_BASE, irq, console.clone()),
+    };
+    let mut virtio = Vec::new();
+    for (i, (device, w)) in devices.into_iter().zip(windows).enumerate() {
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        vm.fd()
+            .register_irqfd(&irq, w.gsi)
+            .with_context(|| format!("routing GSI {} (KVM_IRQFD)", w.gsi))?;
+        let mem = guest_memory(vm.ram())?;
+        let transport = match saved {
+            Some(s) => MmioTransport::restore(device, mem, Some(irq), &s.virtio[i])?,
+            None => MmioTransport::new(device, mem, Some(irq)),
+        };
+        virtio.push((u64::from(w.base), std::sync::Mutex::new(transport)));
+    }
+    Ok(Arc::new(PcBus {
+        uart,
+        reset: Arc::new(AtomicBool::new(false)),
+        virtio,
+    }))
 }
 
 fn write_struct<T: Copy>(ram: &GuestRam, gpa: u64, v: &T) -> anyhow::Result<()> {

@@ -74,12 +74,64 @@ pub struct Uart {
     base: u16,
 }
 
+/// A UART's registers, for snapshots (vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
 impl Uart {
     pub fn new(base: u16, irq: Arc<EventFd>, out: Transcript) -> Uart {
         Uart {
             serial: Mutex::new(Serial::new(IrqTrigger(irq), out)),
             base,
         }
+    }
+
+    pub fn save(&self) -> UartState {
+        let s = self.serial.lock().unwrap().state();
+        UartState {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    pub fn restore(
+        base: u16,
+        irq: Arc<EventFd>,
+        out: Transcript,
+        saved: &UartState,
+    ) -> anyhow::Result<Uart> {
+        let r = saved.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| anyhow::anyhow!("the saved UART state is invalid: {e:?}"))?;
+        Ok(Uart {
+            serial: Mutex::new(serial),
+            base,
+        })
     }
 
     fn offset(&self, port: u16) -> Option<u8> {

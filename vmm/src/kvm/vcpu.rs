@@ -38,6 +38,12 @@ pub enum Stop {
 pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, pause: &AtomicBool) -> Stop {
     loop {
         if pause.load(Ordering::Acquire) {
+            // An exit handled above may leave KVM an instruction to finish (the data of
+            // an IN, an MMIO read): one KVM_RUN with immediate_exit completes it without
+            // running the guest further, so a snapshot taken now is consistent.
+            vcpu.set_kvm_immediate_exit(1);
+            let _ = vcpu.run();
+            vcpu.set_kvm_immediate_exit(0);
             return Stop::Paused;
         }
         match vcpu.run() {
