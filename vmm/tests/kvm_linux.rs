@@ -168,17 +168,14 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
             .parse::<f64>()
             .ok()
     });
-    let last_before = before
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix('[')?
-                .split(']')
-                .next()?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .last();
+    let last_before = before.lines().rev().find_map(|l| {
+        l.strip_prefix('[')?
+            .split(']')
+            .next()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    });
     if let (Some(a), Some(b)) = (first_after, last_before) {
         assert!(a >= b, "guest time went back: {b} → {a}");
     }
