@@ -109,6 +109,8 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
     let config = LinuxConfig {
         kernel: &kernel,
         initrd: Some(&initrd),
+        // No vmbuild.cmd: the kit's init ends in an idle shell, so a fast host keeps the
+        // guest alive for the snapshot too.
         cmdline: "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 cryptomgr.notests",
         memory_mib: 256,
     };
@@ -155,10 +157,20 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
         !after.contains("Linux version"),
         "the restored guest booted from scratch:\n{after}"
     );
-    assert!(
-        after.lines().count() >= 3,
-        "the restored guest did not carry on ({end:?}); before:\n{before}\nafter:\n{after}"
-    );
+    if before.contains("vmbuild-phase=init") {
+        // A KVM that runs Linux booted it to the kit's idle shell within the first slice:
+        // the restored guest must simply keep running.
+        assert_eq!(
+            end,
+            LinuxEnd::TimedOut,
+            "the restored guest stopped:\n{after}"
+        );
+    } else {
+        assert!(
+            after.lines().count() >= 3,
+            "the restored guest did not carry on ({end:?}); before:\n{before}\nafter:\n{after}"
+        );
+    }
     // Its clock carried on from the snapshot: printk times continue, not restart.
     let first_after = after.lines().find_map(|l| {
         l.strip_prefix('[')?
