@@ -49,6 +49,7 @@ fn the_guest_kit_boots_from_its_pvh_entry() {
             memory_mib: 256,
         },
         Transcript::new(None),
+        Vec::new(),
         vec![Box::new(ConsoleDevice::new().0)],
     )
     .unwrap();
@@ -117,6 +118,7 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
     let mut vm = LinuxVm::new(
         &config,
         Transcript::new(None),
+        Vec::new(),
         vec![Box::new(ConsoleDevice::new().0)],
     )
     .unwrap();
@@ -145,6 +147,7 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
     let mut restored = LinuxVm::restore(
         dir.path(),
         Transcript::new(None),
+        Vec::new(),
         vec![Box::new(ConsoleDevice::new().0)],
     )
     .unwrap();
@@ -192,5 +195,83 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
         assert!(a >= b, "guest time went back: {b} → {a}");
     }
     // Device state came along: a restore with another set of devices is refused.
-    assert!(LinuxVm::restore(dir.path(), Transcript::new(None), Vec::new()).is_err());
+    assert!(LinuxVm::restore(dir.path(), Transcript::new(None), Vec::new(), Vec::new()).is_err());
+}
+
+#[test]
+fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
+    use vmbuild::workflow::run::{RunEnd, RunSpec, Vmm};
+    let name = "a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up";
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vmbuild_tests::skip(name, "no /dev/kvm");
+        return;
+    }
+    let Some((kernel, initrd)) = kit() else {
+        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+        return;
+    };
+    let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
+    let probe = vmbuild::accel::probe_kvm_cached(&qemu.path, &kernel, &initrd);
+    let runtime = tempfile::tempdir().unwrap();
+    // This test binary's other tests do not use runtime directories.
+    std::env::set_var("XDG_RUNTIME_DIR", runtime.path());
+    let xchg = tempfile::tempdir().unwrap();
+    std::fs::write(xchg.path().join("in"), "from the host\n").unwrap();
+    let spec = RunSpec {
+        qemu,
+        accel: vmbuild::accel::Accel::Kvm,
+        kernel,
+        initrd,
+        append: None,
+        memory_mib: 256,
+        cpus: 1,
+        argv: ["sh", "-c", "cat /tmp/xchg/in > /tmp/xchg/out"]
+            .iter()
+            .map(Into::into)
+            .collect(),
+        shell: false,
+        env: Vec::new(),
+        cwd: None,
+        store: None,
+        xchg: Some(xchg.path().to_owned()),
+        keep_xchg: false,
+        no_xchg: false,
+        nic: None,
+        extra_shares: Vec::new(),
+        disk: None,
+        timeout: Some(Duration::from_secs(if probe.usable { 60 } else { 30 })),
+        log: None,
+        vmm: Vmm::Embedded,
+    };
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let outcome = vmbuild::workflow::run_embedded::run_embedded(&spec, rx).unwrap();
+    // Nothing of the run is left.
+    let left: Vec<_> = std::fs::read_dir(runtime.path().join("vmbuild"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    if probe.usable {
+        assert!(
+            matches!(outcome.end, RunEnd::Exited(0)),
+            "{:?}",
+            outcome.end
+        );
+        assert_eq!(
+            std::fs::read_to_string(xchg.path().join("out")).unwrap(),
+            "from the host\n"
+        );
+    } else {
+        // This host's KVM stops Linux with an emulation failure: the run says so.
+        match &outcome.end {
+            RunEnd::NoExitCode { why, .. } => {
+                assert!(why.contains("emulation failure"), "{why}")
+            }
+            RunEnd::TimedOut(_) => {}
+            other => panic!("unexpected end of an embedded run here: {other:?}"),
+        }
+        vmbuild_tests::skip(
+            "a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up (command)",
+            &probe.reason,
+        );
+    }
 }

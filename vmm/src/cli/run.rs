@@ -13,7 +13,14 @@ use crate::exit;
 use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::workflow::guest_script::valid_env_name;
-use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec};
+use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, Vmm};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmmChoice {
+    Auto,
+    Qemu,
+    Embedded,
+}
 
 /// The least memory the guest kit's kernel boots in, with room for a command.
 const MIN_MEMORY_MIB: u32 = 128;
@@ -81,6 +88,10 @@ pub struct RunArgs {
     /// Accelerator: auto uses KVM only where it can run a Linux guest
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
+    /// Which VMM runs the guest: qemu, or embedded (vmbuild's own KVM VMM, only where
+    /// KVM runs Linux; auto picks qemu until the embedded path has been proven there)
+    #[arg(long, value_enum, default_value = "auto")]
+    vmm: VmmChoice,
     /// An interactive shell in the same VM setup instead of a command
     #[arg(long)]
     shell: bool,
@@ -119,7 +130,11 @@ impl RunArgs {
         };
         // Before any thread exists, so the signal thread alone receives them.
         let sig_rx = super::signal_channel::signal_channel()?;
-        let outcome = match run(&spec, sig_rx) {
+        let result = match spec.vmm {
+            Vmm::Qemu => run(&spec, sig_rx),
+            Vmm::Embedded => crate::workflow::run_embedded::run_embedded(&spec, sig_rx),
+        };
+        let outcome = match result {
             Ok(o) => o,
             Err(e) => {
                 eprintln!("vmbuild run: {e:#}");
@@ -244,6 +259,23 @@ impl RunArgs {
                 directory(parent, "--log's directory")?;
             }
         }
+        let vmm = match self.vmm {
+            VmmChoice::Auto | VmmChoice::Qemu => Vmm::Qemu,
+            VmmChoice::Embedded => {
+                if self.shell || disk.is_some() || self.cpus != 1 {
+                    usage!("--vmm embedded runs a command on one vCPU, without --shell or --disk");
+                }
+                crate::workflow::run_embedded::check_kernel(&kernel).map_err(Usage)?;
+                let probe = accel::probe_kvm_cached(&qemu.path, &kernel, &initrd);
+                if !probe.usable {
+                    usage!(
+                        "--vmm embedded: {}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu)",
+                        probe.reason
+                    );
+                }
+                Vmm::Embedded
+            }
+        };
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kernel, &initrd);
         if let Some(n) = notice {
             tracing::info!("{n}");
@@ -269,6 +301,7 @@ impl RunArgs {
             disk,
             timeout,
             log: self.log,
+            vmm,
         })
     }
 }

@@ -51,6 +51,10 @@ pub struct LinuxConfig<'a> {
     pub memory_mib: usize,
 }
 
+/// The legacy serial ports after COM1, as Linux's 8250 driver probes them with
+/// `8250.nr_uarts=3`: (base, GSI). COM3 shares COM1's interrupt line, as on a PC.
+const EXTRA_UARTS: [(u16, u32); 2] = [(0x2f8, 3), (0x3e8, COM1_GSI)];
+
 /// How a Linux guest ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinuxEnd {
@@ -72,7 +76,8 @@ const ACPI_TABLES: u64 = 0xe_0000;
 /// The PC devices a Linux guest touches: COM1, the keyboard controller's reset line, and
 /// the virtio-mmio windows.
 struct PcBus {
-    uart: Uart,
+    /// COM1 (the console), then COM2 and COM3 when asked for.
+    uarts: Vec<Uart>,
     reset: Arc<AtomicBool>,
     virtio: Vec<(u64, std::sync::Mutex<MmioTransport>)>,
 }
@@ -88,7 +93,7 @@ impl PcBus {
 
 impl Bus for PcBus {
     fn pio_write(&self, port: u16, data: &[u8]) {
-        if self.uart.pio_write(port, data) {
+        if self.uarts.iter().any(|u| u.pio_write(port, data)) {
             return;
         }
         // i8042 command 0xFE: pulse the CPU reset line.
@@ -98,7 +103,7 @@ impl Bus for PcBus {
     }
 
     fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if self.uart.pio_read(port, data) {
+        if self.uarts.iter().any(|u| u.pio_read(port, data)) {
             return;
         }
         // The keyboard controller's status reads "empty": the reboot path does not wait.
@@ -129,9 +134,11 @@ pub struct LinuxVm {
 impl LinuxVm {
     /// Loads the kernel, initramfs and command line and sets the vCPU at the PVH entry.
     /// `devices` get virtio-mmio windows, described to the kernel in ACPI tables.
+    /// `serials` are COM2 and COM3's outputs (none, one or two).
     pub fn new(
         config: &LinuxConfig,
         console: Transcript,
+        serials: Vec<Transcript>,
         devices: Vec<Box<dyn VirtioDevice>>,
     ) -> anyhow::Result<LinuxVm> {
         if devices.len() > MAX_VIRTIO_DEVICES {
@@ -235,7 +242,9 @@ impl LinuxVm {
         regs.rbx = START_INFO;
         vm.vcpus()[0].set_regs(&regs)?;
 
-        let bus = build_bus(&vm, &console, devices, &windows, None)?;
+        let mut outputs = vec![console.clone()];
+        outputs.extend(serials);
+        let bus = build_bus(&vm, &outputs, devices, &windows, None)?;
         Ok(LinuxVm { bus, vm, console })
     }
 
@@ -276,7 +285,7 @@ impl LinuxVm {
 /// the virtio transports.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct DeviceStates {
-    uart: UartState,
+    uarts: Vec<UartState>,
     virtio: Vec<TransportState>,
 }
 
@@ -287,7 +296,7 @@ impl LinuxVm {
     pub fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
         snapshot::save(&self.vm, dir)?;
         let states = DeviceStates {
-            uart: self.bus.uart.save(),
+            uarts: self.bus.uarts.iter().map(Uart::save).collect(),
             virtio: self
                 .bus
                 .virtio
@@ -304,6 +313,7 @@ impl LinuxVm {
     pub fn restore(
         dir: &Path,
         console: Transcript,
+        serials: Vec<Transcript>,
         devices: Vec<Box<dyn VirtioDevice>>,
     ) -> anyhow::Result<LinuxVm> {
         let states: DeviceStates = serde_json::from_slice(
@@ -320,7 +330,9 @@ impl LinuxVm {
         }
         let vm = snapshot::restore(dir)?;
         let windows = windows(devices.len());
-        let bus = build_bus(&vm, &console, devices, &windows, Some(&states))?;
+        let mut outputs = vec![console.clone()];
+        outputs.extend(serials);
+        let bus = build_bus(&vm, &outputs, devices, &windows, Some(&states))?;
         Ok(LinuxVm { bus, vm, console })
     }
 }
@@ -338,19 +350,48 @@ fn windows(n: usize) -> Vec<MmioDevice> {
 /// The devices of a Linux VM, their interrupts routed: fresh, or from a snapshot.
 fn build_bus(
     vm: &Vm,
-    console: &Transcript,
+    outputs: &[Transcript],
     devices: Vec<Box<dyn VirtioDevice>>,
     windows: &[MmioDevice],
     saved: Option<&DeviceStates>,
 ) -> anyhow::Result<Arc<PcBus>> {
-    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    if outputs.len() > 1 + EXTRA_UARTS.len() {
+        bail!("at most {} serial ports", 1 + EXTRA_UARTS.len());
+    }
+    if let Some(s) = saved {
+        if s.uarts.len() != outputs.len() {
+            bail!(
+                "the snapshot had {} serial ports, {} were given",
+                s.uarts.len(),
+                outputs.len()
+            );
+        }
+    }
+    let com1_irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     vm.fd()
-        .register_irqfd(&irq, COM1_GSI)
+        .register_irqfd(&com1_irq, COM1_GSI)
         .context("routing the UART's interrupt (KVM_IRQFD)")?;
-    let uart = match saved {
-        Some(s) => Uart::restore(COM1_BASE, irq, console.clone(), &s.uart)?,
-        None => Uart::new(COM1_BASE, irq, console.clone()),
-    };
+    let mut uarts = Vec::new();
+    for (i, out) in outputs.iter().enumerate() {
+        let (base, irq) = if i == 0 {
+            (COM1_BASE, com1_irq.clone())
+        } else {
+            let (base, gsi) = EXTRA_UARTS[i - 1];
+            if gsi == COM1_GSI {
+                (base, com1_irq.clone())
+            } else {
+                let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+                vm.fd()
+                    .register_irqfd(&irq, gsi)
+                    .with_context(|| format!("routing GSI {gsi} (KVM_IRQFD)"))?;
+                (base, irq)
+            }
+        };
+        uarts.push(match saved {
+            Some(s) => Uart::restore(base, irq, out.clone(), &s.uarts[i])?,
+            None => Uart::new(base, irq, out.clone()),
+        });
+    }
     let mut virtio = Vec::new();
     for (i, (device, w)) in devices.into_iter().zip(windows).enumerate() {
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
@@ -365,7 +406,7 @@ fn build_bus(
         virtio.push((u64::from(w.base), std::sync::Mutex::new(transport)));
     }
     Ok(Arc::new(PcBus {
-        uart,
+        uarts,
         reset: Arc::new(AtomicBool::new(false)),
         virtio,
     }))

@@ -7,4 +7,5 @@ pub mod build;
 pub mod guest_script;
 pub mod initrd;
 pub mod run;
+pub mod run_embedded;
 pub mod timings;

@@ -91,6 +91,15 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
     /// Console to this file instead of stderr.
     pub log: Option<PathBuf>,
+    /// Which VMM runs the guest.
+    pub vmm: Vmm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    Qemu,
+    /// The embedded KVM VMM (`workflow::run_embedded`).
+    Embedded,
 }
 
 /// How a run ended.

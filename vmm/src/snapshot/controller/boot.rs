@@ -62,6 +62,7 @@ impl Controller for BootedController {
             disk: None,
             timeout: None,
             log: Some(plan.console_log.clone()),
+            vmm: run::Vmm::Qemu,
         };
         let outcome = run::run(&spec, stop)?;
         let end = match outcome.end {

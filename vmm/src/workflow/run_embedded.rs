@@ -1,0 +1,194 @@
+//! `vmbuild run --vmm embedded`: the same run as under QEMU (the guest kit, the command in
+//! the initramfs, the store, xchg and extra shares as virtio-fs, stdout and stderr on
+//! ttyS1 and ttyS2, the status on the console), in the embedded KVM VMM: no QEMU process,
+//! the shares answered in this process with no socket.
+//!
+//! Only where KVM runs Linux (the CLI checks the probe); one vCPU; no disks, NICs or
+//! `--shell` yet.
+
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use virtiofs_bridge::{InProcessShare, ShareConfig};
+
+use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use crate::kvm::uart::Transcript;
+use crate::kvm::virtio::fs::FsDevice;
+use crate::kvm::virtio::VirtioDevice;
+use crate::runtime_dir::RuntimeDir;
+use crate::workflow::guest_script::{CommandIo, GuestCommand};
+use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+use crate::workflow::run::{RunEnd, RunOutcome, RunSpec};
+use crate::workflow::timings::Marks;
+
+/// How often the loop looks at the console, the deadline and signals.
+const SLICE: Duration = Duration::from_millis(100);
+
+pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
+    let mut marks = Marks {
+        start: Some(Instant::now()),
+        ..Marks::default()
+    };
+    anyhow::ensure!(
+        !spec.shell && spec.disk.is_none() && spec.nic.is_none() && spec.cpus == 1,
+        "the embedded VMM runs a command on one vCPU, without disks, NICs or --shell"
+    );
+    let rundir = RuntimeDir::create("run")?;
+    let (xchg, _xchg_temp) = match &spec.xchg {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
+            (dir.path().to_owned(), Some(dir))
+        }
+    };
+    let mut shares: Vec<(ShareConfig, String)> = Vec::new();
+    if let Some((dir, mount)) = &spec.store {
+        shares.push((ShareConfig::store(dir), mount.clone()));
+    }
+    if !spec.no_xchg {
+        shares.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
+    }
+    for (i, extra) in spec.extra_shares.iter().enumerate() {
+        let mut share = if extra.read_only {
+            ShareConfig::store(&extra.host)
+        } else {
+            ShareConfig::xchg(&extra.host)
+        };
+        share.tag = format!("share{i}");
+        shares.push((share, extra.guest.clone()));
+    }
+    let mut append: Vec<String> = [
+        "console=ttyS0",
+        "reboot=k",
+        "panic=-1",
+        "quiet",
+        "cryptomgr.notests",
+        "8250.nr_uarts=3",
+        "vmbuild.quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (share, mount) in &shares {
+        let served = Arc::new(
+            InProcessShare::new(share).with_context(|| format!("serving share {}", share.tag))?,
+        );
+        devices.push(Box::new(FsDevice::new(served)?));
+        let ro = if share.read_only { ":ro" } else { "" };
+        append.push(format!("vmbuild.mount=virtiofs:{}:{mount}{ro}", share.tag));
+    }
+    append.push(format!("vmbuild.cmd={GUEST_SCRIPT_PATH}"));
+    if let Some(extra) = &spec.append {
+        append.push(extra.clone());
+    }
+    let script = GuestCommand {
+        argv: &spec.argv,
+        env: &spec.env,
+        cwd: spec.cwd.as_deref(),
+        io: CommandIo::SerialPorts,
+    }
+    .script();
+    let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, &script)];
+    let initrd = initrd::with_files(&spec.initrd, rundir.path(), &files)
+        .context("writing the run's initrd")?;
+
+    let console_sink: Option<Box<dyn std::io::Write + Send>> = match &spec.log {
+        Some(p) => {
+            Some(Box::new(std::fs::File::create(p).with_context(|| {
+                format!("creating the console log {}", p.display())
+            })?))
+        }
+        None => None,
+    };
+    let console = Transcript::new(console_sink);
+    let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
+    let stderr = Transcript::new(Some(Box::new(std::io::stderr())));
+    let cmdline = append.join(" ");
+    let mut vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel: &spec.kernel,
+            initrd: Some(&initrd),
+            cmdline: &cmdline,
+            memory_mib: spec.memory_mib as usize,
+        },
+        console.clone(),
+        vec![stdout, stderr],
+        devices,
+    )?;
+    marks.vmm_ready = Some(Instant::now());
+
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let end = loop {
+        let end = vm.run(SLICE);
+        let text = console.text();
+        if marks.init.is_none() && text.contains("vmbuild-phase=init") {
+            marks.init = Some(Instant::now());
+        }
+        if marks.mounted.is_none() && text.contains("vmbuild-phase=mounted") {
+            marks.mounted = Some(Instant::now());
+        }
+        if end != LinuxEnd::TimedOut {
+            break end;
+        }
+        if signals.try_recv().is_ok() {
+            marks.exited = Some(Instant::now());
+            marks.done = Some(Instant::now());
+            return Ok(RunOutcome {
+                end: RunEnd::Interrupted,
+                marks,
+            });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            marks.exited = Some(Instant::now());
+            marks.done = Some(Instant::now());
+            return Ok(RunOutcome {
+                end: RunEnd::TimedOut(spec.timeout.unwrap_or_default()),
+                marks,
+            });
+        }
+    };
+    marks.exited = Some(Instant::now());
+    drop(vm);
+    drop(rundir);
+    marks.done = Some(Instant::now());
+    let text = console.text();
+    let status = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split("vmbuild-exit=").nth(1))
+        .and_then(|n| n.trim().parse().ok());
+    let end = match (status, end) {
+        (Some(code), _) => RunEnd::Exited(code),
+        (None, end) => RunEnd::NoExitCode {
+            why: match end {
+                LinuxEnd::Failed(why) => format!("the embedded VMM stopped the guest: {why}"),
+                _ => "the guest reset before its command finished".into(),
+            },
+            console_tail: tail(&text, 40),
+        },
+    };
+    Ok(RunOutcome { end, marks })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The kernel the embedded VMM boots: an ELF vmlinux (PVH), not a bzImage.
+pub fn check_kernel(path: &std::path::Path) -> Result<(), String> {
+    let mut magic = [0u8; 4];
+    let ok = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok();
+    if !ok || magic != *b"\x7fELF" {
+        return Err(format!(
+            "{} is not an ELF vmlinux: the embedded VMM boots the uncompressed kernel (the guest kit's vmlinux)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
