@@ -1,8 +1,11 @@
-//! Booting Linux in the embedded VMM through PVH: the ELF vmlinux is loaded at its
-//! physical addresses (linux-loader), the initramfs at the top of low memory, and the vCPU
-//! enters the kernel's PVH entry in 32-bit protected mode with `%ebx` pointing at an
-//! `hvm_start_info` (command line, memory map, initramfs as module 0), the way QEMU's
-//! `-kernel vmlinux` does. One vCPU; a PC's interrupt controllers and timer in the
+//! Booting Linux in the embedded VMM. An ELF vmlinux boots through PVH: loaded at its
+//! physical addresses (linux-loader), the vCPU enters the kernel's PVH entry in 32-bit
+//! protected mode with `%ebx` pointing at an `hvm_start_info` (command line, memory map,
+//! initramfs as module 0, RSDP), the way QEMU's `-kernel vmlinux` does. A bzImage boots
+//! through the 64-bit boot protocol: the protected-mode kernel at 1 MiB, `boot_params`
+//! (setup header, e820 map, command line, initramfs, RSDP) at the zero page, the vCPU in
+//! identity-mapped long mode at its 64-bit entry with `%rsi` pointing at them. The
+//! initramfs goes at the top of memory. One vCPU; a PC's interrupt controllers and timer in the
 //! kernel; COM1 as the console; virtio devices on virtio-mmio windows the kernel finds in
 //! ACPI tables (RSDP passed in the start info); the keyboard controller's reset line
 //! (`reboot=k`) and a triple fault end the VM.
@@ -14,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -33,6 +38,8 @@ use crate::kvm::virtio::{guest_memory, VirtioDevice};
 use crate::kvm::vm::Vm;
 
 const START_INFO: u64 = 0x6000;
+/// The bzImage boot protocol's `boot_params` ("zero page").
+const ZERO_PAGE: u64 = 0x7000;
 const MODLIST: u64 = 0x6100;
 const MEMMAP: u64 = 0x6200;
 const CMDLINE: u64 = 0x20000;
@@ -43,6 +50,14 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
 /// Guest RAM stays below the PCI hole a PC keeps under 4 GiB.
 const MAX_MEMORY: usize = 3 << 30;
+
+/// How the kernel is entered.
+enum Boot {
+    /// ELF vmlinux: its PVH entry point.
+    Pvh(u64),
+    /// bzImage: its setup header and where its protected-mode part was loaded.
+    BzImage(linux_loader::loader::bootparam::setup_header, u64),
+}
 
 pub struct LinuxConfig<'a> {
     pub kernel: &'a Path,
@@ -158,21 +173,41 @@ impl LinuxVm {
 
         let mut kernel = File::open(config.kernel)
             .with_context(|| format!("opening the kernel {}", config.kernel.display()))?;
-        let loaded = Elf::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
-            .map_err(|e| {
+        let mut magic = [0u8; 4];
+        std::io::Read::read_exact(&mut kernel, &mut magic)
+            .with_context(|| format!("reading the kernel {}", config.kernel.display()))?;
+        let (boot, kernel_end) = if magic == *b"\x7fELF" {
+            let loaded = Elf::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is not a loadable ELF vmlinux ({e})",
+                        config.kernel.display()
+                    )
+                })?;
+            let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+                bail!(
+                    "{} has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH or boot its bzImage",
+                    config.kernel.display()
+                );
+            };
+            // linux-loader reports the end as an address already.
+            (Boot::Pvh(entry.0), loaded.kernel_end)
+        } else {
+            let loaded = BzImage::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+                .map_err(|e| {
                 anyhow::anyhow!(
-                    "{} is not a loadable ELF vmlinux ({e}); use the uncompressed vmlinux (the guest kit's)",
+                    "{} is neither an ELF vmlinux nor a bzImage ({e})",
                     config.kernel.display()
                 )
             })?;
-        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
-            bail!(
-                "{} has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH",
-                config.kernel.display()
-            );
+            let header = loaded
+                .setup_header
+                .context("the bzImage loader returned no setup header")?;
+            (
+                Boot::BzImage(header, loaded.kernel_load.0),
+                loaded.kernel_end,
+            )
         };
-        // linux-loader reports the end as an address already.
-        let kernel_end = loaded.kernel_end;
 
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
         cmdline
@@ -180,72 +215,122 @@ impl LinuxVm {
             .map_err(|e| anyhow::anyhow!("kernel command line: {e}"))?;
         load_cmdline(&*mem, GuestAddress(CMDLINE), &cmdline)
             .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
+        let cmdline_len = config.cmdline.len() as u32;
 
         let windows = windows(devices.len());
         let tables = acpi::build(ACPI_TABLES, 1, &windows);
         vm.ram().write(ACPI_TABLES, &tables.bytes)?;
-        let mut start = hvm_start_info {
-            magic: XEN_HVM_START_MAGIC,
-            version: 1,
-            rsdp_paddr: tables.rsdp,
-            cmdline_paddr: CMDLINE,
-            memmap_paddr: MEMMAP,
-            memmap_entries: 2,
-            ..Default::default()
+        let initrd = match config.initrd {
+            Some(initrd) => {
+                let data = std::fs::read(initrd)
+                    .with_context(|| format!("reading the initramfs {}", initrd.display()))?;
+                let top = mem_bytes as u64;
+                let at = top
+                    .checked_sub(data.len() as u64)
+                    .map(|a| a & !0xfff)
+                    .filter(|a| *a >= kernel_end)
+                    .with_context(|| {
+                        format!(
+                            "the initramfs ({} MiB) does not fit above the kernel in {} MiB",
+                            data.len() >> 20,
+                            config.memory_mib
+                        )
+                    })?;
+                vm.ram().write(at, &data)?;
+                Some((at, data.len() as u64))
+            }
+            None => None,
         };
-        if let Some(initrd) = config.initrd {
-            let data = std::fs::read(initrd)
-                .with_context(|| format!("reading the initramfs {}", initrd.display()))?;
-            let top = mem_bytes as u64;
-            let at = top
-                .checked_sub(data.len() as u64)
-                .map(|a| a & !0xfff)
-                .filter(|a| *a >= kernel_end)
-                .with_context(|| {
-                    format!(
-                        "the initramfs ({} MiB) does not fit above the kernel in {} MiB",
-                        data.len() >> 20,
-                        config.memory_mib
-                    )
-                })?;
-            vm.ram().write(at, &data)?;
-            let module = hvm_modlist_entry {
-                paddr: at,
-                size: data.len() as u64,
-                ..Default::default()
-            };
-            write_struct(vm.ram(), MODLIST, &module)?;
-            start.nr_modules = 1;
-            start.modlist_paddr = MODLIST;
-        }
-        let memmap = [
-            hvm_memmap_table_entry {
-                addr: 0,
-                size: EBDA,
-                type_: E820_RAM,
-                reserved: 0,
-            },
-            hvm_memmap_table_entry {
-                addr: HIGH_MEMORY,
-                size: mem_bytes as u64 - HIGH_MEMORY,
-                type_: E820_RAM,
-                reserved: 0,
-            },
-        ];
-        for (i, e) in memmap.iter().enumerate() {
-            write_struct(vm.ram(), MEMMAP + (i * std::mem::size_of_val(e)) as u64, e)?;
-        }
-        write_struct(vm.ram(), START_INFO, &start)?;
+        // Usable RAM: below the EBDA, and from 1 MiB up.
+        let ram_ranges = [(0, EBDA), (HIGH_MEMORY, mem_bytes as u64 - HIGH_MEMORY)];
 
-        enter(&vm.vcpus()[0], vm.ram(), CpuMode::Protected32, entry.0, 0)?;
-        let mut regs = vm.vcpus()[0].get_regs()?;
-        regs.rbx = START_INFO;
-        vm.vcpus()[0].set_regs(&regs)?;
+        match boot {
+            Boot::Pvh(entry) => {
+                let mut start = hvm_start_info {
+                    magic: XEN_HVM_START_MAGIC,
+                    version: 1,
+                    rsdp_paddr: tables.rsdp,
+                    cmdline_paddr: CMDLINE,
+                    memmap_paddr: MEMMAP,
+                    memmap_entries: ram_ranges.len() as u32,
+                    ..Default::default()
+                };
+                if let Some((at, size)) = initrd {
+                    let module = hvm_modlist_entry {
+                        paddr: at,
+                        size,
+                        ..Default::default()
+                    };
+                    write_struct(vm.ram(), MODLIST, &module)?;
+                    start.nr_modules = 1;
+                    start.modlist_paddr = MODLIST;
+                }
+                for (i, (addr, size)) in ram_ranges.iter().enumerate() {
+                    let e = hvm_memmap_table_entry {
+                        addr: *addr,
+                        size: *size,
+                        type_: E820_RAM,
+                        reserved: 0,
+                    };
+                    write_struct(
+                        vm.ram(),
+                        MEMMAP + (i * std::mem::size_of_val(&e)) as u64,
+                        &e,
+                    )?;
+                }
+                write_struct(vm.ram(), START_INFO, &start)?;
+                // PVH: 32-bit protected mode, paging off, %ebx → start info.
+                enter(&vm.vcpus()[0], vm.ram(), CpuMode::Protected32, entry, 0)?;
+                let mut regs = vm.vcpus()[0].get_regs()?;
+                regs.rbx = START_INFO;
+                vm.vcpus()[0].set_regs(&regs)?;
+            }
+            Boot::BzImage(header, load) => {
+                let mut params = boot_params {
+                    hdr: header,
+                    acpi_rsdp_addr: tables.rsdp,
+                    ..Default::default()
+                };
+                params.hdr.type_of_loader = 0xff; // "undefined" boot loader
+                params.hdr.boot_flag = 0xaa55;
+                params.hdr.cmd_line_ptr = CMDLINE as u32;
+                params.hdr.cmdline_size = cmdline_len;
+                if let Some((at, size)) = initrd {
+                    params.hdr.ramdisk_image = at as u32;
+                    params.hdr.ramdisk_size = size as u32;
+                }
+                for (i, (addr, size)) in ram_ranges.iter().enumerate() {
+                    params.e820_table[i] = boot_e820_entry {
+                        addr: *addr,
+                        size: *size,
+                        type_: E820_RAM,
+                    };
+                }
+                params.e820_entries = ram_ranges.len() as u8;
+                write_struct(vm.ram(), ZERO_PAGE, &params)?;
+                // The 64-bit boot protocol: long mode with the memory identity-mapped,
+                // %rsi → boot_params, entry 0x200 into the protected-mode kernel.
+                enter(&vm.vcpus()[0], vm.ram(), CpuMode::Long64, load + 0x200, 0)?;
+                let mut regs = vm.vcpus()[0].get_regs()?;
+                regs.rsi = ZERO_PAGE;
+                vm.vcpus()[0].set_regs(&regs)?;
+            }
+        }
 
         let mut outputs = vec![console.clone()];
         outputs.extend(serials);
         let bus = build_bus(&vm, &outputs, devices, &windows, None)?;
         Ok(LinuxVm { bus, vm, console })
+    }
+
+    /// Where the (stopped) vCPU is: for diagnostics.
+    pub fn vcpu_regs(&self) -> anyhow::Result<kvm_bindings::kvm_regs> {
+        Ok(self
+            .vm
+            .vcpus()
+            .first()
+            .context("the vCPU is running")?
+            .get_regs()?)
     }
 
     /// Runs the guest until it resets, fails, or `timeout` passes. After a timeout the
