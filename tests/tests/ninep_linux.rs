@@ -3,43 +3,12 @@
 //! server through QEMU's user-mode network, and reads it as a file system. The test's
 //! control directory is QEMU's own 9p share (`-virtfs`).
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use virtiofs_bridge::ninep::NinepServer;
+use virtiofs_bridge::ninep::{self, NinepServer};
 use virtiofs_bridge::ShareConfig;
 use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
-
-/// Serves 9p messages (each starts with its own size) on every accepted connection.
-fn serve(listener: TcpListener, server: Arc<NinepServer>) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            let server = server.clone();
-            std::thread::spawn(move || loop {
-                let mut size = [0u8; 4];
-                if conn.read_exact(&mut size).is_err() {
-                    break;
-                }
-                let n = u32::from_le_bytes(size) as usize;
-                if !(7..=1 << 20).contains(&n) {
-                    break;
-                }
-                let mut msg = size.to_vec();
-                msg.resize(n, 0);
-                if conn.read_exact(&mut msg[4..]).is_err() {
-                    break;
-                }
-                if let Some(reply) = server.handle(&msg) {
-                    if conn.write_all(&reply).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
 
 #[test]
 fn linux_reads_the_store_over_9p_from_our_server() {
@@ -55,7 +24,7 @@ fn linux_reads_the_store_over_9p_from_our_server() {
     let server = Arc::new(NinepServer::new(&ShareConfig::store(&store)).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    serve(listener, server.clone());
+    ninep::serve_tcp(listener, server.clone());
 
     let ctl = tempfile::tempdir().unwrap();
     std::fs::write(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use virtiofs_bridge::ninep::NinepServer;
+use virtiofs_bridge::ninep::{self, NinepServer};
 use virtiofs_bridge::ShareConfig;
 use vmbuild_benches::report::{markdown, median, Row};
 
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     let server = Arc::new(NinepServer::new(&ShareConfig::store(&store))?);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let ours_port = listener.local_addr()?.port();
-    serve(listener, server);
+    ninep::serve_tcp(listener, server);
     // diod, exporting the same directory.
     let diod_port = free_port()?;
     let _diod = Daemon(
@@ -214,36 +214,6 @@ fn workloads(c: &mut Client) -> anyhow::Result<[f64; 3]> {
     let seq = offset as f64 / t.elapsed().as_secs_f64() / 1e6;
     c.call(120, &11u32.to_le_bytes())?;
     Ok([meta, small, seq])
-}
-
-fn serve(listener: TcpListener, server: Arc<NinepServer>) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            let _ = conn.set_nodelay(true);
-            let server = server.clone();
-            std::thread::spawn(move || loop {
-                let mut size = [0u8; 4];
-                if conn.read_exact(&mut size).is_err() {
-                    break;
-                }
-                let n = u32::from_le_bytes(size) as usize;
-                if !(7..=1 << 20).contains(&n) {
-                    break;
-                }
-                let mut msg = size.to_vec();
-                msg.resize(n, 0);
-                if conn.read_exact(&mut msg[4..]).is_err() {
-                    break;
-                }
-                if let Some(reply) = server.handle(&msg) {
-                    if conn.write_all(&reply).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
 }
 
 struct Daemon(Child);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::run::{collect_env, directory, guest_path, seconds, usage, Usage, MAX_TIMEOUT};
+use super::run::{collect_env, guest_path, seconds, store_and_xchg, usage, Usage, MAX_TIMEOUT};
 use crate::exit;
 use crate::qemu::QemuBinary;
 use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, ControllerChoice};
@@ -156,23 +156,7 @@ impl BuildArgs {
             .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
             .transpose()?;
         let ssh_wait = seconds(self.ssh_wait, "--ssh-wait", 86_400.0)?;
-        let store = match self.store {
-            Some(dir) => {
-                directory(&dir, "store (--store)")?;
-                let dir = std::fs::canonicalize(&dir)
-                    .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
-                let mount = self
-                    .store_mount
-                    .unwrap_or_else(|| dir.display().to_string());
-                guest_path(&mount, "--store-mount")?;
-                Some((dir, mount))
-            }
-            None if self.store_mount.is_some() => usage!("--store-mount needs --store"),
-            None => None,
-        };
-        if let Some(x) = &self.xchg {
-            directory(x, "xchg (--xchg)")?;
-        }
+        let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
         if let Some(w) = &self.workdir {
             guest_path(w, "--workdir")?;
         }

@@ -208,23 +208,7 @@ impl RunArgs {
         };
         readable_file(&kernel, "kernel (--kernel)")?;
         readable_file(&initrd, "initrd (--initrd)")?;
-        let store = match self.store {
-            Some(dir) => {
-                directory(&dir, "store (--store)")?;
-                let dir = std::fs::canonicalize(&dir)
-                    .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
-                let mount = self
-                    .store_mount
-                    .unwrap_or_else(|| dir.display().to_string());
-                guest_path(&mount, "--store-mount")?;
-                Some((dir, mount))
-            }
-            None if self.store_mount.is_some() => usage!("--store-mount needs --store"),
-            None => None,
-        };
-        if let Some(x) = &self.xchg {
-            directory(x, "xchg (--xchg)")?;
-        }
+        let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
         let mut extra_shares = Vec::new();
         for spec in &self.share {
             let parts: Vec<&str> = spec.split(':').collect();
@@ -304,6 +288,31 @@ impl RunArgs {
             vmm,
         })
     }
+}
+
+/// `--store`/`--store-mount`/`--xchg`, as `run` and `build` take them: the store's
+/// canonical host path and where the guest mounts it (its host path unless told).
+pub(super) fn store_and_xchg(
+    store: Option<PathBuf>,
+    store_mount: Option<String>,
+    xchg: Option<&Path>,
+) -> Result<Option<(PathBuf, String)>, Usage> {
+    let store = match store {
+        Some(dir) => {
+            directory(&dir, "store (--store)")?;
+            let dir = std::fs::canonicalize(&dir)
+                .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+            let mount = store_mount.unwrap_or_else(|| dir.display().to_string());
+            guest_path(&mount, "--store-mount")?;
+            Some((dir, mount))
+        }
+        None if store_mount.is_some() => usage!("--store-mount needs --store"),
+        None => None,
+    };
+    if let Some(x) = xchg {
+        directory(x, "xchg (--xchg)")?;
+    }
+    Ok(store)
 }
 
 /// The longest --timeout accepted (30 days): past that, "no timeout" is what is meant.

@@ -179,21 +179,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         ctl_share.cache = CacheMode::Never;
         mounts.push((ctl_share, CTL_MOUNT.into()));
     }
-    if let Some((dir, mount)) = &spec.store {
-        mounts.push((ShareConfig::store(dir), mount.clone()));
-    }
-    if !spec.no_xchg {
-        mounts.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
-    }
-    for (i, extra) in spec.extra_shares.iter().enumerate() {
-        let mut share = if extra.read_only {
-            ShareConfig::store(&extra.host)
-        } else {
-            ShareConfig::xchg(&extra.host)
-        };
-        share.tag = format!("share{i}");
-        mounts.push((share, extra.guest.clone()));
-    }
+    mounts.extend(guest_shares(spec, &xchg));
     let mut servers = Vec::new();
     for (share, mount) in mounts {
         let socket = rundir.join(&format!("{}.sock", share.tag));
@@ -352,6 +338,27 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     drop(rundir);
     marks.done = Some(Instant::now());
     Ok(RunOutcome { end, marks })
+}
+
+/// The store, xchg and extra shares of a run, with where the guest mounts each.
+pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, String)> {
+    let mut shares = Vec::new();
+    if let Some((dir, mount)) = &spec.store {
+        shares.push((ShareConfig::store(dir), mount.clone()));
+    }
+    if !spec.no_xchg {
+        shares.push((ShareConfig::xchg(xchg), "/tmp/xchg".into()));
+    }
+    for (i, extra) in spec.extra_shares.iter().enumerate() {
+        let mut share = if extra.read_only {
+            ShareConfig::store(&extra.host)
+        } else {
+            ShareConfig::xchg(&extra.host)
+        };
+        share.tag = format!("share{i}");
+        shares.push((share, extra.guest.clone()));
+    }
+    shares
 }
 
 fn explain_no_exit(shutdown: Option<&ShutdownReason>, console: &str, qemu_stderr: &str) -> String {

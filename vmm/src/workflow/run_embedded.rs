@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use virtiofs_bridge::{InProcessShare, ShareConfig};
+use virtiofs_bridge::InProcessShare;
 
 use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use crate::kvm::uart::Transcript;
@@ -20,7 +20,7 @@ use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::{RunEnd, RunOutcome, RunSpec};
+use crate::workflow::run::{guest_shares, RunEnd, RunOutcome, RunSpec};
 use crate::workflow::timings::Marks;
 
 /// How often the loop looks at the console, the deadline and signals.
@@ -43,22 +43,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
             (dir.path().to_owned(), Some(dir))
         }
     };
-    let mut shares: Vec<(ShareConfig, String)> = Vec::new();
-    if let Some((dir, mount)) = &spec.store {
-        shares.push((ShareConfig::store(dir), mount.clone()));
-    }
-    if !spec.no_xchg {
-        shares.push((ShareConfig::xchg(&xchg), "/tmp/xchg".into()));
-    }
-    for (i, extra) in spec.extra_shares.iter().enumerate() {
-        let mut share = if extra.read_only {
-            ShareConfig::store(&extra.host)
-        } else {
-            ShareConfig::xchg(&extra.host)
-        };
-        share.tag = format!("share{i}");
-        shares.push((share, extra.guest.clone()));
-    }
+    let shares = guest_shares(spec, &xchg);
     let mut append: Vec<String> = [
         "console=ttyS0",
         "reboot=k",
