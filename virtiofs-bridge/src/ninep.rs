@@ -1,12 +1,19 @@
-//! A 9P2000.L server for read-only shares (the store), for guests that mount 9p rather
-//! than virtio-fs. It answers one request message with one reply message; a transport
-//! (the embedded VMM's virtio-9p device) carries them.
+//! A 9P2000.L server for guests that mount 9p rather than virtio-fs: read-only shares (the
+//! store) and read-write ones (`xchg`). It answers one request message with one reply
+//! message; a transport (the embedded VMM's virtio-9p device, or [`serve_tcp`]) carries them.
 //!
 //! Same rules as the virtio-fs side: names are resolved one component at a time relative
 //! to a directory file descriptor with `O_NOFOLLOW` (a symlink is a node the guest reads
-//! with READLINK, never a way out), `..` never climbs above the share's root, and every
-//! mutation is answered `EROFS`. Malformed messages get `Rlerror(EINVAL)` (or no reply
-//! when not even a tag can be read) and are counted; the server keeps serving.
+//! with READLINK, never a way out), and `..` never climbs above the share's root.
+//! Malformed messages get `Rlerror(EINVAL)` (or no reply when not even a tag can be read)
+//! and are counted; the server keeps serving.
+//!
+//! On a read-only share every mutation is answered `EROFS` and counted. On a read-write
+//! share the requests a Linux v9fs client sends to create and change files are served
+//! (see [`write`]): every name they carry must be one plain component, and every host
+//! call is made relative to a directory descriptor the fid holds (`openat`, `mkdirat`,
+//! `unlinkat`, `renameat`, `symlinkat`, `linkat`, `mknodat`), never through a host path
+//! built from the guest's names, and never following a symlink the guest planted.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -19,6 +26,10 @@ use std::sync::Mutex;
 
 use crate::share::ShareConfig;
 use crate::Error;
+
+#[cfg(test)]
+mod tests;
+mod write;
 
 pub const VERSION: &str = "9P2000.L";
 /// The largest message this server handles (the guest's msize is clamped to it).
@@ -39,7 +50,7 @@ const TFLUSH: u8 = 108;
 const TWALK: u8 = 110;
 const TREAD: u8 = 116;
 const TCLUNK: u8 = 120;
-/// Requests that would change the share: answered EROFS.
+/// Requests that would change the share: answered EROFS on a read-only share.
 const MUTATIONS: [u8; 12] = [14, 16, 18, 20, 26, 32, 70, 72, 74, 76, 118, 122];
 
 const QTDIR: u8 = 0x80;
@@ -48,7 +59,12 @@ const QTSYMLINK: u8 = 0x02;
 struct Fid {
     /// An O_PATH descriptor of the node.
     node: OwnedFd,
-    /// Components from the share's root (for `..`).
+    /// Components from the share's root, each one plain name: only used to answer `..`
+    /// (and to find a node's parent for Tremove/Trename). It is a hint, never trusted for
+    /// safety: `..` walks it down again from the root descriptor with `O_NOFOLLOW`, so
+    /// however stale it gets (a rename or unlink behind the fid's back) the walk lands
+    /// inside the share or fails; it cannot climb out. Renames made through this server
+    /// rewrite the paths of the fids below the renamed node to keep `..` right.
     path: Vec<Vec<u8>>,
     open: Option<Open>,
 }
@@ -57,7 +73,8 @@ struct Fid {
 type DirEntry = (Vec<u8>, u8, u64);
 
 enum Open {
-    File(File),
+    /// A regular file, and whether it was opened for writing (Twrite needs it).
+    File { file: File, write: bool },
     /// Directory entries, read once at open.
     Dir(Vec<DirEntry>),
 }
@@ -66,17 +83,25 @@ enum Open {
 pub struct NinepStats {
     pub requests: u64,
     pub malformed: u64,
+    /// Mutations refused with EROFS (read-only shares).
     pub refused_writes: u64,
+    /// Mutations served (read-write shares): creates, writes, renames, setattrs...
+    pub mutations: u64,
+    /// Bytes written by Twrite.
+    pub bytes_written: u64,
 }
 
 pub struct NinepServer {
     root: OwnedFd,
+    read_only: bool,
     fids: Mutex<HashMap<u32, Fid>>,
     msize: Mutex<u32>,
     tag: String,
     requests: AtomicU64,
     malformed: AtomicU64,
     refused: AtomicU64,
+    mutations: AtomicU64,
+    written: AtomicU64,
 }
 
 /// A reply being built.
@@ -192,9 +217,11 @@ fn dup(fd: &OwnedFd) -> Result<OwnedFd, u32> {
     fd.try_clone().map_err(|e| errno(&e))
 }
 
-/// Reopens an O_PATH descriptor for reading through /proc/self/fd (as virtiofsd does):
-/// no path lookup, so no way to be redirected.
-fn reopen(node: &OwnedFd, flags: i32) -> Result<File, u32> {
+/// Reopens an O_PATH descriptor for I/O through /proc/self/fd (as virtiofsd does): the
+/// magic link leads to the very inode the descriptor holds, with no name looked up, so
+/// there is no way to be redirected. Callers only reopen directories and regular files
+/// (a symlink's descriptor would give ELOOP, not its target).
+fn reopen(node: &impl AsRawFd, flags: i32) -> Result<File, u32> {
     let p = CString::new(format!("/proc/self/fd/{}", node.as_raw_fd())).unwrap();
     // SAFETY: open of a NUL-terminated path with valid flags.
     let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
@@ -206,25 +233,22 @@ fn reopen(node: &OwnedFd, flags: i32) -> Result<File, u32> {
 }
 
 impl NinepServer {
-    /// Serves `config.dir`; only read-only shares for now.
+    /// Serves `config.dir`, read-only or read-write as `config.read_only` says.
     pub fn new(config: &ShareConfig) -> Result<NinepServer, Error> {
         config.validate()?;
-        if !config.read_only {
-            return Err(Error::Config(format!(
-                "share {}: 9p serves read-only shares only (use virtio-fs for xchg)",
-                config.tag
-            )));
-        }
         let dir = File::open(&config.dir)
             .map_err(|e| Error::Io(format!("opening {}", config.dir.display()), e))?;
         Ok(NinepServer {
             root: OwnedFd::from(dir),
+            read_only: config.read_only,
             fids: Mutex::new(HashMap::new()),
             msize: Mutex::new(MAX_MSIZE),
             tag: config.tag.clone(),
             requests: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            mutations: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -241,6 +265,8 @@ impl NinepServer {
             requests: self.requests.load(Relaxed),
             malformed: self.malformed.load(Relaxed),
             refused_writes: self.refused.load(Relaxed),
+            mutations: self.mutations.load(Relaxed),
+            bytes_written: self.written.load(Relaxed),
         }
     }
 
@@ -320,19 +346,46 @@ impl NinepServer {
             TWALK => self.walk(tag, r),
             TLOPEN => {
                 let fid = r.u32().ok_or(None)?;
-                let flags = r.u32().ok_or(None)? as i32;
-                if flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_CREAT) != 0 {
+                let flags = r.u32().ok_or(None)?;
+                if self.read_only
+                    && flags
+                        & (write::P9_WRONLY | write::P9_RDWR | write::P9_TRUNC | write::P9_CREATE)
+                        != 0
+                {
                     self.refused.fetch_add(1, Relaxed);
                     return Err(e(libc::EROFS));
                 }
+                let (host_flags, writes) = if self.read_only {
+                    (libc::O_RDONLY, false)
+                } else {
+                    write::open_flags(flags)
+                };
                 let mut fids = self.fids.lock().unwrap();
                 let f = fids.get_mut(&fid).ok_or(e(libc::EBADF))?;
                 let st = stat(&f.node).map_err(Some)?;
+                // Only directories and regular files are reopened for I/O; the type of an
+                // O_PATH descriptor's inode never changes, and opening /proc/self/fd/N of a
+                // symlink would fail with ELOOP anyway: no link is ever followed here.
                 let open = match st.st_mode & libc::S_IFMT {
+                    libc::S_IFDIR
+                        if host_flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC) != 0 =>
+                    {
+                        return Err(e(libc::EISDIR))
+                    }
                     libc::S_IFDIR => Open::Dir(read_dir(&f.node)?),
-                    libc::S_IFREG => Open::File(reopen(&f.node, libc::O_RDONLY)?),
+                    libc::S_IFREG => Open::File {
+                        file: reopen(&f.node, host_flags)?,
+                        write: writes,
+                    },
                     libc::S_IFLNK => return Err(e(libc::ELOOP)),
                     _ => return Err(e(libc::EACCES)),
+                };
+                let truncated = host_flags & libc::O_TRUNC != 0;
+                let st = if truncated {
+                    self.mutations.fetch_add(1, Relaxed);
+                    stat(&f.node).map_err(Some)?
+                } else {
+                    st
                 };
                 f.open = Some(open);
                 let mut o = Out::new(TLOPEN + 1, tag);
@@ -347,7 +400,7 @@ impl NinepServer {
                 let count = count.min(room) as usize;
                 let fids = self.fids.lock().unwrap();
                 let f = fids.get(&fid).ok_or(e(libc::EBADF))?;
-                let Some(Open::File(file)) = &f.open else {
+                let Some(Open::File { file, .. }) = &f.open else {
                     return Err(e(libc::EBADF));
                 };
                 let mut buf = vec![0u8; count];
@@ -474,12 +527,23 @@ impl NinepServer {
                 Ok(Out::new(TCLUNK + 1, tag))
             }
             TFLUSH => Ok(Out::new(TFLUSH + 1, tag)),
+            k if !self.read_only && write::SERVED.contains(&k) => self.mutate(k, tag, r),
             k if MUTATIONS.contains(&k) => {
                 self.refused.fetch_add(1, Relaxed);
                 Err(e(libc::EROFS))
             }
             _ => Err(e(libc::EOPNOTSUPP)),
         }
+    }
+
+    /// The node at `path` below the root, walked down again one `O_NOFOLLOW` component at
+    /// a time: whatever `path` holds, the result is inside the share (or an error).
+    fn walk_path(&self, path: &[Vec<u8>]) -> Result<OwnedFd, u32> {
+        let mut at = dup(&self.root)?;
+        for comp in path {
+            at = open_at(&at, comp)?;
+        }
+        Ok(at)
     }
 
     fn walk(&self, tag: u16, r: &mut In) -> Result<Out, Option<u32>> {
@@ -511,11 +575,7 @@ impl NinepServer {
             let next = if name.as_slice() == b".." {
                 // Never above the root: walk down again from it, one level less.
                 path.pop();
-                let mut at = dup(&self.root).map_err(Some)?;
-                for comp in &path {
-                    at = open_at(&at, comp).map_err(Some)?;
-                }
-                at
+                self.walk_path(&path).map_err(Some)?
             } else {
                 match open_at(&node, name) {
                     Ok(fd) => {
