@@ -39,7 +39,7 @@ impl Accel {
 }
 
 /// A TCG boot of the kit reaches init in about 2 s; a KVM that needs longer is no gain.
-const PROBE_LIMIT: Duration = Duration::from_secs(8);
+pub const PROBE_LIMIT: Duration = Duration::from_secs(8);
 
 /// The result of probing whether KVM runs a Linux guest here.
 #[derive(Debug, Clone)]
@@ -68,10 +68,11 @@ pub fn resolve(
     }
 }
 
-/// One answer per host kernel and guest kernel. The guest kernel is identified by the
-/// kit's recorded checksum when it has one (a rebuilt kit keeps its kernel), else by size
-/// and modification time.
-fn cache_file(kernel: &Path) -> PathBuf {
+/// One answer per host kernel, guest kernel and prober (`what`). The guest kernel is
+/// identified by the kit's recorded checksum when it has one (a rebuilt kit keeps its
+/// kernel), else by size and modification time. The embedded VMM's answer also depends on
+/// the vmbuild binary that gave it.
+fn cache_file(what: &str, kernel: &Path) -> PathBuf {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kit_json = kernel.with_file_name("kit.json");
     let kernel_id = std::fs::read_to_string(&kit_json)
@@ -82,21 +83,53 @@ fn cache_file(kernel: &Path) -> PathBuf {
                 .and_then(|s| s.as_str())
                 .map(str::to_owned)
         })
-        .unwrap_or_else(|| {
-            std::fs::metadata(kernel)
-                .map(|m| format!("{}-{:?}", m.len(), m.modified().ok()))
-                .unwrap_or_default()
-        });
-    let key = format!("{}|{}", release.trim(), kernel_id);
+        .unwrap_or_else(|| file_id(kernel));
+    let prober = match what {
+        "kvm" => String::new(),
+        _ => std::env::current_exe()
+            .map(|exe| file_id(&exe))
+            .unwrap_or_default(),
+    };
+    let key = format!("{}|{}|{}", release.trim(), kernel_id, prober);
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     });
-    PathBuf::from("/var/cache/vmbuild").join(format!("kvm-probe-{hash:016x}"))
+    PathBuf::from("/var/cache/vmbuild").join(format!("{what}-probe-{hash:016x}"))
+}
+
+fn file_id(path: &Path) -> String {
+    std::fs::metadata(path)
+        .map(|m| format!("{}-{:?}", m.len(), m.modified().ok()))
+        .unwrap_or_default()
 }
 
 /// Probes once per host kernel and guest kernel; later calls read the cached answer.
 pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
-    let cache = cache_file(kernel);
+    cached("kvm", kernel, || probe_kvm(qemu, kernel, initrd))
+}
+
+/// Whether the embedded VMM itself boots the kit's Linux to init on this host, within the
+/// same limit as QEMU's probe. Asked only where QEMU's KVM probe passed: where KVM cannot
+/// run Linux at all, neither VMM can. This, not QEMU's answer, is what lets `auto` choose
+/// the embedded VMM: it has then booted this kit here.
+pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
+    if let Err(why) = crate::workflow::run_embedded::check_kernel(kernel) {
+        return KvmProbe {
+            usable: false,
+            reason: why,
+        };
+    }
+    let kvm = probe_kvm_cached(qemu, kernel, initrd);
+    if !kvm.usable {
+        return kvm;
+    }
+    cached("embedded", kernel, || {
+        crate::kvm::probe::boot_to_init(kernel, initrd, PROBE_LIMIT)
+    })
+}
+
+fn cached(what: &str, kernel: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmProbe {
+    let cache = cache_file(what, kernel);
     let read_cached = || {
         let text = std::fs::read_to_string(&cache).ok()?;
         let (flag, reason) = text.split_once('\n')?;
@@ -119,7 +152,7 @@ pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
     if let Some(p) = read_cached() {
         return p;
     }
-    let probe = probe_kvm(qemu, kernel, initrd);
+    let probe = probe();
     let flag = if probe.usable { "usable" } else { "unusable" };
     let tmp = cache.with_extension("tmp");
     if std::fs::write(&tmp, format!("{flag}\n{}\n", probe.reason)).is_ok() {

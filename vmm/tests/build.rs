@@ -665,3 +665,81 @@ fn bad_input_exits_2() {
     assert!(stderr(&out).contains("unknown profile"));
     assert!(!Path::new("/tmp/never").exists());
 }
+
+/// The controller booted in the embedded VMM, on an in-process port of the build's
+/// switch. Where the embedded VMM boots Linux on this host (its probe), it does the whole
+/// job and `auto` picks it. Elsewhere `--controller embedded` is refused before anything
+/// starts (exit 2, with the probe's reason), `auto` keeps the revived QEMU controller, and
+/// a build that asks the library for an embedded controller anyway ends "lost" with this
+/// KVM's failure, leaving nothing behind.
+#[test]
+fn an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux() {
+    let name = "an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux";
+    let snap = snapshot();
+    let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
+    let probe = vmbuild::accel::probe_embedded_cached(
+        &qemu.path,
+        &snap.join("vmlinux"),
+        &snap.join("initrd.img"),
+    );
+    let script = "echo embedded; exit 7";
+    let out = build(&["--controller", "embedded", "--", "sh", "-c", script]).output();
+    let timings_of = |out: &Output| -> serde_json::Value {
+        let text = stderr(out);
+        let line = text
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no timings in {text}"));
+        serde_json::from_str(line).unwrap()
+    };
+    let auto = build(&["--timings", "--", "sh", "-c", script]).output();
+    assert_eq!(code(&auto), 7, "{}", stderr(&auto));
+    if probe.usable {
+        assert_eq!(code(&out), 7, "{}", stderr(&out));
+        assert_eq!(stdout(&out), "embedded\n");
+        assert_eq!(timings_of(&auto)["controller"], "embedded-boot");
+        return;
+    }
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--controller embedded") && stderr(&out).contains(&probe.reason),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(timings_of(&auto)["controller"], "qemu-revive");
+
+    // The library does what it is told: the embedded controller boots, this KVM stops it,
+    // and the build reports the controller lost instead of hanging.
+    use vmbuild::workflow::build::{build as run_build, BuildEnd, BuildSpec, ControllerChoice};
+    let runtime = tempfile::tempdir().unwrap();
+    std::env::set_var("XDG_RUNTIME_DIR", runtime.path());
+    let spec = BuildSpec {
+        snapshot: snap.to_owned(),
+        qemu,
+        argv: vec!["true".into()],
+        env: Vec::new(),
+        cwd: None,
+        store: None,
+        xchg: None,
+        keep_xchg: false,
+        timeout: Some(Duration::from_secs(120)),
+        ssh_wait: Duration::from_secs(60),
+        verify_full: false,
+        console_log: None,
+        controller: ControllerChoice::Embedded,
+    };
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let outcome = run_build(&spec, rx).unwrap();
+    assert_eq!(outcome.timings.controller, Some("embedded-boot"));
+    match &outcome.end {
+        BuildEnd::Lost { why, console_tail } => assert!(
+            why.contains("controller") && why.contains("emulation failure"),
+            "{why}\n{console_tail}"
+        ),
+        // Should a loaded CI host stretch this KVM's failure past the limit.
+        BuildEnd::TimedOut(_) => {}
+        other => panic!("unexpected end of a build with an embedded controller here: {other:?}"),
+    }
+    assert_clean(runtime.path());
+    vmbuild_tests::skip(&format!("{name} (the session)"), &probe.reason);
+}

@@ -339,3 +339,35 @@ fn the_guest_kits_bzimage_boots_through_the_64_bit_protocol() {
         );
     }
 }
+
+/// The embedded VMM's own probe (what lets `run --vmm auto` and a build's controller pick
+/// it) must agree with QEMU's: where KVM boots the kit to init, the embedded VMM must too,
+/// and where KVM cannot run Linux, the embedded VMM must say so with a reason rather than
+/// hang or claim success.
+#[test]
+fn the_embedded_probe_agrees_with_qemus() {
+    let name = "the_embedded_probe_agrees_with_qemus";
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vmbuild_tests::skip(name, "no /dev/kvm");
+        return;
+    }
+    let Some((kernel, initrd)) = kit() else {
+        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+        return;
+    };
+    let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
+    let by_qemu = vmbuild::accel::probe_kvm_cached(&qemu.path, &kernel, &initrd);
+    let started = std::time::Instant::now();
+    let embedded = vmbuild::kvm::probe::boot_to_init(&kernel, &initrd, vmbuild::accel::PROBE_LIMIT);
+    assert!(
+        started.elapsed() < vmbuild::accel::PROBE_LIMIT + Duration::from_secs(5),
+        "the probe overran its limit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        embedded.usable, by_qemu.usable,
+        "QEMU: {}; embedded: {}",
+        by_qemu.reason, embedded.reason
+    );
+    assert!(!embedded.reason.is_empty());
+}

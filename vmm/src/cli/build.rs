@@ -2,13 +2,15 @@
 //! status.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use super::run::{collect_env, guest_path, seconds, store_and_xchg, usage, Usage, MAX_TIMEOUT};
+use crate::accel;
 use crate::exit;
 use crate::qemu::QemuBinary;
+use crate::snapshot::{KIT_INITRD, KIT_KERNEL};
 use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, ControllerChoice};
 
 #[derive(Args, Debug)]
@@ -64,7 +66,8 @@ pub struct BuildArgs {
     /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     timings: Option<PathBuf>,
-    /// The controller: revive the one the snapshot keeps suspended (fast), or boot a fresh one
+    /// The controller: auto boots it in the embedded VMM where that VMM boots Linux here,
+    /// else revives the one the snapshot keeps suspended; or insist on one of them
     #[arg(long, value_enum, default_value = "auto")]
     controller: ControllerChoice,
     /// Append the target's console to this file
@@ -162,8 +165,10 @@ impl BuildArgs {
         }
         let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
         let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
+        let snapshot = snapshot_path(&self.snapshot);
+        let controller = resolve_controller(self.controller, &qemu, &snapshot)?;
         Ok(BuildSpec {
-            snapshot: snapshot_path(&self.snapshot),
+            snapshot,
             qemu,
             argv: self.command,
             env,
@@ -175,7 +180,38 @@ impl BuildArgs {
             ssh_wait,
             verify_full: self.verify,
             console_log: self.log,
-            controller: self.controller,
+            controller,
         })
+    }
+}
+
+/// `auto` boots the controller in the embedded VMM where that VMM has booted the
+/// snapshot's kernel on this host (no QEMU process for it, no socket), else lets the build
+/// revive the snapshot's suspended controller. `embedded` insists, and is a usage error
+/// where the probe says no.
+fn resolve_controller(
+    choice: ControllerChoice,
+    qemu: &QemuBinary,
+    snapshot: &Path,
+) -> Result<ControllerChoice, Usage> {
+    if !matches!(choice, ControllerChoice::Auto | ControllerChoice::Embedded) {
+        return Ok(choice);
+    }
+    let (kernel, initrd) = (snapshot.join(KIT_KERNEL), snapshot.join(KIT_INITRD));
+    // A missing snapshot is the build's to report (exit 120), not the probe's.
+    if !kernel.is_file() || !initrd.is_file() {
+        return Ok(choice);
+    }
+    let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
+    match (choice, probe.usable) {
+        (_, true) => Ok(ControllerChoice::Embedded),
+        (ControllerChoice::Embedded, false) => usage!(
+            "--controller embedded: {}; use --controller revive or boot (QEMU)",
+            probe.reason
+        ),
+        _ => {
+            tracing::debug!("controller: QEMU, not the embedded VMM: {}", probe.reason);
+            Ok(ControllerChoice::Auto)
+        }
     }
 }

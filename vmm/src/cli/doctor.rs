@@ -154,6 +154,23 @@ impl DoctorArgs {
                 probe.reason,
                 (!probe.usable).then_some("nothing to fix here: guests run under TCG (slower); a host with full KVM runs them natively"),
             ));
+            // The embedded VMM's own boot of the kit: what lets `run --vmm auto` and a
+            // build's controller use it. Only asked where KVM runs Linux at all.
+            let embedded = if probe.usable {
+                accel::probe_embedded_cached(&q.path, &k.kernel, &k.initrd)
+            } else {
+                accel::KvmProbe {
+                    usable: false,
+                    reason: "not probed: this host's KVM does not run Linux (kvm_runs_linux)"
+                        .into(),
+                }
+            };
+            f.push(finding(
+                "embedded_runs_linux",
+                if embedded.usable { "ok" } else { "warn" },
+                embedded.reason,
+                (!embedded.usable).then_some("run and build use QEMU for their Linux guests (--vmm qemu, --controller revive)"),
+            ));
         }
         if kvm.is_ok() {
             f.push(match embedded_vmm_check() {

@@ -88,8 +88,9 @@ pub struct RunArgs {
     /// Accelerator: auto uses KVM only where it can run a Linux guest
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
-    /// Which VMM runs the guest: qemu, or embedded (vmbuild's own KVM VMM, only where
-    /// KVM runs Linux; auto picks qemu until the embedded path has been proven there)
+    /// Which VMM runs the guest: qemu, or embedded (vmbuild's own KVM VMM, only where it
+    /// boots Linux on this host); auto picks embedded where that probe passed and the run
+    /// fits it (one vCPU, no --shell or --disk), else qemu
     #[arg(long, value_enum, default_value = "auto")]
     vmm: VmmChoice,
     /// An interactive shell in the same VM setup instead of a command
@@ -243,14 +244,37 @@ impl RunArgs {
                 directory(parent, "--log's directory")?;
             }
         }
+        // The embedded VMM runs what it can (one vCPU, no disk, no shell) where it has
+        // booted this kit on this host; `auto` falls back to QEMU otherwise, and says why.
+        let fits = if self.shell || disk.is_some() || self.cpus != 1 {
+            Err("it runs a command on one vCPU, without --shell or --disk".to_owned())
+        } else {
+            crate::workflow::run_embedded::check_kernel(&kernel)
+        };
         let vmm = match self.vmm {
-            VmmChoice::Auto | VmmChoice::Qemu => Vmm::Qemu,
-            VmmChoice::Embedded => {
-                if self.shell || disk.is_some() || self.cpus != 1 {
-                    usage!("--vmm embedded runs a command on one vCPU, without --shell or --disk");
+            VmmChoice::Qemu => Vmm::Qemu,
+            VmmChoice::Auto => {
+                let probe = fits.and_then(|()| {
+                    let p = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
+                    if p.usable {
+                        Ok(())
+                    } else {
+                        Err(p.reason)
+                    }
+                });
+                match probe {
+                    Ok(()) => Vmm::Embedded,
+                    Err(why) => {
+                        tracing::debug!("--vmm auto: QEMU, not the embedded VMM: {why}");
+                        Vmm::Qemu
+                    }
                 }
-                crate::workflow::run_embedded::check_kernel(&kernel).map_err(Usage)?;
-                let probe = accel::probe_kvm_cached(&qemu.path, &kernel, &initrd);
+            }
+            VmmChoice::Embedded => {
+                if let Err(why) = fits {
+                    usage!("--vmm embedded: {why}");
+                }
+                let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
                 if !probe.usable {
                     usage!(
                         "--vmm embedded: {}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu)",

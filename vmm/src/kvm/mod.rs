@@ -1,5 +1,5 @@
-//! The embedded KVM VMM (issue #6, first part): minimal guests run in this process
-//! through kvm-ioctls, with no QEMU. What exists so far:
+//! The embedded KVM VMM: minimal Linux guests run in this process through kvm-ioctls,
+//! with no QEMU.
 //!
 //! * [`memory`]: guest RAM (memfd; or a snapshot file mapped copy-on-write),
 //! * [`vm`]: a VM with its memory slot and vCPUs (CPUID as KVM supports it),
@@ -7,20 +7,19 @@
 //! * [`vcpu`]: the run loop, with port and MMIO exits handed to a [`vcpu::Bus`],
 //! * [`serial`]: the console (16550 transmit side at COM1) for test guests, and [`uart`]
 //!   (vm-superio's full 16550A, interrupt through an irqfd) for Linux,
-//! * [`linux`]: booting an ELF vmlinux through its PVH entry with an initramfs, in a VM
-//!   with the PC's interrupt controllers and timer in the kernel,
+//! * [`linux`]: booting an ELF vmlinux (PVH) or a bzImage (64-bit boot protocol) with an
+//!   initramfs, in a VM with the PC's interrupt controllers and timer in the kernel, its
+//!   virtio devices described in [`acpi`] tables,
+//! * [`probe`]: whether the embedded VMM boots the guest kit's Linux on this host,
 //! * [`snapshot`]: versioned vCPU state + memory file, restored copy-on-write,
 //! * [`virtio`]: the virtio-mmio transport; virtio-net on a vswitch in-process port,
-//!   virtio-fs on an in-process share, virtio-console as the command channel.
-//!
-//! Not yet: bzImage boot; giving a Linux guest its virtio devices (Debian's kernel has no
-//! `virtio_mmio.device=` support, so it needs ACPI tables or a virtio-pci transport); 9p;
-//! device state in snapshots; `vmbuild run --vmm`.
+//!   virtio-fs on an in-process share, virtio-9p, virtio-console as the command channel.
 
 pub mod acpi;
 pub mod cpu_mode;
 pub mod linux;
 pub mod memory;
+pub mod probe;
 pub mod serial;
 pub mod snapshot;
 pub mod uart;

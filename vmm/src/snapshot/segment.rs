@@ -1,5 +1,6 @@
 //! A build's private network: its own in-process switch with two stream ports, one for
-//! the target and one for the controller. Every build gets its own, so concurrent builds
+//! the target and one for a QEMU controller (an embedded controller takes an in-process
+//! port instead). Every build gets its own, so concurrent builds
 //! from one snapshot can all use the snapshot's addresses without seeing each other.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,11 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// The segment's switch, for a guest of this process (the embedded controller).
+    pub fn switch(&self) -> &Arc<Switch> {
+        self.switch.switch()
+    }
+
     pub fn create(dir: &Path) -> anyhow::Result<Segment> {
         let switch = ManagedSwitch::new(Switch::new(SwitchConfig::default()), false);
         let target_socket = dir.join("net-target.sock");

@@ -29,7 +29,8 @@ use crate::accel::Accel;
 use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
-    BootedController, Controller, ControllerEnd, ControllerOutcome, RevivedController, SessionPlan,
+    BootVmm, BootedController, Controller, ControllerEnd, ControllerOutcome, RevivedController,
+    SessionPlan,
 };
 use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
@@ -67,8 +68,10 @@ pub enum ControllerChoice {
     Auto,
     /// Revive the snapshot's suspended controller
     Revive,
-    /// Boot a fresh controller
+    /// Boot a fresh controller under QEMU
     Boot,
+    /// Boot a fresh controller in the embedded KVM VMM (where it boots Linux)
+    Embedded,
 }
 
 #[derive(Debug)]
@@ -93,6 +96,8 @@ pub enum BuildEnd {
 /// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
 #[derive(Debug, Default, Serialize)]
 pub struct BuildTimings {
+    /// Which controller served the build: qemu-revive, qemu-boot or embedded-boot.
+    pub controller: Option<&'static str>,
     /// Reading the manifest, checking QEMU and the files' checksums.
     pub verify: Option<f64>,
     /// Target QEMU spawned → guest running again.
@@ -101,8 +106,8 @@ pub struct BuildTimings {
     pub shares_attached: Option<f64>,
     /// Controller QEMU started → running again (a revived controller only).
     pub controller_revive: Option<f64>,
-    /// Controller QEMU started → its network is up and the session in hand (it revives
-    /// or boots while the target revives).
+    /// Controller VM started → its network is up and the session in hand (it revives or
+    /// boots while the target revives).
     pub controller_up: Option<f64>,
     /// Target's SSH port answered → logged in with the pinned host key and the session
     /// script started in the target.
@@ -191,6 +196,12 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         (ControllerChoice::Boot, _) | (ControllerChoice::Auto, None) => Arc::new(BootedController {
             qemu: spec.qemu.clone(),
             accel,
+            vmm: BootVmm::Qemu,
+        }),
+        (ControllerChoice::Embedded, _) => Arc::new(BootedController {
+            qemu: spec.qemu.clone(),
+            accel,
+            vmm: BootVmm::Embedded(segment.switch().clone()),
         }),
         (_, Some(c)) => Arc::new(RevivedController {
             qemu: spec.qemu.clone(),
@@ -356,6 +367,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     // --- what happened ---------------------------------------------------------------------------
     let phase = |name: &str| phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
     let controller_outcome = controller_outcome.transpose()?;
+    t.controller = Some(controller.kind());
     if let Some(c) = &controller_outcome {
         let m = &c.marks;
         if controller.kind() == "qemu-revive" {

@@ -59,11 +59,19 @@ pub struct Disk {
     pub mode: DiskMode,
 }
 
-/// A NIC on a switch's stream port (`-netdev stream`).
-#[derive(Debug, Clone)]
+/// The guest's NIC and where it plugs into a switch.
+#[derive(Clone)]
 pub struct Nic {
-    pub socket: PathBuf,
+    pub link: NicLink,
     pub mac: String,
+}
+
+#[derive(Clone)]
+pub enum NicLink {
+    /// A switch's stream port (QEMU's `-netdev stream`).
+    Stream(PathBuf),
+    /// A new in-process port of this switch (the embedded VMM's virtio-net).
+    InProcess(std::sync::Arc<vswitch::Switch>),
 }
 
 /// Everything a run needs, checked by the CLI before anything starts.
@@ -130,6 +138,13 @@ enum Event {
 /// Runs the spec to the end. Every resource it creates (QEMU, sockets, runtime directory,
 /// temporary xchg) is owned by a value dropped on every way out of this function.
 pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
+    if let Some(Nic {
+        link: NicLink::InProcess(_),
+        ..
+    }) = &spec.nic
+    {
+        anyhow::bail!("QEMU reaches a switch through a stream port, not an in-process one");
+    }
     let mut marks = Marks {
         start: Some(Instant::now()),
         ..Marks::default()
@@ -580,15 +595,20 @@ fn qemu_args(
             server.tag()
         ));
     }
-    if let Some(nic) = &spec.nic {
+    // `run` refuses an in-process link before it gets here.
+    if let Some(Nic {
+        link: NicLink::Stream(socket),
+        mac,
+    }) = &spec.nic
+    {
         push(&[
             "-netdev",
             &format!(
                 "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
-                nic.socket.display()
+                socket.display()
             ),
             "-device",
-            &format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+            &format!("virtio-net-pci,netdev=net0,mac={mac}"),
         ]);
         // A guest on the network wants randomness at once (an SSH client blocks until
         // the kernel's CRNG is ready, ~1 s under TCG without a source).

@@ -3,24 +3,27 @@
 //! ttyS1 and ttyS2, the status on the console), in the embedded KVM VMM: no QEMU process,
 //! the shares answered in this process with no socket.
 //!
-//! Only where KVM runs Linux (the CLI checks the probe); one vCPU; no disks, NICs or
-//! `--shell` yet.
+//! Only where the embedded VMM boots Linux (the CLI checks the probe); one vCPU; no disks
+//! or `--shell`. A NIC is an in-process port of a vswitch (the lifecycle's embedded
+//! controller on its build's segment).
 
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use virtiofs_bridge::InProcessShare;
+use vswitch::VlanMode;
 
 use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use crate::kvm::uart::Transcript;
 use crate::kvm::virtio::fs::FsDevice;
+use crate::kvm::virtio::net::NetDevice;
 use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::{guest_shares, RunEnd, RunOutcome, RunSpec};
+use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec};
 use crate::workflow::timings::Marks;
 
 /// How often the loop looks at the console, the deadline and signals.
@@ -32,8 +35,8 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         ..Marks::default()
     };
     anyhow::ensure!(
-        !spec.shell && spec.disk.is_none() && spec.nic.is_none() && spec.cpus == 1,
-        "the embedded VMM runs a command on one vCPU, without disks, NICs or --shell"
+        !spec.shell && spec.disk.is_none() && spec.cpus == 1,
+        "the embedded VMM runs a command on one vCPU, without disks or --shell"
     );
     let rundir = RuntimeDir::create("run")?;
     let (xchg, _xchg_temp) = match &spec.xchg {
@@ -52,11 +55,27 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         "cryptomgr.notests",
         "8250.nr_uarts=3",
         "vmbuild.quiet",
+        // No virtio-rng here: the CPU's RDRAND seeds the CRNG at once (an SSH client
+        // would otherwise block on it).
+        "random.trust_cpu=on",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(nic) = &spec.nic {
+        let NicLink::InProcess(switch) = &nic.link else {
+            anyhow::bail!("the embedded VMM's NIC is an in-process switch port, not a socket");
+        };
+        let mac = parse_mac(&nic.mac)
+            .with_context(|| format!("{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)", nic.mac))?;
+        devices.push(Box::new(NetDevice::new(
+            switch,
+            "embedded-guest",
+            mac,
+            VlanMode::default(),
+        )));
+    }
     for (share, mount) in &shares {
         let served = Arc::new(
             InProcessShare::new(share).with_context(|| format!("serving share {}", share.tag))?,
@@ -118,7 +137,9 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         if end != LinuxEnd::TimedOut {
             break end;
         }
-        if signals.try_recv().is_ok() {
+        // A closed channel means stop too, as under QEMU: a build's controller thread
+        // that goes away must not leave this VM running.
+        if !matches!(signals.try_recv(), Err(TryRecvError::Empty)) {
             marks.exited = Some(Instant::now());
             marks.done = Some(Instant::now());
             return Ok(RunOutcome {
@@ -158,6 +179,19 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     Ok(RunOutcome { end, marks })
 }
 
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -176,4 +210,24 @@ pub fn check_kernel(path: &std::path::Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mac_addresses_parse_strictly() {
+        assert_eq!(
+            super::parse_mac("52:54:00:0a:Bc:ff"),
+            Some([0x52, 0x54, 0, 0x0a, 0xbc, 0xff])
+        );
+        for bad in [
+            "",
+            "52:54:00:0a:bc",
+            "52:54:00:0a:bc:ff:00",
+            "5:54:00:0a:bc:ff",
+            "zz:54:00:0a:bc:ff",
+        ] {
+            assert_eq!(super::parse_mac(bad), None, "{bad}");
+        }
+    }
 }

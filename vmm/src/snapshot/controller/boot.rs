@@ -1,8 +1,11 @@
 //! A controller booted fresh for every session, through the same machinery as
 //! `vmbuild run`: the guest kit, plus the SSH client and key, plus the session's files.
+//! It boots under QEMU (on the segment's stream port) or in the embedded VMM (on an
+//! in-process port of the segment's switch: no QEMU process, no socket).
 
 use std::ffi::OsString;
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -13,18 +16,30 @@ use super::{
 use crate::accel::Accel;
 use crate::qemu::QemuBinary;
 use crate::workflow::initrd;
-use crate::workflow::run::{self, Nic, RunEnd, RunSpec};
+use crate::workflow::run::{self, Nic, NicLink, RunEnd, RunSpec};
+use crate::workflow::run_embedded::run_embedded;
 
-/// The controller as a QEMU guest (TCG or KVM, as the host allows), run through the same
-/// machinery as `vmbuild run`.
+/// The controller as a guest booted for one session, run through the same machinery as
+/// `vmbuild run`.
 pub struct BootedController {
     pub qemu: QemuBinary,
     pub accel: Accel,
+    pub vmm: BootVmm,
+}
+
+pub enum BootVmm {
+    /// QEMU (TCG or KVM, as the snapshot says), on the segment's stream port.
+    Qemu,
+    /// The embedded KVM VMM, on a new in-process port of this switch (the segment's).
+    Embedded(Arc<vswitch::Switch>),
 }
 
 impl Controller for BootedController {
     fn kind(&self) -> &'static str {
-        "qemu-boot"
+        match self.vmm {
+            BootVmm::Qemu => "qemu-boot",
+            BootVmm::Embedded(_) => "embedded-boot",
+        }
     }
 
     fn run_session(
@@ -55,16 +70,25 @@ impl Controller for BootedController {
             keep_xchg: false,
             no_xchg: true,
             nic: Some(Nic {
-                socket: plan.net_socket.to_owned(),
+                link: match &self.vmm {
+                    BootVmm::Qemu => NicLink::Stream(plan.net_socket.to_owned()),
+                    BootVmm::Embedded(switch) => NicLink::InProcess(switch.clone()),
+                },
                 mac: plan.network.controller_mac.clone(),
             }),
             extra_shares: Vec::new(),
             disk: None,
             timeout: None,
             log: Some(plan.console_log.clone()),
-            vmm: run::Vmm::Qemu,
+            vmm: match self.vmm {
+                BootVmm::Qemu => run::Vmm::Qemu,
+                BootVmm::Embedded(_) => run::Vmm::Embedded,
+            },
         };
-        let outcome = run::run(&spec, stop)?;
+        let outcome = match spec.vmm {
+            run::Vmm::Qemu => run::run(&spec, stop)?,
+            run::Vmm::Embedded => run_embedded(&spec, stop)?,
+        };
         let end = match outcome.end {
             RunEnd::Exited(code) => classify(code, &outcome.marks),
             RunEnd::Interrupted | RunEnd::TimedOut(_) => ControllerEnd::Interrupted,

@@ -5,15 +5,14 @@
 //! the target its session script, and runs it, relaying its output and exit status.
 //!
 //! [`Controller`] is the interface a build uses. Two kinds exist: [`BootedController`]
-//! boots a fresh controller for every session; [`RevivedController`] revives one that
-//! bootstrap suspended right after its first login, which under TCG saves the ~1.8 s
-//! boot. Others (the embedded KVM VMM's guest, an in-process SSH endpoint) fit the same
-//! interface.
+//! boots a fresh controller for every session, under QEMU or in the embedded KVM VMM;
+//! [`RevivedController`] revives one that bootstrap suspended right after its first
+//! login, which under TCG saves the ~1.8 s boot.
 
 mod boot;
 pub mod revive;
 
-pub use boot::BootedController;
+pub use boot::{BootVmm, BootedController};
 pub use revive::{ControllerVm, RevivedController, CONTROLLER_INITRD, CONTROLLER_STATE};
 
 use std::path::{Path, PathBuf};
@@ -77,7 +76,7 @@ pub struct ControllerOutcome {
 }
 
 pub trait Controller: Send + Sync {
-    /// "qemu", later "embedded".
+    /// "qemu-boot", "embedded-boot" or "qemu-revive".
     fn kind(&self) -> &'static str;
     /// Boots a fresh controller, runs the session, and tears the controller down. A
     /// message on `stop` ends it early ([`ControllerEnd::Interrupted`]).

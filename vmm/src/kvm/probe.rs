@@ -1,0 +1,64 @@
+//! The embedded VMM's own answer to "does this host's KVM run Linux": it boots the guest
+//! kit's vmlinux to init, as `vmbuild run --vmm embedded` would, within a limit. QEMU's
+//! probe (`accel::probe_kvm`) answers for KVM; this one answers for the embedded VMM on
+//! top of it, so that `auto` only picks a VMM that has booted this kit on this host.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::accel::KvmProbe;
+use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use crate::kvm::uart::Transcript;
+
+const INIT_MARK: &str = "vmbuild-phase=init";
+const SLICE: Duration = Duration::from_millis(100);
+
+/// Boots `kernel` (an ELF vmlinux) with `initrd` until the kit's init announces itself.
+pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
+    let unusable = |reason: String| KvmProbe {
+        usable: false,
+        reason,
+    };
+    let console = Transcript::new(None);
+    let start = Instant::now();
+    let vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel,
+            initrd: Some(initrd),
+            cmdline: "console=ttyS0 reboot=k panic=-1 quiet vmbuild.quiet vmbuild.cmd=/nonexistent",
+            memory_mib: 256,
+        },
+        console.clone(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => return unusable(format!("the embedded VMM cannot create a Linux VM: {e:#}")),
+    };
+    loop {
+        let end = vm.run(SLICE);
+        if console.text().contains(INIT_MARK) {
+            return KvmProbe {
+                usable: true,
+                reason: format!(
+                    "the embedded VMM booted a Linux guest to init in {:.1} s",
+                    start.elapsed().as_secs_f64()
+                ),
+            };
+        }
+        match end {
+            LinuxEnd::TimedOut if start.elapsed() < limit => {}
+            LinuxEnd::TimedOut => {
+                return unusable(format!(
+                    "the embedded VMM did not boot a Linux guest to init within {} s",
+                    limit.as_secs()
+                ))
+            }
+            LinuxEnd::Reset => return unusable("the Linux guest reset before its init ran".into()),
+            LinuxEnd::Failed(why) => {
+                return unusable(format!("the embedded VMM stopped the Linux guest: {why}"))
+            }
+        }
+    }
+}
