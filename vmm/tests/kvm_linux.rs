@@ -87,7 +87,7 @@ fn the_guest_kit_boots_from_its_pvh_entry() {
             "the kit's init never ran ({end:?}):\n{console}"
         );
         assert!(console.contains("vmbuild-exit=0"), "{console}");
-        assert_eq!(end, LinuxEnd::Reset);
+        assert_eq!(end, LinuxEnd::PowerOff, "the kit powers off with ACPI");
     } else {
         vmbuild_tests::skip(
             "the_guest_kit_boots_from_its_pvh_entry (boot to init)",

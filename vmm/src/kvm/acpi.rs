@@ -7,12 +7,27 @@
 //! IOAPIC, IRQ0 → GSI2). The DSDT holds one `LNRO0005` device (the virtio-mmio ACPI ID)
 //! per window, with its registers and its interrupt in `_CRS`.
 //!
+//! Power-off: a hardware-reduced platform has no PM1 registers, so the FADT names a
+//! sleep control and a sleep status register (one byte each, I/O ports) and the DSDT an
+//! `\_S5_` object. Linux registers `acpi_power_off` only when both exist; it then writes
+//! `SLP_TYP << 2 | SLP_EN` to the control register, which the VMM takes as "power off".
+//! Without them `poweroff` halts the CPU with interrupts off, which under an in-kernel
+//! LAPIC never leaves KVM_RUN: the VM would hang instead of ending.
+//!
 //! The AML is encoded here by hand (a few opcodes); the tests check every table with
 //! ACPICA's disassembler (`iasl -d`) where it is installed.
 
 pub const LOCAL_APIC_ADDRESS: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 const OEM_ID: &[u8; 6] = b"VMBLD ";
+/// The sleep control and status registers (FADT), above the PC's legacy ports.
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// `\_S5_`'s sleep type.
+const S5_SLEEP_TYPE: u8 = 5;
+/// What the guest writes to the sleep control register to enter S5 (soft off): the sleep
+/// type in bits 2–4, SLP_EN (bit 5).
+pub const S5_POWER_OFF: u8 = (S5_SLEEP_TYPE << 2) | (1 << 5);
 const OEM_TABLE_ID: &[u8; 8] = b"VMBUILD ";
 
 /// A virtio-mmio window: its registers and the GSI it interrupts on.
@@ -103,9 +118,21 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     // Flags: HW_REDUCED_ACPI (bit 20), so no PM timer, GPE or fixed hardware is expected.
     b[at(112)..at(116)].copy_from_slice(&(1u32 << 20).to_le_bytes());
     b[at(131)] = 3; // FADT minor version (6.3)
+    b[at(244)..at(256)].copy_from_slice(&io_register(SLEEP_CONTROL_PORT));
+    b[at(256)..at(268)].copy_from_slice(&io_register(SLEEP_STATUS_PORT));
     b[at(140)..at(148)].copy_from_slice(&dsdt.to_le_bytes()); // X_DSDT
     b[at(268)..at(276)].copy_from_slice(b"VMBUILD "); // hypervisor vendor identity
     sdt(b"FACP", 6, &b)
+}
+
+/// A Generic Address Structure for a one-byte I/O port register.
+fn io_register(port: u16) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O space
+    g[1] = 8; // register width in bits
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
 }
 
 fn madt(vcpus: u8) -> Vec<u8> {
@@ -131,7 +158,15 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_mmio_device(i, d));
     }
-    let mut aml = vec![0x10]; // ScopeOp
+    // Name (\_S5_, Package (2) { 5, 5 }): SLP_TYPa and SLP_TYPb.
+    let mut s5 = vec![2u8];
+    s5.extend(aml_integer(S5_SLEEP_TYPE.into()));
+    s5.extend(aml_integer(S5_SLEEP_TYPE.into()));
+    let mut package = vec![0x12]; // PackageOp
+    package.extend(pkg_length(s5.len()));
+    package.extend(s5);
+    let mut aml = name_op(b"_S5_", &package);
+    aml.push(0x10); // ScopeOp
     let mut inner = b"\\_SB_".to_vec();
     inner.extend(sb);
     aml.extend(pkg_length(inner.len()));
@@ -298,7 +333,21 @@ mod tests {
             dsl.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"),
             "{dsl}"
         );
-        for table in [madt(2), fadt(0x1000)] {
+        assert!(
+            dsl.contains("Name (_S5, Package (0x02)") && dsl.contains("0x05, "),
+            "{dsl}"
+        );
+        for (table, expect) in [
+            (madt(2), vec![]),
+            (
+                fadt(0x1000),
+                vec![
+                    "Hardware Reduced (V5) : 1",
+                    "Address : 00000000000003C0",
+                    "Address : 00000000000003C1",
+                ],
+            ),
+        ] {
             let f = dir.path().join("t.dat");
             std::fs::write(&f, &table).unwrap();
             let out = std::process::Command::new("iasl")
@@ -313,6 +362,10 @@ mod tests {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            let text = std::fs::read_to_string(dir.path().join("t.dsl")).unwrap();
+            for e in expect {
+                assert!(text.contains(e), "{e:?} not in {text}");
+            }
         }
     }
 }

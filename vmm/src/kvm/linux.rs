@@ -7,8 +7,9 @@
 //! identity-mapped long mode at its 64-bit entry with `%rsi` pointing at them. The
 //! initramfs goes at the top of memory. One vCPU; a PC's interrupt controllers and timer in the
 //! kernel; COM1 as the console; virtio devices on virtio-mmio windows the kernel finds in
-//! ACPI tables (RSDP passed in the start info); the keyboard controller's reset line
-//! (`reboot=k`) and a triple fault end the VM.
+//! ACPI tables (RSDP passed in the start info). The guest ends the VM by powering off
+//! (ACPI S5 through the FADT's sleep control register), or by a reset: the keyboard
+//! controller's reset line (`reboot=k`) or a triple fault.
 
 use std::fs::File;
 use std::path::Path;
@@ -73,8 +74,10 @@ const EXTRA_UARTS: [(u16, u32); 2] = [(0x2f8, 3), (0x3e8, COM1_GSI)];
 /// How a Linux guest ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinuxEnd {
-    /// The guest reset (keyboard controller or triple fault): under `panic=-1` and
-    /// `reboot -f`, this is how the kit's guests power off without ACPI.
+    /// The guest powered itself off (ACPI S5: `poweroff`, or the kit's init at the end).
+    PowerOff,
+    /// The guest reset (keyboard controller or triple fault); a kernel panic under
+    /// `panic=-1` ends this way too.
     Reset,
     TimedOut,
     Failed(String),
@@ -93,7 +96,10 @@ const ACPI_TABLES: u64 = 0xe_0000;
 struct PcBus {
     /// COM1 (the console), then COM2 and COM3 when asked for.
     uarts: Vec<Uart>,
+    /// Stops the vCPU: set by a reset, a power-off, or the host.
     reset: Arc<AtomicBool>,
+    /// Set with `reset` when the guest entered S5.
+    powered_off: AtomicBool,
     virtio: Vec<(u64, std::sync::Mutex<MmioTransport>)>,
 }
 
@@ -115,6 +121,11 @@ impl Bus for PcBus {
         if port == 0x64 && data.first() == Some(&0xfe) {
             self.reset.store(true, Ordering::Release);
         }
+        // Other sleep states (S1–S4) are not offered (`\_S5_` alone): ignored.
+        if port == acpi::SLEEP_CONTROL_PORT && data.first() == Some(&acpi::S5_POWER_OFF) {
+            self.powered_off.store(true, Ordering::Release);
+            self.reset.store(true, Ordering::Release);
+        }
     }
 
     fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -122,7 +133,11 @@ impl Bus for PcBus {
             return;
         }
         // The keyboard controller's status reads "empty": the reboot path does not wait.
-        data.fill(if port == 0x64 { 0 } else { 0xff });
+        // The sleep status register reads "not woken": the guest is gone by then.
+        data.fill(match port {
+            0x64 | acpi::SLEEP_STATUS_PORT => 0,
+            _ => 0xff,
+        });
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
@@ -337,6 +352,7 @@ impl LinuxVm {
     /// vCPU is stopped between two instructions: the VM can be snapshotted, or run again.
     pub fn run(&mut self, timeout: Duration) -> LinuxEnd {
         self.bus.reset.store(false, Ordering::Release);
+        self.bus.powered_off.store(false, Ordering::Release);
         let mut vcpus = self.vm.take_vcpus();
         let mut vcpu = vcpus.pop().expect("one vCPU");
         let (bus, stop) = (self.bus.clone(), self.bus.reset.clone());
@@ -359,6 +375,9 @@ impl LinuxVm {
         let (vcpu, end) = thread.join().expect("vCPU thread");
         self.vm.return_vcpus(vec![vcpu]);
         match end {
+            Stop::Paused | Stop::Shutdown if self.bus.powered_off.load(Ordering::Acquire) => {
+                LinuxEnd::PowerOff
+            }
             Stop::Paused | Stop::Shutdown => LinuxEnd::Reset,
             Stop::Halted => LinuxEnd::Failed("the vCPU halted with no interrupt controller".into()),
             Stop::Failed(why) => LinuxEnd::Failed(why),
@@ -493,6 +512,7 @@ fn build_bus(
     Ok(Arc::new(PcBus {
         uarts,
         reset: Arc::new(AtomicBool::new(false)),
+        powered_off: AtomicBool::new(false),
         virtio,
     }))
 }

@@ -55,7 +55,9 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
                     limit.as_secs()
                 ))
             }
-            LinuxEnd::Reset => return unusable("the Linux guest reset before its init ran".into()),
+            LinuxEnd::Reset | LinuxEnd::PowerOff => {
+                return unusable("the Linux guest stopped before its init ran".into())
+            }
             LinuxEnd::Failed(why) => {
                 return unusable(format!("the embedded VMM stopped the Linux guest: {why}"))
             }

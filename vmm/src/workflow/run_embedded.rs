@@ -28,6 +28,8 @@ use crate::workflow::timings::Marks;
 
 /// How often the loop looks at the console, the deadline and signals.
 const SLICE: Duration = Duration::from_millis(100);
+/// How long a guest that reported its status may take to power off.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
     let mut marks = Marks {
@@ -125,9 +127,20 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     marks.vmm_ready = Some(Instant::now());
 
     let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut reported: Option<Instant> = None;
     let end = loop {
         let end = vm.run(SLICE);
         let text = console.text();
+        // The status is out: the guest powers off next. One that does not (a kernel
+        // without ACPI power-off halts with interrupts off, which never leaves KVM_RUN)
+        // is stopped after a grace period rather than held until the timeout.
+        if reported.is_none() && exit_status(&text).is_some() {
+            reported = Some(Instant::now());
+        }
+        if end == LinuxEnd::TimedOut && reported.is_some_and(|at| at.elapsed() > EXIT_GRACE) {
+            tracing::debug!("the guest reported its status but did not power off: stopped");
+            break LinuxEnd::PowerOff;
+        }
         if marks.init.is_none() && text.contains("vmbuild-phase=init") {
             marks.init = Some(Instant::now());
         }
@@ -161,22 +174,29 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     drop(rundir);
     marks.done = Some(Instant::now());
     let text = console.text();
-    let status = text
-        .lines()
-        .rev()
-        .find_map(|l| l.split("vmbuild-exit=").nth(1))
-        .and_then(|n| n.trim().parse().ok());
-    let end = match (status, end) {
+    let end = match (exit_status(&text), end) {
         (Some(code), _) => RunEnd::Exited(code),
         (None, end) => RunEnd::NoExitCode {
             why: match end {
                 LinuxEnd::Failed(why) => format!("the embedded VMM stopped the guest: {why}"),
+                LinuxEnd::PowerOff => "the guest powered off before its command finished".into(),
                 _ => "the guest reset before its command finished".into(),
             },
             console_tail: tail(&text, 40),
         },
     };
     Ok(RunOutcome { end, marks })
+}
+
+/// The status on the console's last complete `vmbuild-exit=N` line (the kit's init
+/// prints it through the kernel log and on the console).
+fn exit_status(console: &str) -> Option<i32> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.split("vmbuild-exit=").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -214,6 +234,18 @@ pub fn check_kernel(path: &std::path::Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_status_comes_from_complete_lines() {
+        assert_eq!(super::exit_status("boot\nvmbuild-exit=3\n"), Some(3));
+        assert_eq!(
+            super::exit_status("[    1.5] vmbuild-exit=7\r\nvmbuild-exit=7\r\n"),
+            Some(7)
+        );
+        // Still arriving: "vmbuild-exit=1" may be the start of "vmbuild-exit=12".
+        assert_eq!(super::exit_status("vmbuild-exit=1"), None);
+        assert_eq!(super::exit_status("vmbuild-exit=x\n"), None);
+    }
+
     #[test]
     fn mac_addresses_parse_strictly() {
         assert_eq!(
