@@ -284,19 +284,9 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
             }
         }
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::Console(line, at)) => match line.as_str() {
-                "vmbuild-phase=init" => marks.init = Some(at),
-                "vmbuild-phase=mounted" => marks.mounted = Some(at),
-                l if l == PHASE_COMMAND_START => marks.command_start = Some(at),
-                l if l == PHASE_COMMAND_END => marks.command_end = Some(at),
-                l => {
-                    if let Some(n) = l.strip_prefix("vmbuild-exit=") {
-                        console_exit = n.trim().parse().ok();
-                    } else if let Some(p) = l.strip_prefix("vmbuild-phase=") {
-                        marks.phases.push((p.to_owned(), at));
-                    }
-                }
-            },
+            Ok(Event::Console(line, at)) => {
+                note_console_line(&mut marks, &mut console_exit, &line, at)
+            }
             Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
             Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
             Ok(Event::Signal) => {
@@ -356,6 +346,29 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
 }
 
 /// The store, xchg and extra shares of a run, with where the guest mounts each.
+/// What one line of the kit's console says about the run: its phases and its status.
+/// Both VMMs read their consoles through this.
+pub(crate) fn note_console_line(
+    marks: &mut Marks,
+    exit: &mut Option<i32>,
+    line: &str,
+    at: Instant,
+) {
+    match line {
+        "vmbuild-phase=init" => marks.init = Some(at),
+        "vmbuild-phase=mounted" => marks.mounted = Some(at),
+        l if l == PHASE_COMMAND_START => marks.command_start = Some(at),
+        l if l == PHASE_COMMAND_END => marks.command_end = Some(at),
+        l => {
+            if let Some(n) = l.strip_prefix("vmbuild-exit=") {
+                *exit = n.trim().parse().ok();
+            } else if let Some(p) = l.strip_prefix("vmbuild-phase=") {
+                marks.phases.push((p.to_owned(), at));
+            }
+        }
+    }
+}
+
 pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, String)> {
     let mut shares = Vec::new();
     if let Some((dir, mount)) = &spec.store {

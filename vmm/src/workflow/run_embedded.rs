@@ -8,7 +8,7 @@
 //! controller on its build's segment).
 
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,7 +23,7 @@ use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec};
+use crate::workflow::run::{guest_shares, note_console_line, NicLink, RunEnd, RunOutcome, RunSpec};
 use crate::workflow::timings::Marks;
 
 /// How often the loop looks at the console, the deadline and signals.
@@ -101,7 +101,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     let initrd = initrd::with_files(&spec.initrd, rundir.path(), &files)
         .context("writing the run's initrd")?;
 
-    let console_sink: Option<Box<dyn std::io::Write + Send>> = match &spec.log {
+    let log: Option<Box<dyn std::io::Write + Send>> = match &spec.log {
         Some(p) => {
             Some(Box::new(std::fs::File::create(p).with_context(|| {
                 format!("creating the console log {}", p.display())
@@ -109,6 +109,12 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         }
         None => None,
     };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let console_sink: Option<Box<dyn std::io::Write + Send>> = Some(Box::new(ConsoleLines {
+        partial: Vec::new(),
+        lines: lines.clone(),
+        log,
+    }));
     let console = Transcript::new(console_sink);
     let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
     let stderr = Transcript::new(Some(Box::new(std::io::stderr())));
@@ -127,25 +133,22 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     marks.vmm_ready = Some(Instant::now());
 
     let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut status: Option<i32> = None;
     let mut reported: Option<Instant> = None;
     let end = loop {
         let end = vm.run(SLICE);
-        let text = console.text();
+        for (line, at) in lines.lock().unwrap().drain(..) {
+            note_console_line(&mut marks, &mut status, &line, at);
+        }
         // The status is out: the guest powers off next. One that does not (a kernel
         // without ACPI power-off halts with interrupts off, which never leaves KVM_RUN)
         // is stopped after a grace period rather than held until the timeout.
-        if reported.is_none() && exit_status(&text).is_some() {
+        if reported.is_none() && status.is_some() {
             reported = Some(Instant::now());
         }
         if end == LinuxEnd::TimedOut && reported.is_some_and(|at| at.elapsed() > EXIT_GRACE) {
             tracing::debug!("the guest reported its status but did not power off: stopped");
             break LinuxEnd::PowerOff;
-        }
-        if marks.init.is_none() && text.contains("vmbuild-phase=init") {
-            marks.init = Some(Instant::now());
-        }
-        if marks.mounted.is_none() && text.contains("vmbuild-phase=mounted") {
-            marks.mounted = Some(Instant::now());
         }
         if end != LinuxEnd::TimedOut {
             break end;
@@ -173,8 +176,11 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     drop(vm);
     drop(rundir);
     marks.done = Some(Instant::now());
+    for (line, at) in lines.lock().unwrap().drain(..) {
+        note_console_line(&mut marks, &mut status, &line, at);
+    }
     let text = console.text();
-    let end = match (exit_status(&text), end) {
+    let end = match (status, end) {
         (Some(code), _) => RunEnd::Exited(code),
         (None, end) => RunEnd::NoExitCode {
             why: match end {
@@ -188,15 +194,42 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     Ok(RunOutcome { end, marks })
 }
 
-/// The status on the console's last complete `vmbuild-exit=N` line (the kit's init
-/// prints it through the kernel log and on the console).
-fn exit_status(console: &str) -> Option<i32> {
-    console
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.split("vmbuild-exit=").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
+/// Console lines as they arrive, with the moment each was complete (the run's phases),
+/// copied on to the log if there is one.
+struct ConsoleLines {
+    partial: Vec<u8>,
+    lines: Arc<Mutex<Vec<(String, Instant)>>>,
+    log: Option<Box<dyn std::io::Write + Send>>,
+}
+
+/// A console line longer than this is cut (a guest must not grow host memory at will).
+const MAX_LINE: usize = 4096;
+
+impl std::io::Write for ConsoleLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            let _ = log.write_all(buf);
+        }
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_owned();
+                self.partial.clear();
+                self.lines.lock().unwrap().push((line, Instant::now()));
+            } else if self.partial.len() < MAX_LINE {
+                self.partial.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.log {
+            Some(log) => log.flush(),
+            None => Ok(()),
+        }
+    }
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -235,15 +268,26 @@ pub fn check_kernel(path: &std::path::Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_status_comes_from_complete_lines() {
-        assert_eq!(super::exit_status("boot\nvmbuild-exit=3\n"), Some(3));
-        assert_eq!(
-            super::exit_status("[    1.5] vmbuild-exit=7\r\nvmbuild-exit=7\r\n"),
-            Some(7)
-        );
-        // Still arriving: "vmbuild-exit=1" may be the start of "vmbuild-exit=12".
-        assert_eq!(super::exit_status("vmbuild-exit=1"), None);
-        assert_eq!(super::exit_status("vmbuild-exit=x\n"), None);
+    fn console_lines_are_split_and_timed() {
+        use std::io::Write;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut c = super::ConsoleLines {
+            partial: Vec::new(),
+            lines: lines.clone(),
+            log: None,
+        };
+        c.write_all(b"vmbuild-phase=init\r\nvmbuild-ex").unwrap();
+        c.write_all(b"it=12\n").unwrap();
+        c.write_all(&vec![b'x'; 10_000]).unwrap();
+        c.write_all(b"\n").unwrap();
+        let got: Vec<String> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect();
+        assert_eq!(got[..2], ["vmbuild-phase=init", "vmbuild-exit=12"]);
+        assert_eq!(got[2].len(), super::MAX_LINE);
     }
 
     #[test]
