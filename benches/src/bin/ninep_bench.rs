@@ -1,9 +1,19 @@
-//! The 9P2000.L server (virtiofs-bridge's `ninep`, read-only store) against diod (Debian's
-//! 9P2000.L server), side by side in one run, both over loopback TCP, driven by the same
-//! small 9p client (one request in flight, as one guest thread):
+//! The 9P2000.L server (virtiofs-bridge's `ninep`) against diod (Debian's 9P2000.L server),
+//! side by side in one run, both over loopback TCP.
+//!
+//! Reads of a read-only store, driven by the same small 9p client (one request in flight,
+//! as one guest thread):
 //! - metadata: for each of 2,000 files, walk to it, getattr, clunk;
 //! - 4 KiB reads at scattered offsets of one open file;
 //! - sequential read of a 64 MiB file with msize 128 KiB.
+//!
+//! Writes to a read-write export, by a real client: the guest kit's Linux (QEMU, TCG,
+//! user-mode network) mounts both servers with `trans=tcp,msize=65536` (diod's largest)
+//! and, alternating between them, times with /proc/uptime:
+//! - a 32 MiB sequential write (`dd bs=1M conv=fsync`);
+//! - creating and writing 200 files of 1 KiB (the shell's own `echo`, no fork per file).
+//!
+//! Skipped, with the reason, where no guest kit is built (`--no-guest` skips it too).
 //!
 //! Reproduce (root): `cargo build --release -p vmbuild-benches && target/release/ninep-bench`
 
@@ -19,6 +29,7 @@ use clap::Parser;
 use virtiofs_bridge::ninep::{self, NinepServer};
 use virtiofs_bridge::ShareConfig;
 use vmbuild_benches::report::{markdown, median, Row};
+use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
 
 #[derive(Parser, Debug)]
 #[command(about = "9p server vs diod over loopback TCP")]
@@ -27,7 +38,13 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "/var/tmp/vmbuild-ninep-bench")]
     workdir: PathBuf,
+    /// Skip the write workloads (they boot a Linux guest under QEMU).
+    #[arg(long)]
+    no_guest: bool,
 }
+
+/// (workload, unit, vmbuild samples, diod samples); higher is better for all.
+type Samples = (&'static str, &'static str, Vec<f64>, Vec<f64>);
 
 struct Client {
     s: TcpStream,
@@ -118,12 +135,21 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     std::fs::write(store.join("big"), vec![0x5au8; 64 << 20])?;
+    // Read-write exports for the guest's writes, one per server, on the same file system.
+    let xchg_ours = args.workdir.join("xchg-ours");
+    let xchg_diod = args.workdir.join("xchg-diod");
+    std::fs::create_dir_all(&xchg_ours)?;
+    std::fs::create_dir_all(&xchg_diod)?;
 
     // Ours: served over TCP by this process, one thread per connection.
     let server = Arc::new(NinepServer::new(&ShareConfig::store(&store))?);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let ours_port = listener.local_addr()?.port();
     ninep::serve_tcp(listener, server);
+    let rw_server = Arc::new(NinepServer::new(&ShareConfig::xchg(&xchg_ours))?);
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let ours_rw_port = listener.local_addr()?.port();
+    ninep::serve_tcp(listener, rw_server);
     // diod, exporting the same directory.
     let diod_port = free_port()?;
     let _diod = Daemon(
@@ -138,10 +164,23 @@ fn main() -> anyhow::Result<()> {
             .context("starting diod (apt-get install diod)")?,
     );
     wait_for_port(diod_port)?;
+    // And diod exporting its read-write directory to the guest. Without -N: a Linux
+    // client's first attach names the user ("nobody", no uid), which diod must look up.
+    let diod_rw_port = free_port()?;
+    let _diod_rw = Daemon(
+        Command::new("diod")
+            .args(["-f", "-n", "-L", "stderr", "-l"])
+            .arg(format!("127.0.0.1:{diod_rw_port}"))
+            .arg("-e")
+            .arg(&xchg_diod)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting diod (apt-get install diod)")?,
+    );
+    wait_for_port(diod_rw_port)?;
     let aname = store.display().to_string();
 
-    // (workload, unit, vmbuild samples, diod samples); higher is better for all.
-    type Samples = (&'static str, &'static str, Vec<f64>, Vec<f64>);
     let mut rows: Vec<Samples> = vec![
         ("LOOKUP: walk + getattr + clunk", "ops/s", vec![], vec![]),
         ("4 KiB read", "ops/s", vec![], vec![]),
@@ -161,8 +200,22 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if args.no_guest {
+        eprintln!("[ninep-bench] write workloads skipped (--no-guest)");
+    } else {
+        match GuestKit::locate() {
+            Ok(kit) => rows.extend(guest_writes(
+                kit,
+                args.rounds,
+                ours_rw_port,
+                diod_rw_port,
+                &xchg_diod,
+            )?),
+            Err(e) => eprintln!("[ninep-bench] write workloads skipped: {e}"),
+        }
+    }
     println!(
-        "### 9P2000.L over loopback TCP, one request in flight (median of {} rounds)\n",
+        "### 9P2000.L over loopback TCP (median of {} rounds)\n",
         args.rounds
     );
     let table: Vec<Row> = rows
@@ -177,6 +230,101 @@ fn main() -> anyhow::Result<()> {
     println!("{}", markdown(&["vmbuild 9p", "diod"], &table));
     let _ = std::fs::remove_dir_all(&args.workdir);
     Ok(())
+}
+
+/// The guest's writes to both servers, alternating, `rounds` times each, in one boot.
+fn guest_writes(
+    kit: GuestKit,
+    rounds: usize,
+    ours_port: u16,
+    diod_port: u16,
+    diod_export: &std::path::Path,
+) -> anyhow::Result<Vec<Samples>> {
+    eprintln!("[ninep-bench] guest writes ({rounds} rounds, QEMU TCG)");
+    let ctl = tempfile::tempdir()?;
+    std::fs::write(
+        ctl.path().join("run.sh"),
+        format!(
+            r#"set -e
+modprobe 9pnet_fd 2>/dev/null || insmod $(awk '$1=="9pnet_fd"{{print $2}}' /etc/vmbuild/modules)
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+o=trans=tcp,version=9p2000.L,msize=65536
+mkdir -p /mnt/ours /mnt/diod
+mount -t 9p -o $o,port={ours_port} 10.0.2.2 /mnt/ours
+mount -t 9p -o $o,port={diod_port},aname={diod} 10.0.2.2 /mnt/diod
+blob=$(head -c 1023 /dev/zero | tr '\0' x)
+for r in $(seq {rounds}); do
+  for who in ours diod; do
+    d=/mnt/$who/r$r
+    mkdir -p $d/small
+    read t0 _ < /proc/uptime
+    dd if=/dev/zero of=$d/seq bs=1M count=32 conv=fsync 2>/dev/null
+    read t1 _ < /proc/uptime
+    i=0
+    while [ $i -lt 200 ]; do echo "$blob" > $d/small/f$i; i=$((i+1)); done
+    read t2 _ < /proc/uptime
+    [ $(cat $d/small/f199 | wc -c) = 1024 ]
+    [ $(wc -c < $d/seq) = 33554432 ]
+    echo "$who $t0 $t1 $t2" >> /ctl/times
+    rm -r $d
+  done
+done
+umount /mnt/ours
+umount /mnt/diod
+"#,
+            diod = diod_export.display(),
+        ),
+    )?;
+    let mut vm = GuestVm::new(kit, "/ctl/run.sh").share(GuestShare::NineP {
+        dir: ctl.path().to_owned(),
+        tag: "ctl".into(),
+        mount: "/ctl".into(),
+        options: String::new(),
+    });
+    vm.user_net = true;
+    vm.exit_file = Some("/ctl/status".into());
+    vm.timeout = Duration::from_secs(300 + 300 * rounds as u64);
+    let out = vm.run()?;
+    if out.exit != Some(0) {
+        bail!(
+            "guest write workload failed ({:?}):\n{}",
+            out.exit,
+            vmbuild_tests::guest::tail(&out.console, 30)
+        );
+    }
+    let mut rows: Vec<Samples> = vec![
+        (
+            "guest: 32 MiB sequential write (dd)",
+            "MB/s",
+            vec![],
+            vec![],
+        ),
+        (
+            "guest: create + write 200 files of 1 KiB",
+            "files/s",
+            vec![],
+            vec![],
+        ),
+    ];
+    for line in std::fs::read_to_string(ctl.path().join("times"))?.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [who, t0, t1, t2] = f[..] else {
+            bail!("bad line from the guest: {line}");
+        };
+        let (t0, t1, t2): (f64, f64, f64) = (t0.parse()?, t1.parse()?, t2.parse()?);
+        // /proc/uptime counts in hundredths: never divide by zero.
+        let seq = (32u64 << 20) as f64 / 1e6 / (t1 - t0).max(0.01);
+        let files = 200.0 / (t2 - t1).max(0.01);
+        for (row, v) in rows.iter_mut().zip([seq, files]) {
+            if who == "ours" {
+                row.2.push(v);
+            } else {
+                row.3.push(v);
+            }
+        }
+    }
+    Ok(rows)
 }
 
 fn workloads(c: &mut Client) -> anyhow::Result<[f64; 3]> {
