@@ -197,3 +197,97 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `jmp $`: busy for ever, with no exits.
+const SPIN: [u8; 2] = [0xeb, 0xfe];
+
+/// A restored VM is a new generation: each restore from one snapshot gets its own VM
+/// generation ID (what makes Linux reseed its RNG), none equal to the snapshotted VM's.
+#[test]
+fn every_restore_gets_a_new_generation_id() {
+    if !kvm_here("every_restore_gets_a_new_generation_id") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, _) = boot(&write_kernel(dir.path(), &SPIN));
+    let first = vm.generation_id().unwrap();
+    assert_ne!(first, [0u8; 16]);
+    assert_eq!(vm.run(Duration::from_millis(100)), LinuxEnd::TimedOut);
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    vm.snapshot(&snap).unwrap();
+    let restore =
+        || LinuxVm::restore(&snap, Transcript::new(None), Vec::new(), Vec::new()).unwrap();
+    let (mut a, mut b) = (restore(), restore());
+    let (ida, idb) = (a.generation_id().unwrap(), b.generation_id().unwrap());
+    assert_ne!(ida, first);
+    assert_ne!(idb, first);
+    assert_ne!(ida, idb);
+    // Both carry on from where the snapshot was taken.
+    assert_eq!(a.run(Duration::from_millis(50)), LinuxEnd::TimedOut);
+    assert_eq!(b.run(Duration::from_millis(50)), LinuxEnd::TimedOut);
+    assert_eq!(vm.generation_id().unwrap(), first);
+}
+
+/// Polls COM2 and echoes what arrives to COM1 until a newline, then powers off.
+fn echo_com2_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd (COM2 line status)
+        0xec, // 4: in al, dx
+        0xa8, 0x01, // 5: test al, 1 (data ready)
+        0x74, 0xf7, // 7: jz 0
+        0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
+        0xec, // 13: in al, dx
+        0x66, 0xba, 0xf8, 0x03, // 14: mov dx, 0x3f8
+        0xee, // 18: out dx, al
+        0x3c, 0x0a, // 19: cmp al, '\n'
+        0x75, 0xe9, // 21: jne 0
+    ];
+    code.extend(out_bytes(0x3c0, &[vmbuild::kvm::acpi::S5_POWER_OFF]));
+    code.extend(HALT_FOR_GOOD);
+    code
+}
+
+/// Host input reaches a guest through a serial port's receive FIFO, many times its 64
+/// bytes, in order, while the guest runs.
+#[test]
+fn serial_input_reaches_the_guest_in_order() {
+    if !kvm_here("serial_input_reaches_the_guest_in_order") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let console = Transcript::new(None);
+    let kernel = write_kernel(dir.path(), &echo_com2_guest());
+    let mut vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            memory_mib: 64,
+        },
+        console.clone(),
+        vec![Transcript::new(None)],
+        Vec::new(),
+    )
+    .unwrap();
+    let input = vm.serial_input(1).expect("COM2");
+    assert!(vm.serial_input(2).is_none(), "only COM1 and COM2 exist");
+    let mut text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    text.push(b'\n');
+    let feeder = {
+        let text = text.clone();
+        std::thread::spawn(move || {
+            let mut at = 0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while at < text.len() && Instant::now() < deadline {
+                at += input.feed(&text[at..]);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            at
+        })
+    };
+    let end = vm.run(Duration::from_secs(20));
+    assert_eq!(feeder.join().unwrap(), text.len());
+    assert_eq!(end, LinuxEnd::PowerOff);
+    assert_eq!(console.text().as_bytes(), &text[..]);
+}
