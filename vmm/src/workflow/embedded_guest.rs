@@ -62,10 +62,13 @@ pub enum DriveEnd {
     /// A message on the stop channel, or the channel closed.
     Stopped,
     DeadlinePassed,
+    /// The console announced the phase the caller waited for; the vCPU is stopped, and
+    /// the VM can be snapshotted or run on.
+    Reached,
 }
 
-/// Runs `vm` until the guest ends it, `stop` says so, or `deadline` passes, noting its
-/// console lines in `marks` and `status` as they come.
+/// Runs `vm` until the guest ends it, `stop` says so, `deadline` passes or the console
+/// announces phase `until`, noting its console lines in `marks` and `status` as they come.
 pub fn drive(
     vm: &mut LinuxVm,
     console: &GuestConsole,
@@ -73,6 +76,7 @@ pub fn drive(
     status: &mut Option<i32>,
     stop: &Receiver<()>,
     deadline: Option<Instant>,
+    until: Option<&str>,
 ) -> DriveEnd {
     let mut reported: Option<Instant> = None;
     let end = loop {
@@ -90,6 +94,9 @@ pub fn drive(
         }
         if end != LinuxEnd::TimedOut {
             break DriveEnd::Guest(end);
+        }
+        if until.is_some_and(|p| marks.phase(p).is_some()) {
+            break DriveEnd::Reached;
         }
         // A closed channel means stop too: a caller that went away must not leave this
         // VM running.

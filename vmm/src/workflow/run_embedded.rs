@@ -131,13 +131,16 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         &mut status,
         &signals,
         deadline,
+        None,
     );
     drop(vm);
     drop(rundir);
     marks.done = Some(Instant::now());
     let end = match (status, end) {
         (_, DriveEnd::Stopped) => RunEnd::Interrupted,
-        (_, DriveEnd::DeadlinePassed) => RunEnd::TimedOut(spec.timeout.unwrap_or_default()),
+        (_, DriveEnd::DeadlinePassed | DriveEnd::Reached) => {
+            RunEnd::TimedOut(spec.timeout.unwrap_or_default())
+        }
         (Some(code), DriveEnd::Guest(_)) => RunEnd::Exited(code),
         (None, DriveEnd::Guest(end)) => RunEnd::NoExitCode {
             why: why_no_status(&end),
@@ -147,7 +150,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     Ok(RunOutcome { end, marks })
 }
 
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
+pub(crate) fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {
