@@ -666,12 +666,13 @@ fn bad_input_exits_2() {
     assert!(!Path::new("/tmp/never").exists());
 }
 
-/// The controller booted in the embedded VMM, on an in-process port of the build's
-/// switch. Where the embedded VMM boots Linux on this host (its probe), it does the whole
-/// job and `auto` picks it. Elsewhere `--controller embedded` is refused before anything
-/// starts (exit 2, with the probe's reason), `auto` keeps the revived QEMU controller, and
-/// a build that asks the library for an embedded controller anyway ends "lost" with this
-/// KVM's failure, leaving nothing behind.
+/// The controller in the embedded VMM, on an in-process port of the build's switch. Where
+/// the embedded VMM boots Linux on this host (its probe), bootstrap snapshots that
+/// controller too, `auto` restores it, and `--controller embedded-boot` boots one; both do
+/// the whole job. Elsewhere the snapshot has no embedded controller, `--controller
+/// embedded` is refused before anything starts (exit 2, with the probe's reason), `auto`
+/// keeps the revived QEMU controller, and a build that asks the library for an embedded
+/// controller anyway ends "lost" with this KVM's failure, leaving nothing behind.
 #[test]
 fn an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux() {
     let name = "an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux";
@@ -694,12 +695,31 @@ fn an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux() {
     };
     let auto = build(&["--timings", "--", "sh", "-c", script]).output();
     assert_eq!(code(&auto), 7, "{}", stderr(&auto));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(snap.join("manifest.json")).unwrap()).unwrap();
     if probe.usable {
+        assert_eq!(manifest["controller"]["embedded"], "controller-kvm");
         assert_eq!(code(&out), 7, "{}", stderr(&out));
         assert_eq!(stdout(&out), "embedded\n");
-        assert_eq!(timings_of(&auto)["controller"], "embedded-boot");
+        assert_eq!(timings_of(&auto)["controller"], "embedded-revive");
+        let booted = build(&[
+            "--controller",
+            "embedded-boot",
+            "--timings",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output();
+        assert_eq!(code(&booted), 7, "{}", stderr(&booted));
+        assert_eq!(timings_of(&booted)["controller"], "embedded-boot");
         return;
     }
+    assert!(
+        manifest["controller"].get("embedded").is_none(),
+        "{manifest}"
+    );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(
         stderr(&out).contains("--controller embedded") && stderr(&out).contains(&probe.reason),

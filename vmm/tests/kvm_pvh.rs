@@ -9,66 +9,9 @@ use std::time::{Duration, Instant};
 use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use vmbuild::kvm::uart::Transcript;
 
-/// Where the code is loaded and entered (PVH: 32-bit protected mode, paging off).
-const LOAD: u64 = 0x10_0000;
-
-/// An ELF64 executable whose one segment is `code` at [`LOAD`], with the
-/// `XEN_ELFNOTE_PHYS32_ENTRY` note pointing there.
-fn pvh_kernel(code: &[u8]) -> Vec<u8> {
-    const NOTE_AT: usize = 0x200;
-    const CODE_AT: usize = 0x1000;
-    let mut note = Vec::new();
-    note.extend(4u32.to_le_bytes()); // name size
-    note.extend(4u32.to_le_bytes()); // descriptor size
-    note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-    note.extend(b"Xen\0");
-    note.extend((LOAD as u32).to_le_bytes());
-
-    let mut elf = vec![0u8; CODE_AT + code.len()];
-    elf[..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2; // 64-bit
-    elf[5] = 1; // little endian
-    elf[6] = 1; // version
-    let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
-    put(16, &2u16.to_le_bytes()); // ET_EXEC
-    put(18, &62u16.to_le_bytes()); // EM_X86_64
-    put(20, &1u32.to_le_bytes());
-    put(24, &LOAD.to_le_bytes()); // entry
-    put(32, &64u64.to_le_bytes()); // program headers right after this header
-    put(52, &64u16.to_le_bytes()); // header size
-    put(54, &56u16.to_le_bytes()); // program header size
-    put(56, &2u16.to_le_bytes()); // two of them
-    let phdr = |kind: u32, flags: u32, offset: usize, addr: u64, size: usize, align: u64| {
-        let mut p = Vec::new();
-        p.extend(kind.to_le_bytes());
-        p.extend(flags.to_le_bytes());
-        p.extend((offset as u64).to_le_bytes());
-        p.extend(addr.to_le_bytes());
-        p.extend(addr.to_le_bytes());
-        p.extend((size as u64).to_le_bytes());
-        p.extend((size as u64).to_le_bytes());
-        p.extend(align.to_le_bytes());
-        p
-    };
-    put(64, &phdr(1, 5, CODE_AT, LOAD, code.len(), 0x1000)); // PT_LOAD, R+X
-    put(120, &phdr(4, 4, NOTE_AT, 0, note.len(), 4)); // PT_NOTE
-    put(NOTE_AT, &note);
-    put(CODE_AT, code);
-    elf
-}
-
-/// `mov dx, port; mov al, byte; out dx, al` for each byte.
-fn out_bytes(port: u16, bytes: &[u8]) -> Vec<u8> {
-    let mut code = vec![0x66, 0xba];
-    code.extend(port.to_le_bytes());
-    for b in bytes {
-        code.extend([0xb0, *b, 0xee]);
-    }
-    code
-}
-
-/// `cli; hlt; jmp hlt`: stopped for good, as a kernel without ACPI power-off halts.
-const HALT_FOR_GOOD: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+#[path = "support/pvh.rs"]
+mod pvh;
+use pvh::{out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
 fn write_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     let path = dir.join("vmlinux");
@@ -196,4 +139,98 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `jmp $`: busy for ever, with no exits.
+const SPIN: [u8; 2] = [0xeb, 0xfe];
+
+/// A restored VM is a new generation: each restore from one snapshot gets its own VM
+/// generation ID (what makes Linux reseed its RNG), none equal to the snapshotted VM's.
+#[test]
+fn every_restore_gets_a_new_generation_id() {
+    if !kvm_here("every_restore_gets_a_new_generation_id") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, _) = boot(&write_kernel(dir.path(), &SPIN));
+    let first = vm.generation_id().unwrap();
+    assert_ne!(first, [0u8; 16]);
+    assert_eq!(vm.run(Duration::from_millis(100)), LinuxEnd::TimedOut);
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    vm.snapshot(&snap).unwrap();
+    let restore =
+        || LinuxVm::restore(&snap, Transcript::new(None), Vec::new(), Vec::new()).unwrap();
+    let (mut a, mut b) = (restore(), restore());
+    let (ida, idb) = (a.generation_id().unwrap(), b.generation_id().unwrap());
+    assert_ne!(ida, first);
+    assert_ne!(idb, first);
+    assert_ne!(ida, idb);
+    // Both carry on from where the snapshot was taken.
+    assert_eq!(a.run(Duration::from_millis(50)), LinuxEnd::TimedOut);
+    assert_eq!(b.run(Duration::from_millis(50)), LinuxEnd::TimedOut);
+    assert_eq!(vm.generation_id().unwrap(), first);
+}
+
+/// Polls COM2 and echoes what arrives to COM1 until a newline, then powers off.
+fn echo_com2_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd (COM2 line status)
+        0xec, // 4: in al, dx
+        0xa8, 0x01, // 5: test al, 1 (data ready)
+        0x74, 0xf7, // 7: jz 0
+        0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
+        0xec, // 13: in al, dx
+        0x66, 0xba, 0xf8, 0x03, // 14: mov dx, 0x3f8
+        0xee, // 18: out dx, al
+        0x3c, 0x0a, // 19: cmp al, '\n'
+        0x75, 0xe9, // 21: jne 0
+    ];
+    code.extend(out_bytes(0x3c0, &[vmbuild::kvm::acpi::S5_POWER_OFF]));
+    code.extend(HALT_FOR_GOOD);
+    code
+}
+
+/// Host input reaches a guest through a serial port's receive FIFO, many times its 64
+/// bytes, in order, while the guest runs.
+#[test]
+fn serial_input_reaches_the_guest_in_order() {
+    if !kvm_here("serial_input_reaches_the_guest_in_order") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let console = Transcript::new(None);
+    let kernel = write_kernel(dir.path(), &echo_com2_guest());
+    let mut vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            memory_mib: 64,
+        },
+        console.clone(),
+        vec![Transcript::new(None)],
+        Vec::new(),
+    )
+    .unwrap();
+    let input = vm.serial_input(1).expect("COM2");
+    assert!(vm.serial_input(2).is_none(), "only COM1 and COM2 exist");
+    let mut text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    text.push(b'\n');
+    let feeder = {
+        let text = text.clone();
+        std::thread::spawn(move || {
+            let mut at = 0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while at < text.len() && Instant::now() < deadline {
+                at += input.feed(&text[at..]);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            at
+        })
+    };
+    let end = vm.run(Duration::from_secs(20));
+    assert_eq!(feeder.join().unwrap(), text.len());
+    assert_eq!(end, LinuxEnd::PowerOff);
+    assert_eq!(console.text().as_bytes(), &text[..]);
 }

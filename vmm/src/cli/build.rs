@@ -66,8 +66,8 @@ pub struct BuildArgs {
     /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     timings: Option<PathBuf>,
-    /// The controller: auto boots it in the embedded VMM where that VMM boots Linux here,
-    /// else revives the one the snapshot keeps suspended; or insist on one of them
+    /// The controller: auto takes the fastest this host allows (the embedded VMM's
+    /// snapshot, QEMU's suspended controller, a fresh boot); or insist on one
     #[arg(long, value_enum, default_value = "auto")]
     controller: ControllerChoice,
     /// Append the target's console to this file
@@ -166,7 +166,7 @@ impl BuildArgs {
         let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
         let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
         let snapshot = snapshot_path(&self.snapshot);
-        let controller = resolve_controller(self.controller, &qemu, &snapshot)?;
+        let controller = check_controller(self.controller, &qemu, &snapshot)?;
         Ok(BuildSpec {
             snapshot,
             qemu,
@@ -185,16 +185,17 @@ impl BuildArgs {
     }
 }
 
-/// `auto` boots the controller in the embedded VMM where that VMM has booted the
-/// snapshot's kernel on this host (no QEMU process for it, no socket), else lets the build
-/// revive the snapshot's suspended controller. `embedded` insists, and is a usage error
-/// where the probe says no.
-fn resolve_controller(
+/// `embedded` and `embedded-boot` need the embedded VMM to boot Linux here: a usage error
+/// (with the probe's reason) where it does not. `auto` is the build's to resolve.
+fn check_controller(
     choice: ControllerChoice,
     qemu: &QemuBinary,
     snapshot: &Path,
 ) -> Result<ControllerChoice, Usage> {
-    if !matches!(choice, ControllerChoice::Auto | ControllerChoice::Embedded) {
+    if !matches!(
+        choice,
+        ControllerChoice::Embedded | ControllerChoice::EmbeddedBoot
+    ) {
         return Ok(choice);
     }
     let (kernel, initrd) = (snapshot.join(KIT_KERNEL), snapshot.join(KIT_INITRD));
@@ -203,15 +204,15 @@ fn resolve_controller(
         return Ok(choice);
     }
     let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
-    match (choice, probe.usable) {
-        (_, true) => Ok(ControllerChoice::Embedded),
-        (ControllerChoice::Embedded, false) => usage!(
-            "--controller embedded: {}; use --controller revive or boot (QEMU)",
+    if !probe.usable {
+        let flag = match choice {
+            ControllerChoice::EmbeddedBoot => "embedded-boot",
+            _ => "embedded",
+        };
+        usage!(
+            "--controller {flag}: {}; use --controller revive or boot (QEMU)",
             probe.reason
-        ),
-        _ => {
-            tracing::debug!("controller: QEMU, not the embedded VMM: {}", probe.reason);
-            Ok(ControllerChoice::Auto)
-        }
+        );
     }
+    Ok(choice)
 }

@@ -14,6 +14,12 @@
 //! Without them `poweroff` halts the CPU with interrupts off, which under an in-kernel
 //! LAPIC never leaves KVM_RUN: the VM would hang instead of ending.
 //!
+//! Generation ID: a `VMGENCTR` device whose `ADDR` names 16 bytes of guest memory, and a
+//! Generic Event Device (`ACPI0013`, the hardware-reduced way to raise ACPI events) whose
+//! interrupt runs `Notify (VGEN, 0x80)`. A restored VM gets a new ID and that interrupt;
+//! Linux's vmgenid driver then reseeds its RNG, so VMs restored from one snapshot do not
+//! share random numbers (an SSH client's keys among them).
+//!
 //! The AML is encoded here by hand (a few opcodes); the tests check every table with
 //! ACPICA's disassembler (`iasl -d`) where it is installed.
 
@@ -38,6 +44,13 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
+/// Where the VM generation ID lives (16 bytes) and the GSI that announces a new one.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationId {
+    pub addr: u64,
+    pub gsi: u32,
+}
+
 /// The tables, laid out from `base` (guest physical): where the RSDP is, and the bytes.
 pub struct Tables {
     pub rsdp: u64,
@@ -46,8 +59,13 @@ pub struct Tables {
 
 /// Builds RSDP, XSDT, FADT, MADT and DSDT for `vcpus` vCPUs and `devices`, to be written
 /// at guest physical address `base`.
-pub fn build(base: u64, vcpus: u8, devices: &[MmioDevice]) -> Tables {
-    let dsdt = dsdt(devices);
+pub fn build(
+    base: u64,
+    vcpus: u8,
+    devices: &[MmioDevice],
+    generation: Option<GenerationId>,
+) -> Tables {
+    let dsdt = dsdt(devices, generation);
     let madt = madt(vcpus);
     // Layout: RSDP (36, padded to 64), XSDT, FADT, MADT, DSDT, each 16-byte aligned.
     let mut out = vec![0u8; 64];
@@ -153,19 +171,19 @@ fn madt(vcpus: u8) -> Vec<u8> {
     sdt(b"APIC", 5, &b)
 }
 
-fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+fn dsdt(devices: &[MmioDevice], generation: Option<GenerationId>) -> Vec<u8> {
     let mut sb = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_mmio_device(i, d));
+    }
+    if let Some(g) = generation {
+        sb.extend(generation_devices(g));
     }
     // Name (\_S5_, Package (2) { 5, 5 }): SLP_TYPa and SLP_TYPb.
     let mut s5 = vec![2u8];
     s5.extend(aml_integer(S5_SLEEP_TYPE.into()));
     s5.extend(aml_integer(S5_SLEEP_TYPE.into()));
-    let mut package = vec![0x12]; // PackageOp
-    package.extend(pkg_length(s5.len()));
-    package.extend(s5);
-    let mut aml = name_op(b"_S5_", &package);
+    let mut aml = name_op(b"_S5_", &package(&s5));
     aml.push(0x10); // ScopeOp
     let mut inner = b"\\_SB_".to_vec();
     inner.extend(sb);
@@ -193,6 +211,54 @@ fn virtio_mmio_device(index: usize, d: &MmioDevice) -> Vec<u8> {
     dev.extend(pkg_length(body.len()));
     dev.extend(body);
     dev
+}
+
+/// `VGEN` (the generation ID's address) and `GED0` (its change interrupt).
+fn generation_devices(g: GenerationId) -> Vec<u8> {
+    let mut vgen = b"VGEN".to_vec();
+    vgen.extend(name_op(b"_HID", &aml_string("VMGENCTR")));
+    let mut addr = vec![2u8];
+    addr.extend(aml_integer(g.addr & 0xffff_ffff));
+    addr.extend(aml_integer(g.addr >> 32));
+    vgen.extend(name_op(b"ADDR", &package(&addr)));
+    let mut out = device(vgen);
+
+    let mut ged = b"GED0".to_vec();
+    ged.extend(name_op(b"_HID", &aml_string("ACPI0013")));
+    ged.extend(name_op(b"_UID", &aml_integer(0)));
+    let mut res = Vec::new();
+    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+    res.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    res.extend_from_slice(&g.gsi.to_le_bytes());
+    res.extend_from_slice(&[0x79, 0x00]); // EndTag
+    ged.extend(name_op(b"_CRS", &aml_buffer(&res)));
+    // Method (_EVT, 1, Serialized) { Notify (\_SB.VGEN, 0x80) }
+    let mut body = b"_EVT".to_vec();
+    body.push(0x09); // one argument, serialized
+    body.push(0x86); // NotifyOp
+    body.extend_from_slice(b"\\\x2e_SB_VGEN"); // \_SB_.VGEN (DualNamePrefix)
+    body.extend(aml_integer(0x80));
+    let mut method = vec![0x14]; // MethodOp
+    method.extend(pkg_length(body.len()));
+    method.extend(body);
+    ged.extend(method);
+    out.extend(device(ged));
+    out
+}
+
+fn device(body: Vec<u8>) -> Vec<u8> {
+    let mut dev = vec![0x5b, 0x82]; // DeviceOp
+    dev.extend(pkg_length(body.len()));
+    dev.extend(body);
+    dev
+}
+
+/// A Package from its NumElements byte and encoded elements.
+fn package(contents: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x12]; // PackageOp
+    p.extend(pkg_length(contents.len()));
+    p.extend_from_slice(contents);
+    p
 }
 
 fn name_op(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
@@ -266,7 +332,7 @@ mod tests {
     #[test]
     fn checksums_and_pointers_hold() {
         let base = 0xe0000u64;
-        let t = build(base, 2, &devices());
+        let t = build(base, 2, &devices(), None);
         let r = &t.bytes[..36];
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(r[..20].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
@@ -312,7 +378,13 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let d = dsdt(&devices());
+        let d = dsdt(
+            &devices(),
+            Some(GenerationId {
+                addr: 0xef000,
+                gsi: 21,
+            }),
+        );
         let aml = dir.path().join("dsdt.aml");
         std::fs::write(&aml, &d).unwrap();
         let out = std::process::Command::new("iasl")
@@ -337,6 +409,19 @@ mod tests {
             dsl.contains("Name (_S5, Package (0x02)") && dsl.contains("0x05, "),
             "{dsl}"
         );
+        for expected in [
+            "Device (VGEN)",
+            "\"VMGENCTR\"",
+            "Name (ADDR, Package (0x02)",
+            "0x000EF000",
+            "Device (GED0)",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.VGEN, 0x80)",
+            "0x00000015,",
+        ] {
+            assert!(dsl.contains(expected), "no {expected:?} in {dsl}");
+        }
         for (table, expect) in [
             (madt(2), vec![]),
             (

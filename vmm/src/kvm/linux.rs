@@ -90,6 +90,13 @@ const VIRTIO_FIRST_GSI: u32 = 5;
 const MAX_VIRTIO_DEVICES: usize = 16;
 /// The ACPI tables live in the BIOS area, which the memory map leaves out of RAM.
 const ACPI_TABLES: u64 = 0xe_0000;
+/// The VM generation ID: at a fixed place (a restore rewrites it without reading the
+/// tables), after the tables in the same reserved area, announced on the GSI after the
+/// virtio devices'.
+const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
+    addr: 0xe_f000,
+    gsi: VIRTIO_FIRST_GSI + MAX_VIRTIO_DEVICES as u32,
+};
 
 /// The PC devices a Linux guest touches: COM1, the keyboard controller's reset line, and
 /// the virtio-mmio windows.
@@ -100,6 +107,8 @@ struct PcBus {
     reset: Arc<AtomicBool>,
     /// Set with `reset` when the guest entered S5.
     powered_off: AtomicBool,
+    /// Raises the Generic Event Device's interrupt: "the generation ID changed".
+    generation_irq: Arc<EventFd>,
     virtio: Vec<(u64, std::sync::Mutex<MmioTransport>)>,
 }
 
@@ -233,7 +242,10 @@ impl LinuxVm {
         let cmdline_len = config.cmdline.len() as u32;
 
         let windows = windows(devices.len());
-        let tables = acpi::build(ACPI_TABLES, 1, &windows);
+        let tables = acpi::build(ACPI_TABLES, 1, &windows, Some(GENERATION_ID));
+        if ACPI_TABLES + tables.bytes.len() as u64 > GENERATION_ID.addr {
+            bail!("the ACPI tables overlap the generation ID");
+        }
         vm.ram().write(ACPI_TABLES, &tables.bytes)?;
         let initrd = match config.initrd {
             Some(initrd) => {
@@ -332,10 +344,27 @@ impl LinuxVm {
             }
         }
 
+        write_generation_id(&vm)?;
         let mut outputs = vec![console.clone()];
         outputs.extend(serials);
         let bus = build_bus(&vm, &outputs, devices, &windows, None)?;
         Ok(LinuxVm { bus, vm, console })
+    }
+
+    /// The VM generation ID the guest sees now.
+    pub fn generation_id(&self) -> anyhow::Result<[u8; 16]> {
+        let mut id = [0u8; 16];
+        self.vm.ram().read(GENERATION_ID.addr, &mut id)?;
+        Ok(id)
+    }
+
+    /// Host input for serial port `index` (0 is COM1, the console; 1 and 2 are the
+    /// extra ports), usable while the vCPU runs.
+    pub fn serial_input(&self, index: usize) -> Option<SerialInput> {
+        (index < self.bus.uarts.len()).then(|| SerialInput {
+            bus: self.bus.clone(),
+            index,
+        })
     }
 
     /// Where the (stopped) vCPU is: for diagnostics.
@@ -437,8 +466,42 @@ impl LinuxVm {
         let mut outputs = vec![console.clone()];
         outputs.extend(serials);
         let bus = build_bus(&vm, &outputs, devices, &windows, Some(&states))?;
+        // A restored VM is a new generation: a new ID, and the event that makes the
+        // guest read it (it is delivered when the vCPU next runs).
+        write_generation_id(&vm)?;
+        bus.generation_irq
+            .write(1)
+            .context("raising the generation ID's interrupt")?;
         Ok(LinuxVm { bus, vm, console })
     }
+}
+
+/// Bytes for a serial port's receive side, fed while the guest runs.
+#[derive(Clone)]
+pub struct SerialInput {
+    bus: Arc<PcBus>,
+    index: usize,
+}
+
+impl SerialInput {
+    /// Feeds what fits in the port's FIFO now; returns how many bytes were taken.
+    pub fn feed(&self, bytes: &[u8]) -> usize {
+        self.bus.uarts[self.index].feed(bytes)
+    }
+}
+
+fn write_generation_id(vm: &Vm) -> anyhow::Result<()> {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom(2) writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        bail!(
+            "no random bytes for the VM generation ID: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    vm.ram().write(GENERATION_ID.addr, &id)?;
+    Ok(())
 }
 
 fn windows(n: usize) -> Vec<MmioDevice> {
@@ -471,6 +534,10 @@ fn build_bus(
             );
         }
     }
+    let generation_irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    vm.fd()
+        .register_irqfd(&generation_irq, GENERATION_ID.gsi)
+        .context("routing the generation ID's interrupt (KVM_IRQFD)")?;
     let com1_irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     vm.fd()
         .register_irqfd(&com1_irq, COM1_GSI)
@@ -513,6 +580,7 @@ fn build_bus(
         uarts,
         reset: Arc::new(AtomicBool::new(false)),
         powered_off: AtomicBool::new(false),
+        generation_irq,
         virtio,
     }))
 }

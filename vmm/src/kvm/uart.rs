@@ -155,6 +155,17 @@ impl Uart {
         true
     }
 
+    /// Puts host bytes in the receive FIFO (raising the guest's interrupt if it asked for
+    /// one); returns how many fitted. The FIFO holds 16550A's 64 bytes: the rest waits
+    /// until the guest has read some.
+    pub fn feed(&self, bytes: &[u8]) -> usize {
+        let mut serial = self.serial.lock().unwrap();
+        if serial.fifo_capacity() == 0 {
+            return 0;
+        }
+        serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
     /// Handles a port read; false if the port is not this UART's.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
         let Some(off) = self.offset(port) else {

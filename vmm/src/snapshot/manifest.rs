@@ -149,6 +149,10 @@ pub struct ControllerSnapshot {
     pub state: String,
     pub initrd: String,
     pub memory_mib: u32,
+    /// The same controller snapshotted by the embedded KVM VMM (a directory), made where
+    /// that VMM boots Linux; builds there restore it in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +251,13 @@ impl Manifest {
         };
         if !key_ok(&self.ssh.host_key) {
             return Err("ssh.host_key is not a public key line".into());
+        }
+        if let Some(e) = self.controller.as_ref().and_then(|c| c.embedded.as_ref()) {
+            if e != crate::snapshot::controller::EMBEDDED_CONTROLLER_DIR {
+                return Err(format!(
+                    "controller.embedded '{e}' is not the embedded controller's directory"
+                ));
+            }
         }
         let x = &self.mounts.xchg;
         if !x.starts_with('/') || x.contains(['\'', '"', '\\', '\n']) {

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::accel::Accel;
+use crate::accel::{self, Accel};
 use crate::guest_kit::GuestKit;
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;
+use crate::snapshot::controller::embedded::{bootstrap_embedded_controller, EmbeddedBootstrap};
 use crate::snapshot::controller::revive::{bootstrap_controller, ControllerMachine};
 use crate::snapshot::controller::{
     ControllerEnd, CLIENT_KEY_GUEST, CONTROLLER_INITRD, CONTROLLER_MEMORY_MIB, CONTROLLER_STATE,
+    EMBEDDED_CONTROLLER_DIR,
 };
 use crate::snapshot::manifest::{
     self, ControllerSnapshot, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan,
@@ -208,6 +210,28 @@ pub fn bootstrap(
         }
     };
     step.done();
+    // Where the embedded VMM boots Linux here, the same controller once more, snapshotted
+    // by it: builds on this host then restore it in milliseconds, with no QEMU for it. It
+    // is an addition; a snapshot without it works everywhere.
+    let embedded = EmbeddedBootstrap {
+        kernel: &kernel,
+        initrd: &dir.join(CONTROLLER_INITRD),
+        switch: segment.switch(),
+        mac: &network.controller_mac,
+        out: &dir.join(EMBEDDED_CONTROLLER_DIR),
+        wait: spec.ssh_wait + Duration::from_secs(60),
+        console_log: Some(&rundir.join("embedded-controller-console.log")),
+    };
+    let embedded_controller =
+        match accel::probe_embedded_cached(&spec.qemu.path, &kernel, &kit_initrd).usable {
+            false => false,
+            true => {
+                match snapshot_embedded_controller(&embedded, &signals, &progress, &mut timings) {
+                    Some(made) => made,
+                    None => return Ok(Err(BootstrapFailure::Interrupted)),
+                }
+            }
+        };
     let m = &marks;
     if let Some(t) = target_up {
         timings.insert(
@@ -255,6 +279,21 @@ pub fn bootstrap(
         manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
         manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
     ];
+    let mut files = files;
+    if embedded_controller {
+        let sub = dir.join(EMBEDDED_CONTROLLER_DIR);
+        let mut names: Vec<String> = std::fs::read_dir(&sub)?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        for name in names {
+            files.push(manifest::file_entry(
+                dir,
+                &format!("{EMBEDDED_CONTROLLER_DIR}/{name}"),
+                "embedded-controller",
+            )?);
+        }
+    }
     let state_bytes = std::fs::metadata(&state)?.len();
     let (a, b, c) = spec.qemu.version;
     timings.insert("total".into(), started.elapsed().as_secs_f64());
@@ -295,6 +334,7 @@ pub fn bootstrap(
             state: CONTROLLER_STATE.into(),
             initrd: CONTROLLER_INITRD.into(),
             memory_mib: CONTROLLER_MEMORY_MIB,
+            embedded: embedded_controller.then(|| EMBEDDED_CONTROLLER_DIR.into()),
         }),
         mounts: MountPlan {
             xchg: spec.profile.xchg_mount().into(),
@@ -373,6 +413,30 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// dbclient, its libraries and the client key as a newc archive.
+/// The embedded controller's snapshot, made next to the QEMU one: whether it was made
+/// (a failure only costs builds the faster controller, so it is reported and skipped), or
+/// `None` if the user interrupted.
+fn snapshot_embedded_controller(
+    b: &EmbeddedBootstrap,
+    signals: &Receiver<()>,
+    progress: &Progress,
+    timings: &mut BTreeMap<String, f64>,
+) -> Option<bool> {
+    let step = progress.step("snapshotting the controller in the embedded VMM");
+    let why = match bootstrap_embedded_controller(b, signals) {
+        Ok(Ok(_)) => {
+            timings.insert("embedded_controller".into(), step.done());
+            return Some(true);
+        }
+        Ok(Err(ControllerEnd::Interrupted)) => return None,
+        Ok(Err(end)) => format!("{end:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("vmbuild bootstrap: no embedded controller (builds will use QEMU's): {why}");
+    let _ = std::fs::remove_dir_all(b.out);
+    Some(false)
+}
+
 fn write_controller_cpio(path: &Path, client_key: &Path) -> anyhow::Result<()> {
     let files = dropbear::runtime_files(Path::new(dropbear::CLIENT), "/bin/dbclient")?;
     let mut contents: Vec<(String, u32, Vec<u8>)> = vec![

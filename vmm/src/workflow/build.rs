@@ -25,12 +25,12 @@ use anyhow::Context;
 use serde::Serialize;
 use virtiofs_bridge::{ShareConfig, ShareServer};
 
-use crate::accel::Accel;
+use crate::accel::{self, Accel};
 use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
-    BootVmm, BootedController, Controller, ControllerEnd, ControllerOutcome, RevivedController,
-    SessionPlan,
+    BootVmm, BootedController, Controller, ControllerEnd, ControllerOutcome,
+    EmbeddedRevivedController, RevivedController, SessionPlan,
 };
 use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
@@ -64,14 +64,18 @@ pub struct BuildSpec {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ControllerChoice {
-    /// Revive the controller the snapshot keeps suspended, else boot one
+    /// The fastest this host allows: the embedded VMM's controller snapshot, QEMU's
+    /// suspended controller, or a fresh boot
     Auto,
     /// Revive the snapshot's suspended controller
     Revive,
     /// Boot a fresh controller under QEMU
     Boot,
-    /// Boot a fresh controller in the embedded KVM VMM (where it boots Linux)
+    /// Restore the embedded KVM VMM's controller snapshot, else boot one in that VMM
+    /// (only where it boots Linux)
     Embedded,
+    /// Boot a fresh controller in the embedded KVM VMM (only where it boots Linux)
+    EmbeddedBoot,
 }
 
 #[derive(Debug)]
@@ -192,30 +196,11 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     } else {
         Accel::Tcg
     };
-    let controller: Arc<dyn Controller> = match (spec.controller, &manifest.controller) {
-        (ControllerChoice::Boot, _) | (ControllerChoice::Auto, None) => Arc::new(BootedController {
-            qemu: spec.qemu.clone(),
-            accel,
-            vmm: BootVmm::Qemu,
-        }),
-        (ControllerChoice::Embedded, _) => Arc::new(BootedController {
-            qemu: spec.qemu.clone(),
-            accel,
-            vmm: BootVmm::Embedded(segment.switch().clone()),
-        }),
-        (_, Some(c)) => Arc::new(RevivedController {
-            qemu: spec.qemu.clone(),
-            accel,
-            state: dir.join(&c.state),
-            initrd: dir.join(&c.initrd),
-            format: manifest.state.state_format(),
-        }),
-        (ControllerChoice::Revive, None) => {
+    let controller = match choose_controller(spec, &manifest, dir, accel, &segment) {
+        Ok(c) => c,
+        Err(why) => {
             return Ok(BuildOutcome {
-                end: BuildEnd::SnapshotIncompatible(format!(
-                    "{} keeps no suspended controller (made by an older vmbuild): use --controller boot or bootstrap it again",
-                    dir.display()
-                )),
+                end: BuildEnd::SnapshotIncompatible(why),
                 timings: t,
             })
         }
@@ -421,6 +406,87 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         },
     };
     Ok(BuildOutcome { end, timings: t })
+}
+
+/// Which controller serves this build. `auto` takes the fastest this host and snapshot
+/// allow: the embedded VMM's snapshot (milliseconds, no QEMU), then QEMU's suspended
+/// controller, then a fresh boot, in the embedded VMM where it boots Linux, else QEMU.
+fn choose_controller(
+    spec: &BuildSpec,
+    manifest: &Manifest,
+    dir: &Path,
+    accel: Accel,
+    segment: &Segment,
+) -> Result<Arc<dyn Controller>, String> {
+    let qemu_boot = || -> Arc<dyn Controller> {
+        Arc::new(BootedController {
+            qemu: spec.qemu.clone(),
+            accel,
+            vmm: BootVmm::Qemu,
+        })
+    };
+    let embedded_boot = || -> Arc<dyn Controller> {
+        Arc::new(BootedController {
+            qemu: spec.qemu.clone(),
+            accel,
+            vmm: BootVmm::Embedded(segment.switch().clone()),
+        })
+    };
+    let snapshot = manifest.controller.as_ref();
+    let qemu_revive = snapshot.map(|c| -> Arc<dyn Controller> {
+        Arc::new(RevivedController {
+            qemu: spec.qemu.clone(),
+            accel,
+            state: dir.join(&c.state),
+            initrd: dir.join(&c.initrd),
+            format: manifest.state.state_format(),
+        })
+    });
+    let embedded_revive =
+        snapshot
+            .and_then(|c| c.embedded.as_ref())
+            .map(|sub| EmbeddedRevivedController {
+                snapshot: dir.join(sub),
+                switch: segment.switch().clone(),
+                output: None,
+            });
+    Ok(match spec.controller {
+        ControllerChoice::Boot => qemu_boot(),
+        ControllerChoice::EmbeddedBoot => embedded_boot(),
+        ControllerChoice::Revive => qemu_revive.ok_or_else(|| {
+            format!(
+                "{} keeps no suspended controller (made by an older vmbuild): use --controller boot or bootstrap it again",
+                dir.display()
+            )
+        })?,
+        ControllerChoice::Embedded => match embedded_revive {
+            Some(c) => Arc::new(c),
+            None => embedded_boot(),
+        },
+        ControllerChoice::Auto => {
+            let probe = accel::probe_embedded_cached(
+                &spec.qemu.path,
+                &dir.join(KIT_KERNEL),
+                &dir.join(KIT_INITRD),
+            );
+            // A snapshot made on another host may not restore here (its vCPU state names
+            // that host's CPU): a dry restore says so before the build relies on it.
+            let embedded_revive = embedded_revive.filter(|c| {
+                probe.usable
+                    && c.check(&manifest.network.controller_mac)
+                        .inspect_err(|e| {
+                            tracing::info!("the embedded controller does not restore here ({e:#}): using QEMU's")
+                        })
+                        .is_ok()
+            });
+            match (embedded_revive, qemu_revive) {
+                (Some(c), _) => Arc::new(c),
+                (None, Some(c)) => c,
+                (None, None) if probe.usable => embedded_boot(),
+                (None, None) => qemu_boot(),
+            }
+        }
+    })
 }
 
 /// The controller's thread: stopped and joined when dropped.

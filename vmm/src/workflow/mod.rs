@@ -4,6 +4,7 @@
 
 pub mod bootstrap;
 pub mod build;
+pub mod embedded_guest;
 pub mod guest_script;
 pub mod initrd;
 pub mod run;

@@ -4,15 +4,18 @@
 //! snapshot's key while refusing any host key but the pinned one (the handshake), hands
 //! the target its session script, and runs it, relaying its output and exit status.
 //!
-//! [`Controller`] is the interface a build uses. Two kinds exist: [`BootedController`]
-//! boots a fresh controller for every session, under QEMU or in the embedded KVM VMM;
-//! [`RevivedController`] revives one that bootstrap suspended right after its first
-//! login, which under TCG saves the ~1.8 s boot.
+//! [`Controller`] is the interface a build uses. [`BootedController`] boots a fresh
+//! controller for every session, under QEMU or in the embedded KVM VMM;
+//! [`RevivedController`] revives (QEMU) one that bootstrap suspended right after its first
+//! login, which under TCG saves the ~1.8 s boot; [`EmbeddedRevivedController`] restores
+//! the embedded VMM's snapshot of the same moment, in milliseconds.
 
 mod boot;
+pub mod embedded;
 pub mod revive;
 
 pub use boot::{BootVmm, BootedController};
+pub use embedded::{EmbeddedRevivedController, EMBEDDED_CONTROLLER_DIR};
 pub use revive::{ControllerVm, RevivedController, CONTROLLER_INITRD, CONTROLLER_STATE};
 
 use std::path::{Path, PathBuf};
@@ -76,7 +79,7 @@ pub struct ControllerOutcome {
 }
 
 pub trait Controller: Send + Sync {
-    /// "qemu-boot", "embedded-boot" or "qemu-revive".
+    /// "qemu-boot", "embedded-boot", "qemu-revive" or "embedded-revive".
     fn kind(&self) -> &'static str;
     /// Boots a fresh controller, runs the session, and tears the controller down. A
     /// message on `stop` ends it early ([`ControllerEnd::Interrupted`]).

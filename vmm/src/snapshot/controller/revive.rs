@@ -30,7 +30,8 @@ use crate::workflow::timings::Marks;
 pub const CONTROLLER_STATE: &str = "controller-state";
 pub const CONTROLLER_INITRD: &str = "controller-initrd.img";
 
-const APPEND: &str = "console=ttyS0 panic=-1 quiet cryptomgr.notests 8250.nr_uarts=3 vmbuild.quiet";
+pub(super) const APPEND: &str =
+    "console=ttyS0 panic=-1 quiet cryptomgr.notests 8250.nr_uarts=3 vmbuild.quiet";
 
 /// The controller VM: console, QMP, and its second and third serial ports (the session's
 /// input and stdout, and its stderr) on sockets vmbuild listens on.
@@ -399,7 +400,7 @@ impl Controller for RevivedController {
     }
 }
 
-fn base64(data: &[u8]) -> String {
+pub(super) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {

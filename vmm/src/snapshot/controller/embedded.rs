@@ -1,0 +1,261 @@
+//! The controller in the embedded KVM VMM: no QEMU process, its NIC an in-process port of
+//! the build's switch. Where the embedded VMM boots Linux on this host, bootstrap boots
+//! this controller once, lets it log into the target exactly as the QEMU controller does
+//! (the same initramfs and daemon script), and snapshots it where it waits for a session
+//! ([`EMBEDDED_CONTROLLER_DIR`]). A build restores it in milliseconds (memory mapped
+//! copy-on-write, a new VM generation ID so that its RNG reseeds before the SSH client
+//! draws from it), writes the session to its COM2 and relays COM2 and COM3 as the
+//! session's stdout and stderr.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use vswitch::{Switch, SwitchConfig, VlanMode};
+
+use super::revive::{base64, APPEND};
+use super::{
+    classify, session_files, Controller, ControllerEnd, ControllerOutcome, SessionPlan,
+    CONTROLLER_MEMORY_MIB,
+};
+use crate::kvm::linux::{LinuxConfig, LinuxVm};
+use crate::kvm::uart::Transcript;
+use crate::kvm::virtio::net::NetDevice;
+use crate::workflow::embedded_guest::{drive, why_no_status, DriveEnd, GuestConsole};
+use crate::workflow::initrd::GUEST_SCRIPT_PATH;
+use crate::workflow::run_embedded::parse_mac;
+use crate::workflow::timings::Marks;
+
+/// The embedded controller's snapshot, inside a snapshot directory.
+pub const EMBEDDED_CONTROLLER_DIR: &str = "controller-kvm";
+
+/// What the daemon announces once logged in, right before it reads its session.
+const READY: &str = "controller-ready";
+
+/// Time for the daemon to get from announcing itself to blocking in `read`, so that the
+/// snapshot holds it there rather than in the middle of its shell's work.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// How long feeding the session may take: the guest drains COM2's 64-byte FIFO from its
+/// interrupt handler, which is quick, but a stuck controller must not hold the build.
+const FEED_LIMIT: Duration = Duration::from_secs(60);
+
+fn cmdline() -> String {
+    // reboot=k: the keyboard controller resets (the embedded VMM has no PCI reset
+    // register). RDRAND seeds the CRNG: there is no virtio-rng here.
+    format!("{APPEND} reboot=k random.trust_cpu=on vmbuild.cmd={GUEST_SCRIPT_PATH}")
+}
+
+fn nic(switch: &Arc<Switch>, mac: &str) -> anyhow::Result<NetDevice> {
+    let mac = parse_mac(mac).with_context(|| format!("{mac:?} is not a MAC address"))?;
+    Ok(NetDevice::new(
+        switch,
+        "embedded-controller",
+        mac,
+        VlanMode::default(),
+    ))
+}
+
+/// The machine bootstrap boots the embedded controller on.
+pub struct EmbeddedBootstrap<'a> {
+    pub kernel: &'a Path,
+    /// The controller's initramfs, with the daemon script as its command (the one the
+    /// QEMU controller boots).
+    pub initrd: &'a Path,
+    /// The bootstrap's switch, where the target is.
+    pub switch: &'a Arc<Switch>,
+    pub mac: &'a str,
+    /// Where the snapshot goes (created).
+    pub out: &'a Path,
+    /// How long the boot and the first login may take.
+    pub wait: Duration,
+    pub console_log: Option<&'a Path>,
+}
+
+/// Boots the controller in the embedded VMM, waits until it has logged into the target
+/// and is ready for a session, and snapshots it into `b.out`.
+pub fn bootstrap_embedded_controller(
+    b: &EmbeddedBootstrap,
+    signals: &Receiver<()>,
+) -> anyhow::Result<Result<Marks, ControllerEnd>> {
+    let log: Option<Box<dyn std::io::Write + Send>> = match b.console_log {
+        Some(p) => {
+            Some(Box::new(std::fs::File::create(p).with_context(|| {
+                format!("creating the console log {}", p.display())
+            })?))
+        }
+        None => None,
+    };
+    let console = GuestConsole::new(log);
+    // The first login's own output (COM2, COM3) is nobody's: kept for errors only.
+    let (out, err) = (Transcript::new(None), Transcript::new(None));
+    let started = Instant::now();
+    let mut vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel: b.kernel,
+            initrd: Some(b.initrd),
+            cmdline: &cmdline(),
+            memory_mib: CONTROLLER_MEMORY_MIB as usize,
+        },
+        console.transcript.clone(),
+        vec![out, err.clone()],
+        vec![Box::new(nic(b.switch, b.mac)?)],
+    )
+    .context("booting the embedded controller")?;
+    let mut marks = Marks {
+        start: Some(started),
+        vmm_ready: Some(Instant::now()),
+        ..Marks::default()
+    };
+    let mut status = None;
+    let deadline = Instant::now() + b.wait;
+    match drive(
+        &mut vm,
+        &console,
+        &mut marks,
+        &mut status,
+        signals,
+        Some(deadline),
+        Some(READY),
+    ) {
+        DriveEnd::Reached => {}
+        DriveEnd::Stopped => return Ok(Err(ControllerEnd::Interrupted)),
+        DriveEnd::DeadlinePassed => anyhow::bail!(
+            "the embedded controller was not ready within {} s",
+            b.wait.as_secs()
+        ),
+        DriveEnd::Guest(end) => {
+            return Ok(Err(match status {
+                Some(code) if code != 1 => classify(code, &marks),
+                _ => ControllerEnd::Died {
+                    why: format!(
+                        "the embedded controller stopped before it was ready ({}): {}",
+                        why_no_status(&end),
+                        err.text().trim()
+                    ),
+                    console_tail: console.tail(40),
+                },
+            }))
+        }
+    }
+    let _ = vm.run(SETTLE);
+    std::fs::create_dir_all(b.out).with_context(|| format!("creating {}", b.out.display()))?;
+    vm.snapshot(b.out)
+        .context("snapshotting the embedded controller")?;
+    Ok(Ok(marks))
+}
+
+/// The controller restored from a snapshot's [`EMBEDDED_CONTROLLER_DIR`].
+pub struct EmbeddedRevivedController {
+    pub snapshot: PathBuf,
+    /// The build's switch, where the target is.
+    pub switch: Arc<Switch>,
+    /// Where the session's stdout and stderr go; `None`: this process's.
+    pub output: Option<(Transcript, Transcript)>,
+}
+
+impl EmbeddedRevivedController {
+    /// Whether this host restores the snapshot: a dry restore (milliseconds), on a switch
+    /// of its own. A snapshot made on a host with another CPU can fail here, and a build
+    /// then uses the QEMU controller instead.
+    pub fn check(&self, mac: &str) -> anyhow::Result<()> {
+        let switch = Switch::new(SwitchConfig::default());
+        let vm = LinuxVm::restore(
+            &self.snapshot,
+            Transcript::new(None),
+            vec![Transcript::new(None), Transcript::new(None)],
+            vec![Box::new(nic(&switch, mac)?)],
+        )?;
+        drop(vm);
+        Ok(())
+    }
+}
+
+impl Controller for EmbeddedRevivedController {
+    fn kind(&self) -> &'static str {
+        "embedded-revive"
+    }
+
+    fn run_session(
+        &self,
+        plan: &SessionPlan,
+        stop: Receiver<()>,
+    ) -> anyhow::Result<ControllerOutcome> {
+        let log = std::fs::File::create(&plan.console_log)
+            .with_context(|| format!("creating {}", plan.console_log.display()))?;
+        let console = GuestConsole::new(Some(Box::new(log)));
+        let (stdout, stderr) = self.output.clone().unwrap_or_else(|| {
+            (
+                Transcript::new(Some(Box::new(std::io::stdout()))),
+                Transcript::new(Some(Box::new(std::io::stderr()))),
+            )
+        });
+        let started = Instant::now();
+        let mut vm = LinuxVm::restore(
+            &self.snapshot,
+            console.transcript.clone(),
+            vec![stdout, stderr],
+            vec![Box::new(nic(&self.switch, &plan.network.controller_mac)?)],
+        )
+        .context("restoring the embedded controller")?;
+        let mut marks = Marks {
+            start: Some(started),
+            vmm_ready: Some(Instant::now()),
+            ..Marks::default()
+        };
+        let input = vm
+            .serial_input(1)
+            .context("the embedded controller's snapshot has no COM2")?;
+        // The session, as one line on the port the daemon reads.
+        let mut line = base64(&session_files(plan)).into_bytes();
+        line.push(b'\n');
+        let done = Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let done = done.clone();
+            std::thread::Builder::new()
+                .name("controller-session".into())
+                .spawn(move || {
+                    let (mut at, limit) = (0, Instant::now() + FEED_LIMIT);
+                    while at < line.len() && !done.load(Ordering::Acquire) {
+                        if Instant::now() > limit {
+                            tracing::warn!("the embedded controller stopped reading its session");
+                            break;
+                        }
+                        match input.feed(&line[at..]) {
+                            0 => std::thread::sleep(Duration::from_millis(1)),
+                            n => at += n,
+                        }
+                    }
+                })?
+        };
+        let mut status = None;
+        let end = drive(
+            &mut vm,
+            &console,
+            &mut marks,
+            &mut status,
+            &stop,
+            None,
+            None,
+        );
+        done.store(true, Ordering::Release);
+        let _ = feeder.join();
+        drop(vm);
+        let end = match (end, status) {
+            (DriveEnd::Stopped, _) => ControllerEnd::Interrupted,
+            (DriveEnd::Guest(_), Some(code)) => classify(code, &marks),
+            (DriveEnd::Guest(end), None) => ControllerEnd::Died {
+                why: why_no_status(&end),
+                console_tail: console.tail(40),
+            },
+            (DriveEnd::DeadlinePassed | DriveEnd::Reached, _) => ControllerEnd::Died {
+                why: "the embedded controller was stopped".into(),
+                console_tail: console.tail(40),
+            },
+        };
+        Ok(ControllerOutcome { end, marks })
+    }
+}

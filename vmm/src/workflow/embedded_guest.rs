@@ -1,0 +1,184 @@
+//! Driving a guest kit VM in the embedded VMM, for `run --vmm embedded` and the
+//! lifecycle's embedded controller alike: its console read line by line as it arrives
+//! (phases and the exit status, as under QEMU), the vCPU run in slices so that a stop
+//! request or a deadline is seen, and the end of the guest told apart from ours.
+
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::kvm::linux::{LinuxEnd, LinuxVm};
+use crate::kvm::uart::Transcript;
+use crate::workflow::run::note_console_line;
+use crate::workflow::timings::Marks;
+
+/// How often the loop looks at the console, the deadline and the stop channel.
+const SLICE: Duration = Duration::from_millis(50);
+/// How long a guest that reported its status may take to power off.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// A console line longer than this is cut (a guest must not grow host memory at will).
+pub(crate) const MAX_LINE: usize = 4096;
+
+/// The console of an embedded guest: kept (for error messages), copied to `log`, and
+/// split into timed lines.
+pub struct GuestConsole {
+    pub transcript: Transcript,
+    lines: Arc<Mutex<Vec<(String, Instant)>>>,
+}
+
+impl GuestConsole {
+    pub fn new(log: Option<Box<dyn std::io::Write + Send>>) -> GuestConsole {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = ConsoleLines {
+            partial: Vec::new(),
+            lines: lines.clone(),
+            log,
+        };
+        GuestConsole {
+            transcript: Transcript::new(Some(Box::new(sink))),
+            lines,
+        }
+    }
+
+    /// Applies the lines that arrived since the last call.
+    fn note(&self, marks: &mut Marks, status: &mut Option<i32>) {
+        for (line, at) in self.lines.lock().unwrap().drain(..) {
+            note_console_line(marks, status, &line, at);
+        }
+    }
+
+    pub fn tail(&self, lines: usize) -> String {
+        let text = self.transcript.text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// How driving a guest ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DriveEnd {
+    /// The guest ended the VM (after reporting its status, or not).
+    Guest(LinuxEnd),
+    /// A message on the stop channel, or the channel closed.
+    Stopped,
+    DeadlinePassed,
+    /// The console announced the phase the caller waited for; the vCPU is stopped, and
+    /// the VM can be snapshotted or run on.
+    Reached,
+}
+
+/// Runs `vm` until the guest ends it, `stop` says so, `deadline` passes or the console
+/// announces phase `until`, noting its console lines in `marks` and `status` as they come.
+pub fn drive(
+    vm: &mut LinuxVm,
+    console: &GuestConsole,
+    marks: &mut Marks,
+    status: &mut Option<i32>,
+    stop: &Receiver<()>,
+    deadline: Option<Instant>,
+    until: Option<&str>,
+) -> DriveEnd {
+    let mut reported: Option<Instant> = None;
+    let end = loop {
+        let end = vm.run(SLICE);
+        console.note(marks, status);
+        // The status is out: the guest powers off next. One that does not (a kernel
+        // without ACPI power-off halts with interrupts off, which never leaves KVM_RUN)
+        // is stopped after a grace period rather than held until the deadline.
+        if reported.is_none() && status.is_some() {
+            reported = Some(Instant::now());
+        }
+        if end == LinuxEnd::TimedOut && reported.is_some_and(|at| at.elapsed() > EXIT_GRACE) {
+            tracing::debug!("the guest reported its status but did not power off: stopped");
+            break DriveEnd::Guest(LinuxEnd::PowerOff);
+        }
+        if end != LinuxEnd::TimedOut {
+            break DriveEnd::Guest(end);
+        }
+        if until.is_some_and(|p| marks.phase(p).is_some()) {
+            break DriveEnd::Reached;
+        }
+        // A closed channel means stop too: a caller that went away must not leave this
+        // VM running.
+        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+            break DriveEnd::Stopped;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break DriveEnd::DeadlinePassed;
+        }
+    };
+    marks.exited = Some(Instant::now());
+    console.note(marks, status);
+    end
+}
+
+/// Why a guest that ended gave no status.
+pub fn why_no_status(end: &LinuxEnd) -> String {
+    match end {
+        LinuxEnd::Failed(why) => format!("the embedded VMM stopped the guest: {why}"),
+        LinuxEnd::PowerOff => "the guest powered off before its command finished".into(),
+        LinuxEnd::Reset => "the guest reset before its command finished".into(),
+        LinuxEnd::TimedOut => "the guest did not finish".into(),
+    }
+}
+
+/// Console lines as they arrive, with the moment each was complete, copied on to the log
+/// if there is one.
+struct ConsoleLines {
+    partial: Vec<u8>,
+    lines: Arc<Mutex<Vec<(String, Instant)>>>,
+    log: Option<Box<dyn std::io::Write + Send>>,
+}
+
+impl std::io::Write for ConsoleLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            let _ = log.write_all(buf);
+        }
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_owned();
+                self.partial.clear();
+                self.lines.lock().unwrap().push((line, Instant::now()));
+            } else if self.partial.len() < MAX_LINE {
+                self.partial.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.log {
+            Some(log) => log.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_lines_are_split_and_timed() {
+        use std::io::Write;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut c = super::ConsoleLines {
+            partial: Vec::new(),
+            lines: lines.clone(),
+            log: None,
+        };
+        c.write_all(b"vmbuild-phase=init\r\nvmbuild-ex").unwrap();
+        c.write_all(b"it=12\n").unwrap();
+        c.write_all(&vec![b'x'; 10_000]).unwrap();
+        c.write_all(b"\n").unwrap();
+        let got: Vec<String> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect();
+        assert_eq!(got[..2], ["vmbuild-phase=init", "vmbuild-exit=12"]);
+        assert_eq!(got[2].len(), super::MAX_LINE);
+    }
+}
