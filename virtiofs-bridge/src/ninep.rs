@@ -27,9 +27,12 @@ use std::sync::Mutex;
 use crate::share::ShareConfig;
 use crate::Error;
 
+mod state;
 #[cfg(test)]
 mod tests;
 mod write;
+
+pub use state::{NinepState, RestoreReport, SavedFid, SavedOpen};
 
 pub const VERSION: &str = "9P2000.L";
 /// The largest message this server handles (the guest's msize is clamped to it).

@@ -224,3 +224,65 @@ fn malformed_messages_are_answered_and_the_device_keeps_serving() {
     // Still serving.
     c.walk(0, 10, &[b"f"]).unwrap();
 }
+
+/// A live 9p device in a snapshot: the transport's state carries the session (the
+/// guest's fids), and a device restored from it, on a new server, answers the guest's
+/// open fids where a virtio-fs share could not (its FUSE session is not saved, so a used
+/// virtio-fs device refuses to be snapshotted instead).
+#[test]
+fn a_live_9p_session_survives_a_snapshot() {
+    let xchg = tempfile::tempdir().unwrap();
+    std::fs::write(xchg.path().join("log"), "line 1\n").unwrap();
+    let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+    let mut cfg = ShareConfig::xchg(xchg.path());
+    cfg.tag = "xchg9p".into();
+    let t = MmioTransport::new(
+        Box::new(NinepDevice::new(Arc::new(NinepServer::new(&cfg).unwrap()))),
+        guest_memory(&ram).unwrap(),
+        None,
+    );
+    let d = Driver::init(ram, t, 9, (1 << 32) | 1, 1);
+    let mut c = Client { d, tag: 0, head: 0 };
+    let mut v = (64u32 << 10).to_le_bytes().to_vec();
+    v.extend(s(b"9P2000.L"));
+    c.call(100, &v).unwrap();
+    let mut a = 0u32.to_le_bytes().to_vec();
+    a.extend_from_slice(&u32::MAX.to_le_bytes());
+    a.extend(s(b"root"));
+    a.extend(s(b""));
+    a.extend_from_slice(&0u32.to_le_bytes());
+    c.call(104, &a).unwrap();
+    c.walk(0, 1, &[b"log"]).unwrap();
+    let mut open = 1u32.to_le_bytes().to_vec();
+    open.extend_from_slice(&(libc::O_RDWR as u32).to_le_bytes());
+    c.call(12, &open).unwrap();
+    assert!(c.d.t.snapshot_blocker().is_none());
+
+    // Save, as a snapshot's devices.json has it, and restore onto a new server.
+    let state: vmbuild::kvm::virtio::mmio::TransportState =
+        serde_json::from_str(&serde_json::to_string(&c.d.t.save()).unwrap()).unwrap();
+    assert!(state.device.is_some(), "the 9p session is saved");
+    let fresh = NinepDevice::new(Arc::new(NinepServer::new(&cfg).unwrap()));
+    c.d.t = MmioTransport::restore(
+        Box::new(fresh),
+        guest_memory(&c.d.ram).unwrap(),
+        None,
+        &state,
+    )
+    .unwrap();
+    let mut write = 1u32.to_le_bytes().to_vec();
+    write.extend_from_slice(&7u64.to_le_bytes());
+    write.extend_from_slice(&7u32.to_le_bytes());
+    write.extend_from_slice(b"line 2\n");
+    let r = c.call(118, &write).unwrap();
+    assert_eq!(u32::from_le_bytes(r[..4].try_into().unwrap()), 7);
+    let mut read = 1u32.to_le_bytes().to_vec();
+    read.extend_from_slice(&0u64.to_le_bytes());
+    read.extend_from_slice(&4096u32.to_le_bytes());
+    let r = c.call(116, &read).unwrap();
+    assert_eq!(&r[4..], b"line 1\nline 2\n");
+    assert_eq!(
+        std::fs::read_to_string(xchg.path().join("log")).unwrap(),
+        "line 1\nline 2\n"
+    );
+}

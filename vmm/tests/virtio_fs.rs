@@ -157,3 +157,33 @@ fn a_malformed_request_is_answered_and_the_device_keeps_serving() {
     let s = share.stats();
     assert!(s.malformed + s.bad_descriptors >= 1, "{s:?}");
 }
+
+/// A virtio-fs device that has served its guest cannot be snapshotted (the FUSE session
+/// lives in the share server and is not saved); one that has not, can.
+#[test]
+fn a_used_virtio_fs_share_refuses_a_snapshot() {
+    let store = tempfile::tempdir().unwrap();
+    let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+    let share = Arc::new(InProcessShare::new(&ShareConfig::store(store.path())).unwrap());
+    let t = MmioTransport::new(
+        Box::new(FsDevice::new(share).unwrap()),
+        guest_memory(&ram).unwrap(),
+        None,
+    );
+    let d = Driver::init(ram, t, 26, 1 << 32, 2);
+    assert!(d.t.snapshot_blocker().is_none(), "a driver alone is fine");
+    let mut fs = Fs {
+        d,
+        unique: 0,
+        next_head: 0,
+    };
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 << 10,
+        flags: 0,
+    };
+    fs.request(Opcode::Init, 0, &[init.as_slice()]).unwrap();
+    let why = fs.d.t.snapshot_blocker().expect("blocked once used");
+    assert!(why.contains("9p"), "{why}");
+}

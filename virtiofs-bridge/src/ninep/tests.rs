@@ -1015,3 +1015,86 @@ fn rw_share_survives_random_and_truncated_messages() {
     c2.lcreate(1, b"after-fuzz", O_RDWR, 0o644).unwrap();
     assert!(share.join("after-fuzz").exists());
 }
+
+/// A session saved from one server and restored into another (a VM snapshot and its
+/// restore): open files read and write on, walked fids walk on, a fid whose file is gone
+/// or was replaced is lost rather than bound to another file, and a forged saved path
+/// cannot reach outside the share.
+#[test]
+fn a_saved_session_restores_into_a_new_server() {
+    let (_root, share, outside) = layout();
+    let before_outside = snapshot(&outside);
+    let mut c = C::new(&share, false);
+    c.at(1, &[]).unwrap();
+    c.lcreate(1, b"a", O_RDWR, 0o644).unwrap();
+    assert_eq!(c.write(1, 0, b"hello").unwrap(), 5);
+    c.at(2, &[b"sub"]).unwrap();
+    c.lopen(2, O_RDONLY).unwrap();
+    c.at(3, &[b"sub", b"file"]).unwrap();
+    std::fs::write(share.join("gone"), "x").unwrap();
+    c.at(4, &[b"gone"]).unwrap();
+    c.lopen(4, O_RDONLY).unwrap();
+    std::fs::write(share.join("swapped"), "old").unwrap();
+    c.at(5, &[b"swapped"]).unwrap();
+    let saved = c.s.save_state();
+    assert_eq!(saved.msize, 65536);
+    assert_eq!(
+        saved.fids.iter().map(|f| f.fid).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4, 5]
+    );
+    drop(c);
+    std::fs::remove_file(share.join("gone")).unwrap();
+    std::fs::write(share.join("other"), "new").unwrap();
+    std::fs::rename(share.join("other"), share.join("swapped")).unwrap();
+
+    let mut d = C {
+        s: NinepServer::new(&ShareConfig::xchg(&share)).unwrap(),
+        tag: 0,
+    };
+    let report = d.s.restore_state(&saved);
+    assert_eq!(report.restored, 4, "{report:?}");
+    let lost: Vec<u32> = report.lost.iter().map(|(f, _)| *f).collect();
+    assert_eq!(lost, [4, 5], "{report:?}");
+    assert_eq!(d.s.msize(), 65536);
+    // The open file carries on where it was, for reading and writing.
+    assert_eq!(d.read(1, 0, 100).unwrap(), b"hello");
+    assert_eq!(d.write(1, 5, b" again").unwrap(), 6);
+    assert_eq!(std::fs::read(share.join("a")).unwrap(), b"hello again");
+    // The open directory lists, the walked fid walks on (here: `..` from sub/file).
+    assert!(d
+        .call(TREADDIR, B::default().u32(2).u64(0).u32(4096))
+        .is_ok());
+    assert_eq!(d.walk(3, 6, &[b".."]).unwrap(), 1);
+    assert_eq!(d.walk(0, 7, &[b"sub", b"file"]).unwrap(), 2);
+    // Lost fids are unknown, not somebody else's file.
+    assert_eq!(d.read(4, 0, 10), Err(libc::EBADF as u32));
+    assert_eq!(d.walk(5, 8, &[]), Err(libc::EBADF as u32));
+
+    // Forged states: paths with separators, dots, or through a symlink out of the share.
+    let forged = |path: &[&[u8]]| NinepState {
+        msize: 8192,
+        fids: vec![SavedFid {
+            fid: 9,
+            path: path.iter().map(|c| c.to_vec()).collect(),
+            dev: 0,
+            ino: 0,
+            open: Some(SavedOpen::File {
+                flags: libc::O_RDWR,
+                write: true,
+            }),
+        }],
+    };
+    for path in [
+        &[&b".."[..]][..],
+        &[b"sub/../.."],
+        &[b"up", b"secret"],
+        &[b"abs", b"dir"],
+        &[b"secretlink"],
+        &[b""],
+    ] {
+        let report = d.s.restore_state(&forged(path));
+        assert_eq!(report.restored, 0, "{path:?}: {report:?}");
+        assert_eq!(d.write(9, 0, b"pwned"), Err(libc::EBADF as u32));
+    }
+    assert_eq!(snapshot(&outside), before_outside);
+}

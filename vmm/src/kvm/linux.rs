@@ -427,6 +427,11 @@ const DEVICES_FILE: &str = "devices.json";
 impl LinuxVm {
     /// Writes the stopped VM (after [`LinuxVm::run`] returned) and its devices to `dir`.
     pub fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
+        for (i, (_, t)) in self.bus.virtio.iter().enumerate() {
+            if let Some(why) = t.lock().unwrap().snapshot_blocker() {
+                bail!("virtio device {i} cannot be snapshotted: {why}");
+            }
+        }
         snapshot::save(&self.vm, dir)?;
         let states = DeviceStates {
             uarts: self.bus.uarts.iter().map(Uart::save).collect(),

@@ -25,6 +25,8 @@ pub struct FsDevice {
     share: Arc<InProcessShare>,
     config: [u8; TAG_LEN + 4],
     active: Option<Active>,
+    /// Requests served since creation: any means a FUSE session the guest relies on.
+    served: u64,
 }
 
 impl FsDevice {
@@ -44,6 +46,7 @@ impl FsDevice {
             share,
             config,
             active: None,
+            served: 0,
         })
     }
 }
@@ -89,6 +92,7 @@ impl VirtioDevice for FsDevice {
         while let Some(chain) = q.pop_descriptor_chain(&*a.mem) {
             let head = chain.head_index();
             let used = self.share.serve(&a.mem, chain);
+            self.served += 1;
             if q.add_used(&*a.mem, head, used).is_err() {
                 tracing::debug!("virtio-fs: add_used failed");
             }
@@ -101,6 +105,15 @@ impl VirtioDevice for FsDevice {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    /// The FUSE session (node ids, open handles) lives in the share server, which has no
+    /// way to export it: once the guest has sent a request, a restored guest would hold
+    /// ids the new server never gave out.
+    fn snapshot_blocker(&self) -> Option<String> {
+        (self.served > 0).then(|| {
+            "a virtio-fs share is in use: its FUSE session (node ids, open files) cannot be saved; snapshot before mounting it, or share it over 9p, whose session is saved".into()
+        })
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

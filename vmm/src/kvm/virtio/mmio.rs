@@ -35,6 +35,9 @@ pub struct TransportState {
     pub interrupt_status: u32,
     pub config_generation: u32,
     pub queues: Vec<SavedQueue>,
+    /// The device's own state beyond the transport, if it keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<serde_json::Value>,
 }
 
 pub struct MmioTransport {
@@ -93,7 +96,13 @@ impl MmioTransport {
             interrupt_status: self.interrupt_status.load(Ordering::Acquire),
             config_generation: self.config_generation,
             queues: queues.into_iter().map(SavedQueue::from).collect(),
+            device: self.device.save_state(),
         }
+    }
+
+    /// Why this transport's device cannot be snapshotted now, if so.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        self.device.snapshot_blocker()
     }
 
     /// A transport for `device` in the state `saved`: a live device is activated with its
@@ -117,6 +126,10 @@ impl MmioTransport {
             saved.queues.len(),
             device.queue_max_sizes().len()
         );
+        let mut device = device;
+        if let Some(state) = &saved.device {
+            device.restore_state(state)?;
+        }
         let mut t = MmioTransport::new(device, mem, irqfd);
         let mut queues = Vec::new();
         for (i, q) in saved.queues.iter().enumerate() {

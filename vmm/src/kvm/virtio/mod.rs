@@ -117,6 +117,21 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The live queues' positions, for a snapshot (empty before activation).
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// What the device keeps beyond its transport (a 9p session's fids), for a snapshot;
+    /// `None` for devices whose state lives only in guest memory and the queues.
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes over `state` as [`VirtioDevice::save_state`] wrote it.
+    fn restore_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
+        let _ = state;
+        anyhow::bail!("this device keeps no state, but the snapshot has some for it")
+    }
+    /// Why the device cannot be snapshotted as it is now, if so (a snapshot would not
+    /// restore what the guest relies on).
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A queue's position and configuration as a snapshot keeps it (virtio-queue's

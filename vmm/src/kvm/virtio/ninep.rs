@@ -1,6 +1,7 @@
 //! virtio-9p: 9P2000.L messages carried on one request queue, answered by a
-//! `virtiofs-bridge` 9p server for a read-only share (the store), for guests that mount
-//! `-t 9p -o trans=virtio`. Config space: the mount tag.
+//! `virtiofs-bridge` 9p server (the store read-only, xchg read-write), for guests that
+//! mount `-t 9p -o trans=virtio`. Config space: the mount tag. Unlike virtio-fs, its
+//! session (the guest's fids) is saved in snapshots and re-resolved at restore.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -126,6 +127,25 @@ impl VirtioDevice for NinepDevice {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    /// The 9p session: the guest's fids, by path and identity (see
+    /// `virtiofs_bridge::ninep::NinepState`).
+    fn save_state(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.server.save_state()).ok()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
+        let state: virtiofs_bridge::ninep::NinepState = serde_json::from_value(state.clone())
+            .map_err(|e| anyhow::anyhow!("the saved 9p session is damaged: {e}"))?;
+        let report = self.server.restore_state(&state);
+        for (fid, why) in &report.lost {
+            tracing::warn!(
+                "9p share {}: fid {fid} not restored: {why}",
+                self.server.tag()
+            );
+        }
+        Ok(())
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
