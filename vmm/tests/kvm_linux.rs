@@ -242,6 +242,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         timeout: Some(Duration::from_secs(if probe.usable { 60 } else { 30 })),
         log: None,
         vmm: Vmm::Embedded,
+        share_protocol: Default::default(),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let outcome = vmbuild::workflow::run_embedded::run_embedded(&spec, rx).unwrap();

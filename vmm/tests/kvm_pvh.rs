@@ -121,6 +121,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         timeout: Some(Duration::from_secs(60)),
         log: None,
         vmm: Vmm::Embedded,
+        share_protocol: Default::default(),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let started = Instant::now();

@@ -326,6 +326,14 @@ fn bad_input_exits_2_and_starts_nothing() {
         ),
         (vec!["--share", "nocolon", "--", "true"], "--share"),
         (vec![], "no command"),
+        (
+            vec!["--vmm", "qemu", "--share-protocol", "9p", "--", "true"],
+            "needs the embedded VMM",
+        ),
+        (
+            vec!["--vmm", "embedded", "--cpus", "2", "--", "true"],
+            "one vCPU",
+        ),
     ];
     for (args, needle) in cases {
         let out = vmbuild_run(&args).output();

@@ -13,7 +13,7 @@ use crate::exit;
 use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::workflow::guest_script::valid_env_name;
-use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, Vmm};
+use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VmmChoice {
@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// fits it (one vCPU, no --shell or --disk), else qemu
     #[arg(long, value_enum, default_value = "auto")]
     vmm: VmmChoice,
+    /// How the guest mounts the store, xchg and --share directories: virtiofs, or 9p
+    /// (served in-process; needs the embedded VMM)
+    #[arg(long, value_enum, default_value = "virtiofs")]
+    share_protocol: ShareProtocol,
     /// An interactive shell in the same VM setup instead of a command
     #[arg(long)]
     shell: bool,
@@ -251,9 +255,34 @@ impl RunArgs {
         } else {
             crate::workflow::run_embedded::check_kernel(&kernel)
         };
+        // 9p is served by the embedded VMM's virtio-9p device; QEMU's 9p would be its own
+        // server, not ours, with none of our share policies.
+        let needs_embedded = self.share_protocol == ShareProtocol::NineP;
+        if needs_embedded && self.vmm == VmmChoice::Qemu {
+            usage!("--share-protocol 9p needs the embedded VMM (--vmm embedded or auto); under QEMU use virtiofs");
+        }
+        let insist = self.vmm == VmmChoice::Embedded || needs_embedded;
         let vmm = match self.vmm {
             VmmChoice::Qemu => Vmm::Qemu,
-            VmmChoice::Auto => {
+            _ if insist => {
+                let what = match self.vmm {
+                    VmmChoice::Embedded => "--vmm embedded",
+                    _ => "--share-protocol 9p (served by the embedded VMM)",
+                };
+                if let Err(why) = fits {
+                    usage!("{what}: {why}");
+                }
+                let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
+                if !probe.usable {
+                    usage!(
+                        "{what}: {}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu{})",
+                        probe.reason,
+                        if needs_embedded { " with --share-protocol virtiofs" } else { "" }
+                    );
+                }
+                Vmm::Embedded
+            }
+            _ => {
                 let probe = fits.and_then(|()| {
                     let p = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
                     if p.usable {
@@ -269,19 +298,6 @@ impl RunArgs {
                         Vmm::Qemu
                     }
                 }
-            }
-            VmmChoice::Embedded => {
-                if let Err(why) = fits {
-                    usage!("--vmm embedded: {why}");
-                }
-                let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
-                if !probe.usable {
-                    usage!(
-                        "--vmm embedded: {}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu)",
-                        probe.reason
-                    );
-                }
-                Vmm::Embedded
             }
         };
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kernel, &initrd);
@@ -310,6 +326,7 @@ impl RunArgs {
             timeout,
             log: self.log,
             vmm,
+            share_protocol: self.share_protocol,
         })
     }
 }

@@ -101,6 +101,18 @@ pub struct RunSpec {
     pub log: Option<PathBuf>,
     /// Which VMM runs the guest.
     pub vmm: Vmm,
+    /// How the guest mounts its shares.
+    pub share_protocol: ShareProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ShareProtocol {
+    /// virtio-fs (FUSE): QEMU over vhost-user, the embedded VMM in-process
+    #[default]
+    Virtiofs,
+    /// virtio-9p (9P2000.L), served in-process; the embedded VMM only
+    #[value(name = "9p")]
+    NineP,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! `vmbuild run --vmm embedded`: the same run as under QEMU (the guest kit, the command in
-//! the initramfs, the store, xchg and extra shares as virtio-fs, stdout and stderr on
+//! the initramfs, the store, xchg and extra shares as virtio-fs or, with
+//! `--share-protocol 9p`, virtio-9p, stdout and stderr on
 //! ttyS1 and ttyS2, the status on the console), in the embedded KVM VMM: no QEMU process,
 //! the shares answered in this process with no socket.
 //!
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use virtiofs_bridge::ninep::NinepServer;
 use virtiofs_bridge::InProcessShare;
 use vswitch::VlanMode;
 
@@ -19,12 +21,13 @@ use crate::kvm::linux::{LinuxConfig, LinuxVm};
 use crate::kvm::uart::Transcript;
 use crate::kvm::virtio::fs::FsDevice;
 use crate::kvm::virtio::net::NetDevice;
+use crate::kvm::virtio::ninep::NinepDevice;
 use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::embedded_guest::{drive, why_no_status, DriveEnd, GuestConsole};
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec};
+use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol};
 use crate::workflow::timings::Marks;
 
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
@@ -75,12 +78,24 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         )));
     }
     for (share, mount) in &shares {
-        let served = Arc::new(
-            InProcessShare::new(share).with_context(|| format!("serving share {}", share.tag))?,
-        );
-        devices.push(Box::new(FsDevice::new(served)?));
+        let serving = || format!("serving share {}", share.tag);
+        let (device, kind): (Box<dyn VirtioDevice>, &str) = match spec.share_protocol {
+            ShareProtocol::Virtiofs => (
+                Box::new(FsDevice::new(Arc::new(
+                    InProcessShare::new(share).with_context(serving)?,
+                ))?),
+                "virtiofs",
+            ),
+            ShareProtocol::NineP => (
+                Box::new(NinepDevice::new(Arc::new(
+                    NinepServer::new(share).with_context(serving)?,
+                ))),
+                "9p",
+            ),
+        };
+        devices.push(device);
         let ro = if share.read_only { ":ro" } else { "" };
-        append.push(format!("vmbuild.mount=virtiofs:{}:{mount}{ro}", share.tag));
+        append.push(format!("vmbuild.mount={kind}:{}:{mount}{ro}", share.tag));
     }
     append.push(format!("vmbuild.cmd={GUEST_SCRIPT_PATH}"));
     if let Some(extra) = &spec.append {

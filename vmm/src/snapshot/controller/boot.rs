@@ -84,6 +84,7 @@ impl Controller for BootedController {
                 BootVmm::Qemu => run::Vmm::Qemu,
                 BootVmm::Embedded(_) => run::Vmm::Embedded,
             },
+            share_protocol: run::ShareProtocol::Virtiofs,
         };
         let outcome = match spec.vmm {
             run::Vmm::Qemu => run::run(&spec, stop)?,
