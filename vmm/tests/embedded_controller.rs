@@ -38,7 +38,10 @@ fn daemon_guest() -> Vec<u8> {
         0x3f8,
         b"vmbuild-phase=controller-up\nvmbuild-exit=0\n",
     ));
-    code.extend(out_bytes(0x3c0, &[vmbuild::kvm::acpi::S5_POWER_OFF]));
+    code.extend(out_bytes(
+        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
+        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+    ));
     code.extend(HALT_FOR_GOOD);
     code
 }

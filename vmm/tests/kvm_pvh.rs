@@ -58,9 +58,15 @@ fn acpi_s5_powers_the_vm_off() {
     let dir = tempfile::tempdir().unwrap();
     let mut code = out_bytes(0x3f8, b"up\n");
     // S3 (sleep type 3 | SLP_EN) is not offered: ignored, the guest carries on.
-    code.extend(out_bytes(0x3c0, &[(3 << 2) | (1 << 5)]));
+    code.extend(out_bytes(
+        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
+        &[(3 << 2) | (1 << 5)],
+    ));
     code.extend(out_bytes(0x3f8, b"still here\n"));
-    code.extend(out_bytes(0x3c0, &[vmbuild::kvm::acpi::S5_POWER_OFF]));
+    code.extend(out_bytes(
+        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
+        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+    ));
     code.extend(out_bytes(0x3f8, b"after power-off\n"));
     code.extend(HALT_FOR_GOOD);
     let (mut vm, console) = boot(&write_kernel(dir.path(), &code));
@@ -187,7 +193,10 @@ fn echo_com2_guest() -> Vec<u8> {
         0x3c, 0x0a, // 19: cmp al, '\n'
         0x75, 0xe9, // 21: jne 0
     ];
-    code.extend(out_bytes(0x3c0, &[vmbuild::kvm::acpi::S5_POWER_OFF]));
+    code.extend(out_bytes(
+        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
+        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+    ));
     code.extend(HALT_FOR_GOOD);
     code
 }

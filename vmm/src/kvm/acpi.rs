@@ -26,9 +26,10 @@
 pub const LOCAL_APIC_ADDRESS: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 const OEM_ID: &[u8; 6] = b"VMBLD ";
-/// The sleep control and status registers (FADT), above the PC's legacy ports.
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// The sleep control and status registers (FADT): ports no PC device claims (0x3c0, the
+/// first choice, is VGA's attribute controller), where Cloud Hypervisor has them too.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const SLEEP_STATUS_PORT: u16 = 0x601;
 /// `\_S5_`'s sleep type.
 const S5_SLEEP_TYPE: u8 = 5;
 /// What the guest writes to the sleep control register to enter S5 (soft off): the sleep
@@ -41,6 +42,16 @@ const OEM_TABLE_ID: &[u8; 8] = b"VMBUILD ";
 pub struct MmioDevice {
     pub base: u32,
     pub size: u32,
+    pub gsi: u32,
+}
+
+/// A 16550 at a legacy port, described to the guest (`PNP0501`). Under hardware-reduced
+/// ACPI Linux installs no legacy PIC and maps no ISA interrupts: a serial port the DSDT
+/// does not list gets no working interrupt (its tty fails with EIO; only the polled
+/// console output gets through).
+#[derive(Debug, Clone, Copy)]
+pub struct LegacySerial {
+    pub base: u16,
     pub gsi: u32,
 }
 
@@ -63,9 +74,10 @@ pub fn build(
     base: u64,
     vcpus: u8,
     devices: &[MmioDevice],
+    serials: &[LegacySerial],
     generation: Option<GenerationId>,
 ) -> Tables {
-    let dsdt = dsdt(devices, generation);
+    let dsdt = dsdt(devices, serials, generation);
     let madt = madt(vcpus);
     // Layout: RSDP (36, padded to 64), XSDT, FADT, MADT, DSDT, each 16-byte aligned.
     let mut out = vec![0u8; 64];
@@ -171,8 +183,15 @@ fn madt(vcpus: u8) -> Vec<u8> {
     sdt(b"APIC", 5, &b)
 }
 
-fn dsdt(devices: &[MmioDevice], generation: Option<GenerationId>) -> Vec<u8> {
+fn dsdt(
+    devices: &[MmioDevice],
+    serials: &[LegacySerial],
+    generation: Option<GenerationId>,
+) -> Vec<u8> {
     let mut sb = Vec::new();
+    for (i, port) in serials.iter().enumerate() {
+        sb.extend(serial_device(i, port));
+    }
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_mmio_device(i, d));
     }
@@ -193,8 +212,7 @@ fn dsdt(devices: &[MmioDevice], generation: Option<GenerationId>) -> Vec<u8> {
 }
 
 fn virtio_mmio_device(index: usize, d: &MmioDevice) -> Vec<u8> {
-    let name = format!("V{index:03X}");
-    let mut body = name.as_bytes().to_vec();
+    let mut body = format!("V{index:03X}").into_bytes();
     body.extend(name_op(b"_HID", &aml_string("LNRO0005")));
     body.extend(name_op(b"_UID", &aml_integer(index as u64)));
     let mut res = Vec::new();
@@ -202,15 +220,32 @@ fn virtio_mmio_device(index: usize, d: &MmioDevice) -> Vec<u8> {
     res.extend_from_slice(&[0x86, 0x09, 0x00, 0x01]);
     res.extend_from_slice(&d.base.to_le_bytes());
     res.extend_from_slice(&d.size.to_le_bytes());
-    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
-    res.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
-    res.extend_from_slice(&d.gsi.to_le_bytes());
+    res.extend(interrupt(d.gsi));
     res.extend_from_slice(&[0x79, 0x00]); // EndTag
     body.extend(name_op(b"_CRS", &aml_buffer(&res)));
-    let mut dev = vec![0x5b, 0x82]; // DeviceOp
-    dev.extend(pkg_length(body.len()));
-    dev.extend(body);
-    dev
+    device(body)
+}
+
+fn serial_device(index: usize, port: &LegacySerial) -> Vec<u8> {
+    let mut body = format!("COM{}", index + 1).into_bytes();
+    // EisaId ("PNP0501"): a 16550A-compatible serial port.
+    body.extend(name_op(b"_HID", &aml_integer(0x0105_d041)));
+    body.extend(name_op(b"_UID", &aml_integer(index as u64)));
+    let mut res = vec![0x47, 0x01]; // IO (Decode16, ...)
+    res.extend_from_slice(&port.base.to_le_bytes()); // minimum
+    res.extend_from_slice(&port.base.to_le_bytes()); // maximum
+    res.extend_from_slice(&[0x01, 0x08]); // alignment, length
+    res.extend(interrupt(port.gsi));
+    res.extend_from_slice(&[0x79, 0x00]); // EndTag
+    body.extend(name_op(b"_CRS", &aml_buffer(&res)));
+    device(body)
+}
+
+/// Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+fn interrupt(gsi: u32) -> Vec<u8> {
+    let mut res = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+    res.extend_from_slice(&gsi.to_le_bytes());
+    res
 }
 
 /// `VGEN` (the generation ID's address) and `GED0` (its change interrupt).
@@ -226,10 +261,7 @@ fn generation_devices(g: GenerationId) -> Vec<u8> {
     let mut ged = b"GED0".to_vec();
     ged.extend(name_op(b"_HID", &aml_string("ACPI0013")));
     ged.extend(name_op(b"_UID", &aml_integer(0)));
-    let mut res = Vec::new();
-    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
-    res.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
-    res.extend_from_slice(&g.gsi.to_le_bytes());
+    let mut res = interrupt(g.gsi);
     res.extend_from_slice(&[0x79, 0x00]); // EndTag
     ged.extend(name_op(b"_CRS", &aml_buffer(&res)));
     // Method (_EVT, 1, Serialized) { Notify (\_SB.VGEN, 0x80) }
@@ -332,7 +364,7 @@ mod tests {
     #[test]
     fn checksums_and_pointers_hold() {
         let base = 0xe0000u64;
-        let t = build(base, 2, &devices(), None);
+        let t = build(base, 2, &devices(), &[], None);
         let r = &t.bytes[..36];
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(r[..20].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
@@ -378,13 +410,8 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let d = dsdt(
-            &devices(),
-            Some(GenerationId {
-                addr: 0xef000,
-                gsi: 21,
-            }),
-        );
+        use crate::kvm::linux::{GENERATION_ID, SERIAL_PORTS};
+        let d = dsdt(&devices(), &SERIAL_PORTS, Some(GENERATION_ID));
         let aml = dir.path().join("dsdt.aml");
         std::fs::write(&aml, &d).unwrap();
         let out = std::process::Command::new("iasl")
@@ -409,18 +436,28 @@ mod tests {
             dsl.contains("Name (_S5, Package (0x02)") && dsl.contains("0x05, "),
             "{dsl}"
         );
+        let generation_at = format!("0x{:08X}", GENERATION_ID.addr);
+        let generation_gsi = format!("0x{:08X},", GENERATION_ID.gsi);
         for expected in [
             "Device (VGEN)",
             "\"VMGENCTR\"",
             "Name (ADDR, Package (0x02)",
-            "0x000EF000",
+            &generation_at,
             "Device (GED0)",
             "\"ACPI0013\"",
             "Method (_EVT, 1, Serialized)",
             "Notify (\\_SB.VGEN, 0x80)",
-            "0x00000015,",
+            &generation_gsi,
         ] {
             assert!(dsl.contains(expected), "no {expected:?} in {dsl}");
+        }
+        // The serial ports, each with its I/O range and its own interrupt.
+        assert_eq!(dsl.matches("EisaId (\"PNP0501\")").count(), 3, "{dsl}");
+        for (i, port) in SERIAL_PORTS.iter().enumerate() {
+            let io = format!("0x{:04X},             // Range Minimum", port.base);
+            assert!(dsl.contains(&format!("Device (COM{})", i + 1)), "{dsl}");
+            assert!(dsl.contains(&io), "no {io:?} in {dsl}");
+            assert!(dsl.contains(&format!("0x{:08X},", port.gsi)), "{dsl}");
         }
         for (table, expect) in [
             (madt(2), vec![]),
@@ -428,8 +465,8 @@ mod tests {
                 fadt(0x1000),
                 vec![
                     "Hardware Reduced (V5) : 1",
-                    "Address : 00000000000003C0",
-                    "Address : 00000000000003C1",
+                    "Address : 0000000000000600",
+                    "Address : 0000000000000601",
                 ],
             ),
         ] {

@@ -67,9 +67,24 @@ pub struct LinuxConfig<'a> {
     pub memory_mib: usize,
 }
 
-/// The legacy serial ports after COM1, as Linux's 8250 driver probes them with
-/// `8250.nr_uarts=3`: (base, GSI). COM3 shares COM1's interrupt line, as on a PC.
-const EXTRA_UARTS: [(u16, u32); 2] = [(0x2f8, 3), (0x3e8, COM1_GSI)];
+/// The serial ports as this VM wires them: COM1 (the console), then COM2 and COM3, which
+/// Linux's 8250 driver registers with `8250.nr_uarts=3`. The DSDT lists them (see
+/// [`acpi::LegacySerial`]), so each can have a line of its own: COM3 does not share
+/// COM1's as on a PC.
+pub(crate) const SERIAL_PORTS: [acpi::LegacySerial; 3] = [
+    acpi::LegacySerial {
+        base: COM1_BASE,
+        gsi: COM1_GSI,
+    },
+    acpi::LegacySerial {
+        base: 0x2f8,
+        gsi: 3,
+    },
+    acpi::LegacySerial {
+        base: 0x3e8,
+        gsi: 22,
+    },
+];
 
 /// How a Linux guest ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +108,7 @@ const ACPI_TABLES: u64 = 0xe_0000;
 /// The VM generation ID: at a fixed place (a restore rewrites it without reading the
 /// tables), after the tables in the same reserved area, announced on the GSI after the
 /// virtio devices'.
-const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
+pub(crate) const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
     addr: 0xe_f000,
     gsi: VIRTIO_FIRST_GSI + MAX_VIRTIO_DEVICES as u32,
 };
@@ -242,7 +257,14 @@ impl LinuxVm {
         let cmdline_len = config.cmdline.len() as u32;
 
         let windows = windows(devices.len());
-        let tables = acpi::build(ACPI_TABLES, 1, &windows, Some(GENERATION_ID));
+        let n_serials = (1 + serials.len()).min(SERIAL_PORTS.len());
+        let tables = acpi::build(
+            ACPI_TABLES,
+            1,
+            &windows,
+            &SERIAL_PORTS[..n_serials],
+            Some(GENERATION_ID),
+        );
         if ACPI_TABLES + tables.bytes.len() as u64 > GENERATION_ID.addr {
             bail!("the ACPI tables overlap the generation ID");
         }
@@ -527,8 +549,8 @@ fn build_bus(
     windows: &[MmioDevice],
     saved: Option<&DeviceStates>,
 ) -> anyhow::Result<Arc<PcBus>> {
-    if outputs.len() > 1 + EXTRA_UARTS.len() {
-        bail!("at most {} serial ports", 1 + EXTRA_UARTS.len());
+    if outputs.len() > SERIAL_PORTS.len() {
+        bail!("at most {} serial ports", SERIAL_PORTS.len());
     }
     if let Some(s) = saved {
         if s.uarts.len() != outputs.len() {
@@ -543,26 +565,13 @@ fn build_bus(
     vm.fd()
         .register_irqfd(&generation_irq, GENERATION_ID.gsi)
         .context("routing the generation ID's interrupt (KVM_IRQFD)")?;
-    let com1_irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-    vm.fd()
-        .register_irqfd(&com1_irq, COM1_GSI)
-        .context("routing the UART's interrupt (KVM_IRQFD)")?;
     let mut uarts = Vec::new();
-    for (i, out) in outputs.iter().enumerate() {
-        let (base, irq) = if i == 0 {
-            (COM1_BASE, com1_irq.clone())
-        } else {
-            let (base, gsi) = EXTRA_UARTS[i - 1];
-            if gsi == COM1_GSI {
-                (base, com1_irq.clone())
-            } else {
-                let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-                vm.fd()
-                    .register_irqfd(&irq, gsi)
-                    .with_context(|| format!("routing GSI {gsi} (KVM_IRQFD)"))?;
-                (base, irq)
-            }
-        };
+    for (i, (out, port)) in outputs.iter().zip(SERIAL_PORTS).enumerate() {
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        vm.fd()
+            .register_irqfd(&irq, port.gsi)
+            .with_context(|| format!("routing COM{}'s GSI {} (KVM_IRQFD)", i + 1, port.gsi))?;
+        let base = port.base;
         uarts.push(match saved {
             Some(s) => Uart::restore(base, irq, out.clone(), &s.uarts[i])?,
             None => Uart::new(base, irq, out.clone()),

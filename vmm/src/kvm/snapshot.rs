@@ -22,8 +22,11 @@ use crate::kvm::memory::GuestRam;
 use crate::kvm::vm::Vm;
 
 pub const MAGIC: &str = "vmbuild-kvm-snapshot";
-/// Bumped whenever the state file's meaning changes: older files are refused.
-pub const VERSION: u32 = 3;
+/// Bumped whenever the state file's meaning changes, or the machine a Linux snapshot
+/// belongs to (its ports, interrupt lines, ACPI tables in guest memory): older files are
+/// refused. 4: serial ports listed in the DSDT with COM3 on its own GSI, the sleep
+/// registers at 0x600, the VM generation ID.
+pub const VERSION: u32 = 4;
 pub const STATE_FILE: &str = "vcpus.json";
 /// Guest memory is saved as `memory-<id>`, named in the state file: a new snapshot in
 /// the same directory never rewrites a file that restored VMs still map, and a state file
