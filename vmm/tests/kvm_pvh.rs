@@ -73,6 +73,11 @@ fn acpi_s5_powers_the_vm_off() {
     let end = vm.run(Duration::from_secs(10));
     assert_eq!(end, LinuxEnd::PowerOff, "{}", console.text());
     assert_eq!(console.text(), "up\nstill here\n");
+    // A VM that was powered off stays off: running it again says so at once, even had
+    // the host been stopping the vCPU as the guest powered off.
+    let again = Instant::now();
+    assert_eq!(vm.run(Duration::from_secs(10)), LinuxEnd::PowerOff);
+    assert!(again.elapsed() < Duration::from_secs(1));
 }
 
 /// The keyboard controller's reset line ends the VM as a reset, not a power-off.

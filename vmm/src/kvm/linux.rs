@@ -118,9 +118,12 @@ pub(crate) const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
 struct PcBus {
     /// COM1 (the console), then COM2 and COM3 when asked for.
     uarts: Vec<Uart>,
-    /// Stops the vCPU: set by a reset, a power-off, or the host.
-    reset: Arc<AtomicBool>,
-    /// Set with `reset` when the guest entered S5.
+    /// Stops the vCPU between two exits: set by the host, or with one of the two below.
+    stop: Arc<AtomicBool>,
+    /// The guest reset the machine (keyboard controller, triple fault). Never cleared: a
+    /// VM that ended stays ended, even if the host was stopping it at that moment.
+    guest_reset: AtomicBool,
+    /// The guest entered S5 (power-off). Never cleared either.
     powered_off: AtomicBool,
     /// Raises the Generic Event Device's interrupt: "the generation ID changed".
     generation_irq: Arc<EventFd>,
@@ -143,12 +146,13 @@ impl Bus for PcBus {
         }
         // i8042 command 0xFE: pulse the CPU reset line.
         if port == 0x64 && data.first() == Some(&0xfe) {
-            self.reset.store(true, Ordering::Release);
+            self.guest_reset.store(true, Ordering::Release);
+            self.stop.store(true, Ordering::Release);
         }
         // Other sleep states (S1–S4) are not offered (`\_S5_` alone): ignored.
         if port == acpi::SLEEP_CONTROL_PORT && data.first() == Some(&acpi::S5_POWER_OFF) {
             self.powered_off.store(true, Ordering::Release);
-            self.reset.store(true, Ordering::Release);
+            self.stop.store(true, Ordering::Release);
         }
     }
 
@@ -399,42 +403,86 @@ impl LinuxVm {
             .get_regs()?)
     }
 
-    /// Runs the guest until it resets, fails, or `timeout` passes. After a timeout the
-    /// vCPU is stopped between two instructions: the VM can be snapshotted, or run again.
+    /// Runs the guest until it ends the VM, fails, or `timeout` passes. After a timeout
+    /// the vCPU is stopped between two instructions: the VM can be snapshotted, or run
+    /// again.
     pub fn run(&mut self, timeout: Duration) -> LinuxEnd {
-        self.bus.reset.store(false, Ordering::Release);
-        self.bus.powered_off.store(false, Ordering::Release);
-        let mut vcpus = self.vm.take_vcpus();
-        let mut vcpu = vcpus.pop().expect("one vCPU");
-        let (bus, stop) = (self.bus.clone(), self.bus.reset.clone());
+        let deadline = Instant::now() + timeout;
+        self.run_until(|| Instant::now() >= deadline)
+    }
+
+    /// Runs the guest until it ends the VM or fails, or until `stop_now` (asked every
+    /// couple of milliseconds while the vCPU runs on undisturbed) says so; then the vCPU
+    /// is stopped between two instructions and this returns [`LinuxEnd::TimedOut`].
+    pub fn run_until(&mut self, mut stop_now: impl FnMut() -> bool) -> LinuxEnd {
+        if let Some(end) = self.guest_end() {
+            return end;
+        }
+        let Some(mut vcpu) = self.vm.take_vcpus().pop() else {
+            return LinuxEnd::Failed(
+                "the VM was abandoned earlier (its vCPU thread did not stop)".into(),
+            );
+        };
+        self.bus.stop.store(false, Ordering::Release);
+        let (bus, stop) = (self.bus.clone(), self.bus.stop.clone());
         crate::kvm::vcpu::kick_signal();
         let thread = std::thread::spawn(move || {
             let end = run(&mut vcpu, &*bus, &stop);
             (vcpu, end)
         });
-        let deadline = Instant::now() + timeout;
         while !thread.is_finished() {
-            if Instant::now() >= deadline {
-                crate::kvm::vcpu::stop_thread(&thread, &self.bus.reset);
-                if let Ok((vcpu, _)) = thread.join() {
-                    self.vm.return_vcpus(vec![vcpu]);
-                }
-                return LinuxEnd::TimedOut;
+            if stop_now() {
+                crate::kvm::vcpu::stop_thread(&thread, &self.bus.stop);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The vCPU thread leaves KVM_RUN at once when kicked, but it may be inside a
+        // device's handler, blocked on the host (a hung file system under a share, a
+        // stalled stdout pipe). Waiting for it is bounded: after that the VM is
+        // abandoned (the thread keeps what it uses alive until it returns).
+        let give_up = Instant::now() + STOP_LIMIT;
+        while !thread.is_finished() {
+            if Instant::now() >= give_up {
+                return LinuxEnd::Failed(format!(
+                    "the vCPU did not stop within {} s (blocked in a device's host I/O); the VM is abandoned",
+                    STOP_LIMIT.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (vcpu, end) = thread.join().expect("vCPU thread");
+        let Ok((vcpu, end)) = thread.join() else {
+            return LinuxEnd::Failed("the vCPU thread panicked; the VM is abandoned".into());
+        };
         self.vm.return_vcpus(vec![vcpu]);
+        if matches!(end, Stop::Shutdown) {
+            // A triple fault: the machine resets.
+            self.bus.guest_reset.store(true, Ordering::Release);
+        }
+        if let Some(end) = self.guest_end() {
+            return end;
+        }
         match end {
-            Stop::Paused | Stop::Shutdown if self.bus.powered_off.load(Ordering::Acquire) => {
-                LinuxEnd::PowerOff
-            }
-            Stop::Paused | Stop::Shutdown => LinuxEnd::Reset,
+            Stop::Paused | Stop::Shutdown => LinuxEnd::TimedOut,
             Stop::Halted => LinuxEnd::Failed("the vCPU halted with no interrupt controller".into()),
             Stop::Failed(why) => LinuxEnd::Failed(why),
         }
     }
+
+    /// How the guest ended the VM, if it did.
+    fn guest_end(&self) -> Option<LinuxEnd> {
+        if self.bus.powered_off.load(Ordering::Acquire) {
+            Some(LinuxEnd::PowerOff)
+        } else if self.bus.guest_reset.load(Ordering::Acquire) {
+            Some(LinuxEnd::Reset)
+        } else {
+            None
+        }
+    }
 }
+
+/// How long a stopped vCPU may take to come back from a device's host I/O.
+const STOP_LIMIT: Duration = Duration::from_secs(5);
 
 /// What a Linux VM's snapshot keeps beyond the VM's own (`kvm::snapshot`): the UART and
 /// the virtio transports.
@@ -515,6 +563,11 @@ impl SerialInput {
     pub fn feed(&self, bytes: &[u8]) -> usize {
         self.bus.uarts[self.index].feed(bytes)
     }
+
+    /// As [`SerialInput::feed`], waiting up to `wait` for room when the FIFO is full.
+    pub fn feed_wait(&self, bytes: &[u8], wait: Duration) -> usize {
+        self.bus.uarts[self.index].feed_wait(bytes, wait)
+    }
 }
 
 fn write_generation_id(vm: &Vm) -> anyhow::Result<()> {
@@ -592,7 +645,8 @@ fn build_bus(
     }
     Ok(Arc::new(PcBus {
         uarts,
-        reset: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(AtomicBool::new(false)),
+        guest_reset: AtomicBool::new(false),
         powered_off: AtomicBool::new(false),
         generation_irq,
         virtio,

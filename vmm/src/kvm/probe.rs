@@ -11,7 +11,6 @@ use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use crate::kvm::uart::Transcript;
 
 const INIT_MARK: &str = "vmbuild-phase=init";
-const SLICE: Duration = Duration::from_millis(100);
 
 /// Boots `kernel` (an ELF vmlinux) with `initrd` until the kit's init announces itself.
 pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
@@ -36,31 +35,25 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
         Ok(vm) => vm,
         Err(e) => return unusable(format!("the embedded VMM cannot create a Linux VM: {e:#}")),
     };
-    loop {
-        let end = vm.run(SLICE);
-        if console.text().contains(INIT_MARK) {
-            return KvmProbe {
-                usable: true,
-                reason: format!(
-                    "the embedded VMM booted a Linux guest to init in {:.1} s",
-                    start.elapsed().as_secs_f64()
-                ),
-            };
-        }
-        match end {
-            LinuxEnd::TimedOut if start.elapsed() < limit => {}
-            LinuxEnd::TimedOut => {
-                return unusable(format!(
-                    "the embedded VMM did not boot a Linux guest to init within {} s",
-                    limit.as_secs()
-                ))
-            }
-            LinuxEnd::Reset | LinuxEnd::PowerOff => {
-                return unusable("the Linux guest stopped before its init ran".into())
-            }
-            LinuxEnd::Failed(why) => {
-                return unusable(format!("the embedded VMM stopped the Linux guest: {why}"))
-            }
-        }
+    // The console is short (`quiet`): looking at all of it every few ms costs little.
+    let end = vm.run_until(|| console.text().contains(INIT_MARK) || start.elapsed() >= limit);
+    if console.text().contains(INIT_MARK) {
+        return KvmProbe {
+            usable: true,
+            reason: format!(
+                "the embedded VMM booted a Linux guest to init in {:.1} s",
+                start.elapsed().as_secs_f64()
+            ),
+        };
     }
+    unusable(match end {
+        LinuxEnd::TimedOut => format!(
+            "the embedded VMM did not boot a Linux guest to init within {} s",
+            limit.as_secs()
+        ),
+        LinuxEnd::Reset | LinuxEnd::PowerOff => {
+            "the Linux guest stopped before its init ran".into()
+        }
+        LinuxEnd::Failed(why) => format!("the embedded VMM stopped the Linux guest: {why}"),
+    })
 }

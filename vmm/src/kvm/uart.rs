@@ -3,7 +3,8 @@
 //! tests and error messages) and copied to an optional sink (the user's terminal, a log).
 
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -71,6 +72,9 @@ impl Write for Transcript {
 
 pub struct Uart {
     serial: Mutex<Serial<IrqTrigger, NoEvents, Transcript>>,
+    /// Notified when the guest reads the receive register: room in the FIFO for
+    /// [`Uart::feed_wait`].
+    drained: Condvar,
     base: u16,
 }
 
@@ -85,6 +89,7 @@ impl Uart {
     pub fn new(base: u16, irq: Arc<EventFd>, out: Transcript) -> Uart {
         Uart {
             serial: Mutex::new(Serial::new(IrqTrigger(irq), out)),
+            drained: Condvar::new(),
             base,
         }
     }
@@ -130,6 +135,7 @@ impl Uart {
             .map_err(|e| anyhow::anyhow!("the saved UART state is invalid: {e:?}"))?;
         Ok(Uart {
             serial: Mutex::new(serial),
+            drained: Condvar::new(),
             base,
         })
     }
@@ -159,7 +165,16 @@ impl Uart {
     /// one); returns how many fitted. The FIFO holds 16550A's 64 bytes: the rest waits
     /// until the guest has read some.
     pub fn feed(&self, bytes: &[u8]) -> usize {
+        self.feed_wait(bytes, Duration::ZERO)
+    }
+
+    /// As [`Uart::feed`], but waits up to `wait` for the guest to make room when the
+    /// FIFO is full.
+    pub fn feed_wait(&self, bytes: &[u8], wait: Duration) -> usize {
         let mut serial = self.serial.lock().unwrap();
+        if serial.fifo_capacity() == 0 && !wait.is_zero() {
+            serial = self.drained.wait_timeout(serial, wait).unwrap().0;
+        }
         if serial.fifo_capacity() == 0 {
             return 0;
         }
@@ -174,6 +189,9 @@ impl Uart {
         let mut serial = self.serial.lock().unwrap();
         for b in data.iter_mut() {
             *b = serial.read(off);
+        }
+        if off == 0 {
+            self.drained.notify_all();
         }
         true
     }

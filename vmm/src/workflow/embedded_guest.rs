@@ -1,7 +1,7 @@
 //! Driving a guest kit VM in the embedded VMM, for `run --vmm embedded` and the
 //! lifecycle's embedded controller alike: its console read line by line as it arrives
-//! (phases and the exit status, as under QEMU), the vCPU run in slices so that a stop
-//! request or a deadline is seen, and the end of the guest told apart from ours.
+//! (phases and the exit status, as under QEMU), a stop request, a deadline or an awaited
+//! phase seen while the vCPU runs on, and the end of the guest told apart from ours.
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -12,8 +12,6 @@ use crate::kvm::uart::Transcript;
 use crate::workflow::run::note_console_line;
 use crate::workflow::timings::Marks;
 
-/// How often the loop looks at the console, the deadline and the stop channel.
-const SLICE: Duration = Duration::from_millis(50);
 /// How long a guest that reported its status may take to power off.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// A console line longer than this is cut (a guest must not grow host memory at will).
@@ -41,7 +39,7 @@ impl GuestConsole {
     }
 
     /// Applies the lines that arrived since the last call.
-    fn note(&self, marks: &mut Marks, status: &mut Option<i32>) {
+    pub fn note(&self, marks: &mut Marks, status: &mut Option<i32>) {
         for (line, at) in self.lines.lock().unwrap().drain(..) {
             note_console_line(marks, status, &line, at);
         }
@@ -59,7 +57,11 @@ impl GuestConsole {
 pub enum DriveEnd {
     /// The guest ended the VM (after reporting its status, or not).
     Guest(LinuxEnd),
-    /// A message on the stop channel, or the channel closed.
+    /// The guest reported its status but did not power off within a grace period (a
+    /// kernel without ACPI power-off halts with interrupts off, which never leaves
+    /// KVM_RUN): stopped.
+    ReportedButStayed,
+    /// The caller's `stopped` said so.
     Stopped,
     DeadlinePassed,
     /// The console announced the phase the caller waited for; the vCPU is stopped, and
@@ -67,49 +69,50 @@ pub enum DriveEnd {
     Reached,
 }
 
-/// Runs `vm` until the guest ends it, `stop` says so, `deadline` passes or the console
-/// announces phase `until`, noting its console lines in `marks` and `status` as they come.
+/// Runs `vm` until the guest ends it, `stopped` says so, `deadline` passes or the console
+/// announces phase `until`, noting its console lines in `marks` and `status` as they
+/// come. The vCPU runs undisturbed meanwhile; these are checked every few milliseconds.
 pub fn drive(
     vm: &mut LinuxVm,
     console: &GuestConsole,
     marks: &mut Marks,
     status: &mut Option<i32>,
-    stop: &Receiver<()>,
+    stopped: &mut dyn FnMut() -> bool,
     deadline: Option<Instant>,
     until: Option<&str>,
 ) -> DriveEnd {
     let mut reported: Option<Instant> = None;
-    let end = loop {
-        let end = vm.run(SLICE);
+    let mut why = None;
+    let end = vm.run_until(|| {
         console.note(marks, status);
-        // The status is out: the guest powers off next. One that does not (a kernel
-        // without ACPI power-off halts with interrupts off, which never leaves KVM_RUN)
-        // is stopped after a grace period rather than held until the deadline.
         if reported.is_none() && status.is_some() {
             reported = Some(Instant::now());
         }
-        if end == LinuxEnd::TimedOut && reported.is_some_and(|at| at.elapsed() > EXIT_GRACE) {
-            tracing::debug!("the guest reported its status but did not power off: stopped");
-            break DriveEnd::Guest(LinuxEnd::PowerOff);
-        }
-        if end != LinuxEnd::TimedOut {
-            break DriveEnd::Guest(end);
-        }
-        if until.is_some_and(|p| marks.phase(p).is_some()) {
-            break DriveEnd::Reached;
-        }
-        // A closed channel means stop too: a caller that went away must not leave this
-        // VM running.
-        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
-            break DriveEnd::Stopped;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break DriveEnd::DeadlinePassed;
-        }
-    };
+        why = if reported.is_some_and(|at| at.elapsed() > EXIT_GRACE) {
+            Some(DriveEnd::ReportedButStayed)
+        } else if until.is_some_and(|p| marks.phase(p).is_some()) {
+            Some(DriveEnd::Reached)
+        } else if stopped() {
+            Some(DriveEnd::Stopped)
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(DriveEnd::DeadlinePassed)
+        } else {
+            None
+        };
+        why.is_some()
+    });
     marks.exited = Some(Instant::now());
     console.note(marks, status);
-    end
+    match (end, why) {
+        (LinuxEnd::TimedOut, Some(why)) => why,
+        (end, _) => DriveEnd::Guest(end),
+    }
+}
+
+/// A stop channel as [`drive`] asks it: a message, or the channel closed (a caller that
+/// went away must not leave its VM running).
+pub fn stop_requested(stop: &Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(TryRecvError::Empty))
 }
 
 /// Why a guest that ended gave no status.

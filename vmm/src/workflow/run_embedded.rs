@@ -24,7 +24,9 @@ use crate::kvm::virtio::net::NetDevice;
 use crate::kvm::virtio::ninep::NinepDevice;
 use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
-use crate::workflow::embedded_guest::{drive, why_no_status, DriveEnd, GuestConsole};
+use crate::workflow::embedded_guest::{
+    drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
+};
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
 use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol};
@@ -144,7 +146,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         &console,
         &mut marks,
         &mut status,
-        &signals,
+        &mut || stop_requested(&signals),
         deadline,
         None,
     );
@@ -156,9 +158,14 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         (_, DriveEnd::DeadlinePassed | DriveEnd::Reached) => {
             RunEnd::TimedOut(spec.timeout.unwrap_or_default())
         }
-        (Some(code), DriveEnd::Guest(_)) => RunEnd::Exited(code),
+        (Some(code), DriveEnd::Guest(_) | DriveEnd::ReportedButStayed) => RunEnd::Exited(code),
         (None, DriveEnd::Guest(end)) => RunEnd::NoExitCode {
             why: why_no_status(&end),
+            console_tail: console.tail(40),
+        },
+        // A guest stays "reported" only once it printed a status.
+        (None, DriveEnd::ReportedButStayed) => RunEnd::NoExitCode {
+            why: "the guest stopped without a status".into(),
             console_tail: console.tail(40),
         },
     };

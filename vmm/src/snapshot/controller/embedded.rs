@@ -21,10 +21,12 @@ use super::{
     classify, session_files, Controller, ControllerEnd, ControllerOutcome, SessionPlan,
     CONTROLLER_MEMORY_MIB,
 };
-use crate::kvm::linux::{LinuxConfig, LinuxVm};
+use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use crate::kvm::uart::Transcript;
 use crate::kvm::virtio::net::NetDevice;
-use crate::workflow::embedded_guest::{drive, why_no_status, DriveEnd, GuestConsole};
+use crate::workflow::embedded_guest::{
+    drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
+};
 use crate::workflow::initrd::GUEST_SCRIPT_PATH;
 use crate::workflow::run_embedded::parse_mac;
 use crate::workflow::timings::Marks;
@@ -112,12 +114,22 @@ pub fn bootstrap_embedded_controller(
     };
     let mut status = None;
     let deadline = Instant::now() + b.wait;
+    let died = |why: String, status: Option<i32>, marks: &Marks| match status {
+        Some(code) if code != 1 => classify(code, marks),
+        _ => ControllerEnd::Died {
+            why: format!(
+                "the embedded controller stopped before it was ready ({why}): {}",
+                err.text().trim()
+            ),
+            console_tail: console.tail(40),
+        },
+    };
     match drive(
         &mut vm,
         &console,
         &mut marks,
         &mut status,
-        signals,
+        &mut || stop_requested(signals),
         Some(deadline),
         Some(READY),
     ) {
@@ -127,21 +139,22 @@ pub fn bootstrap_embedded_controller(
             "the embedded controller was not ready within {} s",
             b.wait.as_secs()
         ),
-        DriveEnd::Guest(end) => {
-            return Ok(Err(match status {
-                Some(code) if code != 1 => classify(code, &marks),
-                _ => ControllerEnd::Died {
-                    why: format!(
-                        "the embedded controller stopped before it was ready ({}): {}",
-                        why_no_status(&end),
-                        err.text().trim()
-                    ),
-                    console_tail: console.tail(40),
-                },
-            }))
+        DriveEnd::Guest(end) => return Ok(Err(died(why_no_status(&end), status, &marks))),
+        DriveEnd::ReportedButStayed => {
+            return Ok(Err(died("its script ended".into(), status, &marks)))
         }
     }
-    let _ = vm.run(SETTLE);
+    // Into its `read`, and still alive there: a controller that failed after announcing
+    // itself must not become the snapshot every build restores.
+    let settled = vm.run(SETTLE);
+    console.note(&mut marks, &mut status);
+    if settled != LinuxEnd::TimedOut || status.is_some() {
+        let why = match &settled {
+            LinuxEnd::TimedOut => "its script ended".to_owned(),
+            end => why_no_status(end),
+        };
+        return Ok(Err(died(why, status, &marks)));
+    }
     std::fs::create_dir_all(b.out).with_context(|| format!("creating {}", b.out.display()))?;
     vm.snapshot(b.out)
         .context("snapshotting the embedded controller")?;
@@ -212,22 +225,22 @@ impl Controller for EmbeddedRevivedController {
         // The session, as one line on the port the daemon reads.
         let mut line = base64(&session_files(plan)).into_bytes();
         line.push(b'\n');
+        // Fed as the guest drains the FIFO. A controller that does not take its session
+        // within the limit (a broken serial interrupt, a dead snapshot) ends the session.
         let done = Arc::new(AtomicBool::new(false));
+        let starved = Arc::new(AtomicBool::new(false));
         let feeder = {
-            let done = done.clone();
+            let (done, starved) = (done.clone(), starved.clone());
             std::thread::Builder::new()
                 .name("controller-session".into())
                 .spawn(move || {
                     let (mut at, limit) = (0, Instant::now() + FEED_LIMIT);
                     while at < line.len() && !done.load(Ordering::Acquire) {
                         if Instant::now() > limit {
-                            tracing::warn!("the embedded controller stopped reading its session");
+                            starved.store(true, Ordering::Release);
                             break;
                         }
-                        match input.feed(&line[at..]) {
-                            0 => std::thread::sleep(Duration::from_millis(1)),
-                            n => at += n,
-                        }
+                        at += input.feed_wait(&line[at..], Duration::from_millis(10));
                     }
                 })?
         };
@@ -237,7 +250,7 @@ impl Controller for EmbeddedRevivedController {
             &console,
             &mut marks,
             &mut status,
-            &stop,
+            &mut || starved.load(Ordering::Acquire) || stop_requested(&stop),
             None,
             None,
         );
@@ -245,16 +258,27 @@ impl Controller for EmbeddedRevivedController {
         let _ = feeder.join();
         drop(vm);
         let end = match (end, status) {
+            (DriveEnd::Stopped, _) if starved.load(Ordering::Acquire) => ControllerEnd::Died {
+                why: format!(
+                    "the embedded controller did not read its session within {} s",
+                    FEED_LIMIT.as_secs()
+                ),
+                console_tail: console.tail(40),
+            },
             (DriveEnd::Stopped, _) => ControllerEnd::Interrupted,
-            (DriveEnd::Guest(_), Some(code)) => classify(code, &marks),
+            (DriveEnd::Guest(_) | DriveEnd::ReportedButStayed, Some(code)) => {
+                classify(code, &marks)
+            }
             (DriveEnd::Guest(end), None) => ControllerEnd::Died {
                 why: why_no_status(&end),
                 console_tail: console.tail(40),
             },
-            (DriveEnd::DeadlinePassed | DriveEnd::Reached, _) => ControllerEnd::Died {
-                why: "the embedded controller was stopped".into(),
-                console_tail: console.tail(40),
-            },
+            (DriveEnd::ReportedButStayed | DriveEnd::DeadlinePassed | DriveEnd::Reached, _) => {
+                ControllerEnd::Died {
+                    why: "the embedded controller was stopped".into(),
+                    console_tail: console.tail(40),
+                }
+            }
         };
         Ok(ControllerOutcome { end, marks })
     }
