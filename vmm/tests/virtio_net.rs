@@ -270,3 +270,29 @@ fn bad_register_sequences_are_refused_and_counted() {
     // After a reset the device is discoverable as before.
     assert_eq!(r(&mut t, 0x008), 1);
 }
+
+/// While a snapshot is taken the NIC writes nothing into guest memory: frames that arrive
+/// wait (none lost), and are delivered when it resumes.
+#[test]
+fn a_quiesced_nic_holds_arriving_frames_until_it_resumes() {
+    let (mut d, peer, _) = setup();
+    peer.send(&frame(VM_MAC, PEER_MAC, 0x01)); // teach the switch where the peer is
+    d.desc(0, 0, 0x110000, 2048, DESC_F_WRITE, 0);
+    d.desc(0, 1, 0x111000, 2048, DESC_F_WRITE, 0);
+    d.post(0, 0);
+    d.wait_used(0, 1);
+    d.t.quiesce();
+    let ring_before = d.t.save();
+    d.post(0, 1);
+    let held = frame(VM_MAC, PEER_MAC, 0x33);
+    peer.send(&held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.used_idx(0), 1, "nothing delivered while quiesced");
+    assert_eq!(d.t.save().queues, ring_before.queues);
+    d.t.resume();
+    d.wait_used(0, 2);
+    let (_, len) = d.used_elem(0, 1);
+    let mut got = vec![0u8; len as usize];
+    d.ram.read(0x111000, &mut got).unwrap();
+    assert_eq!(&got[12..], &held[..]);
+}

@@ -502,6 +502,19 @@ impl LinuxVm {
                 bail!("virtio device {i} cannot be snapshotted: {why}");
             }
         }
+        // The vCPU is stopped; the devices' host threads stop writing guest memory too,
+        // so that memory, the rings and the saved queue positions agree.
+        for (_, t) in &self.bus.virtio {
+            t.lock().unwrap().quiesce();
+        }
+        let saved = self.save_quiesced(dir);
+        for (_, t) in &self.bus.virtio {
+            t.lock().unwrap().resume();
+        }
+        saved
+    }
+
+    fn save_quiesced(&self, dir: &Path) -> anyhow::Result<()> {
         snapshot::save(&self.vm, dir)?;
         let states = DeviceStates {
             uarts: self.bus.uarts.iter().map(Uart::save).collect(),

@@ -39,6 +39,8 @@ struct Shared {
     bad_chains: AtomicU64,
     /// Guest bytes dropped because the host did not take them.
     dropped: AtomicU64,
+    /// While a snapshot is taken: host bytes wait in `pending`.
+    quiesced: std::sync::atomic::AtomicBool,
 }
 
 /// The host's end of the channel.
@@ -56,7 +58,9 @@ impl ConsoleHandle {
             p.extend(bytes);
         }
         if let Some(a) = self.0.active.lock().unwrap().as_mut() {
-            fill_rx(a, &self.0);
+            if !self.0.quiesced.load(Relaxed) {
+                fill_rx(a, &self.0);
+            }
         }
         true
     }
@@ -143,6 +147,20 @@ impl VirtioDevice for ConsoleDevice {
 
     fn reset(&mut self) {
         *self.shared.active.lock().unwrap() = None;
+    }
+
+    /// Host sends only queue their bytes; taking the lock waits out a copy under way.
+    fn quiesce(&mut self) {
+        let _active = self.shared.active.lock().unwrap();
+        self.shared.quiesced.store(true, Relaxed);
+    }
+
+    fn resume(&mut self) {
+        let mut active = self.shared.active.lock().unwrap();
+        self.shared.quiesced.store(false, Relaxed);
+        if let Some(a) = active.as_mut() {
+            fill_rx(a, &self.shared);
+        }
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

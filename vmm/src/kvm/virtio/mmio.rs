@@ -100,6 +100,15 @@ impl MmioTransport {
         }
     }
 
+    /// See [`VirtioDevice::quiesce`].
+    pub fn quiesce(&mut self) {
+        self.device.quiesce();
+    }
+
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
     /// Why this transport's device cannot be snapshotted now, if so.
     pub fn snapshot_blocker(&self) -> Option<String> {
         self.device.snapshot_blocker()

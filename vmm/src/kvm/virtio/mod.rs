@@ -127,6 +127,11 @@ pub trait VirtioDevice: Send {
         let _ = state;
         anyhow::bail!("this device keeps no state, but the snapshot has some for it")
     }
+    /// Stops writing guest memory from host threads (frames arriving, host bytes sent)
+    /// until [`VirtioDevice::resume`]; what arrives meanwhile waits. A snapshot saves the
+    /// vCPUs, memory and device state in between, so that they agree.
+    fn quiesce(&mut self) {}
+    fn resume(&mut self) {}
     /// Why the device cannot be snapshotted as it is now, if so (a snapshot would not
     /// restore what the guest relies on).
     fn snapshot_blocker(&self) -> Option<String> {

@@ -45,6 +45,8 @@ struct Active {
     tx: Queue,
     irq: IrqLine,
     backlog: VecDeque<Vec<u8>>,
+    /// While a snapshot is taken: frames wait in the backlog.
+    quiesced: bool,
 }
 
 pub struct NetDevice {
@@ -126,6 +128,7 @@ impl VirtioDevice for NetDevice {
             tx,
             irq,
             backlog: VecDeque::new(),
+            quiesced: false,
         });
         let (port, active, counters, stop) = (
             self.port.clone(),
@@ -146,7 +149,9 @@ impl VirtioDevice for NetDevice {
                             } else {
                                 a.backlog.push_back(frame);
                             }
-                            deliver(a, &counters);
+                            if !a.quiesced {
+                                deliver(a, &counters);
+                            }
                         }
                     }
                 })?,
@@ -159,7 +164,7 @@ impl VirtioDevice for NetDevice {
         let Some(a) = guard.as_mut() else { return };
         match index {
             TX => transmit(a, &self.port, &self.counters),
-            RX => deliver(a, &self.counters),
+            RX if !a.quiesced => deliver(a, &self.counters),
             _ => {}
         }
     }
@@ -167,6 +172,21 @@ impl VirtioDevice for NetDevice {
     fn reset(&mut self) {
         self.stop_rx_thread();
         *self.active.lock().unwrap() = None;
+    }
+
+    /// Arriving frames wait in the backlog; taking the lock waits out a delivery that is
+    /// under way.
+    fn quiesce(&mut self) {
+        if let Some(a) = self.active.lock().unwrap().as_mut() {
+            a.quiesced = true;
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(a) = self.active.lock().unwrap().as_mut() {
+            a.quiesced = false;
+            deliver(a, &self.counters);
+        }
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
