@@ -290,6 +290,10 @@ fn xchg_is_seen_as_it_is_now_and_outputs_arrive() {
         "verify",
         "revive",
         "shares_attached",
+        "controller_revive",
+        // The revived controller waits until its kernel has reseeded for the new VM
+        // generation: its SSH keys are its own, not every build's.
+        "controller_reseed",
         "controller_up",
         "handshake",
         "mount",
@@ -300,6 +304,7 @@ fn xchg_is_seen_as_it_is_now_and_outputs_arrive() {
     ] {
         assert!(timings[key].as_f64().is_some(), "{key} missing: {timings}");
     }
+    assert!(!stderr(&out).contains("no RNG reseed"), "{}", stderr(&out));
 }
 
 #[test]

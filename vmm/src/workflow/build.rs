@@ -100,7 +100,8 @@ pub enum BuildEnd {
 /// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
 #[derive(Debug, Default, Serialize)]
 pub struct BuildTimings {
-    /// Which controller served the build: qemu-revive, qemu-boot or embedded-boot.
+    /// Which controller served the build: embedded-revive, qemu-revive, embedded-boot or
+    /// qemu-boot.
     pub controller: Option<&'static str>,
     /// Reading the manifest, checking QEMU and the files' checksums.
     pub verify: Option<f64>,
@@ -108,8 +109,12 @@ pub struct BuildTimings {
     pub revive: Option<f64>,
     /// Share devices plugged into the running target (host side).
     pub shares_attached: Option<f64>,
-    /// Controller QEMU started → running again (a revived controller only).
+    /// Controller VM started → running again (a revived controller only: QEMU's
+    /// `-incoming`, or the embedded VMM's restore).
     pub controller_revive: Option<f64>,
+    /// Revived controller running → its kernel reseeded its RNG for the new VM
+    /// generation (before that, its SSH client does not start).
+    pub controller_reseed: Option<f64>,
     /// Controller VM started → its network is up and the session in hand (it revives or
     /// boots while the target revives).
     pub controller_up: Option<f64>,
@@ -355,8 +360,9 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     t.controller = Some(controller.kind());
     if let Some(c) = &controller_outcome {
         let m = &c.marks;
-        if controller.kind() == "qemu-revive" {
+        if controller.kind().ends_with("-revive") {
             t.controller_revive = secs(m.start, m.vmm_ready);
+            t.controller_reseed = secs(m.vmm_ready, m.phase("reseeded"));
         }
         t.controller_up = secs(m.start, m.phase("controller-up"));
         t.handshake = secs(m.phase("port-open"), phase("session"));

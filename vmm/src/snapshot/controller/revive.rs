@@ -168,9 +168,24 @@ exec 4<>/dev/ttyS1 5<>/dev/ttyS2
 stty raw -echo <&4 2>/dev/null
 stty raw -echo <&5 2>/dev/null
 sh /etc/vmbuild/probe.sh </dev/null >&4 2>&5 || exit $?
+# Every build is a fork of this moment: its VM generation ID changes at the revive and the
+# kernel reseeds its RNG ("crng reseeded due to virtual machine fork"). That happens
+# asynchronously; the SSH client must not draw randomness before it.
+forks() { dmesg 2>/dev/null | grep -c 'crng reseeded due to virtual machine fork'; }
+seen=$(forks)
 echo vmbuild-phase=controller-ready >/dev/console
 # Suspended here; a build revives it and writes one line: its session, base64.
 read -r session <&4
+i=0
+while [ "$(forks)" -le "$seen" ]; do
+	i=$((i + 1))
+	if [ "$i" -gt 40 ]; then
+		echo "vmbuild controller: no RNG reseed seen after the revive (VM generation ID); carrying on" >&5
+		break
+	fi
+	sleep 0.05
+done
+echo vmbuild-phase=reseeded >/dev/console
 echo "$session" | base64 -d >/tmp/session.cpio && (cd / && cpio -idmu </tmp/session.cpio 2>/dev/null)
 exec sh /etc/vmbuild/controller.sh </dev/null >&4 2>&5 4>&- 5>&-
 "#;
