@@ -46,6 +46,30 @@ pub const PROBE_LIMIT: Duration = Duration::from_secs(8);
 pub struct KvmProbe {
     pub usable: bool,
     pub reason: String,
+    /// The answer of a boot that ran (it booted, or it did not within the limit), worth
+    /// remembering; not when the probe could not even start (a missing binary, a busy
+    /// /dev/kvm), which is quick to ask again.
+    pub definitive: bool,
+}
+
+impl KvmProbe {
+    /// What a boot attempt showed.
+    pub fn answer(usable: bool, reason: String) -> KvmProbe {
+        KvmProbe {
+            usable,
+            reason,
+            definitive: true,
+        }
+    }
+
+    /// No answer: the probe could not run.
+    pub fn unknown(reason: String) -> KvmProbe {
+        KvmProbe {
+            usable: false,
+            reason,
+            definitive: false,
+        }
+    }
 }
 
 pub fn resolve(
@@ -69,21 +93,13 @@ pub fn resolve(
 }
 
 /// One answer per host kernel, guest kernel and prober (`what`). The guest kernel is
-/// identified by the kit's recorded checksum when it has one (a rebuilt kit keeps its
-/// kernel), else by size and modification time. The embedded VMM's answer also depends on
-/// the vmbuild binary that gave it.
+/// identified by its checksum where one is recorded next to it (the guest kit's
+/// `kit.json`, a snapshot's `manifest.json`: the kit's kernel and a snapshot's copy of it
+/// share one answer), else by size and modification time. The embedded VMM's answer also
+/// depends on the vmbuild binary that gave it.
 fn cache_file(what: &str, kernel: &Path) -> PathBuf {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kit_json = kernel.with_file_name("kit.json");
-    let kernel_id = std::fs::read_to_string(&kit_json)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("vmlinux_sha256")
-                .and_then(|s| s.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| file_id(kernel));
+    let kernel_id = recorded_sha256(kernel).unwrap_or_else(|| file_id(kernel));
     let prober = match what {
         "kvm" => String::new(),
         _ => std::env::current_exe()
@@ -94,7 +110,26 @@ fn cache_file(what: &str, kernel: &Path) -> PathBuf {
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     });
-    PathBuf::from("/var/cache/vmbuild").join(format!("{what}-probe-{hash:016x}"))
+    crate::snapshot::manifest::cache_dir().join(format!("{what}-probe-{hash:016x}"))
+}
+
+fn recorded_sha256(kernel: &Path) -> Option<String> {
+    let json = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(kernel.with_file_name(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    if let Some(kit) = json("kit.json") {
+        return kit.get("vmlinux_sha256")?.as_str().map(str::to_owned);
+    }
+    let file_name = kernel.file_name()?.to_str()?;
+    json("manifest.json")?
+        .get("files")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some(file_name))?
+        .get("sha256")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn file_id(path: &Path) -> String {
@@ -114,10 +149,7 @@ pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
 /// the embedded VMM: it has then booted this kit here.
 pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
     if let Err(why) = crate::workflow::run_embedded::check_kernel(kernel) {
-        return KvmProbe {
-            usable: false,
-            reason: why,
-        };
+        return KvmProbe::unknown(why);
     }
     let kvm = probe_kvm_cached(qemu, kernel, initrd);
     if !kvm.usable {
@@ -133,10 +165,7 @@ fn cached(what: &str, kernel: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmPro
     let read_cached = || {
         let text = std::fs::read_to_string(&cache).ok()?;
         let (flag, reason) = text.split_once('\n')?;
-        Some(KvmProbe {
-            usable: flag == "usable",
-            reason: reason.trim().to_owned(),
-        })
+        Some(KvmProbe::answer(flag == "usable", reason.trim().to_owned()))
     };
     if let Some(p) = read_cached() {
         return p;
@@ -153,10 +182,12 @@ fn cached(what: &str, kernel: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmPro
         return p;
     }
     let probe = probe();
-    let flag = if probe.usable { "usable" } else { "unusable" };
-    let tmp = cache.with_extension("tmp");
-    if std::fs::write(&tmp, format!("{flag}\n{}\n", probe.reason)).is_ok() {
-        let _ = std::fs::rename(&tmp, &cache);
+    if probe.definitive {
+        let flag = if probe.usable { "usable" } else { "unusable" };
+        let tmp = cache.with_extension("tmp");
+        if std::fs::write(&tmp, format!("{flag}\n{}\n", probe.reason)).is_ok() {
+            let _ = std::fs::rename(&tmp, &cache);
+        }
     }
     probe
 }
@@ -168,19 +199,11 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         .write(true)
         .open("/dev/kvm")
     {
-        return KvmProbe {
-            usable: false,
-            reason: format!("/dev/kvm cannot be opened ({e})"),
-        };
+        return KvmProbe::unknown(format!("/dev/kvm cannot be opened ({e})"));
     }
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
-        Err(e) => {
-            return KvmProbe {
-                usable: false,
-                reason: format!("probe failed: {e}"),
-            }
-        }
+        Err(e) => return KvmProbe::unknown(format!("probe failed: {e}")),
     };
     let console = dir.path().join("console");
     let child = Command::new(qemu)
@@ -212,12 +235,7 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => {
-            return KvmProbe {
-                usable: false,
-                reason: format!("cannot start QEMU for the KVM probe: {e}"),
-            }
-        }
+        Err(e) => return KvmProbe::unknown(format!("cannot start QEMU for the KVM probe: {e}")),
     };
     let start = Instant::now();
     let reached_init = loop {
@@ -233,20 +251,20 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
     let _ = child.kill();
     let _ = child.wait();
     if reached_init {
-        KvmProbe {
-            usable: true,
-            reason: format!(
+        KvmProbe::answer(
+            true,
+            format!(
                 "KVM booted a Linux guest to init in {:.1} s",
                 start.elapsed().as_secs_f64()
             ),
-        }
+        )
     } else {
-        KvmProbe {
-            usable: false,
-            reason: format!(
+        KvmProbe::answer(
+            false,
+            format!(
                 "this host's KVM did not boot a Linux guest to init within {} s (nested or paging-emulated KVM)",
                 PROBE_LIMIT.as_secs()
             ),
-        }
+        )
     }
 }

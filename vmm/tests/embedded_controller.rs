@@ -19,21 +19,11 @@ use vswitch::{Switch, SwitchConfig};
 
 #[path = "support/pvh.rs"]
 mod pvh;
-use pvh::{out_bytes, pvh_kernel, HALT_FOR_GOOD};
+use pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
 fn daemon_guest() -> Vec<u8> {
     let mut code = out_bytes(0x3f8, b"vmbuild-phase=controller-ready\n");
-    code.extend([
-        0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd (COM2 line status)
-        0xec, // 4: in al, dx
-        0xa8, 0x01, // 5: test al, 1 (data ready)
-        0x74, 0xf7, // 7: jz 0
-        0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
-        0xec, // 13: in al, dx
-        0xee, // 14: out dx, al (echo on COM2)
-        0x3c, 0x0a, // 15: cmp al, '\n'
-        0x75, 0xed, // 17: jne 0
-    ]);
+    code.extend(echo_com2_until_newline(0x2f8));
     code.extend(out_bytes(
         0x3f8,
         b"vmbuild-phase=controller-up\nvmbuild-exit=0\n",
@@ -44,18 +34,6 @@ fn daemon_guest() -> Vec<u8> {
     ));
     code.extend(HALT_FOR_GOOD);
     code
-}
-
-fn kvm_here(name: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vmbuild_tests::skip(name, "/dev/kvm cannot be opened");
-    }
-    ok
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

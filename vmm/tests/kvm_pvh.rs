@@ -11,7 +11,7 @@ use vmbuild::kvm::uart::Transcript;
 
 #[path = "support/pvh.rs"]
 mod pvh;
-use pvh::{out_bytes, pvh_kernel, HALT_FOR_GOOD};
+use pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
 fn write_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     let path = dir.join("vmlinux");
@@ -34,18 +34,6 @@ fn boot(kernel: &Path) -> (LinuxVm, Transcript) {
     )
     .unwrap();
     (vm, console)
-}
-
-fn kvm_here(name: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vmbuild_tests::skip(name, "/dev/kvm cannot be opened");
-    }
-    ok
 }
 
 /// S5 through the FADT's sleep control register ends the VM as a power-off; a write of
@@ -186,18 +174,7 @@ fn every_restore_gets_a_new_generation_id() {
 
 /// Polls COM2 and echoes what arrives to COM1 until a newline, then powers off.
 fn echo_com2_guest() -> Vec<u8> {
-    let mut code = vec![
-        0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd (COM2 line status)
-        0xec, // 4: in al, dx
-        0xa8, 0x01, // 5: test al, 1 (data ready)
-        0x74, 0xf7, // 7: jz 0
-        0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
-        0xec, // 13: in al, dx
-        0x66, 0xba, 0xf8, 0x03, // 14: mov dx, 0x3f8
-        0xee, // 18: out dx, al
-        0x3c, 0x0a, // 19: cmp al, '\n'
-        0x75, 0xe9, // 21: jne 0
-    ];
+    let mut code = echo_com2_until_newline(0x3f8);
     code.extend(out_bytes(
         vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
         &[vmbuild::kvm::acpi::S5_POWER_OFF],

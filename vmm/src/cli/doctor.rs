@@ -159,11 +159,9 @@ impl DoctorArgs {
             let embedded = if probe.usable {
                 accel::probe_embedded_cached(&q.path, &k.kernel, &k.initrd)
             } else {
-                accel::KvmProbe {
-                    usable: false,
-                    reason: "not probed: this host's KVM does not run Linux (kvm_runs_linux)"
-                        .into(),
-                }
+                accel::KvmProbe::unknown(
+                    "not probed: this host's KVM does not run Linux (kvm_runs_linux)".into(),
+                )
             };
             f.push(finding(
                 "embedded_runs_linux",

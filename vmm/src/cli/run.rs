@@ -250,8 +250,21 @@ impl RunArgs {
         }
         // The embedded VMM runs what it can (one vCPU, no disk, no shell) where it has
         // booted this kit on this host; `auto` falls back to QEMU otherwise, and says why.
+        let shares = usize::from(store.is_some()) + 1 + extra_shares.len();
         let fits = if self.shell || disk.is_some() || self.cpus != 1 {
             Err("it runs a command on one vCPU, without --shell or --disk".to_owned())
+        } else if self.accel == AccelChoice::Tcg {
+            Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
+        } else if self.memory > crate::kvm::linux::MAX_MEMORY_MIB {
+            Err(format!(
+                "it gives a guest at most {} MiB",
+                crate::kvm::linux::MAX_MEMORY_MIB
+            ))
+        } else if shares > crate::kvm::linux::MAX_VIRTIO_DEVICES {
+            Err(format!(
+                "it has room for {} shares",
+                crate::kvm::linux::MAX_VIRTIO_DEVICES
+            ))
         } else {
             crate::workflow::run_embedded::check_kernel(&kernel)
         };

@@ -51,6 +51,7 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
 /// Guest RAM stays below the PCI hole a PC keeps under 4 GiB.
 const MAX_MEMORY: usize = 3 << 30;
+pub const MAX_MEMORY_MIB: u32 = (MAX_MEMORY >> 20) as u32;
 
 /// How the kernel is entered.
 enum Boot {
@@ -102,7 +103,7 @@ pub enum LinuxEnd {
 /// has 4; 5 and up are free on a PC without legacy devices).
 const VIRTIO_MMIO_BASE: u32 = 0xd000_0000;
 const VIRTIO_FIRST_GSI: u32 = 5;
-const MAX_VIRTIO_DEVICES: usize = 16;
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 /// The ACPI tables live in the BIOS area, which the memory map leaves out of RAM.
 const ACPI_TABLES: u64 = 0xe_0000;
 /// The VM generation ID: at a fixed place (a restore rewrites it without reading the

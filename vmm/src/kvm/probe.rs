@@ -14,10 +14,7 @@ const INIT_MARK: &str = "vmbuild-phase=init";
 
 /// Boots `kernel` (an ELF vmlinux) with `initrd` until the kit's init announces itself.
 pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
-    let unusable = |reason: String| KvmProbe {
-        usable: false,
-        reason,
-    };
+    let unusable = |reason: String| KvmProbe::answer(false, reason);
     let console = Transcript::new(None);
     let start = Instant::now();
     let vm = LinuxVm::new(
@@ -33,18 +30,20 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
     );
     let mut vm = match vm {
         Ok(vm) => vm,
-        Err(e) => return unusable(format!("the embedded VMM cannot create a Linux VM: {e:#}")),
+        Err(e) => {
+            return KvmProbe::unknown(format!("the embedded VMM cannot create a Linux VM: {e:#}"))
+        }
     };
     // The console is short (`quiet`): looking at all of it every few ms costs little.
     let end = vm.run_until(|| console.text().contains(INIT_MARK) || start.elapsed() >= limit);
     if console.text().contains(INIT_MARK) {
-        return KvmProbe {
-            usable: true,
-            reason: format!(
+        return KvmProbe::answer(
+            true,
+            format!(
                 "the embedded VMM booted a Linux guest to init in {:.1} s",
                 start.elapsed().as_secs_f64()
             ),
-        };
+        );
     }
     unusable(match end {
         LinuxEnd::TimedOut => format!(

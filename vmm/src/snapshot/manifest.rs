@@ -437,7 +437,9 @@ fn stamp_path(path: &Path, meta: &std::fs::Metadata, sha256: &str) -> Option<Pat
     )
 }
 
-fn cache_dir() -> PathBuf {
+/// vmbuild's cache: `$XDG_CACHE_HOME/vmbuild`, else `/var/cache/vmbuild` for root, else
+/// `~/.cache/vmbuild`.
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return Path::new(&d).join("vmbuild");
     }

@@ -223,7 +223,11 @@ pub fn bootstrap(
         console_log: Some(&rundir.join("embedded-controller-console.log")),
     };
     let embedded_controller =
-        match accel::probe_embedded_cached(&spec.qemu.path, &kernel, &kit_initrd).usable {
+        // The kit's own files (their checksums key the cached answer), which the
+        // snapshot's copies are.
+        match accel::probe_embedded_cached(&spec.qemu.path, &spec.kit.kernel, &spec.kit.initrd)
+            .usable
+        {
             false => false,
             true => {
                 match snapshot_embedded_controller(&embedded, &signals, &progress, &mut timings) {
@@ -412,7 +416,6 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// dbclient, its libraries and the client key as a newc archive.
 /// The embedded controller's snapshot, made next to the QEMU one: whether it was made
 /// (a failure only costs builds the faster controller, so it is reported and skipped), or
 /// `None` if the user interrupted.
@@ -437,6 +440,7 @@ fn snapshot_embedded_controller(
     Some(false)
 }
 
+/// dbclient, its libraries and the client key as a newc archive.
 fn write_controller_cpio(path: &Path, client_key: &Path) -> anyhow::Result<()> {
     let files = dropbear::runtime_files(Path::new(dropbear::CLIENT), "/bin/dbclient")?;
     let mut contents: Vec<(String, u32, Vec<u8>)> = vec![

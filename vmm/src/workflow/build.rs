@@ -470,25 +470,32 @@ fn choose_controller(
             None => embedded_boot(),
         },
         ControllerChoice::Auto => {
-            let probe = accel::probe_embedded_cached(
-                &spec.qemu.path,
-                &dir.join(KIT_KERNEL),
-                &dir.join(KIT_INITRD),
-            );
+            // Asked only where the answer can change the choice (cached, but the first
+            // answer on a host boots the kit for up to 8 s).
+            let embedded_here = || {
+                accel::probe_embedded_cached(
+                    &spec.qemu.path,
+                    &dir.join(KIT_KERNEL),
+                    &dir.join(KIT_INITRD),
+                )
+                .usable
+            };
             // A snapshot made on another host may not restore here (its vCPU state names
             // that host's CPU): a dry restore says so before the build relies on it.
             let embedded_revive = embedded_revive.filter(|c| {
-                probe.usable
+                embedded_here()
                     && c.check(&manifest.network.controller_mac)
                         .inspect_err(|e| {
-                            tracing::info!("the embedded controller does not restore here ({e:#}): using QEMU's")
+                            tracing::info!(
+                                "the embedded controller does not restore here ({e:#}): using QEMU's"
+                            )
                         })
                         .is_ok()
             });
             match (embedded_revive, qemu_revive) {
                 (Some(c), _) => Arc::new(c),
                 (None, Some(c)) => c,
-                (None, None) if probe.usable => embedded_boot(),
+                (None, None) if embedded_here() => embedded_boot(),
                 (None, None) => qemu_boot(),
             }
         }

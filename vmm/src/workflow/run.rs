@@ -357,7 +357,6 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     Ok(RunOutcome { end, marks })
 }
 
-/// The store, xchg and extra shares of a run, with where the guest mounts each.
 /// What one line of the kit's console says about the run: its phases and its status.
 /// Both VMMs read their consoles through this.
 pub(crate) fn note_console_line(
@@ -381,6 +380,7 @@ pub(crate) fn note_console_line(
     }
 }
 
+/// The store, xchg and extra shares of a run, with where the guest mounts each.
 pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, String)> {
     let mut shares = Vec::new();
     if let Some((dir, mount)) = &spec.store {

@@ -62,3 +62,37 @@ pub fn out_bytes(port: u16, bytes: &[u8]) -> Vec<u8> {
 
 /// `cli; hlt; jmp hlt`: stopped for good, as a kernel without ACPI power-off halts.
 pub const HALT_FOR_GOOD: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// Reads COM2 by polling its line status, echoing every byte to port `echo_to`, until a
+/// newline has gone through.
+pub fn echo_com2_until_newline(echo_to: u16) -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd (COM2 line status)
+        0xec, // 4: in al, dx
+        0xa8, 0x01, // 5: test al, 1 (data ready)
+        0x74, 0xf7, // 7: jz 0
+        0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
+        0xec, // 13: in al, dx
+        0x66, 0xba, // 14: mov dx, echo_to
+    ];
+    code.extend(echo_to.to_le_bytes());
+    code.extend([
+        0xee, // 18: out dx, al
+        0x3c, 0x0a, // 19: cmp al, '\n'
+        0x75, 0xe9, // 21: jne 0
+    ]);
+    code
+}
+
+/// Whether KVM is here for these guests; reports the test skipped if not.
+pub fn kvm_here(name: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        vmbuild_tests::skip(name, "/dev/kvm cannot be opened");
+    }
+    ok
+}
