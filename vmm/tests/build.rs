@@ -143,6 +143,9 @@ fn snapshot_copy(copied: &[&str]) -> tempfile::TempDir {
         serde_json::from_slice(&fs::read(src.join("manifest.json")).unwrap()).unwrap();
     for file in manifest["files"].as_array().unwrap() {
         let name = file["name"].as_str().unwrap();
+        if let Some(parent) = Path::new(name).parent() {
+            fs::create_dir_all(dst.path().join(parent)).unwrap();
+        }
         if copied.contains(&name) {
             fs::copy(src.join(name), dst.path().join(name)).unwrap();
         } else {
@@ -774,4 +777,35 @@ fn an_embedded_controller_serves_builds_where_the_embedded_vmm_boots_linux() {
     }
     assert_clean(runtime.path());
     vmbuild_tests::skip(&format!("{name} (the session)"), &reason);
+}
+
+/// The embedded controller's files are checked only by builds about to use it: a
+/// snapshot whose embedded controller is missing still builds, with QEMU's controller,
+/// while `snapshot verify`, which checks everything, reports the damage.
+#[test]
+fn a_missing_embedded_controller_costs_only_itself() {
+    let copy = snapshot_copy(&[]);
+    let _ = fs::remove_dir_all(copy.path().join("controller-kvm"));
+    edit_manifest(copy.path(), |m| {
+        m["controller"]["embedded"] = "controller-kvm".into();
+        let files = m["files"].as_array_mut().unwrap();
+        files.retain(|f| f["role"] != "embedded-controller");
+        files.push(serde_json::json!({
+            "name": "controller-kvm/vcpus.json",
+            "role": "embedded-controller",
+            "bytes": 10,
+            "sha256": "00",
+        }));
+    });
+    let out = build_from(copy.path(), &["--timings", "--", "sh", "-c", "exit 5"]).output();
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    let timings: serde_json::Value = stderr(&out)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("timings");
+    assert_eq!(timings["controller"], "qemu-revive");
+    let out = verify(copy.path());
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("controller-kvm"), "{}", stderr(&out));
 }

@@ -327,8 +327,22 @@ pub struct FileCheck {
 /// are unchanged since it last passed a full check is not hashed again (any write to it
 /// changes its ctime), which keeps a 1 GiB state file from costing every build ~0.5 s.
 pub fn verify_files(dir: &Path, manifest: &Manifest, full: bool) -> anyhow::Result<Vec<FileCheck>> {
+    verify_some_files(dir, manifest, full, |_| true)
+}
+
+/// The role of files only some hosts use: the embedded VMM's controller snapshot. A build
+/// checks them only when it is about to use them, and does without them if they fail.
+pub const OPTIONAL_ROLE: &str = "embedded-controller";
+
+/// As [`verify_files`], for the entries whose role `wanted` accepts.
+pub fn verify_some_files(
+    dir: &Path,
+    manifest: &Manifest,
+    full: bool,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<FileCheck>> {
     let mut checks = Vec::new();
-    for entry in &manifest.files {
+    for entry in manifest.files.iter().filter(|e| wanted(&e.role)) {
         let path = dir.join(&entry.name);
         let meta = std::fs::metadata(&path).map_err(|e| {
             SnapshotProblem::Damaged(format!(

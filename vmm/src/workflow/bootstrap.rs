@@ -294,7 +294,7 @@ pub fn bootstrap(
             files.push(manifest::file_entry(
                 dir,
                 &format!("{EMBEDDED_CONTROLLER_DIR}/{name}"),
-                "embedded-controller",
+                manifest::OPTIONAL_ROLE,
             )?);
         }
     }

@@ -147,7 +147,9 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     // --- the snapshot ---------------------------------------------------------------------
     let checked = Manifest::load(dir).and_then(|m| {
         m.check_qemu(&spec.qemu)?;
-        manifest::verify_files(dir, &m, spec.verify_full)?;
+        manifest::verify_some_files(dir, &m, spec.verify_full, |role| {
+            role != manifest::OPTIONAL_ROLE
+        })?;
         Ok(m)
     });
     let manifest = match checked {
@@ -203,12 +205,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     };
     let controller = match choose_controller(spec, &manifest, dir, accel, &segment) {
         Ok(c) => c,
-        Err(why) => {
-            return Ok(BuildOutcome {
-                end: BuildEnd::SnapshotIncompatible(why),
-                timings: t,
-            })
-        }
+        Err(end) => return Ok(BuildOutcome { end, timings: t }),
     };
     // Dropped on every way out of this function: stops the controller and waits for it,
     // so that an error below never leaves its QEMU behind.
@@ -423,7 +420,7 @@ fn choose_controller(
     dir: &Path,
     accel: Accel,
     segment: &Segment,
-) -> Result<Arc<dyn Controller>, String> {
+) -> Result<Arc<dyn Controller>, BuildEnd> {
     let qemu_boot = || -> Arc<dyn Controller> {
         Arc::new(BootedController {
             qemu: spec.qemu.clone(),
@@ -456,17 +453,26 @@ fn choose_controller(
                 switch: segment.switch().clone(),
                 output: None,
             });
+    // Its files are checked only now that it may be used.
+    let verify_embedded = || {
+        manifest::verify_some_files(dir, manifest, spec.verify_full, |role| {
+            role == manifest::OPTIONAL_ROLE
+        })
+    };
     Ok(match spec.controller {
         ControllerChoice::Boot => qemu_boot(),
         ControllerChoice::EmbeddedBoot => embedded_boot(),
         ControllerChoice::Revive => qemu_revive.ok_or_else(|| {
-            format!(
+            BuildEnd::SnapshotIncompatible(format!(
                 "{} keeps no suspended controller (made by an older vmbuild): use --controller boot or bootstrap it again",
                 dir.display()
-            )
+            ))
         })?,
         ControllerChoice::Embedded => match embedded_revive {
-            Some(c) => Arc::new(c),
+            Some(c) => {
+                verify_embedded().map_err(|e| BuildEnd::SnapshotDamaged(format!("{e:#}")))?;
+                Arc::new(c)
+            }
             None => embedded_boot(),
         },
         ControllerChoice::Auto => {
@@ -484,10 +490,12 @@ fn choose_controller(
             // that host's CPU): a dry restore says so before the build relies on it.
             let embedded_revive = embedded_revive.filter(|c| {
                 embedded_here()
-                    && c.check(&manifest.network.controller_mac)
+                    && verify_embedded()
+                        .map(drop)
+                        .and_then(|()| c.check(&manifest.network.controller_mac))
                         .inspect_err(|e| {
-                            tracing::info!(
-                                "the embedded controller does not restore here ({e:#}): using QEMU's"
+                            tracing::warn!(
+                                "the snapshot's embedded controller cannot be used here ({e:#}): using QEMU's"
                             )
                         })
                         .is_ok()
