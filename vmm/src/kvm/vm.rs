@@ -60,6 +60,7 @@ impl Vm {
             fd.set_tss_address(0xfffb_d000)
                 .context("KVM_SET_TSS_ADDR")?;
             fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+            mask_pics(&fd)?;
             let pit = kvm_bindings::kvm_pit_config {
                 flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
@@ -119,6 +120,29 @@ impl Vm {
     pub fn return_vcpus(&mut self, vcpus: Vec<VcpuFd>) {
         self.vcpus = vcpus;
     }
+}
+
+/// Masks every line of both 8259s, as firmware leaves them once the IOAPIC is in use.
+/// KVM creates them unmasked, and its default routing sends GSIs 0–15 to the PIC as well
+/// as the IOAPIC: a guest that never touches the PIC (Linux under hardware-reduced ACPI
+/// installs no legacy PIC) would otherwise also take every serial or timer interrupt
+/// through LINT0 as a stray vector (the PIC's unprogrammed base + IRQ) and crash.
+fn mask_pics(fd: &kvm_ioctls::VmFd) -> anyhow::Result<()> {
+    for chip_id in [
+        kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+        kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+    ] {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut chip).context("KVM_GET_IRQCHIP")?;
+        // For the PIC chip ids, `pic` is the union member KVM filled in (writing a Copy
+        // union field is safe).
+        chip.chip.pic.imr = 0xff;
+        fd.set_irqchip(&chip).context("KVM_SET_IRQCHIP")?;
+    }
+    Ok(())
 }
 
 /// Local APIC LINT0 as ExtINT (the PIC's output, which Linux uses until it finds an
