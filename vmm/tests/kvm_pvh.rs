@@ -237,39 +237,13 @@ fn serial_input_interrupts_the_guest_through_the_ioapic() {
     if !kvm_here("serial_input_interrupts_the_guest_through_the_ioapic") {
         return;
     }
-    const HANDLER: usize = 0x400;
-    const IDT: usize = 0x800;
-    const IDTR: usize = 0x1000;
-    const VECTOR: usize = 0x30;
-    let abs = |off: usize| (pvh::LOAD as u32 + off as u32).to_le_bytes();
-    let mov_mem = |addr: u32, value: u32| {
-        let mut i = vec![0xc7, 0x05];
-        i.extend(addr.to_le_bytes());
-        i.extend(value.to_le_bytes());
-        i
-    };
-    // mov esp, LOAD + 512 KiB: a stack for the interrupt frame. (The PIC is left as the
-    // VMM created it, as Linux leaves it under hardware-reduced ACPI.)
-    let mut main = vec![0xbc];
-    main.extend(abs(0x8_0000));
-    main.extend([0x0f, 0x01, 0x1d]); // lidt [IDTR]
-    main.extend(abs(IDTR));
-    let com2_gsi = 3u32;
-    main.extend(mov_mem(0xfec0_0000, 0x10 + 2 * com2_gsi)); // IOREGSEL: redirection, low
-    main.extend(mov_mem(0xfec0_0010, VECTOR as u32)); // fixed, edge, high, unmasked
-    main.extend(mov_mem(0xfec0_0000, 0x11 + 2 * com2_gsi)); // high half
-    main.extend(mov_mem(0xfec0_0010, 0)); // to APIC 0
-    main.extend(mov_mem(0xfee0_00f0, 0x1ff)); // local APIC on, spurious vector 0xff
-    main.extend([0x66, 0xba, 0xf9, 0x02, 0xb0, 0x01, 0xee]); // COM2 IER: data available
-    main.extend([0x66, 0xba, 0xfc, 0x02, 0xb0, 0x0b, 0xee]); // COM2 MCR: DTR, RTS, OUT2
-    main.extend(out_bytes(0x3f8, b"ready\n"));
-    main.extend([0xfb, 0xf4, 0xeb, 0xfd]); // sti; hlt; jmp hlt
-
+    let mut setup = vec![0x66, 0xba, 0xf9, 0x02, 0xb0, 0x01, 0xee]; // COM2 IER: data available
+    setup.extend([0x66, 0xba, 0xfc, 0x02, 0xb0, 0x0b, 0xee]); // COM2 MCR: DTR, RTS, OUT2
     let mut handler = vec![
         0x66, 0xba, 0xfd, 0x02, // 0: mov dx, 0x2fd
         0xec, // 4: in al, dx
         0xa8, 0x01, // 5: test al, 1
-        0x74, 0x15, // 7: jz 30 (done)
+        0x74, 0x15, // 7: jz 30 (the end)
         0x66, 0xba, 0xf8, 0x02, // 9: mov dx, 0x2f8
         0xec, // 13: in al, dx
         0x66, 0xba, 0xf8, 0x03, // 14: mov dx, 0x3f8
@@ -280,23 +254,10 @@ fn serial_input_interrupts_the_guest_through_the_ioapic() {
     handler.extend(out_bytes(
         vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
         &[vmbuild::kvm::acpi::S5_POWER_OFF],
-    )); // 23..30
+    ));
     assert_eq!(handler.len(), 30);
-    handler.extend(mov_mem(0xfee0_00b0, 0)); // 30: end of interrupt
-    handler.push(0xcf); // iret
-
-    let mut code = vec![0u8; IDTR + 6];
-    assert!(main.len() <= HANDLER && HANDLER + handler.len() <= IDT);
-    code[..main.len()].copy_from_slice(&main);
-    code[HANDLER..HANDLER + handler.len()].copy_from_slice(&handler);
-    let target = pvh::LOAD as u32 + HANDLER as u32;
-    let gate = IDT + 8 * VECTOR;
-    code[gate..gate + 2].copy_from_slice(&(target as u16).to_le_bytes());
-    code[gate + 2..gate + 4].copy_from_slice(&0x08u16.to_le_bytes()); // code segment
-    code[gate + 5] = 0x8e; // present, 32-bit interrupt gate
-    code[gate + 6..gate + 8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
-    code[IDTR..IDTR + 2].copy_from_slice(&(256u16 * 8 - 1).to_le_bytes());
-    code[IDTR + 2..IDTR + 6].copy_from_slice(&abs(IDT));
+    let com2_gsi = vmbuild::kvm::linux::SERIAL_PORTS[1].gsi;
+    let code = interrupt_guest(com2_gsi, &setup, &handler);
 
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_kernel(dir.path(), &code);
@@ -335,4 +296,89 @@ fn serial_input_interrupts_the_guest_through_the_ioapic() {
         console.text(),
         format!("ready\n{}", String::from_utf8_lossy(text))
     );
+}
+
+/// A guest that takes GSI `gsi` as an interrupt: it sets up a stack, an IDT whose only
+/// gate is the handler's, routes `gsi` through the IOAPIC to it, enables its local APIC,
+/// runs `setup`, prints "ready" on COM1 and halts with interrupts on. `handler` runs for
+/// each interrupt, followed by an end-of-interrupt and `iret`. (The PIC is left as the
+/// VMM created it, as Linux leaves it under hardware-reduced ACPI: any other interrupt
+/// finds no gate and resets the VM.)
+fn interrupt_guest(gsi: u32, setup: &[u8], handler: &[u8]) -> Vec<u8> {
+    const HANDLER: usize = 0x400;
+    const IDT: usize = 0x800;
+    const IDTR: usize = 0x1000;
+    const VECTOR: usize = 0x30;
+    let abs = |off: usize| (pvh::LOAD as u32 + off as u32).to_le_bytes();
+    let mov_mem = |addr: u32, value: u32| {
+        let mut i = vec![0xc7, 0x05];
+        i.extend(addr.to_le_bytes());
+        i.extend(value.to_le_bytes());
+        i
+    };
+    let mut main = vec![0xbc]; // mov esp, LOAD + 512 KiB
+    main.extend(abs(0x8_0000));
+    main.extend([0x0f, 0x01, 0x1d]); // lidt [IDTR]
+    main.extend(abs(IDTR));
+    main.extend(mov_mem(0xfec0_0000, 0x10 + 2 * gsi)); // IOREGSEL: redirection, low half
+    main.extend(mov_mem(0xfec0_0010, VECTOR as u32)); // fixed, edge, high, unmasked
+    main.extend(mov_mem(0xfec0_0000, 0x11 + 2 * gsi)); // high half
+    main.extend(mov_mem(0xfec0_0010, 0)); // to APIC 0
+    main.extend(mov_mem(0xfee0_00f0, 0x1ff)); // local APIC on, spurious vector 0xff
+    main.extend(setup);
+    main.extend(out_bytes(0x3f8, b"ready\n"));
+    main.extend([0xfb, 0xf4, 0xeb, 0xfd]); // sti; hlt; jmp hlt
+
+    let mut full_handler = handler.to_vec();
+    full_handler.extend(mov_mem(0xfee0_00b0, 0)); // end of interrupt
+    full_handler.push(0xcf); // iret
+
+    let mut code = vec![0u8; IDTR + 6];
+    assert!(main.len() <= HANDLER && HANDLER + full_handler.len() <= IDT);
+    code[..main.len()].copy_from_slice(&main);
+    code[HANDLER..HANDLER + full_handler.len()].copy_from_slice(&full_handler);
+    let target = pvh::LOAD as u32 + HANDLER as u32;
+    let gate = IDT + 8 * VECTOR;
+    code[gate..gate + 2].copy_from_slice(&(target as u16).to_le_bytes());
+    code[gate + 2..gate + 4].copy_from_slice(&0x08u16.to_le_bytes()); // code segment
+    code[gate + 5] = 0x8e; // present, 32-bit interrupt gate
+    code[gate + 6..gate + 8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    code[IDTR..IDTR + 2].copy_from_slice(&(256u16 * 8 - 1).to_le_bytes());
+    code[IDTR + 2..IDTR + 6].copy_from_slice(&abs(IDT));
+    code
+}
+
+/// A restore announces the new VM generation: the Generic Event Device's interrupt
+/// reaches the guest (through the IOAPIC, as Linux's evged driver takes it) and the
+/// guest reads an ID at the address the DSDT gives, which is the restored VM's, not the
+/// snapshotted one's.
+#[test]
+fn a_restore_interrupts_the_guest_with_its_new_generation_id() {
+    if !kvm_here("a_restore_interrupts_the_guest_with_its_new_generation_id") {
+        return;
+    }
+    let generation = vmbuild::kvm::linux::GENERATION_ID;
+    let (id_at, ged_gsi) = (generation.addr as u32, generation.gsi);
+    let mut handler = vec![0xbe]; // mov esi, the ID
+    handler.extend(id_at.to_le_bytes());
+    handler.extend([0xb9, 16, 0, 0, 0]); // mov ecx, 16
+    handler.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    handler.extend([0xac, 0xee, 0xe2, 0xfc]); // lodsb; out dx, al; loop back
+    let code = interrupt_guest(ged_gsi, &[], &handler);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, console) = boot(&write_kernel(dir.path(), &code));
+    let end = vm.run_until(|| console.text().contains("ready\n"));
+    assert_eq!(end, LinuxEnd::TimedOut, "{}", console.text());
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    vm.snapshot(&snap).unwrap();
+    assert_eq!(console.text(), "ready\n", "no event before the restore");
+
+    let after = Transcript::new(None);
+    let mut restored = LinuxVm::restore(&snap, after.clone(), Vec::new(), Vec::new()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    restored.run_until(|| after.bytes().len() >= 16 || Instant::now() > deadline);
+    let id = restored.generation_id().unwrap();
+    assert_ne!(id, vm.generation_id().unwrap());
+    assert_eq!(after.bytes(), id, "the guest read the new ID on the event");
 }

@@ -72,7 +72,7 @@ pub struct LinuxConfig<'a> {
 /// Linux's 8250 driver registers with `8250.nr_uarts=3`. The DSDT lists them (see
 /// [`acpi::LegacySerial`]), so each can have a line of its own: COM3 does not share
 /// COM1's as on a PC.
-pub(crate) const SERIAL_PORTS: [acpi::LegacySerial; 3] = [
+pub const SERIAL_PORTS: [acpi::LegacySerial; 3] = [
     acpi::LegacySerial {
         base: COM1_BASE,
         gsi: COM1_GSI,
@@ -109,7 +109,7 @@ const ACPI_TABLES: u64 = 0xe_0000;
 /// The VM generation ID: at a fixed place (a restore rewrites it without reading the
 /// tables), after the tables in the same reserved area, announced on the GSI after the
 /// virtio devices'.
-pub(crate) const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
+pub const GENERATION_ID: acpi::GenerationId = acpi::GenerationId {
     addr: 0xe_f000,
     gsi: VIRTIO_FIRST_GSI + MAX_VIRTIO_DEVICES as u32,
 };

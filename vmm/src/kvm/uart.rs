@@ -41,6 +41,11 @@ impl Transcript {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.kept.lock().unwrap()).into_owned()
     }
+
+    /// What was kept, as bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.kept.lock().unwrap().clone()
+    }
 }
 
 /// The transcript keeps the last this many bytes (a long build's console must not grow
