@@ -20,6 +20,11 @@ fn write_kernel(dir: &Path, code: &[u8]) -> PathBuf {
 }
 
 fn boot(kernel: &Path) -> (LinuxVm, Transcript) {
+    boot_with(kernel, Vec::new())
+}
+
+/// A VM for `kernel` with COM1 as its console and `serials` as COM2 and COM3.
+fn boot_with(kernel: &Path, serials: Vec<Transcript>) -> (LinuxVm, Transcript) {
     let console = Transcript::new(None);
     let vm = LinuxVm::new(
         &LinuxConfig {
@@ -29,7 +34,7 @@ fn boot(kernel: &Path) -> (LinuxVm, Transcript) {
             memory_mib: 64,
         },
         console.clone(),
-        Vec::new(),
+        serials,
         Vec::new(),
     )
     .unwrap();
@@ -191,20 +196,8 @@ fn serial_input_reaches_the_guest_in_order() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let console = Transcript::new(None);
     let kernel = write_kernel(dir.path(), &echo_com2_guest());
-    let mut vm = LinuxVm::new(
-        &LinuxConfig {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "console=ttyS0",
-            memory_mib: 64,
-        },
-        console.clone(),
-        vec![Transcript::new(None)],
-        Vec::new(),
-    )
-    .unwrap();
+    let (mut vm, console) = boot_with(&kernel, vec![Transcript::new(None)]);
     let input = vm.serial_input(1).expect("COM2");
     assert!(vm.serial_input(2).is_none(), "only COM1 and COM2 exist");
     let mut text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
@@ -261,19 +254,7 @@ fn serial_input_interrupts_the_guest_through_the_ioapic() {
 
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_kernel(dir.path(), &code);
-    let console = Transcript::new(None);
-    let mut vm = LinuxVm::new(
-        &LinuxConfig {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "console=ttyS0",
-            memory_mib: 64,
-        },
-        console.clone(),
-        vec![Transcript::new(None)],
-        Vec::new(),
-    )
-    .unwrap();
+    let (mut vm, console) = boot_with(&kernel, vec![Transcript::new(None)]);
     let input = vm.serial_input(1).unwrap();
     let text = b"interrupt-driven input, well over one FIFO's worth of it: 0123456789 abcdefghijklmnopqrstuvwxyz\n";
     let feeder = {

@@ -45,6 +45,17 @@ impl GuestConsole {
         }
     }
 
+    /// A console that also goes to the file at `log`, if any (created).
+    pub fn logged_to(log: Option<&std::path::Path>) -> anyhow::Result<GuestConsole> {
+        let log: Option<Box<dyn std::io::Write + Send>> = match log {
+            Some(p) => Some(Box::new(std::fs::File::create(p).map_err(|e| {
+                anyhow::anyhow!("creating the console log {}: {e}", p.display())
+            })?)),
+            None => None,
+        };
+        Ok(GuestConsole::new(log))
+    }
+
     pub fn tail(&self, lines: usize) -> String {
         let text = self.transcript.text();
         let all: Vec<&str> = text.lines().collect();

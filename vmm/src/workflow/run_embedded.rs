@@ -114,15 +114,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     let initrd = initrd::with_files(&spec.initrd, rundir.path(), &files)
         .context("writing the run's initrd")?;
 
-    let log: Option<Box<dyn std::io::Write + Send>> = match &spec.log {
-        Some(p) => {
-            Some(Box::new(std::fs::File::create(p).with_context(|| {
-                format!("creating the console log {}", p.display())
-            })?))
-        }
-        None => None,
-    };
-    let console = GuestConsole::new(log);
+    let console = GuestConsole::logged_to(spec.log.as_deref())?;
     let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
     let stderr = Transcript::new(Some(Box::new(std::io::stderr())));
     let cmdline = append.join(" ");

@@ -83,15 +83,7 @@ pub fn bootstrap_embedded_controller(
     b: &EmbeddedBootstrap,
     signals: &Receiver<()>,
 ) -> anyhow::Result<Result<Marks, ControllerEnd>> {
-    let log: Option<Box<dyn std::io::Write + Send>> = match b.console_log {
-        Some(p) => {
-            Some(Box::new(std::fs::File::create(p).with_context(|| {
-                format!("creating the console log {}", p.display())
-            })?))
-        }
-        None => None,
-    };
-    let console = GuestConsole::new(log);
+    let console = GuestConsole::logged_to(b.console_log)?;
     // The first login's own output (COM2, COM3) is nobody's: kept for errors only.
     let (out, err) = (Transcript::new(None), Transcript::new(None));
     let started = Instant::now();
@@ -197,9 +189,7 @@ impl Controller for EmbeddedRevivedController {
         plan: &SessionPlan,
         stop: Receiver<()>,
     ) -> anyhow::Result<ControllerOutcome> {
-        let log = std::fs::File::create(&plan.console_log)
-            .with_context(|| format!("creating {}", plan.console_log.display()))?;
-        let console = GuestConsole::new(Some(Box::new(log)));
+        let console = GuestConsole::logged_to(Some(&plan.console_log))?;
         let (stdout, stderr) = self.output.clone().unwrap_or_else(|| {
             (
                 Transcript::new(Some(Box::new(std::io::stdout()))),
