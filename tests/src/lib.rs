@@ -1,10 +1,12 @@
 //! Test support shared by vmbuild's integration tests and benchmarks: a vhost-user
 //! front-end that plays the guest driver with no VM, a FUSE client on top of it, and a
-//! launcher that boots the guest kit under QEMU.
+//! launcher that boots the guest kit under QEMU, and hand-assembled kernels for the
+//! embedded VMM.
 
 pub mod fuse_client;
 pub mod guest;
 pub mod netns;
+pub mod pvh;
 pub mod vhost_frontend;
 
 /// Reports a test (or part of one) skipped because this host lacks something, with the

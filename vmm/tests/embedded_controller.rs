@@ -17,9 +17,7 @@ use vmbuild::snapshot::controller::{Controller, ControllerEnd, SessionPlan};
 use vmbuild::snapshot::manifest::{NetworkPlan, SshPlan};
 use vswitch::{Switch, SwitchConfig};
 
-#[path = "support/pvh.rs"]
-mod pvh;
-use pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
+use vmbuild_tests::pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
 fn daemon_guest() -> Vec<u8> {
     let mut code = out_bytes(0x3f8, b"vmbuild-phase=controller-ready\n");

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use vmbuild::kvm::uart::Transcript;
 
-#[path = "support/pvh.rs"]
-mod pvh;
-use pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
+use vmbuild_tests::pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
 fn write_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     let path = dir.join("vmlinux");
@@ -290,7 +288,7 @@ fn interrupt_guest(gsi: u32, setup: &[u8], handler: &[u8]) -> Vec<u8> {
     const IDT: usize = 0x800;
     const IDTR: usize = 0x1000;
     const VECTOR: usize = 0x30;
-    let abs = |off: usize| (pvh::LOAD as u32 + off as u32).to_le_bytes();
+    let abs = |off: usize| (vmbuild_tests::pvh::LOAD as u32 + off as u32).to_le_bytes();
     let mov_mem = |addr: u32, value: u32| {
         let mut i = vec![0xc7, 0x05];
         i.extend(addr.to_le_bytes());
@@ -318,7 +316,7 @@ fn interrupt_guest(gsi: u32, setup: &[u8], handler: &[u8]) -> Vec<u8> {
     assert!(main.len() <= HANDLER && HANDLER + full_handler.len() <= IDT);
     code[..main.len()].copy_from_slice(&main);
     code[HANDLER..HANDLER + full_handler.len()].copy_from_slice(&full_handler);
-    let target = pvh::LOAD as u32 + HANDLER as u32;
+    let target = vmbuild_tests::pvh::LOAD as u32 + HANDLER as u32;
     let gate = IDT + 8 * VECTOR;
     code[gate..gate + 2].copy_from_slice(&(target as u16).to_le_bytes());
     code[gate + 2..gate + 4].copy_from_slice(&0x08u16.to_le_bytes()); // code segment

@@ -5,6 +5,10 @@
 //!   until the guest's next instruction, vs QEMU `-incoming` from a `file:` snapshot
 //!   (mapped-ram + multifd, as `vmbuild bootstrap` writes them) until `running`. Both
 //!   warm (state in the page cache).
+//! - the lifecycle's controller restore: a `LinuxVm` as the embedded controller is one
+//!   (160 MiB, a NIC on a switch, COM1–COM3, the generation ID and its event) restored
+//!   until its guest's next instruction, vs QEMU `-incoming` of a 160 MiB guest (how the
+//!   QEMU controller is revived).
 //!
 //! Reproduce: `cargo build --release -p vmbuild-benches && target/release/kvm-bench`
 
@@ -34,6 +38,9 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "/var/tmp/vmbuild-kvm-bench")]
     workdir: PathBuf,
+    /// Skip the controller-shaped restore row
+    #[arg(long)]
+    no_controller: bool,
 }
 
 /// Long-mode guest: fill memory from 1 MiB to the end with a pattern, `out 0x81` once
@@ -138,7 +145,104 @@ fn main() -> anyhow::Result<()> {
         let (e, q) = (median(restores), median(qemu));
         println!("| {mib} MiB | {e:.2} | {q:.1} | {:.0}× |", q / e);
     }
+    if !args.no_controller {
+        controller_restore(&args, &kit)?;
+    }
     let _ = std::fs::remove_dir_all(&args.workdir);
+    Ok(())
+}
+
+/// The embedded controller's restore against the QEMU controller's revive, at the
+/// controller's memory size.
+fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
+    use std::sync::{Arc, OnceLock};
+    use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+    use vmbuild::kvm::uart::Transcript;
+    use vmbuild::kvm::virtio::net::NetDevice;
+    use vmbuild::snapshot::controller::CONTROLLER_MEMORY_MIB;
+    use vmbuild_tests::pvh::{out_bytes, pvh_kernel};
+    use vswitch::{Switch, SwitchConfig, VlanMode};
+
+    /// A console sink that notes when the guest first wrote.
+    struct FirstWrite(Arc<OnceLock<Instant>>);
+    impl std::io::Write for FirstWrite {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.set(Instant::now());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let mib = CONTROLLER_MEMORY_MIB as usize;
+    let dir = args.workdir.join("controller");
+    std::fs::create_dir_all(&dir)?;
+    // 32-bit guest: fill memory from 2 MiB up, say so, then write to COM1 for ever.
+    let mut code = vec![0xbf]; // mov edi, 2 MiB
+    code.extend(0x20_0000u32.to_le_bytes());
+    code.push(0xb9); // mov ecx, dwords
+    code.extend((((mib << 20) - 0x20_0000) as u32 / 4).to_le_bytes());
+    code.push(0xb8); // mov eax, pattern
+    code.extend(0x89ab_cdefu32.to_le_bytes());
+    code.extend([0xf3, 0xab]); // rep stosd
+    code.extend(out_bytes(0x3f8, b"ready\n"));
+    code.extend([0xb0, b'.', 0xee, 0xeb, 0xfd]); // mov al, '.'; out dx, al; jmp out
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, pvh_kernel(&code))?;
+    let devices = |switch: &Arc<Switch>| -> Vec<Box<dyn vmbuild::kvm::virtio::VirtioDevice>> {
+        vec![Box::new(NetDevice::new(
+            switch,
+            "controller",
+            [0x52, 0x54, 0, 0x77, 0, 1],
+            VlanMode::default(),
+        ))]
+    };
+    let switch = Switch::new(SwitchConfig::default());
+    let serials = || vec![Transcript::new(None), Transcript::new(None)];
+    eprintln!("[kvm-bench] controller ({mib} MiB): embedded guest filling its memory");
+    let console = Transcript::new(None);
+    let mut vm = LinuxVm::new(
+        &LinuxConfig {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            memory_mib: mib,
+        },
+        console.clone(),
+        serials(),
+        devices(&switch),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let end = vm.run_until(|| console.text().contains("ready") || Instant::now() > deadline);
+    if end != LinuxEnd::TimedOut || !console.text().contains("ready") {
+        bail!("the controller-shaped guest did not fill its memory: {end:?}");
+    }
+    let snap = dir.join("embedded");
+    std::fs::create_dir_all(&snap)?;
+    vm.snapshot(&snap)?;
+    drop(vm);
+    let mut restores = Vec::new();
+    for _ in 0..args.rounds {
+        let first = Arc::new(OnceLock::new());
+        let console = Transcript::new(Some(Box::new(FirstWrite(first.clone()))));
+        let t = Instant::now();
+        let mut vm = LinuxVm::restore(&snap, console, serials(), devices(&switch))?;
+        let limit = Instant::now() + Duration::from_secs(10);
+        vm.run_until(|| first.get().is_some() || Instant::now() > limit);
+        let Some(at) = first.get() else {
+            bail!("the restored controller-shaped guest did not run");
+        };
+        restores.push((*at - t).as_secs_f64() * 1000.0);
+    }
+    eprintln!("[kvm-bench] controller ({mib} MiB): QEMU guest filling its memory");
+    let qemu = qemu_restores(&dir, kit, mib as u32, args.rounds)?;
+    let (e, q) = (median(restores), median(qemu));
+    println!(
+        "\n| the lifecycle's controller ({mib} MiB) | embedded restore with its devices → next instruction (ms) | QEMU -incoming → running (ms) | embedded vs QEMU |"
+    );
+    println!("|---|---|---|---|");
+    println!("| restore | {e:.2} | {q:.1} | {:.0}× |", q / e);
     Ok(())
 }
 

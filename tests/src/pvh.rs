@@ -1,6 +1,6 @@
-//! Kernels the tests assemble themselves for the embedded VMM's Linux machine: an ELF with
-//! a PVH note and a few instructions, which run on any KVM (unlike Linux on this host).
-#![allow(dead_code)]
+//! Kernels the tests and benchmarks assemble themselves for the embedded VMM's Linux
+//! machine: an ELF with a PVH note and a few 32-bit instructions, which run on any KVM
+//! (unlike Linux on hosts whose KVM cannot run it).
 
 /// Where the code is loaded and entered (PVH: 32-bit protected mode, paging off).
 pub const LOAD: u64 = 0x10_0000;
@@ -92,7 +92,7 @@ pub fn kvm_here(name: &str) -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        vmbuild_tests::skip(name, "/dev/kvm cannot be opened");
+        crate::skip(name, "/dev/kvm cannot be opened");
     }
     ok
 }
