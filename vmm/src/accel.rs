@@ -3,6 +3,7 @@
 //! after tens of seconds, so `/dev/kvm` opening proves nothing. The probe boots the guest
 //! kit under KVM with a short limit and remembers the answer per host kernel and kit.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,36 +93,69 @@ pub fn resolve(
     }
 }
 
-/// One answer per host kernel, guest kernel and prober (`what`). The guest kernel is
-/// identified by its checksum where one is recorded next to it (the guest kit's
-/// `kit.json`, a snapshot's `manifest.json`: the kit's kernel and a snapshot's copy of it
-/// share one answer), else by size and modification time. The embedded VMM's answer also
-/// depends on the vmbuild binary that gave it.
-fn cache_file(what: &str, kernel: &Path) -> PathBuf {
+/// One answer per host kernel, guest kernel and initramfs, and prober (`what`). Each file
+/// is identified by its checksum where one is recorded next to it (the guest kit's
+/// `kit.json`, a snapshot's `manifest.json`: the kit's files and a snapshot's copies of
+/// them share one answer), else by size and modification time. The embedded VMM's
+/// answer also depends on the vmbuild binary that gave it.
+fn cache_file(what: &str, kernel: &Path, initrd: &Path) -> Option<PathBuf> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kernel_id = recorded_sha256(kernel).unwrap_or_else(|| file_id(kernel));
+    let id = |f: &Path| recorded_sha256(f).unwrap_or_else(|| file_id(f));
     let prober = match what {
         "kvm" => String::new(),
         _ => std::env::current_exe()
             .map(|exe| file_id(&exe))
             .unwrap_or_default(),
     };
-    let key = format!("{}|{}|{}", release.trim(), kernel_id, prober);
+    let key = format!(
+        "{}|{}|{}|{}",
+        release.trim(),
+        id(kernel),
+        id(initrd),
+        prober
+    );
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     });
-    crate::snapshot::manifest::cache_dir().join(format!("{what}-probe-{hash:016x}"))
+    Some(private_cache_dir()?.join(format!("{what}-probe-{hash:016x}")))
 }
 
-fn recorded_sha256(kernel: &Path) -> Option<String> {
+/// The cache directory, if it is this user's own (created 0700): answers in a directory
+/// someone else could write would be theirs to plant.
+fn private_cache_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = crate::snapshot::manifest::cache_dir();
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let mine = meta.is_dir() && meta.uid() == unsafe { libc::geteuid() };
+    let private = meta.mode() & 0o022 == 0;
+    (mine && private).then_some(dir)
+}
+
+/// The checksum recorded for `file` next to it: the kit's `kit.json` names its files
+/// (`vmlinux`, `bzimage`, `initrd` with their `*_sha256`); a snapshot's manifest lists
+/// each file by name.
+fn recorded_sha256(file: &Path) -> Option<String> {
     let json = |name: &str| -> Option<serde_json::Value> {
-        let text = std::fs::read_to_string(kernel.with_file_name(name)).ok()?;
+        let text = std::fs::read_to_string(file.with_file_name(name)).ok()?;
         serde_json::from_str(&text).ok()
     };
+    let file_name = file.file_name()?.to_str()?;
     if let Some(kit) = json("kit.json") {
-        return kit.get("vmlinux_sha256")?.as_str().map(str::to_owned);
+        return ["vmlinux", "bzimage", "initrd"].iter().find_map(|role| {
+            (kit.get(*role)?.as_str()? == file_name)
+                .then(|| {
+                    kit.get(format!("{role}_sha256"))?
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .flatten()
+        });
     }
-    let file_name = kernel.file_name()?.to_str()?;
     json("manifest.json")?
         .get("files")?
         .as_array()?
@@ -140,7 +174,7 @@ fn file_id(path: &Path) -> String {
 
 /// Probes once per host kernel and guest kernel; later calls read the cached answer.
 pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
-    cached("kvm", kernel, || probe_kvm(qemu, kernel, initrd))
+    cached("kvm", kernel, initrd, || probe_kvm(qemu, kernel, initrd))
 }
 
 /// Whether the embedded VMM itself boots the kit's Linux to init on this host, within the
@@ -155,24 +189,44 @@ pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmPr
     if !kvm.usable {
         return kvm;
     }
-    cached("embedded", kernel, || {
+    cached("embedded", kernel, initrd, || {
         crate::kvm::probe::boot_to_init(kernel, initrd, PROBE_LIMIT)
     })
 }
 
-fn cached(what: &str, kernel: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmProbe {
-    let cache = cache_file(what, kernel);
+/// How long a negative answer is believed: a "no" can come from a host that was busy at
+/// the time; a "yes" stands until the host kernel, the guest files or vmbuild change.
+const NEGATIVE_ANSWER_LIFE: Duration = Duration::from_secs(24 * 3600);
+
+fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmProbe {
+    let Some(cache) = cache_file(what, kernel, initrd) else {
+        return probe();
+    };
     let read_cached = || {
         let text = std::fs::read_to_string(&cache).ok()?;
         let (flag, reason) = text.split_once('\n')?;
-        Some(KvmProbe::answer(flag == "usable", reason.trim().to_owned()))
+        let usable = flag == "usable";
+        let age = std::fs::metadata(&cache)
+            .ok()?
+            .modified()
+            .ok()?
+            .elapsed()
+            .ok()?;
+        if !usable && age > NEGATIVE_ANSWER_LIFE {
+            return None;
+        }
+        Some(KvmProbe::answer(usable, reason.trim().to_owned()))
     };
     if let Some(p) = read_cached() {
         return p;
     }
     // Concurrent runs probe once: the first holds the lock, the others wait and read.
-    let _ = std::fs::create_dir_all(cache.parent().unwrap_or(Path::new("/")));
-    let _lock = std::fs::File::create(cache.with_extension("lock"))
+    let _lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(cache.with_extension("lock"))
         .ok()
         .inspect(|f| {
             // SAFETY: flock(2) on a file we own; released when the file is closed.
@@ -184,9 +238,19 @@ fn cached(what: &str, kernel: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmPro
     let probe = probe();
     if probe.definitive {
         let flag = if probe.usable { "usable" } else { "unusable" };
-        let tmp = cache.with_extension("tmp");
-        if std::fs::write(&tmp, format!("{flag}\n{}\n", probe.reason)).is_ok() {
+        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, format!("{flag}\n{}\n", probe.reason).as_bytes())
+            });
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, &cache);
+        } else {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     probe

@@ -258,7 +258,7 @@ fn a_live_9p_session_survives_a_snapshot() {
     c.call(12, &open).unwrap();
     assert!(c.d.t.snapshot_blocker().is_none());
 
-    // Save, as a snapshot's devices.json has it, and restore onto a new server.
+    // Save, as a snapshot's state file keeps it, and restore onto a new server.
     let state: vmbuild::kvm::virtio::mmio::TransportState =
         serde_json::from_str(&serde_json::to_string(&c.d.t.save()).unwrap()).unwrap();
     assert!(state.device.is_some(), "the 9p session is saved");

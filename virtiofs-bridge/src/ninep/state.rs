@@ -125,8 +125,16 @@ impl NinepServer {
                 if *write && self.read_only {
                     return Err("it was open for writing and the share is read-only".into());
                 }
+                // The access mode follows `write`, whatever the saved flags claim: a
+                // fid that may not write is never opened for writing on the host.
+                let access = match (*write, flags & libc::O_ACCMODE) {
+                    (false, _) => libc::O_RDONLY,
+                    (true, a @ (libc::O_WRONLY | libc::O_RDWR)) => a,
+                    (true, _) => return Err("its saved access mode is not a writing one".into()),
+                };
+                let flags = (flags & KEPT_FLAGS & !libc::O_ACCMODE) | access;
                 Some(Open::File {
-                    file: reopen(&node, flags & KEPT_FLAGS).map_err(errno)?,
+                    file: reopen(&node, flags).map_err(errno)?,
                     write: *write,
                 })
             }

@@ -1096,5 +1096,30 @@ fn a_saved_session_restores_into_a_new_server() {
         assert_eq!(report.restored, 0, "{path:?}: {report:?}");
         assert_eq!(d.write(9, 0, b"pwned"), Err(libc::EBADF as u32));
     }
+    // A fid saved as not writing is never opened for writing, whatever its flags say.
+    let sneaky = NinepState {
+        msize: 8192,
+        fids: vec![SavedFid {
+            fid: 10,
+            path: vec![b"a".to_vec()],
+            dev: std::fs::metadata(share.join("a")).unwrap().dev(),
+            ino: std::fs::metadata(share.join("a")).unwrap().ino(),
+            open: Some(SavedOpen::File {
+                flags: libc::O_RDWR | libc::O_APPEND,
+                write: false,
+            }),
+        }],
+    };
+    assert_eq!(d.s.restore_state(&sneaky).restored, 1);
+    {
+        let fids = d.s.fids.lock().unwrap();
+        let Some(Open::File { file, .. }) = &fids[&10].open else {
+            panic!("fid 10 is not an open file");
+        };
+        // SAFETY: F_GETFL on the descriptor the server holds.
+        let fl = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(file), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    }
+    assert_eq!(d.write(10, 0, b"x"), Err(libc::EBADF as u32));
     assert_eq!(snapshot(&outside), before_outside);
 }

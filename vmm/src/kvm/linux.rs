@@ -171,13 +171,13 @@ impl Bus for PcBus {
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((off, t)) = self.window(addr) {
-            t.lock().unwrap().write(off, data);
+            lock(t).write(off, data);
         }
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.window(addr) {
-            Some((off, t)) => t.lock().unwrap().read(off, data),
+            Some((off, t)) => lock(t).read(off, data),
             None => data.fill(0xff),
         }
     }
@@ -426,9 +426,13 @@ impl LinuxVm {
         };
         self.bus.stop.store(false, Ordering::Release);
         let (bus, stop) = (self.bus.clone(), self.bus.stop.clone());
+        // The thread keeps guest RAM mapped for as long as it may enter the guest, even if
+        // the VM is abandoned and dropped while it is stuck.
+        let ram = self.vm.ram().clone();
         crate::kvm::vcpu::kick_signal();
         let thread = std::thread::spawn(move || {
             let end = run(&mut vcpu, &*bus, &stop);
+            drop(ram);
             (vcpu, end)
         });
         while !thread.is_finished() {
@@ -482,6 +486,12 @@ impl LinuxVm {
     }
 }
 
+/// A device lock that outlives a panic of the thread that held it: the host side still
+/// has to save, quiesce and drop the device (its state is the best there is).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long a stopped vCPU may take to come back from a device's host I/O.
 const STOP_LIMIT: Duration = Duration::from_secs(5);
 
@@ -493,41 +503,50 @@ struct DeviceStates {
     virtio: Vec<TransportState>,
 }
 
-const DEVICES_FILE: &str = "devices.json";
-
 impl LinuxVm {
     /// Writes the stopped VM (after [`LinuxVm::run`] returned) and its devices to `dir`.
     pub fn snapshot(&self, dir: &Path) -> anyhow::Result<()> {
+        if self.vm.vcpus().is_empty() {
+            bail!("the VM was abandoned (its vCPU thread did not stop): it cannot be snapshotted");
+        }
+        if let Some(end) = self.guest_end() {
+            bail!("the guest has ended the VM ({end:?}): there is nothing to snapshot");
+        }
         for (i, (_, t)) in self.bus.virtio.iter().enumerate() {
-            if let Some(why) = t.lock().unwrap().snapshot_blocker() {
+            if let Some(why) = lock(t).snapshot_blocker() {
                 bail!("virtio device {i} cannot be snapshotted: {why}");
             }
         }
         // The vCPU is stopped; the devices' host threads stop writing guest memory too,
-        // so that memory, the rings and the saved queue positions agree.
+        // and host input waits, so that memory, the rings, the UARTs and the interrupt
+        // state all agree.
         for (_, t) in &self.bus.virtio {
-            t.lock().unwrap().quiesce();
+            lock(t).quiesce();
+        }
+        for u in &self.bus.uarts {
+            u.set_quiesced(true);
         }
         let saved = self.save_quiesced(dir);
+        for u in &self.bus.uarts {
+            u.set_quiesced(false);
+        }
         for (_, t) in &self.bus.virtio {
-            t.lock().unwrap().resume();
+            lock(t).resume();
         }
         saved
     }
 
     fn save_quiesced(&self, dir: &Path) -> anyhow::Result<()> {
-        snapshot::save(&self.vm, dir)?;
         let states = DeviceStates {
             uarts: self.bus.uarts.iter().map(Uart::save).collect(),
             virtio: self
                 .bus
                 .virtio
                 .iter()
-                .map(|(_, t)| t.lock().unwrap().save())
+                .map(|(_, t)| lock(t).save())
                 .collect(),
         };
-        std::fs::write(dir.join(DEVICES_FILE), serde_json::to_vec(&states)?)?;
-        Ok(())
+        snapshot::save_with(&self.vm, dir, Some(serde_json::to_value(&states)?))
     }
 
     /// A VM restored from `dir`, with `devices` (the same kinds, in the same order, as
@@ -538,11 +557,11 @@ impl LinuxVm {
         serials: Vec<Transcript>,
         devices: Vec<Box<dyn VirtioDevice>>,
     ) -> anyhow::Result<LinuxVm> {
-        let states: DeviceStates = serde_json::from_slice(
-            &std::fs::read(dir.join(DEVICES_FILE))
-                .with_context(|| format!("{} has no device state", dir.display()))?,
+        let (vm, states) = snapshot::restore_with(dir)?;
+        let states: DeviceStates = serde_json::from_value(
+            states.with_context(|| format!("{} keeps no device state", dir.display()))?,
         )
-        .with_context(|| format!("{} is damaged", dir.join(DEVICES_FILE).display()))?;
+        .with_context(|| format!("the device state in {} is damaged", dir.display()))?;
         if states.virtio.len() != devices.len() {
             bail!(
                 "the snapshot had {} virtio devices, {} were given",
@@ -550,7 +569,6 @@ impl LinuxVm {
                 devices.len()
             );
         }
-        let vm = snapshot::restore(dir)?;
         let windows = windows(devices.len());
         let mut outputs = vec![console.clone()];
         outputs.extend(serials);

@@ -65,6 +65,10 @@ struct StateFile {
     vcpus: Vec<VcpuState>,
     /// The in-kernel PC devices, for a VM made with `Vm::new_pc`.
     pc: Option<PcState>,
+    /// The VMM's own devices (a Linux VM's UARTs and virtio devices), kept in this file
+    /// so that one rename switches the whole snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    devices: Option<serde_json::Value>,
 }
 
 /// KVM structures kept as their bytes (kvm-bindings has no serde for them), checked for
@@ -200,6 +204,11 @@ fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> anyhow::Result<()> {
 
 /// Writes `vm`'s memory and vCPU state into `dir` (created). The vCPUs must be stopped.
 pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
+    save_with(vm, dir, None)
+}
+
+/// As [`save`], with the VMM's device state in the same state file.
+pub fn save_with(vm: &Vm, dir: &Path, devices: Option<serde_json::Value>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let vcpus = vm
         .vcpus()
@@ -241,6 +250,7 @@ pub fn save(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
         memory_bytes: vm.ram().len() as u64,
         vcpus,
         pc,
+        devices,
     };
     let tmp = dir.join(".vcpus.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
@@ -276,6 +286,11 @@ fn check_memory_name(name: &str) -> anyhow::Result<()> {
 
 /// A new VM with the memory and vCPU state of the snapshot in `dir`.
 pub fn restore(dir: &Path) -> anyhow::Result<Vm> {
+    Ok(restore_with(dir)?.0)
+}
+
+/// As [`restore`], also returning the device state [`save_with`] kept.
+pub fn restore_with(dir: &Path) -> anyhow::Result<(Vm, Option<serde_json::Value>)> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read(&path).with_context(|| {
         format!(
@@ -322,5 +337,5 @@ pub fn restore(dir: &Path) -> anyhow::Result<Vm> {
     for (vcpu, s) in vm.vcpus().iter().zip(&state.vcpus) {
         restore_vcpu(vcpu, s)?;
     }
-    Ok(vm)
+    Ok((vm, state.devices))
 }

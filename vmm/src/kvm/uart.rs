@@ -80,6 +80,8 @@ pub struct Uart {
     /// Notified when the guest reads the receive register: room in the FIFO for
     /// [`Uart::feed_wait`].
     drained: Condvar,
+    /// While a snapshot is taken, host input waits.
+    quiesced: std::sync::atomic::AtomicBool,
     base: u16,
 }
 
@@ -95,12 +97,13 @@ impl Uart {
         Uart {
             serial: Mutex::new(Serial::new(IrqTrigger(irq), out)),
             drained: Condvar::new(),
+            quiesced: std::sync::atomic::AtomicBool::new(false),
             base,
         }
     }
 
     pub fn save(&self) -> UartState {
-        let s = self.serial.lock().unwrap().state();
+        let s = self.lock().state();
         UartState {
             regs: [
                 s.baud_divisor_low,
@@ -141,6 +144,7 @@ impl Uart {
         Ok(Uart {
             serial: Mutex::new(serial),
             drained: Condvar::new(),
+            quiesced: std::sync::atomic::AtomicBool::new(false),
             base,
         })
     }
@@ -176,14 +180,33 @@ impl Uart {
     /// As [`Uart::feed`], but waits up to `wait` for the guest to make room when the
     /// FIFO is full.
     pub fn feed_wait(&self, bytes: &[u8], wait: Duration) -> usize {
-        let mut serial = self.serial.lock().unwrap();
+        use std::sync::atomic::Ordering;
+        let mut serial = self.lock();
         if serial.fifo_capacity() == 0 && !wait.is_zero() {
-            serial = self.drained.wait_timeout(serial, wait).unwrap().0;
+            serial = self
+                .drained
+                .wait_timeout(serial, wait)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
-        if serial.fifo_capacity() == 0 {
+        // Checked under the lock a snapshot takes to save this UART.
+        if self.quiesced.load(Ordering::Acquire) || serial.fifo_capacity() == 0 {
             return 0;
         }
         serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// While set, [`Uart::feed_wait`] takes nothing (a snapshot is being taken).
+    pub fn set_quiesced(&self, quiesced: bool) {
+        let _serial = self.lock();
+        self.quiesced
+            .store(quiesced, std::sync::atomic::Ordering::Release);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, Transcript>> {
+        self.serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Handles a port read; false if the port is not this UART's.

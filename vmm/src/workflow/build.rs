@@ -30,7 +30,7 @@ use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
     BootVmm, BootedController, Controller, ControllerEnd, ControllerOutcome,
-    EmbeddedRevivedController, RevivedController, SessionPlan,
+    EmbeddedRevivedController, RevivedController, SessionPlan, EMBEDDED_CONTROLLER_DIR,
 };
 use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
@@ -453,11 +453,21 @@ fn choose_controller(
                 switch: segment.switch().clone(),
                 output: None,
             });
-    // Its files are checked only now that it may be used.
-    let verify_embedded = || {
-        manifest::verify_some_files(dir, manifest, spec.verify_full, |role| {
+    // Its files are checked only now that it may be used; its state file at least must
+    // be among them.
+    let verify_embedded = || -> anyhow::Result<()> {
+        let checked = manifest::verify_some_files(dir, manifest, spec.verify_full, |role| {
             role == manifest::OPTIONAL_ROLE
-        })
+        })?;
+        let state = format!(
+            "{EMBEDDED_CONTROLLER_DIR}/{}",
+            crate::kvm::snapshot::STATE_FILE
+        );
+        anyhow::ensure!(
+            checked.iter().any(|f| f.name == state),
+            "the manifest lists no checksum for {state}"
+        );
+        Ok(())
     };
     Ok(match spec.controller {
         ControllerChoice::Boot => qemu_boot(),
@@ -491,7 +501,6 @@ fn choose_controller(
             let embedded_revive = embedded_revive.filter(|c| {
                 embedded_here()
                     && verify_embedded()
-                        .map(drop)
                         .and_then(|()| c.check(&manifest.network.controller_mac))
                         .inspect_err(|e| {
                             tracing::warn!(

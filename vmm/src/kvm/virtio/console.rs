@@ -100,7 +100,11 @@ impl ConsoleDevice {
 impl Drop for ConsoleDevice {
     fn drop(&mut self) {
         // A host handle may outlive the device: it must not reach guest memory then.
-        *self.shared.active.lock().unwrap() = None;
+        *self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 
@@ -151,12 +155,20 @@ impl VirtioDevice for ConsoleDevice {
 
     /// Host sends only queue their bytes; taking the lock waits out a copy under way.
     fn quiesce(&mut self) {
-        let _active = self.shared.active.lock().unwrap();
+        let _active = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.shared.quiesced.store(true, Relaxed);
     }
 
     fn resume(&mut self) {
-        let mut active = self.shared.active.lock().unwrap();
+        let mut active = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.shared.quiesced.store(false, Relaxed);
         if let Some(a) = active.as_mut() {
             fill_rx(a, &self.shared);

@@ -87,7 +87,10 @@ impl NetDevice {
 impl Drop for NetDevice {
     fn drop(&mut self) {
         self.stop_rx_thread();
-        *self.active.lock().unwrap() = None;
+        *self
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 
@@ -177,13 +180,21 @@ impl VirtioDevice for NetDevice {
     /// Arriving frames wait in the backlog; taking the lock waits out a delivery that is
     /// under way.
     fn quiesce(&mut self) {
-        if let Some(a) = self.active.lock().unwrap().as_mut() {
+        let mut active = self
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(a) = active.as_mut() {
             a.quiesced = true;
         }
     }
 
     fn resume(&mut self) {
-        if let Some(a) = self.active.lock().unwrap().as_mut() {
+        let mut active = self
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(a) = active.as_mut() {
             a.quiesced = false;
             deliver(a, &self.counters);
         }

@@ -230,7 +230,11 @@ impl Controller for EmbeddedRevivedController {
                             starved.store(true, Ordering::Release);
                             break;
                         }
-                        at += input.feed_wait(&line[at..], Duration::from_millis(10));
+                        match input.feed_wait(&line[at..], Duration::from_millis(10)) {
+                            // Full, quiesced, or a UART in loopback mode: not now.
+                            0 => std::thread::sleep(Duration::from_millis(1)),
+                            n => at += n,
+                        }
                     }
                 })?
         };
@@ -244,8 +248,10 @@ impl Controller for EmbeddedRevivedController {
             None,
             None,
         );
+        // The feeder ends at its next turn; it is not waited for, since a vCPU abandoned in
+        // a COM2 write would hold the port it waits on. (It keeps the bus it feeds.)
         done.store(true, Ordering::Release);
-        let _ = feeder.join();
+        drop(feeder);
         drop(vm);
         let end = match (end, status) {
             (DriveEnd::Stopped, _) if starved.load(Ordering::Acquire) => ControllerEnd::Died {

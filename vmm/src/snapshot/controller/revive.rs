@@ -171,7 +171,7 @@ sh /etc/vmbuild/probe.sh </dev/null >&4 2>&5 || exit $?
 # Every build is a fork of this moment: its VM generation ID changes at the revive and the
 # kernel reseeds its RNG ("crng reseeded due to virtual machine fork"). That happens
 # asynchronously; the SSH client must not draw randomness before it.
-forks() { dmesg 2>/dev/null | grep -c 'crng reseeded due to virtual machine fork'; }
+forks() { n=$(dmesg 2>/dev/null | grep -c 'crng reseeded due to virtual machine fork'); echo "${n:-0}"; }
 seen=$(forks)
 echo vmbuild-phase=controller-ready >/dev/console
 # Suspended here; a build revives it and writes one line: its session, base64.
