@@ -50,24 +50,8 @@ umount /mnt/s
         ),
     )
     .unwrap();
-    let kit = GuestKit::locate().expect("guest kit");
-    let mut vm = GuestVm::new(kit, "/ctl/run.sh").share(GuestShare::NineP {
-        dir: ctl.path().to_owned(),
-        tag: "ctl".into(),
-        mount: "/ctl".into(),
-        options: String::new(),
-    });
-    vm.user_net = true;
-    vm.exit_file = Some("/ctl/status".into());
-    vm.timeout = std::time::Duration::from_secs(180);
-    let out = vm.run().unwrap();
+    run_script_in_guest(ctl.path(), 180);
     let read = |name: &str| std::fs::read_to_string(ctl.path().join(name)).unwrap_or_default();
-    assert_eq!(
-        out.exit,
-        Some(0),
-        "guest failed:\n{}",
-        vmbuild_tests::guest::tail(&out.console, 30)
-    );
     assert_eq!(read("data"), "served by vmbuild\n");
     let host_sum = {
         let o = std::process::Command::new("sha256sum")
@@ -184,24 +168,8 @@ umount /mnt/x
         ),
     )
     .unwrap();
-    let kit = GuestKit::locate().expect("guest kit");
-    let mut vm = GuestVm::new(kit, "/ctl/run.sh").share(GuestShare::NineP {
-        dir: ctl.path().to_owned(),
-        tag: "ctl".into(),
-        mount: "/ctl".into(),
-        options: String::new(),
-    });
-    vm.user_net = true;
-    vm.exit_file = Some("/ctl/status".into());
-    vm.timeout = std::time::Duration::from_secs(240);
-    let out = vm.run().unwrap();
+    run_script_in_guest(ctl.path(), 240);
     let read = |name: &str| std::fs::read_to_string(ctl.path().join(name)).unwrap_or_default();
-    assert_eq!(
-        out.exit,
-        Some(0),
-        "guest failed:\n{}",
-        vmbuild_tests::guest::tail(&out.console, 30)
-    );
     assert_eq!(read("from-host"), "host wrote this\n");
     let big = xchg.join("big");
     assert_eq!(std::fs::metadata(&big).unwrap().len(), 1 << 20);
@@ -280,4 +248,26 @@ umount /mnt/x
     let st = server_loose.stats();
     assert_eq!((st.malformed, st.refused_writes), (0, 0), "{st:?}");
     assert!(st.mutations >= 4 && st.bytes_written >= 1 << 20, "{st:?}");
+}
+
+/// Boots the guest kit on QEMU's user network with `ctl` (holding `run.sh`) mounted at
+/// /ctl, runs the script, and requires it to succeed within `seconds`.
+fn run_script_in_guest(ctl: &std::path::Path, seconds: u64) {
+    let kit = GuestKit::locate().expect("guest kit");
+    let mut vm = GuestVm::new(kit, "/ctl/run.sh").share(GuestShare::NineP {
+        dir: ctl.to_owned(),
+        tag: "ctl".into(),
+        mount: "/ctl".into(),
+        options: String::new(),
+    });
+    vm.user_net = true;
+    vm.exit_file = Some("/ctl/status".into());
+    vm.timeout = std::time::Duration::from_secs(seconds);
+    let out = vm.run().unwrap();
+    assert_eq!(
+        out.exit,
+        Some(0),
+        "guest failed:\n{}",
+        vmbuild_tests::guest::tail(&out.console, 30)
+    );
 }

@@ -13,25 +13,27 @@ use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use vmbuild::kvm::uart::Transcript;
 use vmbuild::kvm::virtio::console::ConsoleDevice;
 
-fn kit() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+/// The guest kit's kernel and initramfs, where there is a KVM to boot them; otherwise
+/// reports test `name` skipped and gives nothing.
+fn kit(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vmbuild_tests::skip(name, "no /dev/kvm");
+        return None;
+    }
     let dir = std::env::var_os("VMBUILD_GUEST_KIT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "/var/cache/vmbuild/guest-kit".into());
     let (k, i) = (dir.join("vmlinux"), dir.join("initrd.img"));
-    (k.is_file() && i.is_file()).then_some((k, i))
+    if !(k.is_file() && i.is_file()) {
+        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+        return None;
+    }
+    Some((k, i))
 }
 
 #[test]
 fn the_guest_kit_boots_from_its_pvh_entry() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        vmbuild_tests::skip("the_guest_kit_boots_from_its_pvh_entry", "no /dev/kvm");
-        return;
-    }
-    let Some((kernel, initrd)) = kit() else {
-        vmbuild_tests::skip(
-            "the_guest_kit_boots_from_its_pvh_entry",
-            "no guest kit (scripts/guest-kit.sh)",
-        );
+    let Some((kernel, initrd)) = kit("the_guest_kit_boots_from_its_pvh_entry") else {
         return;
     };
     let probe = vmbuild::accel::probe_kvm_cached(
@@ -99,12 +101,7 @@ fn the_guest_kit_boots_from_its_pvh_entry() {
 #[test]
 fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
     let name = "a_booting_linux_is_snapshotted_and_restored_and_keeps_booting";
-    if !std::path::Path::new("/dev/kvm").exists() {
-        vmbuild_tests::skip(name, "no /dev/kvm");
-        return;
-    }
-    let Some((kernel, initrd)) = kit() else {
-        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+    let Some((kernel, initrd)) = kit(name) else {
         return;
     };
     let config = LinuxConfig {
@@ -202,12 +199,7 @@ fn a_booting_linux_is_snapshotted_and_restored_and_keeps_booting() {
 fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
     use vmbuild::workflow::run::{RunEnd, RunSpec, Vmm};
     let name = "a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up";
-    if !std::path::Path::new("/dev/kvm").exists() {
-        vmbuild_tests::skip(name, "no /dev/kvm");
-        return;
-    }
-    let Some((kernel, initrd)) = kit() else {
-        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+    let Some((kernel, initrd)) = kit(name) else {
         return;
     };
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
@@ -280,12 +272,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
 #[test]
 fn the_guest_kits_bzimage_boots_through_the_64_bit_protocol() {
     let name = "the_guest_kits_bzimage_boots_through_the_64_bit_protocol";
-    if !std::path::Path::new("/dev/kvm").exists() {
-        vmbuild_tests::skip(name, "no /dev/kvm");
-        return;
-    }
-    let Some((vmlinux, initrd)) = kit() else {
-        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+    let Some((vmlinux, initrd)) = kit(name) else {
         return;
     };
     let probe = vmbuild::accel::probe_kvm_cached(
@@ -348,12 +335,7 @@ fn the_guest_kits_bzimage_boots_through_the_64_bit_protocol() {
 #[test]
 fn the_embedded_probe_agrees_with_qemus() {
     let name = "the_embedded_probe_agrees_with_qemus";
-    if !std::path::Path::new("/dev/kvm").exists() {
-        vmbuild_tests::skip(name, "no /dev/kvm");
-        return;
-    }
-    let Some((kernel, initrd)) = kit() else {
-        vmbuild_tests::skip(name, "no guest kit (scripts/guest-kit.sh)");
+    let Some((kernel, initrd)) = kit(name) else {
         return;
     };
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();

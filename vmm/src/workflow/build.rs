@@ -38,7 +38,7 @@ use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
 use crate::snapshot::{CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL};
 use crate::workflow::guest_script::{CommandIo, GuestCommand};
-use crate::workflow::run::create_overlay;
+use crate::workflow::run::{create_overlay, xchg_dir};
 
 pub const STORE_TAG: &str = "vmbuild-store";
 pub const XCHG_TAG: &str = "vmbuild-xchg";
@@ -170,19 +170,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     // --- this build's private resources ---------------------------------------------------
     let rundir = RuntimeDir::create("build")?;
     let overlay = create_overlay(&dir.join(DISK_FILE), "qcow2", rundir.path())?;
-    let (xchg, _xchg_temp) = match &spec.xchg {
-        Some(d) => (d.clone(), None),
-        None => {
-            let d = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
-            if spec.keep_xchg {
-                let kept = d.keep();
-                eprintln!("vmbuild: xchg is {}", kept.display());
-                (kept, None)
-            } else {
-                (d.path().to_owned(), Some(d))
-            }
-        }
-    };
+    let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let mut servers = Vec::new();
     if let Some((store, _)) = &spec.store {
         let mut share = ShareConfig::store(store);

@@ -164,20 +164,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     let rundir = RuntimeDir::create("run")?;
 
     // --- shares --------------------------------------------------------------------
-    // A temporary xchg lives until this function returns, unless it is to be kept.
-    let (xchg, _xchg_temp) = match &spec.xchg {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
-            if spec.keep_xchg {
-                let kept = dir.keep();
-                eprintln!("vmbuild: xchg is {}", kept.display());
-                (kept, None)
-            } else {
-                (dir.path().to_owned(), Some(dir))
-            }
-        }
-    };
+    let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     // The command travels in the initrd and its exit status comes back on the console,
     // so a run needs no share of its own. Only --shell, whose console is the user's
     // terminal, gets a control share for the exit status.
@@ -186,17 +173,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         std::fs::create_dir(&ctl)?;
         (spec.initrd.clone(), Some(ctl))
     } else {
-        let script = GuestCommand {
-            argv: &spec.argv,
-            env: &spec.env,
-            cwd: spec.cwd.as_deref(),
-            io: CommandIo::SerialPorts,
-        }
-        .script();
-        let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, &script)];
-        let initrd = initrd::with_files(&spec.initrd, rundir.path(), &files)
-            .context("writing the run's initrd")?;
-        (initrd, None)
+        (command_initrd(spec, rundir.path())?, None)
     };
 
     let mut mounts: Vec<(ShareConfig, String)> = Vec::new();
@@ -355,6 +332,39 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     drop(rundir);
     marks.done = Some(Instant::now());
     Ok(RunOutcome { end, marks })
+}
+
+/// The xchg directory of a run or build: the user's, or a temporary one that lives as long
+/// as the returned guard (or is kept, and named on stderr, with `keep`).
+pub(crate) fn xchg_dir(
+    given: Option<&Path>,
+    keep: bool,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if let Some(dir) = given {
+        return Ok((dir.to_owned(), None));
+    }
+    let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
+    if keep {
+        let kept = dir.keep();
+        eprintln!("vmbuild: xchg is {}", kept.display());
+        Ok((kept, None))
+    } else {
+        Ok((dir.path().to_owned(), Some(dir)))
+    }
+}
+
+/// The kit's initramfs with the run's command as its init's script (stdout and stderr on
+/// the second and third serial ports), written into `rundir`.
+pub(crate) fn command_initrd(spec: &RunSpec, rundir: &Path) -> anyhow::Result<PathBuf> {
+    let script = GuestCommand {
+        argv: &spec.argv,
+        env: &spec.env,
+        cwd: spec.cwd.as_deref(),
+        io: CommandIo::SerialPorts,
+    }
+    .script();
+    let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, &script)];
+    initrd::with_files(&spec.initrd, rundir, &files).context("writing the run's initrd")
 }
 
 /// What one line of the kit's console says about the run: its phases and its status.

@@ -27,9 +27,10 @@ use crate::runtime_dir::RuntimeDir;
 use crate::workflow::embedded_guest::{
     drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
 };
-use crate::workflow::guest_script::{CommandIo, GuestCommand};
-use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::{guest_shares, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol};
+use crate::workflow::initrd::GUEST_SCRIPT_PATH;
+use crate::workflow::run::{
+    command_initrd, guest_shares, xchg_dir, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol,
+};
 use crate::workflow::timings::Marks;
 
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
@@ -42,13 +43,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         "the embedded VMM runs a command on one vCPU, without disks or --shell"
     );
     let rundir = RuntimeDir::create("run")?;
-    let (xchg, _xchg_temp) = match &spec.xchg {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
-            (dir.path().to_owned(), Some(dir))
-        }
-    };
+    let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);
     let mut append: Vec<String> = [
         "console=ttyS0",
@@ -103,16 +98,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     if let Some(extra) = &spec.append {
         append.push(extra.clone());
     }
-    let script = GuestCommand {
-        argv: &spec.argv,
-        env: &spec.env,
-        cwd: spec.cwd.as_deref(),
-        io: CommandIo::SerialPorts,
-    }
-    .script();
-    let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, &script)];
-    let initrd = initrd::with_files(&spec.initrd, rundir.path(), &files)
-        .context("writing the run's initrd")?;
+    let initrd = command_initrd(spec, rundir.path())?;
 
     let console = GuestConsole::logged_to(spec.log.as_deref())?;
     let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
