@@ -2,7 +2,8 @@
 //! with no QEMU.
 //!
 //! * [`memory`]: guest RAM (memfd; or a snapshot file mapped copy-on-write),
-//! * [`vm`]: a VM with its memory slot and vCPUs (CPUID as KVM supports it),
+//! * [`vm`]: a VM with its memory slot and vCPUs,
+//! * [`cpuid`]: what each vCPU sees of CPUID (hypervisor bit, APIC IDs, TSC deadline),
 //! * [`cpu_mode`]: entering real, protected or long mode as a loader would,
 //! * [`vcpu`]: the run loop, with port and MMIO exits handed to a [`vcpu::Bus`],
 //! * [`serial`]: the console (16550 transmit side at COM1) for test guests, and [`uart`]
@@ -17,6 +18,7 @@
 
 pub mod acpi;
 pub mod cpu_mode;
+pub mod cpuid;
 pub mod linux;
 pub mod memory;
 pub mod probe;

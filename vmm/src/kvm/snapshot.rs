@@ -25,8 +25,9 @@ pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// Bumped whenever the state file's meaning changes, or the machine a Linux snapshot
 /// belongs to (its ports, interrupt lines, ACPI tables in guest memory): older files are
 /// refused. 4: serial ports listed in the DSDT with COM3 on its own GSI, the sleep
-/// registers at 0x600, the VM generation ID.
-pub const VERSION: u32 = 4;
+/// registers at 0x600, the VM generation ID. 5: CPUID says "hypervisor" (the guest runs
+/// on kvm-clock and KVM's paravirtual MSRs, which are saved), no CMOS RTC in the FADT.
+pub const VERSION: u32 = 5;
 pub const STATE_FILE: &str = "vcpus.json";
 /// Guest memory is saved as `memory-<id>`, named in the state file: a new snapshot in
 /// the same directory never rewrites a file that restored VMs still map, and a state file
@@ -36,7 +37,7 @@ const MEMORY_PREFIX: &str = "memory-";
 /// MSRs saved when this host's KVM has them: syscall and sysenter entry points, segment
 /// bases, TSC and its deadline timer (which KVM keeps outside the LAPIC state), PAT,
 /// MISC_ENABLE, and kvmclock's system time and wall clock.
-const MSRS: [u32; 15] = [
+const MSRS: [u32; 20] = [
     0xc000_0081, // STAR
     0xc000_0082, // LSTAR
     0xc000_0083, // CSTAR
@@ -52,6 +53,14 @@ const MSRS: [u32; 15] = [
     0x0000_01a0, // MISC_ENABLE
     0x4b56_4d01, // KVM_SYSTEM_TIME_NEW
     0x4b56_4d00, // KVM_WALL_CLOCK_NEW
+    // The paravirtual features a Linux guest turns on once it sees KVM's CPUID leaves:
+    // without them a restored guest would wait for async page faults that never come,
+    // or read a stale steal-time page.
+    0x4b56_4d02, // KVM_ASYNC_PF_EN
+    0x4b56_4d03, // KVM_STEAL_TIME
+    0x4b56_4d04, // KVM_PV_EOI_EN
+    0x4b56_4d05, // KVM_POLL_CONTROL
+    0x4b56_4d06, // KVM_ASYNC_PF_INT
 ];
 /// After the LAPIC (it arms the LAPIC's deadline timer).
 const MSR_TSC_DEADLINE: u32 = 0x6e0;

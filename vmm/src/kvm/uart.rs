@@ -167,6 +167,12 @@ impl Uart {
                 tracing::debug!("uart: {e:?}");
             }
         }
+        // Linux's 8250 driver turns the receive interrupt off while the tty is
+        // throttled and on again later; a 16550 with bytes waiting interrupts at once
+        // then, vm-superio does not, and the guest would never read them.
+        if off == IER && data.last().is_some_and(|ier| ier & IER_RDA != 0) {
+            reraise_received_data(&mut serial);
+        }
         true
     }
 
@@ -218,9 +224,41 @@ impl Uart {
         for b in data.iter_mut() {
             *b = serial.read(off);
         }
-        if off == 0 {
+        if off == DATA && !dlab(&mut serial) {
+            // vm-superio clears "received data available" on every byte read, even when
+            // bytes remain; a 16550 keeps it up until the FIFO is empty.
+            reraise_received_data(&mut serial);
             self.drained.notify_all();
         }
         true
+    }
+}
+
+const DATA: u8 = 0;
+const IER: u8 = 1;
+const IER_RDA: u8 = 1;
+const LCR: u8 = 3;
+const LCR_DLAB: u8 = 0x80;
+const MCR: u8 = 4;
+const MCR_LOOP: u8 = 0x10;
+const FIFO_BYTES: usize = 64;
+
+fn dlab(serial: &mut Serial<IrqTrigger, NoEvents, Transcript>) -> bool {
+    serial.read(LCR) & LCR_DLAB != 0
+}
+
+/// Raises the receive interrupt again if bytes wait in the FIFO and the guest enabled
+/// it. vm-superio raises it only when bytes arrive: taking the waiting bytes out and
+/// putting them back in, in order, makes it raise it now.
+fn reraise_received_data(serial: &mut Serial<IrqTrigger, NoEvents, Transcript>) {
+    let waiting = FIFO_BYTES - serial.fifo_capacity();
+    // In loopback mode vm-superio would drop bytes put back in.
+    let loopback = serial.read(MCR) & MCR_LOOP != 0;
+    if waiting == 0 || loopback || dlab(serial) || serial.read(IER) & IER_RDA == 0 {
+        return;
+    }
+    let bytes: Vec<u8> = (0..waiting).map(|_| serial.read(DATA)).collect();
+    if let Err(e) = serial.enqueue_raw_bytes(&bytes) {
+        tracing::debug!("uart: re-raising the receive interrupt: {e:?}");
     }
 }

@@ -1,11 +1,13 @@
 //! A KVM virtual machine: guest RAM as memory slot 0 and its vCPUs, each with the CPUID
-//! KVM supports on this host.
+//! KVM supports on this host, adjusted per vCPU ([`cpuid`]).
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::kvm::cpuid::{self, Topology};
 
 use crate::kvm::memory::GuestRam;
 
@@ -70,12 +72,17 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("KVM_GET_SUPPORTED_CPUID")?;
+        let topology = Topology {
+            vcpus,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
         let mut list = Vec::new();
         for id in 0..vcpus {
             let vcpu = fd
                 .create_vcpu(u64::from(id))
                 .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
-            vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&cpuid, id, topology))
+                .context("KVM_SET_CPUID2")?;
             if pc {
                 set_lint(&vcpu)?;
             }
