@@ -30,6 +30,7 @@ fn boot_with(kernel: &Path, serials: Vec<Transcript>) -> (LinuxVm, Transcript) {
             initrd: None,
             cmdline: "console=ttyS0",
             memory_mib: 64,
+            vcpus: 1,
         },
         console.clone(),
         serials,

@@ -208,6 +208,7 @@ fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
             initrd: None,
             cmdline: "console=ttyS0",
             memory_mib: mib,
+            vcpus: 1,
         },
         console.clone(),
         serials(),

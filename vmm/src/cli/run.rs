@@ -90,7 +90,7 @@ pub struct RunArgs {
     accel: AccelChoice,
     /// Which VMM runs the guest: qemu, or embedded (vmbuild's own KVM VMM, only where it
     /// boots Linux on this host); auto picks embedded where that probe passed and the run
-    /// fits it (one vCPU, no --shell or --disk), else qemu
+    /// fits it (no --shell or --disk, at most 64 vCPUs), else qemu
     #[arg(long, value_enum, default_value = "auto")]
     vmm: VmmChoice,
     /// How the guest mounts the store, xchg and --share directories: virtiofs, or 9p
@@ -248,11 +248,14 @@ impl RunArgs {
                 directory(parent, "--log's directory")?;
             }
         }
-        // The embedded VMM runs what it can (one vCPU, no disk, no shell) where it has
-        // booted this kit on this host; `auto` falls back to QEMU otherwise, and says why.
+        // The embedded VMM runs what it can (no disk, no shell) where it has booted this
+        // kit on this host; `auto` falls back to QEMU otherwise, and says why.
         let shares = usize::from(store.is_some()) + 1 + extra_shares.len();
-        let fits = if self.shell || disk.is_some() || self.cpus != 1 {
-            Err("it runs a command on one vCPU, without --shell or --disk".to_owned())
+        let max_vcpus = u32::from(crate::kvm::linux::MAX_VCPUS);
+        let fits = if self.shell || disk.is_some() {
+            Err("it runs a command without --shell or --disk".to_owned())
+        } else if self.cpus > max_vcpus {
+            Err(format!("it gives a guest at most {max_vcpus} vCPUs"))
         } else if self.accel == AccelChoice::Tcg {
             Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
         } else if self.memory > crate::kvm::linux::MAX_MEMORY_MIB {

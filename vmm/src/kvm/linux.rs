@@ -5,8 +5,8 @@
 //! through the 64-bit boot protocol: the protected-mode kernel at 1 MiB, `boot_params`
 //! (setup header, e820 map, command line, initramfs, RSDP) at the zero page, the vCPU in
 //! identity-mapped long mode at its 64-bit entry with `%rsi` pointing at them. The
-//! initramfs goes at the top of memory. One vCPU; a PC's interrupt controllers and timer in the
-//! kernel; COM1 as the console; virtio devices on virtio-mmio windows the kernel finds in
+//! initramfs goes at the top of memory. One or more vCPUs (the first boots, the kernel
+//! starts the others); a PC's interrupt controllers and timer in the kernel; COM1 as the console; virtio devices on virtio-mmio windows the kernel finds in
 //! ACPI tables (RSDP passed in the start info). The guest ends the VM by powering off
 //! (ACPI S5 through the FADT's sleep control register), or by a reset: the keyboard
 //! controller's reset line (`reboot=k`) or a triple fault.
@@ -66,7 +66,14 @@ pub struct LinuxConfig<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub memory_mib: usize,
+    /// vCPUs, 1 to [`MAX_VCPUS`]: the first boots the kernel, which starts the others
+    /// (INIT and start-up IPIs, handled by KVM's local APICs) from the MADT's list.
+    pub vcpus: u8,
 }
+
+/// As many vCPUs as the MADT and the APIC IDs (one byte, the IOAPIC's ID after them)
+/// allow without x2APIC.
+pub const MAX_VCPUS: u8 = 64;
 
 /// The serial ports as this VM wires them: COM1 (the console), then COM2 and COM3, which
 /// Linux's 8250 driver registers with `8250.nr_uarts=3`. The DSDT lists them (see
@@ -211,8 +218,14 @@ impl LinuxVm {
                 MAX_MEMORY >> 20
             );
         }
+        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
+            bail!(
+                "{} vCPUs: the embedded VMM runs Linux with 1 to {MAX_VCPUS}",
+                config.vcpus
+            );
+        }
         let ram = GuestRam::new(mem_bytes)?;
-        let vm = Vm::new_pc(ram, 1)?;
+        let vm = Vm::new_pc(ram, config.vcpus)?;
         let mem = guest_memory(vm.ram())?;
 
         let mut kernel = File::open(config.kernel)
@@ -265,7 +278,7 @@ impl LinuxVm {
         let n_serials = (1 + serials.len()).min(SERIAL_PORTS.len());
         let tables = acpi::build(
             ACPI_TABLES,
-            1,
+            config.vcpus,
             &windows,
             &SERIAL_PORTS[..n_serials],
             Some(GENERATION_ID),
@@ -419,57 +432,79 @@ impl LinuxVm {
         if let Some(end) = self.guest_end() {
             return end;
         }
-        let Some(mut vcpu) = self.vm.take_vcpus().pop() else {
+        let vcpus = self.vm.take_vcpus();
+        if vcpus.is_empty() {
             return LinuxEnd::Failed(
-                "the VM was abandoned earlier (its vCPU thread did not stop)".into(),
+                "the VM was abandoned earlier (its vCPU threads did not stop)".into(),
             );
-        };
+        }
         self.bus.stop.store(false, Ordering::Release);
-        let (bus, stop) = (self.bus.clone(), self.bus.stop.clone());
-        // The thread keeps guest RAM mapped for as long as it may enter the guest, even if
-        // the VM is abandoned and dropped while it is stuck.
-        let ram = self.vm.ram().clone();
         crate::kvm::vcpu::kick_signal();
-        let thread = std::thread::spawn(move || {
-            let end = run(&mut vcpu, &*bus, &stop);
-            drop(ram);
-            (vcpu, end)
-        });
-        while !thread.is_finished() {
+        // One thread per vCPU. Each keeps guest RAM mapped for as long as it may enter
+        // the guest, even if the VM is abandoned and dropped while it is stuck.
+        let threads: Vec<_> = vcpus
+            .into_iter()
+            .map(|mut vcpu| {
+                let (bus, stop) = (self.bus.clone(), self.bus.stop.clone());
+                let ram = self.vm.ram().clone();
+                std::thread::spawn(move || {
+                    let end = run(&mut vcpu, &*bus, &stop);
+                    // Whatever ended this vCPU (a reset, a failure) ends the VM: the
+                    // others stop at their next exit, or when kicked below.
+                    stop.store(true, Ordering::Release);
+                    drop(ram);
+                    (vcpu, end)
+                })
+            })
+            .collect();
+        while !threads.iter().any(|t| t.is_finished()) {
             if stop_now() {
-                crate::kvm::vcpu::stop_thread(&thread, &self.bus.stop);
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        // The vCPU thread leaves KVM_RUN at once when kicked, but it may be inside a
+        for thread in &threads {
+            crate::kvm::vcpu::stop_thread(thread, &self.bus.stop);
+        }
+        // A vCPU thread leaves KVM_RUN at once when kicked, but it may be inside a
         // device's handler, blocked on the host (a hung file system under a share, a
         // stalled stdout pipe). Waiting for it is bounded: after that the VM is
-        // abandoned (the thread keeps what it uses alive until it returns).
+        // abandoned (each thread keeps what it uses alive until it returns).
         let give_up = Instant::now() + STOP_LIMIT;
-        while !thread.is_finished() {
+        while !threads.iter().all(|t| t.is_finished()) {
             if Instant::now() >= give_up {
                 return LinuxEnd::Failed(format!(
-                    "the vCPU did not stop within {} s (blocked in a device's host I/O); the VM is abandoned",
+                    "a vCPU did not stop within {} s (blocked in a device's host I/O); the VM is abandoned",
                     STOP_LIMIT.as_secs()
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let Ok((vcpu, end)) = thread.join() else {
-            return LinuxEnd::Failed("the vCPU thread panicked; the VM is abandoned".into());
-        };
-        self.vm.return_vcpus(vec![vcpu]);
-        if matches!(end, Stop::Shutdown) {
+        let mut vcpus = Vec::new();
+        let mut ends = Vec::new();
+        for thread in threads {
+            let Ok((vcpu, end)) = thread.join() else {
+                return LinuxEnd::Failed("a vCPU thread panicked; the VM is abandoned".into());
+            };
+            vcpus.push(vcpu);
+            ends.push(end);
+        }
+        self.vm.return_vcpus(vcpus);
+        if ends.contains(&Stop::Shutdown) {
             // A triple fault: the machine resets.
             self.bus.guest_reset.store(true, Ordering::Release);
         }
         if let Some(end) = self.guest_end() {
             return end;
         }
+        // The vCPU that ended the run says why; the others were only stopped.
+        let end = ends
+            .into_iter()
+            .find(|e| !matches!(e, Stop::Paused))
+            .unwrap_or(Stop::Paused);
         match end {
             Stop::Paused | Stop::Shutdown => LinuxEnd::TimedOut,
-            Stop::Halted => LinuxEnd::Failed("the vCPU halted with no interrupt controller".into()),
+            Stop::Halted => LinuxEnd::Failed("a vCPU halted with no interrupt controller".into()),
             Stop::Failed(why) => LinuxEnd::Failed(why),
         }
     }

@@ -23,6 +23,7 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
             initrd: Some(initrd),
             cmdline: "console=ttyS0 reboot=k panic=-1 quiet vmbuild.quiet vmbuild.cmd=/nonexistent",
             memory_mib: 256,
+            vcpus: 1,
         },
         console.clone(),
         Vec::new(),
@@ -45,7 +46,7 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
             ),
         );
     }
-    unusable(match end {
+    let why = match end {
         LinuxEnd::TimedOut => format!(
             "the embedded VMM did not boot a Linux guest to init within {} s",
             limit.as_secs()
@@ -54,5 +55,14 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
             "the Linux guest stopped before its init ran".into()
         }
         LinuxEnd::Failed(why) => format!("the embedded VMM stopped the Linux guest: {why}"),
+    };
+    // The guest's last words say why (`quiet` leaves only warnings and panics).
+    let text = console.text();
+    let last: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = last[last.len().saturating_sub(3)..].join(" | ");
+    unusable(if tail.is_empty() {
+        why
+    } else {
+        format!("{why} (console: {tail})")
     })
 }

@@ -4,7 +4,8 @@
 //! ttyS1 and ttyS2, the status on the console), in the embedded KVM VMM: no QEMU process,
 //! the shares answered in this process with no socket.
 //!
-//! Only where the embedded VMM boots Linux (the CLI checks the probe); one vCPU; no disks
+//! Only where the embedded VMM boots Linux (the CLI checks the probe); up to
+//! `kvm::linux::MAX_VCPUS` vCPUs; no disks
 //! or `--shell`. A NIC is an in-process port of a vswitch (the lifecycle's embedded
 //! controller on its build's segment).
 
@@ -39,9 +40,19 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
         ..Marks::default()
     };
     anyhow::ensure!(
-        !spec.shell && spec.disk.is_none() && spec.cpus == 1,
-        "the embedded VMM runs a command on one vCPU, without disks or --shell"
+        !spec.shell && spec.disk.is_none(),
+        "the embedded VMM runs a command without disks or --shell"
     );
+    let vcpus = u8::try_from(spec.cpus)
+        .ok()
+        .filter(|n| (1..=crate::kvm::linux::MAX_VCPUS).contains(n))
+        .with_context(|| {
+            format!(
+                "--cpus {}: the embedded VMM runs 1 to {} vCPUs",
+                spec.cpus,
+                crate::kvm::linux::MAX_VCPUS
+            )
+        })?;
     let rundir = RuntimeDir::create("run")?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);
@@ -110,6 +121,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
             initrd: Some(&initrd),
             cmdline: &cmdline,
             memory_mib: spec.memory_mib as usize,
+            vcpus,
         },
         console.transcript.clone(),
         vec![stdout, stderr],

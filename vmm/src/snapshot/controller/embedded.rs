@@ -93,6 +93,7 @@ pub fn bootstrap_embedded_controller(
             initrd: Some(b.initrd),
             cmdline: &cmdline(),
             memory_mib: CONTROLLER_MEMORY_MIB as usize,
+            vcpus: 1,
         },
         console.transcript.clone(),
         vec![out, err.clone()],
