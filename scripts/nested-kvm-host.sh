@@ -17,7 +17,10 @@
 #   --env NAME=VALUE  set in COMMAND's environment (repeatable); PATH, HOME, TERM,
 #                     RUST_LOG, RUST_BACKTRACE and VMBUILD_* are passed on as they are
 #   --memory MIB      the nested host's memory (default 6144)
-#   --cpus N          its vCPUs (default: this host's cores)
+#   --cpus N          its vCPUs (default 1: with 2, multi-threaded TCG and two QEMU+KVM
+#                     guests at once crashed the nested host's kernel within seconds,
+#                     "stack guard page was hit" in qemu-system-x86, 2026-12-01; with 1
+#                     the same ran clean; the embedded VMM's guests ran clean either way)
 #   --timeout SECS    stop it after SECS (default 3600): exit 124
 #   --retries N       boot again when the nested host itself died or froze before
 #                     COMMAND finished (default 1; TCG guests have been seen to
@@ -37,7 +40,7 @@ die() { printf 'nested-kvm-host: %s\n' "$*" >&2; exit 125; }
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$SELF" >&2; exit "${1:-2}"; }
 log() { printf '[nested-kvm-host] %s\n' "$*" >&2; }
 
-WORK=() ENVS=() MEMORY=6144 CPUS=$(nproc) TIMEOUT=3600 RETRIES=1 LOG=
+WORK=() ENVS=() MEMORY=6144 CPUS=1 TIMEOUT=3600 RETRIES=1 LOG=
 KIT=${VMBUILD_GUEST_KIT:-/var/cache/vmbuild/guest-kit}
 QEMU=${VMBUILD_QEMU:-qemu-system-x86_64}
 while (($#)); do

@@ -72,7 +72,7 @@ for line in sys.stdin:
   echo "[test] in the nested KVM host: $(wc -l <"$plan") test binaries"
   script='status=0
 while read -r dir exe; do
-  (cd "$dir" && "$exe" --ignored --test-threads=2) || status=1
+  (cd "$dir" && "$exe" --ignored --test-threads=1) || status=1
 done <"$1"
 exit $status'
   start=$(date +%s)

@@ -12,10 +12,13 @@ struct Run {
     cmd: Command,
 }
 
-fn vmbuild_run(args: &[&str]) -> Run {
+/// `vmbuild run VMM_ARGS ARGS`: VMM_ARGS choose the VMM (empty: the default, `auto`,
+/// which is QEMU where the embedded VMM cannot boot Linux).
+fn vmbuild_run(vmm: &[&str], args: &[&str]) -> Run {
     let runtime = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmbuild"));
     cmd.arg("run")
+        .args(vmm)
         .args(args)
         .env("XDG_RUNTIME_DIR", runtime.path())
         .stdin(Stdio::null());
@@ -61,26 +64,26 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn exit_codes_come_back() {
+/// Under each VMM (see [`parity`]).
+fn exit_codes_come_back(vmm: &[&str]) {
     for expected in [0, 1, 42, 255] {
         let script = format!("exit {expected}");
-        let out = vmbuild_run(&["--", "sh", "-c", &script]).output();
+        let out = vmbuild_run(vmm, &["--", "sh", "-c", &script]).output();
         assert_eq!(code(&out), expected, "{}", stderr(&out));
     }
 }
 
-#[test]
-fn stdout_and_stderr_are_the_commands() {
-    let out = vmbuild_run(&["--", "sh", "-c", "echo out; echo err >&2; uname -s"]).output();
+/// Under each VMM (see [`parity`]).
+fn stdout_and_stderr_are_the_commands(vmm: &[&str]) {
+    let out = vmbuild_run(vmm, &["--", "sh", "-c", "echo out; echo err >&2; uname -s"]).output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nLinux\n");
     assert!(stderr(&out).contains("err\n"));
 }
 
-#[test]
-fn a_command_killed_by_a_signal_is_reported() {
-    let out = vmbuild_run(&["--", "sh", "-c", "kill -9 $$"]).output();
+/// Under each VMM (see [`parity`]).
+fn a_command_killed_by_a_signal_is_reported(vmm: &[&str]) {
+    let out = vmbuild_run(vmm, &["--", "sh", "-c", "kill -9 $$"]).output();
     assert_eq!(code(&out), 128 + 9);
     assert!(
         stderr(&out).contains("killed by signal 9"),
@@ -89,8 +92,8 @@ fn a_command_killed_by_a_signal_is_reported() {
     );
 }
 
-#[test]
-fn environment_values_arrive_byte_for_byte() {
+/// Under each VMM (see [`parity`]).
+fn environment_values_arrive_byte_for_byte(vmm: &[&str]) {
     let xchg = tempfile::tempdir().unwrap();
     let values = [
         ("SPACES", "with  spaces\tand tabs"),
@@ -112,7 +115,7 @@ fn environment_values_arrive_byte_for_byte() {
                   eval \"printf %s \\\"\\$$v\\\"\" > /tmp/xchg/$v; done";
     args.extend(["--".into(), "sh".into(), "-c".into(), script.into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = vmbuild_run(&args);
+    let mut run = vmbuild_run(vmm, &args);
     run.cmd.env("VMBUILD_TEST_PASSED", "from the host");
     let out = run.output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -129,27 +132,30 @@ fn environment_values_arrive_byte_for_byte() {
     );
 }
 
-#[test]
-fn xchg_shows_on_the_host_and_the_store_is_read_only() {
+/// Under each VMM (see [`parity`]).
+fn xchg_shows_on_the_host_and_the_store_is_read_only(vmm: &[&str]) {
     let store = tempfile::tempdir().unwrap();
     let xchg = tempfile::tempdir().unwrap();
     fs::write(store.path().join("input"), "store data\n").unwrap();
     let script = "cat /nix/store/input > /tmp/xchg/copied && pwd > /tmp/xchg/pwd && \
                   if touch /nix/store/nope 2>/tmp/xchg/err; then exit 9; fi";
-    let out = vmbuild_run(&[
-        "--store",
-        &store.path().display().to_string(),
-        "--store-mount",
-        "/nix/store",
-        "--xchg",
-        &xchg.path().display().to_string(),
-        "--workdir",
-        "/tmp/xchg",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ])
+    let out = vmbuild_run(
+        vmm,
+        &[
+            "--store",
+            &store.path().display().to_string(),
+            "--store-mount",
+            "/nix/store",
+            "--xchg",
+            &xchg.path().display().to_string(),
+            "--workdir",
+            "/tmp/xchg",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
     .output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
@@ -166,23 +172,26 @@ fn xchg_shows_on_the_host_and_the_store_is_read_only() {
     assert!(!store.path().join("nope").exists());
 }
 
-#[test]
-fn extra_shares_mount_where_asked() {
+/// Under each VMM (see [`parity`]).
+fn extra_shares_mount_where_asked(vmm: &[&str]) {
     let data = tempfile::tempdir().unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     fs::write(data.path().join("f"), "extra\n").unwrap();
     let ro = format!("{}:/mnt/data:ro", data.path().display());
     let rw = format!("{}:/mnt/out", out_dir.path().display());
-    let out = vmbuild_run(&[
-        "--share",
-        &ro,
-        "--share",
-        &rw,
-        "--",
-        "sh",
-        "-c",
-        "cat /mnt/data/f > /mnt/out/g && ! touch /mnt/data/x 2>/dev/null",
-    ])
+    let out = vmbuild_run(
+        vmm,
+        &[
+            "--share",
+            &ro,
+            "--share",
+            &rw,
+            "--",
+            "sh",
+            "-c",
+            "cat /mnt/data/f > /mnt/out/g && ! touch /mnt/data/x 2>/dev/null",
+        ],
+    )
     .output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
@@ -191,10 +200,10 @@ fn extra_shares_mount_where_asked() {
     );
 }
 
-#[test]
-fn a_timeout_stops_the_vm_and_cleans_up() {
+/// Under each VMM (see [`parity`]).
+fn a_timeout_stops_the_vm_and_cleans_up(vmm: &[&str]) {
     let start = Instant::now();
-    let out = vmbuild_run(&["--timeout", "3", "--", "sleep", "1000"]).output();
+    let out = vmbuild_run(vmm, &["--timeout", "3", "--", "sleep", "1000"]).output();
     assert_eq!(code(&out), 124, "{}", stderr(&out));
     assert!(
         stderr(&out).contains("timed out after 3 s"),
@@ -204,27 +213,34 @@ fn a_timeout_stops_the_vm_and_cleans_up() {
     assert!(start.elapsed() < Duration::from_secs(30));
 }
 
-#[test]
-fn a_guest_kernel_panic_is_reported() {
-    let out = vmbuild_run(&["--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"]).output();
+/// Under each VMM (see [`parity`]).
+fn a_guest_kernel_panic_is_reported(vmm: &[&str]) {
+    let out = vmbuild_run(
+        vmm,
+        &["--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"],
+    )
+    .output();
     assert_eq!(code(&out), 123, "{}", stderr(&out));
     assert!(stderr(&out).contains("no exit code"), "{}", stderr(&out));
     assert!(stderr(&out).contains("panic"), "{}", stderr(&out));
 }
 
-#[test]
-fn two_runs_at_once_both_succeed() {
+/// Under each VMM (see [`parity`]).
+fn two_runs_at_once_both_succeed(vmm: &[&str]) {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let spawn = |dir: &Path, word: &str| {
-        let mut run = vmbuild_run(&[
-            "--xchg",
-            &dir.display().to_string(),
-            "--",
-            "sh",
-            "-c",
-            &format!("echo {word} > /tmp/xchg/word"),
-        ]);
+        let mut run = vmbuild_run(
+            vmm,
+            &[
+                "--xchg",
+                &dir.display().to_string(),
+                "--",
+                "sh",
+                "-c",
+                &format!("echo {word} > /tmp/xchg/word"),
+            ],
+        );
         let child = run
             .cmd
             .stdout(Stdio::null())
@@ -248,9 +264,9 @@ fn two_runs_at_once_both_succeed() {
     assert_clean(rb.path());
 }
 
-#[test]
-fn ctrl_c_stops_the_vm_and_cleans_up() {
-    let mut run = vmbuild_run(&["--", "sleep", "1000"]);
+/// Under each VMM (see [`parity`]).
+fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
+    let mut run = vmbuild_run(vmm, &["--", "sleep", "1000"]);
     let mut child = run
         .cmd
         .stdout(Stdio::null())
@@ -275,11 +291,15 @@ fn ctrl_c_stops_the_vm_and_cleans_up() {
     assert_clean(run.runtime.path());
 }
 
-#[test]
-fn timings_are_reported_as_json() {
+/// Under each VMM (see [`parity`]).
+fn timings_are_reported_as_json(vmm: &[&str]) {
     let runtime = tempfile::tempdir().unwrap();
     let file = runtime.path().join("timings.json");
-    let out = vmbuild_run(&["--timings", &file.display().to_string(), "--", "true"]).output();
+    let out = vmbuild_run(
+        vmm,
+        &["--timings", &file.display().to_string(), "--", "true"],
+    )
+    .output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = fs::read_to_string(&file).unwrap();
     for key in [
@@ -336,7 +356,7 @@ fn bad_input_exits_2_and_starts_nothing() {
         ),
     ];
     for (args, needle) in cases {
-        let out = vmbuild_run(&args).output();
+        let out = vmbuild_run(&[], &args).output();
         assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
         assert_eq!(
@@ -346,7 +366,7 @@ fn bad_input_exits_2_and_starts_nothing() {
             stderr(&out)
         );
     }
-    let mut qemu_missing = vmbuild_run(&["--", "true"]);
+    let mut qemu_missing = vmbuild_run(&[], &["--", "true"]);
     qemu_missing.cmd.env("VMBUILD_QEMU", "/nonexistent/qemu");
     let out = qemu_missing.output();
     assert_eq!(code(&out), 2);
@@ -361,7 +381,7 @@ fn a_disk_image_is_attached_without_changing_the_base() {
     f.set_len(8 << 20).unwrap();
     drop(f);
     for mode in ["snapshot", "overlay"] {
-        let out = vmbuild_run(&[
+        let out = vmbuild_run(&[], &[
             "--disk", &image.display().to_string(), "--disk-mode", mode, "--",
             "sh", "-c", "echo written | dd of=/dev/vda bs=512 count=1 conv=notrunc 2>/dev/null && head -c 7 /dev/vda",
         ])
@@ -379,7 +399,10 @@ fn a_disk_image_is_attached_without_changing_the_base() {
 fn a_shell_gets_the_same_vm_and_reports_its_exit_status() {
     use std::io::{Read, Write};
     let xchg = tempfile::tempdir().unwrap();
-    let mut run = vmbuild_run(&["--xchg", &xchg.path().display().to_string(), "--shell"]);
+    let mut run = vmbuild_run(
+        &[],
+        &["--xchg", &xchg.path().display().to_string(), "--shell"],
+    );
     let mut child = run
         .cmd
         .stdin(Stdio::piped())
@@ -422,14 +445,17 @@ fn a_shell_gets_the_same_vm_and_reports_its_exit_status() {
 fn the_console_goes_to_the_log_file() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
-    let out = vmbuild_run(&[
-        "--log",
-        &log.display().to_string(),
-        "--",
-        "sh",
-        "-c",
-        "echo to-the-console > /dev/console",
-    ])
+    let out = vmbuild_run(
+        &[],
+        &[
+            "--log",
+            &log.display().to_string(),
+            "--",
+            "sh",
+            "-c",
+            "echo to-the-console > /dev/console",
+        ],
+    )
     .output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(fs::read_to_string(&log).unwrap().contains("to-the-console"));
@@ -447,7 +473,118 @@ fn images_that_are_not_qcow2_or_raw_are_refused() {
         .status()
         .unwrap();
     assert!(made.success());
-    let out = vmbuild_run(&["--disk", &vmdk.display().to_string(), "--", "true"]).output();
+    let out = vmbuild_run(&[], &["--disk", &vmdk.display().to_string(), "--", "true"]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("vmdk"), "{}", stderr(&out));
+}
+
+/// The behaviour tests above, once per VMM: the default (QEMU under TCG where KVM cannot
+/// run Linux, as here), the embedded VMM over virtio-fs and over virtio-9p, and QEMU on
+/// KVM. The last three need a KVM that runs Linux: scripts/test.sh runs them in a nested
+/// KVM host where this host's own KVM cannot.
+/// `$ignore` is a cfg predicate: `all()` (always true) marks the tests ignored,
+/// `not(all())` (never true) leaves them to run everywhere.
+macro_rules! parity {
+    ($module:ident, $vmm:expr, $ignore:meta, $($test:ident),+ $(,)?) => {
+        mod $module {
+            $(
+                #[test]
+                #[cfg_attr($ignore, ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)")]
+                fn $test() {
+                    super::$test(&$vmm);
+                }
+            )+
+        }
+    };
+}
+
+parity!(
+    default_vmm,
+    [],
+    not(all()),
+    exit_codes_come_back,
+    stdout_and_stderr_are_the_commands,
+    a_command_killed_by_a_signal_is_reported,
+    environment_values_arrive_byte_for_byte,
+    xchg_shows_on_the_host_and_the_store_is_read_only,
+    extra_shares_mount_where_asked,
+    a_timeout_stops_the_vm_and_cleans_up,
+    a_guest_kernel_panic_is_reported,
+    two_runs_at_once_both_succeed,
+    ctrl_c_stops_the_vm_and_cleans_up,
+    timings_are_reported_as_json,
+);
+
+parity!(
+    embedded,
+    ["--vmm", "embedded"],
+    all(),
+    exit_codes_come_back,
+    stdout_and_stderr_are_the_commands,
+    a_command_killed_by_a_signal_is_reported,
+    environment_values_arrive_byte_for_byte,
+    xchg_shows_on_the_host_and_the_store_is_read_only,
+    extra_shares_mount_where_asked,
+    a_timeout_stops_the_vm_and_cleans_up,
+    a_guest_kernel_panic_is_reported,
+    two_runs_at_once_both_succeed,
+    ctrl_c_stops_the_vm_and_cleans_up,
+    timings_are_reported_as_json,
+);
+
+parity!(
+    embedded_9p,
+    ["--vmm", "embedded", "--share-protocol", "9p"],
+    all(),
+    environment_values_arrive_byte_for_byte,
+    xchg_shows_on_the_host_and_the_store_is_read_only,
+    extra_shares_mount_where_asked,
+);
+
+parity!(
+    qemu_kvm,
+    ["--vmm", "qemu", "--accel", "kvm"],
+    all(),
+    exit_codes_come_back,
+    xchg_shows_on_the_host_and_the_store_is_read_only,
+    a_timeout_stops_the_vm_and_cleans_up,
+);
+
+/// Where the embedded VMM boots Linux, `auto` runs there: with more than one vCPU too,
+/// and every vCPU is the guest's (`nproc`), busy at once under a parallel job.
+#[test]
+#[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
+fn auto_runs_in_the_embedded_vmm_on_every_vcpu() {
+    let runtime = tempfile::tempdir().unwrap();
+    let file = runtime.path().join("timings.json");
+    // Two busy loops at once: the user time (/proc/stat, in jiffies) of each vCPU grows.
+    let script = "nproc; grep -c '^cpu[0-9]' /proc/stat; \
+                  grep '^cpu[0-9]' /proc/stat > /tmp/before; \
+                  for i in 1 2; do (n=0; while [ $n -lt 30000 ]; do n=$((n+1)); done) & done; wait; \
+                  grep '^cpu[0-9]' /proc/stat > /tmp/after; \
+                  awk 'NR == FNR { user[FNR] = $2; next } $2 - user[FNR] >= 5 { busy++ } \
+                       END { print busy + 0 }' /tmp/before /tmp/after";
+    let out = vmbuild_run(
+        &[],
+        &[
+            "--cpus",
+            "2",
+            "--timings",
+            &file.display().to_string(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let timings: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(timings["vmm"], "embedded", "{timings}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2\n2\n2\n",
+        "nproc, CPUs in /proc/stat, CPUs that ran user code"
+    );
 }

@@ -158,6 +158,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         anyhow::bail!("QEMU reaches a switch through a stream port, not an in-process one");
     }
     let mut marks = Marks {
+        vmm: Some("qemu"),
         start: Some(Instant::now()),
         ..Marks::default()
     };

@@ -36,6 +36,7 @@ use crate::workflow::timings::Marks;
 
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
     let mut marks = Marks {
+        vmm: Some("embedded"),
         start: Some(Instant::now()),
         ..Marks::default()
     };

@@ -7,6 +7,8 @@ use serde::Serialize;
 /// Moments seen during a run; phases are the differences between them.
 #[derive(Debug, Default, Clone)]
 pub struct Marks {
+    /// Which VMM ran the guest: "qemu" or "embedded".
+    pub vmm: Option<&'static str>,
     pub start: Option<Instant>,
     /// QEMU answered QMP: the VMM is up.
     pub vmm_ready: Option<Instant>,
@@ -34,6 +36,7 @@ impl Marks {
 /// Seconds per phase; a phase the run never reached is `null`.
 #[derive(Debug, Serialize)]
 pub struct Timings {
+    pub vmm: Option<&'static str>,
     pub spawn: Option<f64>,
     pub kernel_to_init: Option<f64>,
     pub shares_mounted: Option<f64>,
@@ -50,6 +53,7 @@ fn secs(from: Option<Instant>, to: Option<Instant>) -> Option<f64> {
 impl Marks {
     pub fn timings(&self) -> Timings {
         Timings {
+            vmm: self.vmm,
             spawn: secs(self.start, self.vmm_ready),
             kernel_to_init: secs(self.vmm_ready, self.init),
             shares_mounted: secs(self.init, self.mounted),
