@@ -55,7 +55,8 @@ fi
 if ((nested)); then
   # The test binaries with ignored tests, each run from its package's directory as
   # cargo would.
-  plan=$(mktemp)
+  # Under the work tree, which the nested host sees (its /tmp is its own).
+  plan=$PWD/target/nested-kvm-host.plan
   trap 'rm -f "$log" "$VMBUILD_SKIP_LOG" "$plan"' EXIT
   cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, os, subprocess, sys
@@ -70,7 +71,9 @@ for line in sys.stdin:
         print(os.path.dirname(m["manifest_path"]), exe)
 ' >"$plan"
   echo "[test] in the nested KVM host: $(wc -l <"$plan") test binaries"
+  [[ -s $plan ]] || { echo "[test] no test binary has tests that need a KVM which runs Linux: the plan is wrong" >&2; exit 1; }
   script='status=0
+[ -s "$1" ] || { echo "nested: cannot read the plan $1"; exit 1; }
 while read -r dir exe; do
   (cd "$dir" && "$exe" --ignored --test-threads=1) || status=1
 done <"$1"

@@ -370,3 +370,167 @@ fn both_probes_say_yes_where_kvm_runs_linux() {
         assert_eq!(finding["status"], "ok", "{finding}");
     }
 }
+
+/// The guest's MAC on the test's switches.
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// A Linux guest with a NIC on an in-process switch port and xchg over 9p, per copy.
+struct Copy {
+    switch: std::sync::Arc<vswitch::Switch>,
+    observer: vswitch::InProcessPort,
+    xchg: tempfile::TempDir,
+}
+
+impl Copy {
+    fn new() -> Copy {
+        let switch = vswitch::Switch::new(vswitch::SwitchConfig::default());
+        let observer =
+            vswitch::InProcessPort::attach(&switch, "observer", vswitch::VlanMode::default());
+        Copy {
+            switch,
+            observer,
+            xchg: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn devices(&self) -> Vec<Box<dyn vmbuild::kvm::virtio::VirtioDevice>> {
+        use vmbuild::kvm::virtio::net::NetDevice;
+        use vmbuild::kvm::virtio::ninep::NinepDevice;
+        let share = virtiofs_bridge::ShareConfig::xchg(self.xchg.path());
+        vec![
+            Box::new(NetDevice::new(
+                &self.switch,
+                "guest",
+                GUEST_MAC,
+                vswitch::VlanMode::default(),
+            )),
+            Box::new(NinepDevice::new(std::sync::Arc::new(
+                virtiofs_bridge::ninep::NinepServer::new(&share).unwrap(),
+            ))),
+        ]
+    }
+
+    /// Frames the guest sent (by its source MAC) that reached the observer.
+    fn frames_from_guest(&self) -> usize {
+        let mut frames = Vec::new();
+        self.observer.drain(&mut frames);
+        frames
+            .iter()
+            .filter(|f| f.get(6..12) == Some(&GUEST_MAC[..]))
+            .count()
+    }
+}
+
+/// A running Linux guest with a NIC and a 9p share is snapshotted while its command
+/// waits, and restored twice at once from the one snapshot, each copy with its own switch
+/// and its own xchg directory: both copies carry on, the command started before the
+/// snapshot completes in each, each copy's NIC sends on its own switch, and the results
+/// are independent (each in its own directory, each from an RNG reseeded by the restore's
+/// new VM generation).
+#[test]
+#[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
+fn a_running_linux_with_a_nic_and_a_9p_share_is_restored_twice_at_once() {
+    let (kernel, initrd) = kit_files();
+    let dir = tempfile::tempdir().unwrap();
+    // Link-local addresses on the test's own in-process switches: nothing leaves them.
+    let job = b"set -e
+forks() { dmesg | grep -c 'crng reseeded due to virtual machine fork' || true; }
+ip link set eth0 up
+ip addr add 169.254.7.2/16 dev eth0
+echo started > /tmp/xchg/started
+while [ ! -e /tmp/xchg/go ]; do sleep 0.1; done
+n=0
+while [ \"$(forks)\" -eq 0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+ping -c 2 -W 1 169.254.7.1 >/dev/null 2>&1 || true
+cat /proc/sys/kernel/random/uuid > /tmp/xchg/result
+echo \"forks=$(forks)\" >> /tmp/xchg/result
+";
+    let initrd = vmbuild::workflow::initrd::with_files(
+        &initrd,
+        dir.path(),
+        &[("/etc/vmbuild/job.sh", 0o755, &job[..])],
+    )
+    .unwrap();
+    let config = LinuxConfig {
+        kernel: &kernel,
+        initrd: Some(&initrd),
+        cmdline: "console=ttyS0 reboot=k panic=-1 quiet cryptomgr.notests random.trust_cpu=on \
+                  vmbuild.mount=9p:xchg:/tmp/xchg vmbuild.cmd=/etc/vmbuild/job.sh",
+        memory_mib: 256,
+        vcpus: 1,
+    };
+    let original = Copy::new();
+    let mut vm = LinuxVm::new(
+        &config,
+        Transcript::new(None),
+        Vec::new(),
+        original.devices(),
+    )
+    .unwrap();
+    let started = original.xchg.path().join("started");
+    for slice in 0.. {
+        assert_eq!(
+            vm.run(Duration::from_secs(1)),
+            LinuxEnd::TimedOut,
+            "{}",
+            vm.console.text()
+        );
+        if started.exists() {
+            break;
+        }
+        assert!(slice < 120, "the job never started:\n{}", vm.console.text());
+    }
+    // Into its wait for `go`, then the snapshot.
+    assert_eq!(vm.run(Duration::from_millis(500)), LinuxEnd::TimedOut);
+    let snapshot = tempfile::tempdir().unwrap();
+    vm.snapshot(snapshot.path()).unwrap();
+    drop(vm);
+
+    let copies: Vec<Copy> = (0..2).map(|_| Copy::new()).collect();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = copies
+            .iter()
+            .map(|copy| {
+                let snapshot = snapshot.path();
+                scope.spawn(move || {
+                    std::fs::write(copy.xchg.path().join("started"), "started\n").unwrap();
+                    let mut vm = LinuxVm::restore(
+                        snapshot,
+                        Transcript::new(None),
+                        Vec::new(),
+                        copy.devices(),
+                    )
+                    .unwrap();
+                    std::fs::write(copy.xchg.path().join("go"), "").unwrap();
+                    let end = vm.run(Duration::from_secs(120));
+                    (end, vm.console.text())
+                })
+            })
+            .collect();
+        for (i, run) in runs.into_iter().enumerate() {
+            let (end, console) = run.join().unwrap();
+            assert_eq!(end, LinuxEnd::PowerOff, "copy {i}:\n{console}");
+            assert!(console.contains("vmbuild-exit=0"), "copy {i}:\n{console}");
+            assert!(
+                !console.contains("Linux version"),
+                "copy {i} booted again:\n{console}"
+            );
+        }
+    });
+    let results: Vec<String> = copies
+        .iter()
+        .map(|c| std::fs::read_to_string(c.xchg.path().join("result")).unwrap())
+        .collect();
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.contains("forks=1"), "copy {i} did not reseed: {r}");
+        assert!(
+            copies[i].frames_from_guest() > 0,
+            "copy {i}'s NIC sent nothing on its switch"
+        );
+    }
+    assert_ne!(
+        results[0], results[1],
+        "the copies drew the same random numbers"
+    );
+    assert!(!original.xchg.path().join("result").exists());
+}
