@@ -68,6 +68,11 @@ for f in vmlinux initrd.img nested-modules.cpio; do
 done
 command -v "$QEMU" >/dev/null || die "$QEMU not found: run scripts/install-host-deps.sh"
 for w in "${WORK[@]}"; do [[ -d $w ]] || die "--work $w is not a directory"; done
+# The nested host mounts fresh file systems on these; a working directory below one of
+# them (a checkout in /tmp, say) is shared from here at its own path instead.
+case $PWD/ in
+  /tmp/*|/var/tmp/*|/run/*|/dev/*|/proc/*|/sys/*) WORK+=("$PWD") ;;
+esac
 
 CTL=$(mktemp -d "${TMPDIR:-/tmp}/nested-kvm-host.XXXXXX")
 QEMU_PID=

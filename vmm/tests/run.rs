@@ -351,8 +351,8 @@ fn bad_input_exits_2_and_starts_nothing() {
             "needs the embedded VMM",
         ),
         (
-            vec!["--vmm", "embedded", "--cpus", "2", "--", "true"],
-            "one vCPU",
+            vec!["--vmm", "embedded", "--cpus", "65", "--", "true"],
+            "at most 64 vCPUs",
         ),
     ];
     for (args, needle) in cases {

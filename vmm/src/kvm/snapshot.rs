@@ -37,7 +37,7 @@ const MEMORY_PREFIX: &str = "memory-";
 /// MSRs saved when this host's KVM has them: syscall and sysenter entry points, segment
 /// bases, TSC and its deadline timer (which KVM keeps outside the LAPIC state), PAT,
 /// MISC_ENABLE, and kvmclock's system time and wall clock.
-const MSRS: [u32; 20] = [
+const MSRS: [u32; 15] = [
     0xc000_0081, // STAR
     0xc000_0082, // LSTAR
     0xc000_0083, // CSTAR
@@ -53,14 +53,18 @@ const MSRS: [u32; 20] = [
     0x0000_01a0, // MISC_ENABLE
     0x4b56_4d01, // KVM_SYSTEM_TIME_NEW
     0x4b56_4d00, // KVM_WALL_CLOCK_NEW
-    // The paravirtual features a Linux guest turns on once it sees KVM's CPUID leaves:
-    // without them a restored guest would wait for async page faults that never come,
-    // or read a stale steal-time page.
+];
+/// With an in-kernel APIC only (KVM refuses some of them without one, e.g. PV EOI): the
+/// paravirtual features a Linux guest turns on once it sees KVM's CPUID leaves. Without
+/// them a restored guest would wait for async page faults that never come, or read a
+/// stale steal-time page.
+/// The async-PF interrupt vector goes before ASYNC_PF_EN, which KVM checks against it.
+const PV_MSRS: [u32; 5] = [
+    0x4b56_4d06, // KVM_ASYNC_PF_INT
     0x4b56_4d02, // KVM_ASYNC_PF_EN
     0x4b56_4d03, // KVM_STEAL_TIME
     0x4b56_4d04, // KVM_PV_EOI_EN
     0x4b56_4d05, // KVM_POLL_CONTROL
-    0x4b56_4d06, // KVM_ASYNC_PF_INT
 ];
 /// After the LAPIC (it arms the LAPIC's deadline timer).
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
@@ -137,7 +141,12 @@ fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
     // One MSR at a time: KVM_GET_MSRS stops at the first one it does not have, and which
     // it has depends on the host and on the VM (no TSC deadline without an APIC).
     let mut saved = Vec::new();
-    for index in MSRS.iter().chain(pc.then_some(&MSR_TSC_DEADLINE)) {
+    let pc_only: &[u32] = if pc { &PV_MSRS } else { &[] };
+    for index in MSRS
+        .iter()
+        .chain(pc_only)
+        .chain(pc.then_some(&MSR_TSC_DEADLINE))
+    {
         let mut one = Msrs::from_entries(&[kvm_msr_entry {
             index: *index,
             ..Default::default()
