@@ -438,12 +438,15 @@ forks() { dmesg | grep -c 'crng reseeded due to virtual machine fork' || true; }
 ip link set eth0 up
 ip addr add 169.254.7.2/16 dev eth0
 echo started > /tmp/xchg/started
+echo job: waiting for go
 while [ ! -e /tmp/xchg/go ]; do sleep 0.1; done
+echo job: go
 n=0
 while [ \"$(forks)\" -eq 0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
 ping -c 2 -W 1 169.254.7.1 >/dev/null 2>&1 || true
 cat /proc/sys/kernel/random/uuid > /tmp/xchg/result
 echo \"forks=$(forks)\" >> /tmp/xchg/result
+echo job: done
 ";
     let initrd = vmbuild::workflow::initrd::with_files(
         &initrd,

@@ -3,7 +3,9 @@
 //! how it is open. A restore walks each path down again from the root (the same
 //! `O_NOFOLLOW` walk as `..`), so it can only land inside the share; a fid whose node is
 //! gone or was replaced by another file (different device or inode) is not restored and
-//! is reported lost: the guest then gets EBADF for it, never another file's data.
+//! is reported lost: the guest then gets EBADF for it, never another file's data. The
+//! root is the exception: a fid of the share's root binds to the root of the share it
+//! is restored into, which may be another directory (each restored VM its own xchg).
 
 use std::os::fd::AsRawFd;
 
@@ -110,7 +112,10 @@ impl NinepServer {
         let errno = |e: u32| std::io::Error::from_raw_os_error(e as i32).to_string();
         let node = self.walk_path(&s.path).map_err(errno)?;
         let st = stat(&node).map_err(errno)?;
-        if (st.st_dev, st.st_ino) != (s.dev, s.ino) {
+        // The share's root is whatever directory the restoring side shares: a VM
+        // restored from one snapshot gets an xchg of its own (another directory, another
+        // inode), and its mount must reach that one. Below the root, identity holds.
+        if !s.path.is_empty() && (st.st_dev, st.st_ino) != (s.dev, s.ino) {
             return Err("another file is at its path now".into());
         }
         let open = match &s.open {

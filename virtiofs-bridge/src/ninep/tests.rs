@@ -1016,6 +1016,33 @@ fn rw_share_survives_random_and_truncated_messages() {
     assert!(share.join("after-fuzz").exists());
 }
 
+/// A session restored into a server over another directory (a VM restored from one
+/// snapshot with an xchg of its own): the mount's root fid reaches the new directory,
+/// while a fid of a file below it, which is not the same file there, is lost.
+#[test]
+fn a_saved_root_binds_to_the_share_it_is_restored_into() {
+    let (_root, share, _outside) = layout();
+    let mut c = C::new(&share, false);
+    c.at(1, &[]).unwrap();
+    std::fs::write(share.join("f"), "old").unwrap();
+    c.at(2, &[b"f"]).unwrap();
+    let saved = c.s.save_state();
+    drop(c);
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("f"), "a copy").unwrap();
+    std::fs::write(other.path().join("go"), "").unwrap();
+    let mut d = C {
+        s: NinepServer::new(&ShareConfig::xchg(other.path())).unwrap(),
+        tag: 0,
+    };
+    let report = d.s.restore_state(&saved);
+    let lost: Vec<u32> = report.lost.iter().map(|(f, _)| *f).collect();
+    assert_eq!(lost, [2], "{report:?}");
+    assert_eq!(d.walk(1, 3, &[b"go"]).unwrap(), 1, "the new share's file");
+    assert_eq!(d.walk(0, 4, &[b"f"]).unwrap(), 1);
+    assert_eq!(d.walk(2, 5, &[]), Err(libc::EBADF as u32));
+}
+
 /// A session saved from one server and restored into another (a VM snapshot and its
 /// restore): open files read and write on, walked fids walk on, a fid whose file is gone
 /// or was replaced is lost rather than bound to another file, and a forged saved path
