@@ -24,7 +24,8 @@
 #   --timeout SECS    stop it after SECS (default 3600): exit 124
 #   --retries N       boot again when the nested host itself died or froze before
 #                     COMMAND finished (default 1; TCG guests have been seen to
-#                     freeze); COMMAND's own failures are never retried
+#                     freeze); COMMAND's own failures are never retried. Frozen: no
+#                     heartbeat from the guest for $NESTED_FROZEN_AFTER s (default 120)
 #   --kit DIR         the guest kit (default $VMBUILD_GUEST_KIT or
 #                     /var/cache/vmbuild/guest-kit; scripts/guest-kit.sh builds it)
 #   --qemu PATH       qemu-system-x86_64 to use
@@ -133,6 +134,8 @@ done </ctl/works
 mkdir -p /newroot/run/nested-kvm-host
 mount --bind /ctl /newroot/run/nested-kvm-host
 echo "nested-kvm-host: up, /dev/kvm ready" >/dev/kmsg
+# A heartbeat the host watches: a TCG guest has been seen to freeze outright.
+(while :; do date >/ctl/heartbeat; sleep 5; done) &
 # The console is a serial line: no CR added, so the host reads plain lines.
 stty -F /dev/console -onlcr 2>/dev/null || stty -onlcr 2>/dev/null || true
 set +e
@@ -161,10 +164,14 @@ for i in "${!WORK[@]}"; do
           -device "virtio-9p-pci,fsdev=work$i,mount_tag=work$i")
 done
 
+# Its guest writes a heartbeat every 5 s from outside the command's reach; this long
+# without one, the nested host is taken as frozen (the command's own silence, however
+# long, is not a freeze).
+FROZEN_AFTER=${NESTED_FROZEN_AFTER:-120}
 deadline=$(( $(date +%s) + TIMEOUT ))
 attempt=0
 while :; do
-  rm -f "$CTL/status" "$CTL/qemu.pid"
+  rm -f "$CTL/status" "$CTL/qemu.pid" "$CTL/heartbeat"
   left=$(( deadline - $(date +%s) ))
   ((left > 0)) || { log "timed out after ${TIMEOUT} s"; exit 124; }
   # The console: plain lines on stdout, the kit's own markers and kernel lines only in
@@ -177,6 +184,12 @@ while :; do
   while kill -0 "$pipeline" 2>/dev/null; do
     [[ -n $QEMU_PID || ! -s $CTL/qemu.pid ]] || QEMU_PID=$(cat "$CTL/qemu.pid")
     if (( $(date +%s) >= deadline )); then timed_out=1; break; fi
+    if [[ -e $CTL/heartbeat ]] && (( $(date +%s) - $(stat -c %Y "$CTL/heartbeat") > FROZEN_AFTER )); then
+      log "the nested host froze (no heartbeat for ${FROZEN_AFTER} s); stopping it"
+      kill -KILL "$QEMU_PID" 2>/dev/null || true
+      wait "$pipeline" 2>/dev/null || true
+      break
+    fi
     sleep 1
   done
   if ((timed_out)); then
@@ -195,5 +208,6 @@ while :; do
     die "the nested host ended before the command did (no exit status; see --log)"
   fi
   attempt=$((attempt + 1))
+  # scripts/test.sh reads this line: what the command printed before it is discarded.
   log "the nested host ended before the command did; booting it again ($attempt of $RETRIES)"
 done

@@ -17,15 +17,16 @@ use vmbuild::kvm::vm::Vm;
 
 const MIB: usize = 1 << 20;
 
-/// Whether KVM can run a guest here; prints the skip line otherwise.
+/// Whether this host has a KVM at all; prints the skip line otherwise. Any other failure
+/// to make a VM is the VMM's and fails the test.
 fn kvm_or_skip(test: &str) -> bool {
-    match GuestRam::new(MIB).and_then(|ram| Vm::new(ram, 1).map_err(std::io::Error::other)) {
-        Ok(_) => true,
-        Err(e) => {
-            vmbuild_tests::skip(test, &format!("KVM is not usable here: {e}"));
-            false
-        }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vmbuild_tests::skip(test, "no /dev/kvm on this host");
+        return false;
     }
+    let ram = GuestRam::new(MIB).expect("guest RAM");
+    Vm::new(ram, 1).expect("a VM on this host's /dev/kvm");
+    true
 }
 
 /// A bus with the console, a record of MMIO writes, and one MMIO register reading 0x55.

@@ -41,6 +41,16 @@ fn show_console() -> bool {
     std::env::var_os("VMBUILD_SHOW_CONSOLE").is_some()
 }
 
+/// Runs `vm` until the guest ends it (at most 120 s): how, and its console.
+fn run_to_end(vm: &mut LinuxVm) -> (LinuxEnd, String) {
+    let end = vm.run(Duration::from_secs(120));
+    let console = vm.console.text();
+    if show_console() {
+        eprintln!("{console}\n--- {end:?}");
+    }
+    (end, console)
+}
+
 const BOOT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 cryptomgr.notests \
                             vmbuild.cmd=/etc/vmbuild/true.sh";
 
@@ -119,11 +129,7 @@ fn the_guest_kit_starts_from_its_pvh_entry_and_reads_the_acpi_tables() {
 fn the_guest_kit_boots_to_init_on_kvm_clock_and_powers_off() {
     let (kernel, initrd) = kit_files();
     let mut vm = boot_kit(&kernel, &initrd);
-    let end = vm.run(Duration::from_secs(120));
-    let console = vm.console.text();
-    if show_console() {
-        eprintln!("{console}\n--- {end:?}");
-    }
+    let (end, console) = run_to_end(&mut vm);
     for line in [
         "Hypervisor detected: KVM",
         "kvm-clock: Using msrs",
@@ -305,11 +311,7 @@ fn the_guest_kits_bzimage_decompressor_runs_from_the_64_bit_entry() {
 fn the_guest_kits_bzimage_boots_through_the_64_bit_protocol() {
     let (vmlinux, initrd) = kit_files();
     let mut vm = boot_bzimage(&vmlinux, &initrd);
-    let end = vm.run(Duration::from_secs(120));
-    let console = vm.console.text();
-    if show_console() {
-        eprintln!("{console}\n--- {end:?}");
-    }
+    let (end, console) = run_to_end(&mut vm);
     assert!(console.contains("Linux version"), "no banner:\n{console}");
     assert!(
         console.contains("vmbuild.cmd=/etc/vmbuild/true.sh"),

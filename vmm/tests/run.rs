@@ -498,39 +498,30 @@ macro_rules! parity {
     };
 }
 
-parity!(
-    default_vmm,
-    [],
-    not(all()),
-    exit_codes_come_back,
-    stdout_and_stderr_are_the_commands,
-    a_command_killed_by_a_signal_is_reported,
-    environment_values_arrive_byte_for_byte,
-    xchg_shows_on_the_host_and_the_store_is_read_only,
-    extra_shares_mount_where_asked,
-    a_timeout_stops_the_vm_and_cleans_up,
-    a_guest_kernel_panic_is_reported,
-    two_runs_at_once_both_succeed,
-    ctrl_c_stops_the_vm_and_cleans_up,
-    timings_are_reported_as_json,
-);
+/// Every behaviour test above, under one VMM.
+macro_rules! every_behaviour_test {
+    ($module:ident, $vmm:expr, $ignore:meta) => {
+        parity!(
+            $module,
+            $vmm,
+            $ignore,
+            exit_codes_come_back,
+            stdout_and_stderr_are_the_commands,
+            a_command_killed_by_a_signal_is_reported,
+            environment_values_arrive_byte_for_byte,
+            xchg_shows_on_the_host_and_the_store_is_read_only,
+            extra_shares_mount_where_asked,
+            a_timeout_stops_the_vm_and_cleans_up,
+            a_guest_kernel_panic_is_reported,
+            two_runs_at_once_both_succeed,
+            ctrl_c_stops_the_vm_and_cleans_up,
+            timings_are_reported_as_json,
+        );
+    };
+}
 
-parity!(
-    embedded,
-    ["--vmm", "embedded"],
-    all(),
-    exit_codes_come_back,
-    stdout_and_stderr_are_the_commands,
-    a_command_killed_by_a_signal_is_reported,
-    environment_values_arrive_byte_for_byte,
-    xchg_shows_on_the_host_and_the_store_is_read_only,
-    extra_shares_mount_where_asked,
-    a_timeout_stops_the_vm_and_cleans_up,
-    a_guest_kernel_panic_is_reported,
-    two_runs_at_once_both_succeed,
-    ctrl_c_stops_the_vm_and_cleans_up,
-    timings_are_reported_as_json,
-);
+every_behaviour_test!(default_vmm, [], not(all()));
+every_behaviour_test!(embedded, ["--vmm", "embedded"], all());
 
 parity!(
     embedded_9p,

@@ -63,19 +63,19 @@ pub fn for_vcpu(supported: &CpuId, index: u8, topology: Topology) -> CpuId {
     cpuid
 }
 
-/// The leaf `function` (sub-leaf `index`) of `cpuid`, as (EAX, EBX, ECX, EDX).
-pub fn leaf(cpuid: &CpuId, function: u32, index: u32) -> Option<(u32, u32, u32, u32)> {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == function && e.index == index)
-        .map(|e| (e.eax, e.ebx, e.ecx, e.edx))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
+
+    /// The leaf `function` (sub-leaf `index`) of `cpuid`, as (EAX, EBX, ECX, EDX).
+    fn leaf(cpuid: &CpuId, function: u32, index: u32) -> Option<(u32, u32, u32, u32)> {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .map(|e| (e.eax, e.ebx, e.ecx, e.edx))
+    }
 
     fn supported() -> CpuId {
         let entries = [
