@@ -34,6 +34,7 @@ fn start(dir: &Path, name: &str, initrd: &Path, incoming: bool) -> Guest {
             append: &append,
             memory_mib: 256,
             incoming,
+            accel: vmbuild::accel::Accel::Tcg,
         },
     )
     .unwrap();

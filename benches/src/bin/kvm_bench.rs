@@ -27,6 +27,7 @@ use vmbuild::kvm::vm::Vm;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::StateFormat;
 use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+use vmbuild_benches::console::wait_for_line;
 use vmbuild_benches::report::median;
 
 #[derive(Parser, Debug)]
@@ -282,6 +283,7 @@ fn qemu_restores(dir: &Path, kit: &GuestKit, mib: u32, rounds: usize) -> anyhow:
         append: &append,
         memory_mib: mib,
         incoming,
+        accel: vmbuild::accel::Accel::Tcg,
     };
     let mut g = ConsoleGuest::start(dir, "boot", &config(false))?;
     wait_for_line(&g.console, "filled", Duration::from_secs(600))?;
@@ -301,19 +303,4 @@ fn qemu_restores(dir: &Path, kit: &GuestKit, mib: u32, rounds: usize) -> anyhow:
         next.qemu.kill();
     }
     Ok(times)
-}
-
-fn wait_for_line(
-    console: &std::os::unix::net::UnixStream,
-    want: &str,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader};
-    console.set_read_timeout(Some(timeout))?;
-    for line in BufReader::new(console.try_clone()?).lines() {
-        if line?.contains(want) {
-            return Ok(());
-        }
-    }
-    bail!("the guest never printed {want}")
 }

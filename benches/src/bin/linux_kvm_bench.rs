@@ -5,7 +5,14 @@
 //! - `vmbuild run -- true`, wall clock from start to exit,
 //! - `vmbuild build -- true` from one snapshot with the embedded controller
 //!   (`--controller embedded`, restored) vs QEMU's revived controller (`--controller
-//!   revive`), wall clock.
+//!   revive`), wall clock,
+//! - restore until a command runs: the kit booted (256 MiB) to a script that waits for a
+//!   line on its console (ttyS0), snapshotted there; then, per round, from the snapshot's
+//!   files until the guest has printed what it read: the embedded VMM's restore (memory
+//!   mapped copy-on-write) with the line fed to its UART, vs QEMU started with `-incoming`
+//!   and revived from its `file:` state (mapped-ram + multifd, as bootstrap writes it) with
+//!   the line written to its console socket. p50 and p99; first instruction is not
+//!   useful work, a lazily mapped memory file pays its faults later, and this counts them.
 //!
 //! Where this host's KVM cannot run Linux (kvm_pvm), run it in the nested KVM host; the
 //! absolute times there are TCG's underneath, the ratios compare the two VMMs:
@@ -15,12 +22,21 @@
 //! scripts/nested-kvm-host.sh --work /var/tmp -- target/release/linux-kvm-bench
 //! ```
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild::accel::Accel;
+use vmbuild::guest_kit::GuestKit;
+use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use vmbuild::kvm::uart::Transcript;
+use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
+use vmbuild::qemu::StateFormat;
+use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
+use vmbuild_benches::console::wait_for_line;
 use vmbuild_benches::peers::vmbuild_binary;
 use vmbuild_benches::report::{markdown, median, Row};
 
@@ -35,6 +51,9 @@ struct Args {
     /// Skip the build row (it needs a bootstrap first).
     #[arg(long)]
     no_build: bool,
+    /// Restores per contender for the restore-to-command row.
+    #[arg(long, default_value_t = 20)]
+    restores: usize,
 }
 
 const EMBEDDED: &[&str] = &["--vmm", "embedded"];
@@ -85,6 +104,115 @@ fn build(vmbuild: &Path, snapshot: &Path, controller: &str) -> anyhow::Result<f6
         );
     }
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// The guest's script: wait for a line on the console, say what was read, stay up.
+const WAITING_SCRIPT: &str =
+    "echo ready\nread x < /dev/ttyS0\necho \"ran $x\"\nwhile true; do sleep 1; done\n";
+const RESTORE_MIB: u32 = 256;
+
+/// The p-th percentile (0–100) of `xs`, nearest rank.
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * xs.len() as f64).ceil().max(1.0) as usize;
+    xs[rank.min(xs.len()) - 1]
+}
+
+/// Milliseconds from the snapshot's files to the command's output, per restore.
+fn embedded_restores(
+    dir: &Path,
+    kit: &GuestKit,
+    initrd: &Path,
+    append: &str,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let console = Transcript::new(None);
+    let config = LinuxConfig {
+        kernel: &kit.kernel,
+        initrd: Some(initrd),
+        cmdline: append,
+        memory_mib: RESTORE_MIB as usize,
+        vcpus: 1,
+    };
+    let mut vm = LinuxVm::new(&config, console.clone(), Vec::new(), Vec::new())?;
+    let booted = Instant::now();
+    vm.run_until(|| {
+        console.text().contains("ready") || booted.elapsed() > Duration::from_secs(300)
+    });
+    anyhow::ensure!(
+        console.text().contains("ready"),
+        "the guest never got ready:\n{}",
+        console.text()
+    );
+    // Into its read.
+    vm.run(Duration::from_millis(500));
+    let snapshot = dir.join("embedded");
+    std::fs::create_dir_all(&snapshot)?;
+    vm.snapshot(&snapshot)?;
+    drop(vm);
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let console = Transcript::new(None);
+        let start = Instant::now();
+        let mut vm = LinuxVm::restore(&snapshot, console.clone(), Vec::new(), Vec::new())?;
+        vm.serial_input(0)
+            .context("no console input")?
+            .feed(b"go\n");
+        let end = vm.run_until(|| {
+            console.text().contains("ran go") || start.elapsed() > Duration::from_secs(60)
+        });
+        let took = start.elapsed();
+        if !console.text().contains("ran go") {
+            bail!(
+                "a restored guest did not run its command ({end:?}):\n{}",
+                console.text()
+            );
+        }
+        anyhow::ensure!(
+            end == LinuxEnd::TimedOut,
+            "the restored guest ended: {end:?}"
+        );
+        times.push(took.as_secs_f64() * 1000.0);
+    }
+    Ok(times)
+}
+
+fn qemu_restores(
+    dir: &Path,
+    kit: &GuestKit,
+    initrd: &Path,
+    append: &str,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let config = |incoming| ConsoleGuestConfig {
+        kernel: &kit.kernel,
+        initrd,
+        append,
+        memory_mib: RESTORE_MIB,
+        incoming,
+        accel: Accel::Kvm,
+    };
+    let mut g = ConsoleGuest::start(dir, "boot", &config(false))?;
+    wait_for_line(&g.console, "ready", Duration::from_secs(300))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let state = dir.join("qemu-state");
+    let format = StateFormat::MappedRamMultifd(2);
+    g.qmp
+        .suspend_to_file(&state, format, Duration::from_secs(600))
+        .context("suspending the QEMU guest")?;
+    g.qemu.kill();
+    let mut times = Vec::new();
+    for r in 0..n {
+        let start = Instant::now();
+        let mut next = ConsoleGuest::start(dir, &format!("r{r}"), &config(true))?;
+        next.qmp
+            .revive_from_file(&state, format, Duration::from_secs(600))?;
+        (&next.console).write_all(b"go\n")?;
+        wait_for_line(&next.console, "ran go", Duration::from_secs(60))?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        next.qemu.kill();
+    }
+    Ok(times)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -171,6 +299,29 @@ fn main() -> anyhow::Result<()> {
             values: vec![median(e), median(q)],
         });
         let _ = std::fs::remove_dir_all(&args.workdir);
+    }
+    if args.restores > 0 {
+        let kit = GuestKit::locate()?;
+        let dir = tempfile::tempdir()?;
+        let files: [(&str, u32, &[u8]); 1] =
+            [(GUEST_SCRIPT_PATH, 0o755, WAITING_SCRIPT.as_bytes())];
+        let initrd = initrd::with_files(&kit.initrd, dir.path(), &files)?;
+        let append = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}"
+        );
+        let e = embedded_restores(dir.path(), &kit, &initrd, &append, args.restores)?;
+        let q = qemu_restores(dir.path(), &kit, &initrd, &append, args.restores)?;
+        for (p, name) in [(50.0, "p50"), (99.0, "p99")] {
+            rows.push(Row {
+                workload: format!(
+                    "restore of a booted Linux guest until a command ran, {name} of {}",
+                    args.restores
+                ),
+                unit: "ms",
+                higher_is_better: false,
+                values: vec![percentile(e.clone(), p), percentile(q.clone(), p)],
+            });
+        }
     }
     println!("{}", markdown(&["embedded VMM", "QEMU+KVM"], &rows));
     println!("median of {} rounds, alternating order", args.rounds);

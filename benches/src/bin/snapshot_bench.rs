@@ -237,6 +237,7 @@ fn start(
             append: &append,
             memory_mib: mib,
             incoming,
+            accel: vmbuild::accel::Accel::Tcg,
         },
     )?;
     Ok(Guest {

@@ -1,4 +1,4 @@
-//! A direct-kernel-boot QEMU guest with only a serial console and QMP, both on sockets
+//! A direct-kernel-boot QEMU guest (TCG or KVM) with only a serial console and QMP, both on sockets
 //! vmbuild listens on. What snapshot tests and benchmarks boot; `vmbuild run` builds its
 //! richer machine itself.
 
@@ -25,6 +25,8 @@ pub struct ConsoleGuestConfig<'a> {
     pub memory_mib: u32,
     /// Start with `-incoming defer`, to be revived with `Qmp::revive_from_*`.
     pub incoming: bool,
+    /// TCG, or KVM with the host's CPU model.
+    pub accel: crate::accel::Accel,
 }
 
 impl ConsoleGuest {
@@ -40,7 +42,7 @@ impl ConsoleGuest {
         let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock")))?;
         let mut a: Vec<String> = [
             "-accel",
-            "tcg",
+            config.accel.qemu_name(),
             "-M",
             "q35",
             "-nodefaults",
@@ -52,6 +54,9 @@ impl ConsoleGuest {
         .map(|s| s.to_string())
         .collect();
         a.extend(["-m".into(), format!("{}M", config.memory_mib)]);
+        if let Some(cpu) = config.accel.cpu_model() {
+            a.extend(["-cpu".into(), cpu.into()]);
+        }
         if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
             a.extend(["-bios".into(), qboot.display().to_string()]);
         }
