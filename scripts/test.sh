@@ -70,7 +70,7 @@ for line in sys.stdin:
     if any(l.endswith(": test") for l in listed.splitlines()):
         print(os.path.dirname(m["manifest_path"]), exe)
 ' >"$plan"
-  echo "[test] in the nested KVM host: $(wc -l <"$plan") test binaries"
+  echo "[test] in the nested KVM host: $(wc -l <"$plan") test binaries" | tee -a "$log"
   [[ -s $plan ]] || { echo "[test] no test binary has tests that need a KVM which runs Linux: the plan is wrong" >&2; exit 1; }
   script='status=0
 [ -s "$1" ] || { echo "nested: cannot read the plan $1"; exit 1; }
