@@ -146,7 +146,7 @@ sync
 exit "$status"
 OUTER
 
-APPEND="console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests vmbuild.quiet"
+APPEND="console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet"
 APPEND+=" vmbuild.modules=kvm_amd,overlay,tun,veth"
 APPEND+=" vmbuild.mount=9p:hostroot:/host:ro,cache=loose,msize=512000"
 APPEND+=" vmbuild.mount=9p:ctl:/ctl:msize=512000,cache=none"

@@ -1,5 +1,5 @@
 //! Snapshots of an embedded-VMM guest: every vCPU's state (general and special registers,
-//! FPU and XSAVE area, XCRs, debug registers, pending events, MP state, MSRs, and the
+//! the XSAVE area (x87 FPU, SSE, AVX), XCRs, debug registers, pending events, MP state, MSRs, and the
 //! local APIC) and the VM's in-kernel devices (PIC, IOAPIC, PIT, kvmclock) in a versioned
 //! state file, and guest memory in a file of its own. Restoring maps the memory file privately (copy-on-write), so a
 //! restore costs an mmap plus a few ioctls per vCPU, and many VMs can restore from one
@@ -13,7 +13,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,8 @@ pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// refused. 4: serial ports listed in the DSDT with COM3 on its own GSI, the sleep
 /// registers at 0x600, the VM generation ID. 5: CPUID says "hypervisor" (the guest runs
 /// on kvm-clock and KVM's paravirtual MSRs, which are saved), no CMOS RTC in the FADT.
-pub const VERSION: u32 = 5;
+/// 6: KVM's structures in kvm-bindings' serde form; no separate FPU state (XSAVE has it).
+pub const VERSION: u32 = 6;
 pub const STATE_FILE: &str = "vcpus.json";
 /// Guest memory is saved as `memory-<id>`, named in the state file: a new snapshot in
 /// the same directory never rewrites a file that restored VMs still map, and a state file
@@ -84,57 +86,31 @@ struct StateFile {
     devices: Option<serde_json::Value>,
 }
 
-/// KVM structures kept as their bytes (kvm-bindings has no serde for them), checked for
-/// size on restore.
+/// The in-kernel devices, as kvm-bindings serializes them (its `serde` feature checks
+/// each structure's size on the way back).
 #[derive(Serialize, Deserialize)]
 struct PcState {
-    pic_master: Vec<u8>,
-    pic_slave: Vec<u8>,
-    ioapic: Vec<u8>,
-    pit: Vec<u8>,
-    clock: Vec<u8>,
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
 }
 
 #[derive(Serialize, Deserialize)]
 struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    /// kvm_fpu's bytes (kvm-bindings has no serde for it).
-    fpu: Vec<u8>,
     xcrs: kvm_xcrs,
     events: kvm_vcpu_events,
     mp_state: kvm_mp_state,
     msrs: Vec<(u32, u64)>,
-    /// The legacy 4 KiB XSAVE area (FPU, SSE, AVX state).
+    /// The legacy 4 KiB XSAVE area: x87 FPU, SSE and AVX state (so no separate
+    /// KVM_GET_FPU, whose state it includes).
     xsave: Vec<u32>,
-    debugregs: Vec<u8>,
+    debugregs: kvm_debugregs,
     /// Only with an in-kernel APIC.
-    lapic: Option<Vec<u8>>,
-}
-
-/// The bytes of a plain-old-data KVM structure.
-fn pod_bytes<T: Copy>(v: &T) -> Vec<u8> {
-    // SAFETY: T is a repr(C) KVM structure without pointers or padding requirements;
-    // reading its bytes is reading initialised memory of exactly size_of::<T>().
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-        .to_vec()
-}
-
-fn pod_from_bytes<T: Copy + Default>(bytes: &[u8]) -> anyhow::Result<T> {
-    if bytes.len() != std::mem::size_of::<T>() {
-        bail!(
-            "a saved {} has {} bytes, not {}",
-            std::any::type_name::<T>(),
-            bytes.len(),
-            std::mem::size_of::<T>()
-        );
-    }
-    let mut v = T::default();
-    // SAFETY: same size (checked), T is plain data for which any byte pattern is valid.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), bytes.len())
-    };
-    Ok(v)
+    lapic: Option<kvm_lapic_state>,
 }
 
 fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
@@ -159,15 +135,14 @@ fn save_vcpu(vcpu: &VcpuFd, pc: bool) -> anyhow::Result<VcpuState> {
     Ok(VcpuState {
         regs: vcpu.get_regs().context("KVM_GET_REGS")?,
         sregs: vcpu.get_sregs().context("KVM_GET_SREGS")?,
-        fpu: pod_bytes(&vcpu.get_fpu().context("KVM_GET_FPU")?),
         xcrs: vcpu.get_xcrs().context("KVM_GET_XCRS")?,
         events: vcpu.get_vcpu_events().context("KVM_GET_VCPU_EVENTS")?,
         mp_state: vcpu.get_mp_state().context("KVM_GET_MP_STATE")?,
         msrs: saved,
         xsave: vcpu.get_xsave().context("KVM_GET_XSAVE")?.region.to_vec(),
-        debugregs: pod_bytes(&vcpu.get_debug_regs().context("KVM_GET_DEBUGREGS")?),
+        debugregs: vcpu.get_debug_regs().context("KVM_GET_DEBUGREGS")?,
         lapic: if pc {
-            Some(pod_bytes(&vcpu.get_lapic().context("KVM_GET_LAPIC")?))
+            Some(vcpu.get_lapic().context("KVM_GET_LAPIC")?)
         } else {
             None
         },
@@ -178,8 +153,6 @@ fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> anyhow::Result<()> {
     // Special registers first: they decide how the rest is interpreted.
     vcpu.set_sregs(&s.sregs).context("KVM_SET_SREGS")?;
     vcpu.set_regs(&s.regs).context("KVM_SET_REGS")?;
-    vcpu.set_fpu(&pod_from_bytes::<kvm_fpu>(&s.fpu)?)
-        .context("KVM_SET_FPU")?;
     let mut xsave = kvm_bindings::kvm_xsave::default();
     if s.xsave.len() != xsave.region.len() {
         bail!(
@@ -193,11 +166,10 @@ fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> anyhow::Result<()> {
     // (AMX) state after it, which is what KVM_SET_XSAVE reads.
     unsafe { vcpu.set_xsave(&xsave) }.context("KVM_SET_XSAVE")?;
     vcpu.set_xcrs(&s.xcrs).context("KVM_SET_XCRS")?;
-    vcpu.set_debug_regs(&pod_from_bytes(&s.debugregs)?)
+    vcpu.set_debug_regs(&s.debugregs)
         .context("KVM_SET_DEBUGREGS")?;
     if let Some(lapic) = &s.lapic {
-        vcpu.set_lapic(&pod_from_bytes(lapic)?)
-            .context("KVM_SET_LAPIC")?;
+        vcpu.set_lapic(lapic).context("KVM_SET_LAPIC")?;
     }
     let msrs = Msrs::from_entries(
         &s.msrs
@@ -234,20 +206,20 @@ pub fn save_with(vm: &Vm, dir: &Path, devices: Option<serde_json::Value>) -> any
         .map(|v| save_vcpu(v, vm.is_pc()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let pc = if vm.is_pc() {
-        let chip = |id: u32| -> anyhow::Result<Vec<u8>> {
-            let mut c = kvm_bindings::kvm_irqchip {
+        let chip = |id: u32| -> anyhow::Result<kvm_irqchip> {
+            let mut c = kvm_irqchip {
                 chip_id: id,
                 ..Default::default()
             };
             vm.fd().get_irqchip(&mut c).context("KVM_GET_IRQCHIP")?;
-            Ok(pod_bytes(&c))
+            Ok(c)
         };
         Some(PcState {
             pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
-            pit: pod_bytes(&vm.fd().get_pit2().context("KVM_GET_PIT2")?),
-            clock: pod_bytes(&vm.fd().get_clock().context("KVM_GET_CLOCK")?),
+            pit: vm.fd().get_pit2().context("KVM_GET_PIT2")?,
+            clock: vm.fd().get_clock().context("KVM_GET_CLOCK")?,
         })
     } else {
         None
@@ -340,14 +312,11 @@ pub fn restore_with(dir: &Path) -> anyhow::Result<(Vm, Option<serde_json::Value>
         .context("mapping the snapshot's memory")?;
     let vm = Vm::create(ram, state.vcpus.len() as u8, state.pc.is_some())?;
     if let Some(pc) = &state.pc {
-        for bytes in [&pc.pic_master, &pc.pic_slave, &pc.ioapic] {
-            let chip: kvm_bindings::kvm_irqchip = pod_from_bytes(bytes)?;
-            vm.fd().set_irqchip(&chip).context("KVM_SET_IRQCHIP")?;
+        for chip in [&pc.pic_master, &pc.pic_slave, &pc.ioapic] {
+            vm.fd().set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
         }
-        vm.fd()
-            .set_pit2(&pod_from_bytes(&pc.pit)?)
-            .context("KVM_SET_PIT2")?;
-        let mut clock: kvm_bindings::kvm_clock_data = pod_from_bytes(&pc.clock)?;
+        vm.fd().set_pit2(&pc.pit).context("KVM_SET_PIT2")?;
+        let mut clock = pc.clock;
         // Only the clock value is restored; flags describe the host it was read on.
         clock.flags = 0;
         vm.fd().set_clock(&clock).context("KVM_SET_CLOCK")?;
