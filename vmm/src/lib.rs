@@ -3,10 +3,10 @@
 //! later workflows use the same parts.
 
 pub mod accel;
+pub mod cache_dir;
 pub mod cli;
 pub mod exit;
 pub mod guest_kit;
-pub mod kvm;
 pub mod qemu;
 pub mod runtime_dir;
 pub mod signals;

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmbuild::kvm::uart::Transcript;
+use embedded_vmm::uart::Transcript;
 use vmbuild::snapshot::controller::embedded::{
     bootstrap_embedded_controller, EmbeddedBootstrap, EmbeddedRevivedController,
 };
@@ -27,8 +27,8 @@ fn daemon_guest() -> Vec<u8> {
         b"vmbuild-phase=controller-up\nvmbuild-exit=0\n",
     ));
     code.extend(out_bytes(
-        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
-        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+        embedded_vmm::acpi::SLEEP_CONTROL_PORT,
+        &[embedded_vmm::acpi::S5_POWER_OFF],
     ));
     code.extend(HALT_FOR_GOOD);
     code

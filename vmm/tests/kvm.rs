@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmbuild::kvm::cpu_mode::{enter, CpuMode};
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::serial::SerialConsole;
-use vmbuild::kvm::snapshot;
-use vmbuild::kvm::vcpu::{run, Bus, Stop};
-use vmbuild::kvm::vm::Vm;
+use embedded_vmm::cpu_mode::{enter, CpuMode};
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::serial::SerialConsole;
+use embedded_vmm::snapshot;
+use embedded_vmm::vcpu::{run, Bus, Stop};
+use embedded_vmm::vm::Vm;
 
 const MIB: usize = 1 << 20;
 

@@ -9,9 +9,9 @@
 
 use std::time::Duration;
 
-use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-use vmbuild::kvm::uart::Transcript;
-use vmbuild::kvm::virtio::console::ConsoleDevice;
+use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
+use embedded_vmm::virtio::console::ConsoleDevice;
 
 /// The guest kit's kernel and initramfs, where there is a KVM to boot them; otherwise
 /// reports test `name` skipped and gives nothing.
@@ -333,7 +333,8 @@ fn the_embedded_probe_agrees_with_qemus() {
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
     let by_qemu = vmbuild::accel::probe_kvm_cached(&qemu.path, &kernel, &initrd);
     let started = std::time::Instant::now();
-    let embedded = vmbuild::kvm::probe::boot_to_init(&kernel, &initrd, vmbuild::accel::PROBE_LIMIT);
+    let embedded =
+        vmbuild::accel::embedded_probe::boot_to_init(&kernel, &initrd, vmbuild::accel::PROBE_LIMIT);
     assert!(
         started.elapsed() < vmbuild::accel::PROBE_LIMIT + Duration::from_secs(5),
         "the probe overran its limit: {:?}",
@@ -355,7 +356,8 @@ fn both_probes_say_yes_where_kvm_runs_linux() {
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
     let by_qemu = vmbuild::accel::probe_kvm(&qemu.path, &kernel, &initrd);
     assert!(by_qemu.usable, "{}", by_qemu.reason);
-    let embedded = vmbuild::kvm::probe::boot_to_init(&kernel, &initrd, vmbuild::accel::PROBE_LIMIT);
+    let embedded =
+        vmbuild::accel::embedded_probe::boot_to_init(&kernel, &initrd, vmbuild::accel::PROBE_LIMIT);
     assert!(embedded.usable, "{}", embedded.reason);
     let doctor = std::process::Command::new(env!("CARGO_BIN_EXE_vmbuild"))
         .args(["doctor", "--json"])
@@ -395,9 +397,9 @@ impl Copy {
         }
     }
 
-    fn devices(&self) -> Vec<Box<dyn vmbuild::kvm::virtio::VirtioDevice>> {
-        use vmbuild::kvm::virtio::net::NetDevice;
-        use vmbuild::kvm::virtio::ninep::NinepDevice;
+    fn devices(&self) -> Vec<Box<dyn embedded_vmm::virtio::VirtioDevice>> {
+        use embedded_vmm::virtio::net::NetDevice;
+        use embedded_vmm::virtio::ninep::NinepDevice;
         let share = virtiofs_bridge::ShareConfig::xchg(self.xchg.path());
         vec![
             Box::new(NetDevice::new(

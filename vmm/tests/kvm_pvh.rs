@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-use vmbuild::kvm::uart::Transcript;
+use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
 
 use vmbuild_tests::pvh::{echo_com2_until_newline, kvm_here, out_bytes, pvh_kernel, HALT_FOR_GOOD};
 
@@ -51,13 +51,13 @@ fn acpi_s5_powers_the_vm_off() {
     let mut code = out_bytes(0x3f8, b"up\n");
     // S3 (sleep type 3 | SLP_EN) is not offered: ignored, the guest carries on.
     code.extend(out_bytes(
-        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
+        embedded_vmm::acpi::SLEEP_CONTROL_PORT,
         &[(3 << 2) | (1 << 5)],
     ));
     code.extend(out_bytes(0x3f8, b"still here\n"));
     code.extend(out_bytes(
-        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
-        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+        embedded_vmm::acpi::SLEEP_CONTROL_PORT,
+        &[embedded_vmm::acpi::S5_POWER_OFF],
     ));
     code.extend(out_bytes(0x3f8, b"after power-off\n"));
     code.extend(HALT_FOR_GOOD);
@@ -180,8 +180,8 @@ fn every_restore_gets_a_new_generation_id() {
 fn echo_com2_guest() -> Vec<u8> {
     let mut code = echo_com2_until_newline(0x3f8);
     code.extend(out_bytes(
-        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
-        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+        embedded_vmm::acpi::SLEEP_CONTROL_PORT,
+        &[embedded_vmm::acpi::S5_POWER_OFF],
     ));
     code.extend(HALT_FOR_GOOD);
     code
@@ -249,11 +249,11 @@ fn serial_input_interrupts_the_guest_through_the_ioapic() {
         0x75, 0xe9, // 21: jne 0
     ];
     handler.extend(out_bytes(
-        vmbuild::kvm::acpi::SLEEP_CONTROL_PORT,
-        &[vmbuild::kvm::acpi::S5_POWER_OFF],
+        embedded_vmm::acpi::SLEEP_CONTROL_PORT,
+        &[embedded_vmm::acpi::S5_POWER_OFF],
     ));
     assert_eq!(handler.len(), 30);
-    let com2_gsi = vmbuild::kvm::linux::SERIAL_PORTS[1].gsi;
+    let com2_gsi = embedded_vmm::linux::SERIAL_PORTS[1].gsi;
     let code = interrupt_guest(com2_gsi, &setup, &handler);
 
     let dir = tempfile::tempdir().unwrap();
@@ -343,7 +343,7 @@ fn a_restore_interrupts_the_guest_with_its_new_generation_id() {
     if !kvm_here("a_restore_interrupts_the_guest_with_its_new_generation_id") {
         return;
     }
-    let generation = vmbuild::kvm::linux::GENERATION_ID;
+    let generation = embedded_vmm::linux::GENERATION_ID;
     let (id_at, ged_gsi) = (generation.addr as u32, generation.gsi);
     let mut handler = vec![0xbe]; // mov esi, the ID
     handler.extend(id_at.to_le_bytes());

@@ -7,13 +7,13 @@ mod support;
 
 use std::sync::Arc;
 
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::guest_memory;
+use embedded_vmm::virtio::mmio::MmioTransport;
+use embedded_vmm::virtio::ninep::NinepDevice;
 use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
 use virtiofs_bridge::ninep::NinepServer;
 use virtiofs_bridge::ShareConfig;
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::guest_memory;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
-use vmbuild::kvm::virtio::ninep::NinepDevice;
 
 const RLERROR: u8 = 7;
 const REQ_AT: u64 = 0x100000;
@@ -259,7 +259,7 @@ fn a_live_9p_session_survives_a_snapshot() {
     assert!(c.d.t.snapshot_blocker().is_none());
 
     // Save, as a snapshot's state file keeps it, and restore onto a new server.
-    let state: vmbuild::kvm::virtio::mmio::TransportState =
+    let state: embedded_vmm::virtio::mmio::TransportState =
         serde_json::from_str(&serde_json::to_string(&c.d.t.save()).unwrap()).unwrap();
     assert!(state.device.is_some(), "the 9p session is saved");
     let fresh = NinepDevice::new(Arc::new(NinepServer::new(&cfg).unwrap()));

@@ -7,11 +7,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::console::ConsoleDevice;
+use embedded_vmm::virtio::guest_memory;
+use embedded_vmm::virtio::mmio::MmioTransport;
 use support::{Driver, DESC_F_WRITE};
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::console::ConsoleDevice;
-use vmbuild::kvm::virtio::guest_memory;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
 
 #[test]
 fn bytes_cross_the_command_channel_both_ways() {

@@ -7,16 +7,16 @@ mod support;
 
 use std::sync::Arc;
 
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::fs::FsDevice;
+use embedded_vmm::virtio::guest_memory;
+use embedded_vmm::virtio::mmio::MmioTransport;
 use fuse_backend_rs::abi::fuse_abi::{
     EntryOut, InitIn, InitOut, MkdirIn, Opcode, OpenIn, OpenOut, ReadIn,
 };
 use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
 use virtiofs_bridge::{InProcessShare, ShareConfig};
 use vm_memory::ByteValued;
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::fs::FsDevice;
-use vmbuild::kvm::virtio::guest_memory;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
 use vmbuild_tests::fuse_client::{decode, encode, Errno, FuseResult};
 
 const REQ_AT: u64 = 0x100000;

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 mod support;
 
-use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
-use vmbuild::kvm::virtio::net::NetDevice;
-use vmbuild::kvm::virtio::{
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::mmio::MmioTransport;
+use embedded_vmm::virtio::net::NetDevice;
+use embedded_vmm::virtio::{
     guest_memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
     STATUS_FEATURES_OK,
 };
+use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
 use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
 
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
@@ -35,7 +35,7 @@ fn frame(dst: [u8; 6], src: [u8; 6], fill: u8) -> Vec<u8> {
 fn setup() -> (
     Driver,
     InProcessPort,
-    Arc<vmbuild::kvm::virtio::net::NetCounters>,
+    Arc<embedded_vmm::virtio::net::NetCounters>,
 ) {
     let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
     let switch = Switch::new(SwitchConfig::default());
@@ -112,7 +112,7 @@ fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
     // Snapshot the transport, throw the device away, restore into a new one (as a VM
     // restored from a snapshot would get): the driver carries on at the next index.
     let state = d.t.save();
-    assert_ne!(state.status & vmbuild::kvm::virtio::STATUS_DRIVER_OK, 0);
+    assert_ne!(state.status & embedded_vmm::virtio::STATUS_DRIVER_OK, 0);
     assert_eq!(state.queues[1].next_avail, 1);
     let switch = Switch::new(SwitchConfig::default());
     let peer2 = InProcessPort::attach(&switch, "peer2", VlanMode::default());
@@ -144,7 +144,7 @@ fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
 #[test]
 fn malformed_chains_are_returned_and_counted_and_the_nic_keeps_working() {
     let (mut d, peer, counters) = setup();
-    let bad = |c: &vmbuild::kvm::virtio::net::NetCounters| {
+    let bad = |c: &embedded_vmm::virtio::net::NetCounters| {
         c.bad_chains.load(std::sync::atomic::Ordering::Relaxed)
     };
     // A buffer outside guest memory.

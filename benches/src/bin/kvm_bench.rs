@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use embedded_vmm::cpu_mode::{enter, CpuMode};
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::snapshot;
+use embedded_vmm::vcpu::{run, Bus, Stop};
+use embedded_vmm::vm::Vm;
 use vmbuild::guest_kit::GuestKit;
-use vmbuild::kvm::cpu_mode::{enter, CpuMode};
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::snapshot;
-use vmbuild::kvm::vcpu::{run, Bus, Stop};
-use vmbuild::kvm::vm::Vm;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::StateFormat;
 use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
@@ -156,10 +156,10 @@ fn main() -> anyhow::Result<()> {
 /// The embedded controller's restore against the QEMU controller's revive, at the
 /// controller's memory size.
 fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
+    use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+    use embedded_vmm::uart::Transcript;
+    use embedded_vmm::virtio::net::NetDevice;
     use std::sync::{Arc, OnceLock};
-    use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-    use vmbuild::kvm::uart::Transcript;
-    use vmbuild::kvm::virtio::net::NetDevice;
     use vmbuild::snapshot::controller::CONTROLLER_MEMORY_MIB;
     use vmbuild_tests::pvh::{out_bytes, pvh_kernel};
     use vswitch::{Switch, SwitchConfig, VlanMode};
@@ -191,7 +191,7 @@ fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
     code.extend([0xb0, b'.', 0xee, 0xeb, 0xfd]); // mov al, '.'; out dx, al; jmp out
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, pvh_kernel(&code))?;
-    let devices = |switch: &Arc<Switch>| -> Vec<Box<dyn vmbuild::kvm::virtio::VirtioDevice>> {
+    let devices = |switch: &Arc<Switch>| -> Vec<Box<dyn embedded_vmm::virtio::VirtioDevice>> {
         vec![Box::new(NetDevice::new(
             switch,
             "controller",

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
 use vmbuild::accel::Accel;
 use vmbuild::guest_kit::GuestKit;
-use vmbuild::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-use vmbuild::kvm::uart::Transcript;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::StateFormat;
 use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
-use vmbuild::kvm::virtio::net::NetDevice;
-use vmbuild::kvm::virtio::{
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::mmio::MmioTransport;
+use embedded_vmm::virtio::net::NetDevice;
+use embedded_vmm::virtio::{
     guest_memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 use vmbuild_benches::report::{markdown, median, Row};

@@ -246,7 +246,7 @@ fn kit_release(kernel: &std::path::Path) -> Option<String> {
 
 /// Runs a three-instruction real-mode guest in the embedded VMM (out 0x80, hlt).
 fn embedded_vmm_check() -> anyhow::Result<f64> {
-    use crate::kvm::{cpu_mode, memory::GuestRam, vcpu, vm::Vm};
+    use embedded_vmm::{cpu_mode, memory::GuestRam, vcpu, vm::Vm};
     struct Quiet;
     impl vcpu::Bus for Quiet {
         fn pio_write(&self, _: u16, _: &[u8]) {}

@@ -251,25 +251,25 @@ impl RunArgs {
         // The embedded VMM runs what it can (no disk, no shell) where it has booted this
         // kit on this host; `auto` falls back to QEMU otherwise, and says why.
         let shares = usize::from(store.is_some()) + 1 + extra_shares.len();
-        let max_vcpus = u32::from(crate::kvm::linux::MAX_VCPUS);
+        let max_vcpus = u32::from(embedded_vmm::linux::MAX_VCPUS);
         let fits = if self.shell || disk.is_some() {
             Err("it runs a command without --shell or --disk".to_owned())
         } else if self.cpus > max_vcpus {
             Err(format!("it gives a guest at most {max_vcpus} vCPUs"))
         } else if self.accel == AccelChoice::Tcg {
             Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
-        } else if self.memory > crate::kvm::linux::MAX_MEMORY_MIB {
+        } else if self.memory > embedded_vmm::linux::MAX_MEMORY_MIB {
             Err(format!(
                 "it gives a guest at most {} MiB",
-                crate::kvm::linux::MAX_MEMORY_MIB
+                embedded_vmm::linux::MAX_MEMORY_MIB
             ))
-        } else if shares > crate::kvm::linux::MAX_VIRTIO_DEVICES {
+        } else if shares > embedded_vmm::linux::MAX_VIRTIO_DEVICES {
             Err(format!(
                 "it has room for {} shares",
-                crate::kvm::linux::MAX_VIRTIO_DEVICES
+                embedded_vmm::linux::MAX_VIRTIO_DEVICES
             ))
         } else {
-            crate::workflow::run_embedded::check_kernel(&kernel)
+            embedded_vmm::linux::check_kernel(&kernel)
         };
         // 9p is served by the embedded VMM's virtio-9p device; QEMU's 9p would be its own
         // server, not ours, with none of our share policies.

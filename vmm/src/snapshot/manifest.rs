@@ -445,25 +445,10 @@ fn stamp_path(path: &Path, meta: &std::fs::Metadata, sha256: &str) -> Option<Pat
         meta.ctime_nsec()
     );
     Some(
-        cache_dir()
+        crate::cache_dir::cache_dir()
             .join("verified")
             .join(hex(&Sha256::digest(key.as_bytes()))),
     )
-}
-
-/// vmbuild's cache: `$XDG_CACHE_HOME/vmbuild`, else `/var/cache/vmbuild` for root, else
-/// `~/.cache/vmbuild`.
-pub(crate) fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Path::new(&d).join("vmbuild");
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/vmbuild");
-    }
-    std::env::var_os("HOME")
-        .map(|h| Path::new(&h).join(".cache/vmbuild"))
-        .unwrap_or_else(|| std::env::temp_dir().join("vmbuild-cache"))
 }
 
 /// Now, as RFC 3339 UTC (`2026-11-25T21:44:45Z`).

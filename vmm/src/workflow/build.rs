@@ -449,7 +449,7 @@ fn choose_controller(
         })?;
         let state = format!(
             "{EMBEDDED_CONTROLLER_DIR}/{}",
-            crate::kvm::snapshot::STATE_FILE
+            embedded_vmm::snapshot::STATE_FILE
         );
         anyhow::ensure!(
             checked.iter().any(|f| f.name == state),

@@ -7,10 +7,10 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::kvm::linux::{LinuxEnd, LinuxVm};
-use crate::kvm::uart::Transcript;
 use crate::workflow::run::note_console_line;
 use crate::workflow::timings::Marks;
+use embedded_vmm::linux::{LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
 
 /// How long a guest that reported its status may take to power off.
 const EXIT_GRACE: Duration = Duration::from_secs(2);

@@ -18,12 +18,6 @@ use virtiofs_bridge::ninep::NinepServer;
 use virtiofs_bridge::InProcessShare;
 use vswitch::VlanMode;
 
-use crate::kvm::linux::{LinuxConfig, LinuxVm};
-use crate::kvm::uart::Transcript;
-use crate::kvm::virtio::fs::FsDevice;
-use crate::kvm::virtio::net::NetDevice;
-use crate::kvm::virtio::ninep::NinepDevice;
-use crate::kvm::virtio::VirtioDevice;
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::embedded_guest::{
     drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
@@ -33,6 +27,12 @@ use crate::workflow::run::{
     command_initrd, guest_shares, xchg_dir, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol,
 };
 use crate::workflow::timings::Marks;
+use embedded_vmm::linux::{LinuxConfig, LinuxVm};
+use embedded_vmm::uart::Transcript;
+use embedded_vmm::virtio::fs::FsDevice;
+use embedded_vmm::virtio::net::NetDevice;
+use embedded_vmm::virtio::ninep::NinepDevice;
+use embedded_vmm::virtio::VirtioDevice;
 
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
     let mut marks = Marks {
@@ -46,12 +46,12 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     );
     let vcpus = u8::try_from(spec.cpus)
         .ok()
-        .filter(|n| (1..=crate::kvm::linux::MAX_VCPUS).contains(n))
+        .filter(|n| (1..=embedded_vmm::linux::MAX_VCPUS).contains(n))
         .with_context(|| {
             format!(
                 "--cpus {}: the embedded VMM runs 1 to {} vCPUs",
                 spec.cpus,
-                crate::kvm::linux::MAX_VCPUS
+                embedded_vmm::linux::MAX_VCPUS
             )
         })?;
     let rundir = RuntimeDir::create("run")?;
@@ -174,21 +174,6 @@ pub(crate) fn parse_mac(text: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(part, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
-}
-
-/// The kernel the embedded VMM boots: an ELF vmlinux (PVH), not a bzImage.
-pub fn check_kernel(path: &std::path::Path) -> Result<(), String> {
-    let mut magic = [0u8; 4];
-    let ok = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok();
-    if !ok || magic != *b"\x7fELF" {
-        return Err(format!(
-            "{} is not an ELF vmlinux: the embedded VMM boots the uncompressed kernel (the guest kit's vmlinux)",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbuild::kvm::memory::GuestRam;
-use vmbuild::kvm::virtio::mmio::MmioTransport;
-use vmbuild::kvm::virtio::{
+use embedded_vmm::memory::GuestRam;
+use embedded_vmm::virtio::mmio::MmioTransport;
+use embedded_vmm::virtio::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 

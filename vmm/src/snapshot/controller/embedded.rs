@@ -21,15 +21,15 @@ use super::{
     classify, session_files, Controller, ControllerEnd, ControllerOutcome, SessionPlan,
     CONTROLLER_MEMORY_MIB,
 };
-use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-use crate::kvm::uart::Transcript;
-use crate::kvm::virtio::net::NetDevice;
 use crate::workflow::embedded_guest::{
     drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
 };
 use crate::workflow::initrd::GUEST_SCRIPT_PATH;
 use crate::workflow::run_embedded::parse_mac;
 use crate::workflow::timings::Marks;
+use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
+use embedded_vmm::virtio::net::NetDevice;
 
 /// The embedded controller's snapshot, inside a snapshot directory.
 pub const EMBEDDED_CONTROLLER_DIR: &str = "controller-kvm";

@@ -28,15 +28,15 @@ use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::kvm::acpi::{self, MmioDevice};
-use crate::kvm::cpu_mode::{enter, CpuMode};
-use crate::kvm::memory::GuestRam;
-use crate::kvm::snapshot;
-use crate::kvm::uart::{Transcript, Uart, UartState, COM1_BASE, COM1_GSI};
-use crate::kvm::vcpu::{run, Bus, Stop};
-use crate::kvm::virtio::mmio::{MmioTransport, TransportState, WINDOW as MMIO_WINDOW};
-use crate::kvm::virtio::{guest_memory, VirtioDevice};
-use crate::kvm::vm::Vm;
+use crate::acpi::{self, MmioDevice};
+use crate::cpu_mode::{enter, CpuMode};
+use crate::memory::GuestRam;
+use crate::snapshot;
+use crate::uart::{Transcript, Uart, UartState, COM1_BASE, COM1_GSI};
+use crate::vcpu::{run, Bus, Stop};
+use crate::virtio::mmio::{MmioTransport, TransportState, WINDOW as MMIO_WINDOW};
+use crate::virtio::{guest_memory, VirtioDevice};
+use crate::vm::Vm;
 
 const START_INFO: u64 = 0x6000;
 /// The bzImage boot protocol's `boot_params` ("zero page").
@@ -439,7 +439,7 @@ impl LinuxVm {
             );
         }
         self.bus.stop.store(false, Ordering::Release);
-        crate::kvm::vcpu::kick_signal();
+        crate::vcpu::kick_signal();
         // One thread per vCPU. Each keeps guest RAM mapped for as long as it may enter
         // the guest, even if the VM is abandoned and dropped while it is stuck.
         let threads: Vec<_> = vcpus
@@ -464,7 +464,7 @@ impl LinuxVm {
             std::thread::sleep(Duration::from_millis(2));
         }
         for thread in &threads {
-            crate::kvm::vcpu::stop_thread(thread, &self.bus.stop);
+            crate::vcpu::stop_thread(thread, &self.bus.stop);
         }
         // A vCPU thread leaves KVM_RUN at once when kicked, but it may be inside a
         // device's handler, blocked on the host (a hung file system under a share, a
@@ -728,4 +728,25 @@ fn write_struct<T: Copy>(ram: &GuestRam, gpa: u64, v: &T) -> anyhow::Result<()> 
     };
     ram.write(gpa, bytes)?;
     Ok(())
+}
+
+/// Whether `path` is a kernel this VMM boots: an ELF vmlinux (PVH) or a bzImage. Checked
+/// before anything starts, so a wrong `--kernel` is refused with what to give instead.
+pub fn check_kernel(path: &Path) -> Result<(), String> {
+    let mut head = [0u8; 0x206];
+    let read = File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut head));
+    let n = match read {
+        Ok(n) => n,
+        Err(e) => return Err(format!("cannot read the kernel {}: {e}", path.display())),
+    };
+    let elf = n >= 4 && head[..4] == *b"\x7fELF";
+    // The boot protocol's setup header carries "HdrS" at 0x202.
+    let bzimage = n >= 0x206 && head[0x202..0x206] == *b"HdrS";
+    if elf || bzimage {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is neither an ELF vmlinux nor a bzImage: the embedded VMM boots one of those (the guest kit's vmlinux, or a distribution's vmlinuz)",
+        path.display()
+    ))
 }

@@ -24,7 +24,7 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::kvm::memory::GuestRam;
+use crate::memory::GuestRam;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device status bits (virtio 1.2, 2.1).

@@ -3,6 +3,8 @@
 //! after tens of seconds, so `/dev/kvm` opening proves nothing. The probe boots the guest
 //! kit under KVM with a short limit and remembers the answer per host kernel and kit.
 
+pub mod embedded_probe;
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -128,14 +130,13 @@ fn cache_file(what: &str, kernel: &Path, initrd: &Path) -> Option<PathBuf> {
 /// someone else could write would be theirs to plant.
 fn private_cache_dir() -> Option<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let dir = crate::snapshot::manifest::cache_dir();
+    let dir = crate::cache_dir::cache_dir();
     let _ = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir);
     let meta = std::fs::symlink_metadata(&dir).ok()?;
-    // SAFETY: geteuid has no preconditions.
-    let mine = meta.is_dir() && meta.uid() == unsafe { libc::geteuid() };
+    let mine = meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw();
     let private = meta.mode() & 0o022 == 0;
     (mine && private).then_some(dir)
 }
@@ -186,7 +187,7 @@ pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
 /// run Linux at all, neither VMM can. This, not QEMU's answer, is what lets `auto` choose
 /// the embedded VMM: it has then booted this kit here.
 pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
-    if let Err(why) = crate::workflow::run_embedded::check_kernel(kernel) {
+    if let Err(why) = embedded_vmm::linux::check_kernel(kernel) {
         return KvmProbe::unknown(why);
     }
     let kvm = probe_kvm_cached(qemu, kernel, initrd);
@@ -194,7 +195,7 @@ pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmPr
         return kvm;
     }
     cached("embedded", kernel, initrd, || {
-        crate::kvm::probe::boot_to_init(kernel, initrd, PROBE_LIMIT)
+        embedded_probe::boot_to_init(kernel, initrd, PROBE_LIMIT)
     })
 }
 

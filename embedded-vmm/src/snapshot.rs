@@ -19,8 +19,8 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-use crate::kvm::memory::GuestRam;
-use crate::kvm::vm::Vm;
+use crate::memory::GuestRam;
+use crate::vm::Vm;
 
 pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// Bumped whenever the state file's meaning changes, or the machine a Linux snapshot

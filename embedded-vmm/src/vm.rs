@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use crate::kvm::cpuid::{self, Topology};
+use crate::cpuid::{self, Topology};
 
-use crate::kvm::memory::GuestRam;
+use crate::memory::GuestRam;
 
 pub struct Vm {
     // Kept open for the VM's lifetime (the VM fd refers to it).

@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::accel::KvmProbe;
-use crate::kvm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
-use crate::kvm::uart::Transcript;
+use super::KvmProbe;
+use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
+use embedded_vmm::uart::Transcript;
 
 const INIT_MARK: &str = "vmbuild-phase=init";
 

@@ -10,7 +10,7 @@ use anyhow::Context;
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
-use crate::kvm::memory::GuestRam;
+use crate::memory::GuestRam;
 
 pub const GDT_ADDR: u64 = 0x1000;
 pub const PML4_ADDR: u64 = 0x2000;

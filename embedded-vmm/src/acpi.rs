@@ -412,7 +412,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        use crate::kvm::linux::{GENERATION_ID, SERIAL_PORTS};
+        use crate::linux::{GENERATION_ID, SERIAL_PORTS};
         let d = dsdt(&devices(), &SERIAL_PORTS, Some(GENERATION_ID));
         let aml = dir.path().join("dsdt.aml");
         std::fs::write(&aml, &d).unwrap();

@@ -21,7 +21,6 @@ pub mod cpu_mode;
 pub mod cpuid;
 pub mod linux;
 pub mod memory;
-pub mod probe;
 pub mod serial;
 pub mod snapshot;
 pub mod uart;
