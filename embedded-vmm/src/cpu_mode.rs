@@ -9,6 +9,7 @@
 use anyhow::Context;
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestRam;
 
@@ -64,7 +65,7 @@ pub fn enter(
             };
             let gdt = [0u64, code, 0x00cf_9200_0000_ffff];
             for (i, d) in gdt.iter().enumerate() {
-                ram.write_u64(GDT_ADDR + 8 * i as u64, *d)?;
+                ram.write_obj::<u64>(*d, GuestAddress(GDT_ADDR + 8 * i as u64))?;
             }
             sregs.gdt.base = GDT_ADDR;
             sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
@@ -99,10 +100,10 @@ pub fn enter(
             sregs.cr0 |= CR0_PE;
             if long {
                 // PML4[0] → PDPT, PDPT[0] → PD, PD[i] → 2 MiB page i (present, writable, PS).
-                ram.write_u64(PML4_ADDR, PDPT_ADDR | 0x3)?;
-                ram.write_u64(PDPT_ADDR, PD_ADDR | 0x3)?;
+                ram.write_obj::<u64>(PDPT_ADDR | 0x3, GuestAddress(PML4_ADDR))?;
+                ram.write_obj::<u64>(PD_ADDR | 0x3, GuestAddress(PDPT_ADDR))?;
                 for i in 0..512u64 {
-                    ram.write_u64(PD_ADDR + 8 * i, (i << 21) | 0x83)?;
+                    ram.write_obj::<u64>((i << 21) | 0x83, GuestAddress(PD_ADDR + 8 * i))?;
                 }
                 sregs.cr3 = PML4_ADDR;
                 sregs.cr4 |= CR4_PAE;

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{
@@ -25,7 +28,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, MmioDevice};
@@ -35,7 +38,7 @@ use crate::snapshot;
 use crate::uart::{Transcript, Uart, UartState, COM1_BASE, COM1_GSI};
 use crate::vcpu::{run, Bus, Stop};
 use crate::virtio::mmio::{MmioTransport, TransportState, WINDOW as MMIO_WINDOW};
-use crate::virtio::{guest_memory, VirtioDevice};
+use crate::virtio::VirtioDevice;
 use crate::vm::Vm;
 
 const START_INFO: u64 = 0x6000;
@@ -226,7 +229,7 @@ impl LinuxVm {
         }
         let ram = GuestRam::new(mem_bytes)?;
         let vm = Vm::new_pc(ram, config.vcpus)?;
-        let mem = guest_memory(vm.ram())?;
+        let mem = vm.ram().memory().clone();
 
         let mut kernel = File::open(config.kernel)
             .with_context(|| format!("opening the kernel {}", config.kernel.display()))?;
@@ -234,7 +237,7 @@ impl LinuxVm {
         std::io::Read::read_exact(&mut kernel, &mut magic)
             .with_context(|| format!("reading the kernel {}", config.kernel.display()))?;
         let (boot, kernel_end) = if magic == *b"\x7fELF" {
-            let loaded = Elf::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+            let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "{} is not a loadable ELF vmlinux ({e})",
@@ -250,13 +253,13 @@ impl LinuxVm {
             // linux-loader reports the end as an address already.
             (Boot::Pvh(entry.0), loaded.kernel_end)
         } else {
-            let loaded = BzImage::load(&*mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+            let loaded = BzImage::load(&mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is neither an ELF vmlinux nor a bzImage ({e})",
-                    config.kernel.display()
-                )
-            })?;
+                    anyhow::anyhow!(
+                        "{} is neither an ELF vmlinux nor a bzImage ({e})",
+                        config.kernel.display()
+                    )
+                })?;
             let header = loaded
                 .setup_header
                 .context("the bzImage loader returned no setup header")?;
@@ -270,7 +273,7 @@ impl LinuxVm {
         cmdline
             .insert_str(config.cmdline)
             .map_err(|e| anyhow::anyhow!("kernel command line: {e}"))?;
-        load_cmdline(&*mem, GuestAddress(CMDLINE), &cmdline)
+        load_cmdline(&mem, GuestAddress(CMDLINE), &cmdline)
             .map_err(|e| anyhow::anyhow!("writing the command line: {e}"))?;
         let cmdline_len = config.cmdline.len() as u32;
 
@@ -286,7 +289,8 @@ impl LinuxVm {
         if ACPI_TABLES + tables.bytes.len() as u64 > GENERATION_ID.addr {
             bail!("the ACPI tables overlap the generation ID");
         }
-        vm.ram().write(ACPI_TABLES, &tables.bytes)?;
+        vm.ram()
+            .write_slice(&tables.bytes, GuestAddress(ACPI_TABLES))?;
         let initrd = match config.initrd {
             Some(initrd) => {
                 let data = std::fs::read(initrd)
@@ -303,7 +307,7 @@ impl LinuxVm {
                             config.memory_mib
                         )
                     })?;
-                vm.ram().write(at, &data)?;
+                vm.ram().write_slice(&data, GuestAddress(at))?;
                 Some((at, data.len() as u64))
             }
             None => None,
@@ -322,30 +326,34 @@ impl LinuxVm {
                     memmap_entries: ram_ranges.len() as u32,
                     ..Default::default()
                 };
-                if let Some((at, size)) = initrd {
-                    let module = hvm_modlist_entry {
-                        paddr: at,
-                        size,
-                        ..Default::default()
-                    };
-                    write_struct(vm.ram(), MODLIST, &module)?;
-                    start.nr_modules = 1;
-                    start.modlist_paddr = MODLIST;
-                }
-                for (i, (addr, size)) in ram_ranges.iter().enumerate() {
-                    let e = hvm_memmap_table_entry {
+                let memmap: Vec<hvm_memmap_table_entry> = ram_ranges
+                    .iter()
+                    .map(|(addr, size)| hvm_memmap_table_entry {
                         addr: *addr,
                         size: *size,
                         type_: E820_RAM,
                         reserved: 0,
-                    };
-                    write_struct(
-                        vm.ram(),
-                        MEMMAP + (i * std::mem::size_of_val(&e)) as u64,
-                        &e,
-                    )?;
+                    })
+                    .collect();
+                let modules: Vec<hvm_modlist_entry> = initrd
+                    .iter()
+                    .map(|(at, size)| hvm_modlist_entry {
+                        paddr: *at,
+                        size: *size,
+                        ..Default::default()
+                    })
+                    .collect();
+                if !modules.is_empty() {
+                    start.nr_modules = modules.len() as u32;
+                    start.modlist_paddr = MODLIST;
                 }
-                write_struct(vm.ram(), START_INFO, &start)?;
+                let mut params = BootParams::new(&start, GuestAddress(START_INFO));
+                params.set_sections(&memmap, GuestAddress(MEMMAP));
+                if !modules.is_empty() {
+                    params.set_modules(&modules, GuestAddress(MODLIST));
+                }
+                PvhBootConfigurator::write_bootparams(&params, vm.ram().memory())
+                    .map_err(|e| anyhow::anyhow!("writing the PVH start info: {e}"))?;
                 // PVH: 32-bit protected mode, paging off, %ebx → start info.
                 enter(&vm.vcpus()[0], vm.ram(), CpuMode::Protected32, entry, 0)?;
                 let mut regs = vm.vcpus()[0].get_regs()?;
@@ -374,7 +382,11 @@ impl LinuxVm {
                     };
                 }
                 params.e820_entries = ram_ranges.len() as u8;
-                write_struct(vm.ram(), ZERO_PAGE, &params)?;
+                LinuxBootConfigurator::write_bootparams(
+                    &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
+                    vm.ram().memory(),
+                )
+                .map_err(|e| anyhow::anyhow!("writing the zero page: {e}"))?;
                 // The 64-bit boot protocol: long mode with the memory identity-mapped,
                 // %rsi → boot_params, entry 0x200 into the protected-mode kernel.
                 enter(&vm.vcpus()[0], vm.ram(), CpuMode::Long64, load + 0x200, 0)?;
@@ -394,7 +406,9 @@ impl LinuxVm {
     /// The VM generation ID the guest sees now.
     pub fn generation_id(&self) -> anyhow::Result<[u8; 16]> {
         let mut id = [0u8; 16];
-        self.vm.ram().read(GENERATION_ID.addr, &mut id)?;
+        self.vm
+            .ram()
+            .read_slice(&mut id, GuestAddress(GENERATION_ID.addr))?;
         Ok(id)
     }
 
@@ -446,7 +460,7 @@ impl LinuxVm {
             .into_iter()
             .map(|mut vcpu| {
                 let (bus, stop) = (self.bus.clone(), self.bus.stop.clone());
-                let ram = self.vm.ram().clone();
+                let ram = self.vm.ram().memory().clone();
                 std::thread::spawn(move || {
                     let end = run(&mut vcpu, &*bus, &stop);
                     // Whatever ended this vCPU (a reset, a failure) ends the VM: the
@@ -647,7 +661,8 @@ fn write_generation_id(vm: &Vm) -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    vm.ram().write(GENERATION_ID.addr, &id)?;
+    vm.ram()
+        .write_slice(&id, GuestAddress(GENERATION_ID.addr))?;
     Ok(())
 }
 
@@ -703,7 +718,7 @@ fn build_bus(
         vm.fd()
             .register_irqfd(&irq, w.gsi)
             .with_context(|| format!("routing GSI {} (KVM_IRQFD)", w.gsi))?;
-        let mem = guest_memory(vm.ram())?;
+        let mem = vm.ram().memory().clone();
         let transport = match saved {
             Some(s) => MmioTransport::restore(device, mem, Some(irq), &s.virtio[i])?,
             None => MmioTransport::new(device, mem, Some(irq)),
@@ -718,16 +733,6 @@ fn build_bus(
         generation_irq,
         virtio,
     }))
-}
-
-fn write_struct<T: Copy>(ram: &GuestRam, gpa: u64, v: &T) -> anyhow::Result<()> {
-    // SAFETY: T is one of the repr(C) PVH structures (plain data); its bytes are its
-    // initialised fields.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
-    };
-    ram.write(gpa, bytes)?;
-    Ok(())
 }
 
 /// Whether `path` is a kernel this VMM boots: an ELF vmlinux (PVH) or a bzImage. Checked

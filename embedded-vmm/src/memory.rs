@@ -1,50 +1,49 @@
-//! Guest RAM for the embedded VMM: one contiguous region at guest physical address 0.
+//! Guest RAM for the embedded VMM: one contiguous region at guest physical address 0, as
+//! one vm-memory `GuestMemoryMmap` that the loader, the boot structures, the devices and
+//! snapshots all use. vm-memory's accessors are bounds-checked and volatile, which is what
+//! memory the guest writes concurrently needs.
 //!
 //! A fresh VM gets a memfd (shared, so an in-process device or a snapshot can read it
 //! without copying through the guest). A restored VM maps the snapshot's memory file
 //! **privately**: pages are read from the page cache on first touch and copied only when
 //! the guest writes them, so a restore costs an mmap, and any number of VMs can restore
-//! from one file at once without seeing each other's writes.
+//! from one file at once without seeing each other's writes (as Firecracker restores).
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::ptr::NonNull;
+
+use vm_memory::{
+    mmap::MmapRegionBuilder, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap,
+    GuestRegionMmap,
+};
 
 pub struct GuestRam {
-    ptr: NonNull<u8>,
+    memory: GuestMemoryMmap,
     len: usize,
-    /// The memfd or the snapshot file the mapping comes from (kept open with it).
-    _backing: File,
     private: bool,
 }
 
-// SAFETY: the mapping is plain memory owned by this value and unmapped only when it is
-// dropped; every accessor below bounds-checks and copies bytes (no references into guest
-// memory escape, except the short-lived slice `save` reads while the vCPUs are stopped).
-// The guest writing concurrently can only change guest-visible bytes.
-unsafe impl Send for GuestRam {}
-// SAFETY: as above.
-unsafe impl Sync for GuestRam {}
+impl std::ops::Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
 
 impl GuestRam {
     /// `len` bytes of zeroed, memfd-backed shared memory.
     pub fn new(len: usize) -> io::Result<GuestRam> {
         check_len(len)?;
-        // SAFETY: memfd_create with a valid NUL-terminated name and flags.
-        let fd = unsafe { libc::memfd_create(c"vmbuild-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just created and is owned by nobody else.
-        let backing = unsafe { File::from_raw_fd(fd) };
+        let fd = nix::sys::memfd::memfd_create(
+            c"vmbuild-guest-ram",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )?;
+        let backing = File::from(fd);
         backing.set_len(len as u64)?;
-        let ptr = map(&backing, len, libc::MAP_SHARED)?;
         Ok(GuestRam {
-            ptr,
+            memory: map(backing, len, libc::MAP_SHARED)?,
             len,
-            _backing: backing,
             private: false,
         })
     }
@@ -63,13 +62,17 @@ impl GuestRam {
                 ),
             ));
         }
-        let ptr = map(&backing, expected_len, libc::MAP_PRIVATE)?;
         Ok(GuestRam {
-            ptr,
+            memory: map(backing, expected_len, libc::MAP_PRIVATE)?,
             len: expected_len,
-            _backing: backing,
             private: true,
         })
+    }
+
+    /// The guest memory, for devices and loaders: a clone shares the mapping and keeps it
+    /// alive.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
     }
 
     pub fn len(&self) -> usize {
@@ -87,50 +90,11 @@ impl GuestRam {
 
     /// The host address KVM maps the guest's physical memory to.
     pub fn host_address(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    fn range(&self, gpa: u64, len: usize) -> io::Result<usize> {
-        let start = usize::try_from(gpa).map_err(|_| out_of_range(gpa, len))?;
-        match start.checked_add(len) {
-            Some(end) if end <= self.len => Ok(start),
-            _ => Err(out_of_range(gpa, len)),
-        }
-    }
-
-    pub fn write(&self, gpa: u64, data: &[u8]) -> io::Result<()> {
-        let start = self.range(gpa, data.len())?;
-        // SAFETY: [start, start+len) is inside the mapping (checked above); the guest may
-        // write concurrently, which is a data race only on guest-visible bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(start), data.len())
-        };
-        Ok(())
-    }
-
-    pub fn read(&self, gpa: u64, out: &mut [u8]) -> io::Result<()> {
-        let start = self.range(gpa, out.len())?;
-        // SAFETY: as in `write`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), out.as_mut_ptr(), out.len())
-        };
-        Ok(())
-    }
-
-    pub fn read_u32(&self, gpa: u64) -> io::Result<u32> {
-        let mut b = [0u8; 4];
-        self.read(gpa, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    pub fn read_u64(&self, gpa: u64) -> io::Result<u64> {
-        let mut b = [0u8; 8];
-        self.read(gpa, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    pub fn write_u64(&self, gpa: u64, v: u64) -> io::Result<()> {
-        self.write(gpa, &v.to_le_bytes())
+        // The one region starts at guest address 0 (checked when it was built).
+        self.memory
+            .get_host_address(GuestAddress(0))
+            .map(|p| p as u64)
+            .unwrap_or(0)
     }
 
     /// Writes the whole of guest memory to `path`. Pages that are all zero are left as
@@ -140,32 +104,24 @@ impl GuestRam {
         const CHUNK: usize = 2 << 20;
         let mut f = File::create(path)?;
         f.set_len(self.len as u64)?;
+        let mut chunk = vec![0u8; CHUNK];
         let mut offset = 0usize;
         while offset < self.len {
             let n = CHUNK.min(self.len - offset);
-            // SAFETY: [offset, offset+n) is inside the mapping.
-            let chunk = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), n) };
-            let mut page = 0;
-            while page < n {
-                let p = 4096.min(n - page);
-                let bytes = &chunk[page..page + p];
-                if bytes.iter().any(|&b| b != 0) {
-                    f.seek(SeekFrom::Start((offset + page) as u64))?;
-                    f.write_all(bytes)?;
+            let chunk = &mut chunk[..n];
+            self.memory
+                .read_slice(chunk, GuestAddress(offset as u64))
+                .map_err(io::Error::other)?;
+            for (i, page) in chunk.chunks(4096).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    f.seek(SeekFrom::Start((offset + i * 4096) as u64))?;
+                    f.write_all(page)?;
                 }
-                page += p;
             }
             offset += n;
         }
         f.sync_data()?;
         Ok(())
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping this value created.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -179,27 +135,17 @@ fn check_len(len: usize) -> io::Result<()> {
     Ok(())
 }
 
-fn out_of_range(gpa: u64, len: usize) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("guest range {gpa:#x}+{len:#x} is outside guest memory"),
-    )
-}
-
-fn map(file: &File, len: usize, flags: libc::c_int) -> io::Result<NonNull<u8>> {
-    // SAFETY: mapping a file we own with a valid length; checked for MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
+/// `len` bytes of `file` mapped read-write at guest address 0; `flags` says shared or
+/// private. `MAP_NORESERVE`: a large guest costs only the pages it touches.
+fn map(file: File, len: usize, flags: libc::c_int) -> io::Result<GuestMemoryMmap> {
+    let region = MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| io::Error::other(format!("mapping guest memory: {e}")))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| io::Error::other("guest memory region overflows"))?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| io::Error::other(format!("guest memory: {e}")))
 }

@@ -1,8 +1,6 @@
 //! A KVM virtual machine: guest RAM as memory slot 0 and its vCPUs, each with the CPUID
 //! KVM supports on this host, adjusted per vCPU ([`cpuid`]).
 
-use std::sync::Arc;
-
 use anyhow::{bail, Context};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -15,7 +13,7 @@ pub struct Vm {
     // Kept open for the VM's lifetime (the VM fd refers to it).
     _kvm: Kvm,
     fd: VmFd,
-    ram: Arc<GuestRam>,
+    ram: GuestRam,
     vcpus: Vec<VcpuFd>,
     pc: bool,
 }
@@ -53,8 +51,8 @@ impl Vm {
             memory_size: ram.len() as u64,
             userspace_addr: ram.host_address(),
         };
-        // SAFETY: the region is the mapping `ram` owns, which this Vm keeps alive (Arc)
-        // for as long as the VM exists.
+        // SAFETY: the region is the mapping `ram` owns, which this Vm keeps for as long
+        // as the VM exists (and each running vCPU thread holds a clone of it).
         unsafe { fd.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
         if pc {
             // Intel VMX needs a TSS region (3 pages) for real-mode emulation; out of the
@@ -91,13 +89,13 @@ impl Vm {
         Ok(Vm {
             _kvm: kvm,
             fd,
-            ram: Arc::new(ram),
+            ram,
             vcpus: list,
             pc,
         })
     }
 
-    pub fn ram(&self) -> &Arc<GuestRam> {
+    pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
 

@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::cpu_mode::{enter, CpuMode};
 use embedded_vmm::memory::GuestRam;
@@ -58,7 +59,7 @@ impl Bus for TestBus {
 
 fn boot(code: &[u8], at: u64, mode: CpuMode, mem: usize) -> (Vm, TestBus) {
     let ram = GuestRam::new(mem).unwrap();
-    ram.write(at, code).unwrap();
+    ram.write_slice(code, GuestAddress(at)).unwrap();
     let vm = Vm::new(ram, 1).unwrap();
     enter(&vm.vcpus()[0], vm.ram(), mode, at, 0x7000).unwrap();
     (vm, TestBus::default())
@@ -134,9 +135,9 @@ fn two_vcpus_run_at_once() {
     let ram = GuestRam::new(MIB).unwrap();
     // vCPU i: mov al, i; out 0x80+i, al; hlt — each at its own entry.
     for i in 0..2u8 {
-        ram.write(
-            0x7c00 + 0x100 * u64::from(i),
+        ram.write_slice(
             &[0xb0, i, 0xe6, 0x80 + i, 0xf4],
+            GuestAddress(0x7c00 + 0x100 * u64::from(i)),
         )
         .unwrap();
     }
@@ -185,7 +186,12 @@ fn count_until(vm: &mut Vm, until: u32) -> u32 {
         (vcpu, stop)
     });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.ram().read_u32(COUNTER_ADDR).unwrap() < until {
+    while vm
+        .ram()
+        .read_obj::<u32>(GuestAddress(COUNTER_ADDR))
+        .unwrap()
+        < until
+    {
         assert!(Instant::now() < deadline, "the guest stopped counting");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -193,7 +199,9 @@ fn count_until(vm: &mut Vm, until: u32) -> u32 {
     let (vcpu, stop) = t.join().unwrap();
     assert_eq!(stop, Stop::Paused);
     vm.return_vcpus(vec![vcpu]);
-    vm.ram().read_u32(COUNTER_ADDR).unwrap()
+    vm.ram()
+        .read_obj::<u32>(GuestAddress(COUNTER_ADDR))
+        .unwrap()
 }
 
 #[test]
@@ -215,7 +223,12 @@ fn a_counting_guest_is_snapshotted_and_restored_twice_at_once() {
                 let mut vm = snapshot::restore(&snap).unwrap();
                 assert!(vm.ram().is_private());
                 // Memory is as it was at the snapshot...
-                assert_eq!(vm.ram().read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+                assert_eq!(
+                    vm.ram()
+                        .read_obj::<u32>(GuestAddress(COUNTER_ADDR))
+                        .unwrap(),
+                    at_snapshot
+                );
                 // ...and the guest carries on from there.
                 let now = count_until(&mut vm, at_snapshot + 500);
                 assert!(now >= at_snapshot + 500);
@@ -228,7 +241,10 @@ fn a_counting_guest_is_snapshotted_and_restored_twice_at_once() {
     }
     // The restores wrote to private copies: the snapshot's memory is unchanged.
     let ram = GuestRam::map_private(&snapshot::memory_file(&snap).unwrap(), 4 * MIB).unwrap();
-    assert_eq!(ram.read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+    assert_eq!(
+        ram.read_obj::<u32>(GuestAddress(COUNTER_ADDR)).unwrap(),
+        at_snapshot
+    );
 
     // A restored VM snapshotted again into the same directory: the new snapshot has its
     // count, and a VM still running from the old memory file keeps its own memory.
@@ -236,11 +252,17 @@ fn a_counting_guest_is_snapshotted_and_restored_twice_at_once() {
     let mut b = snapshot::restore(&snap).unwrap();
     let a_count = count_until(&mut a, at_snapshot + 300);
     snapshot::save(&a, &snap).unwrap();
-    assert_eq!(b.ram().read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+    assert_eq!(
+        b.ram().read_obj::<u32>(GuestAddress(COUNTER_ADDR)).unwrap(),
+        at_snapshot
+    );
     let b_count = count_until(&mut b, at_snapshot + 50);
     assert!(b_count >= at_snapshot + 50);
     let c = snapshot::restore(&snap).unwrap();
-    assert_eq!(c.ram().read_u32(COUNTER_ADDR).unwrap(), a_count);
+    assert_eq!(
+        c.ram().read_obj::<u32>(GuestAddress(COUNTER_ADDR)).unwrap(),
+        a_count
+    );
     let memory_files = std::fs::read_dir(&snap)
         .unwrap()
         .flatten()
@@ -257,7 +279,7 @@ fn a_pc_vm_keeps_its_apic_and_interrupt_controllers_across_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
     let ram = GuestRam::new(2 * MIB).unwrap();
-    ram.write(0x7c00, &COUNTER).unwrap();
+    ram.write_slice(&COUNTER, GuestAddress(0x7c00)).unwrap();
     let mut vm = Vm::new_pc(ram, 1).unwrap();
     enter(&vm.vcpus()[0], vm.ram(), CpuMode::Real, 0x7c00, 0x7000).unwrap();
     let lapic_before = vm.vcpus()[0].get_lapic().unwrap();
@@ -278,7 +300,12 @@ fn a_pc_vm_keeps_its_apic_and_interrupt_controllers_across_a_snapshot() {
         vm.fd().get_pit2().unwrap().channels[0].count,
         pit_before.channels[0].count
     );
-    assert_eq!(vm.ram().read_u32(COUNTER_ADDR).unwrap(), at_snapshot);
+    assert_eq!(
+        vm.ram()
+            .read_obj::<u32>(GuestAddress(COUNTER_ADDR))
+            .unwrap(),
+        at_snapshot
+    );
     let now = count_until(&mut vm, at_snapshot + 100);
     assert!(now >= at_snapshot + 100);
 }

@@ -6,9 +6,9 @@
 mod support;
 
 use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::memory::GuestRam;
-use embedded_vmm::virtio::guest_memory;
 use embedded_vmm::virtio::mmio::MmioTransport;
 use embedded_vmm::virtio::ninep::NinepDevice;
 use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
@@ -44,7 +44,7 @@ impl Client {
     fn raw(&mut self, req: &[u8]) -> (u8, Vec<u8>) {
         let head = self.head;
         self.head = (self.head + 2) % support::QSIZE;
-        self.d.ram.write(REQ_AT, req).unwrap();
+        self.d.ram.write_slice(req, GuestAddress(REQ_AT)).unwrap();
         self.d
             .desc(0, head, REQ_AT, req.len() as u32, DESC_F_NEXT, head + 1);
         self.d
@@ -54,7 +54,10 @@ impl Client {
         self.d.wait_used(0, before.wrapping_add(1));
         let (_, len) = self.d.used_elem(0, before);
         let mut reply = vec![0u8; len as usize];
-        self.d.ram.read(REPLY_AT, &mut reply).unwrap();
+        self.d
+            .ram
+            .read_slice(&mut reply, GuestAddress(REPLY_AT))
+            .unwrap();
         if reply.is_empty() {
             return (0, Vec::new());
         }
@@ -93,7 +96,7 @@ fn setup(dir: &std::path::Path) -> (Client, Arc<NinepServer>) {
     let server = Arc::new(NinepServer::new(&cfg).unwrap());
     let t = MmioTransport::new(
         Box::new(NinepDevice::new(server.clone())),
-        guest_memory(&ram).unwrap(),
+        ram.memory().clone(),
         None,
     );
     let mut d = Driver::init(ram, t, 9, (1 << 32) | 1, 1);
@@ -238,7 +241,7 @@ fn a_live_9p_session_survives_a_snapshot() {
     cfg.tag = "xchg9p".into();
     let t = MmioTransport::new(
         Box::new(NinepDevice::new(Arc::new(NinepServer::new(&cfg).unwrap()))),
-        guest_memory(&ram).unwrap(),
+        ram.memory().clone(),
         None,
     );
     let d = Driver::init(ram, t, 9, (1 << 32) | 1, 1);
@@ -263,13 +266,8 @@ fn a_live_9p_session_survives_a_snapshot() {
         serde_json::from_str(&serde_json::to_string(&c.d.t.save()).unwrap()).unwrap();
     assert!(state.device.is_some(), "the 9p session is saved");
     let fresh = NinepDevice::new(Arc::new(NinepServer::new(&cfg).unwrap()));
-    c.d.t = MmioTransport::restore(
-        Box::new(fresh),
-        guest_memory(&c.d.ram).unwrap(),
-        None,
-        &state,
-    )
-    .unwrap();
+    c.d.t =
+        MmioTransport::restore(Box::new(fresh), c.d.ram.memory().clone(), None, &state).unwrap();
     let mut write = 1u32.to_le_bytes().to_vec();
     write.extend_from_slice(&7u64.to_le_bytes());
     write.extend_from_slice(&7u32.to_le_bytes());

@@ -6,10 +6,10 @@ mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::memory::GuestRam;
 use embedded_vmm::virtio::console::ConsoleDevice;
-use embedded_vmm::virtio::guest_memory;
 use embedded_vmm::virtio::mmio::MmioTransport;
 use support::{Driver, DESC_F_WRITE};
 
@@ -17,7 +17,7 @@ use support::{Driver, DESC_F_WRITE};
 fn bytes_cross_the_command_channel_both_ways() {
     let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
     let (dev, host) = ConsoleDevice::new();
-    let t = MmioTransport::new(Box::new(dev), guest_memory(&ram).unwrap(), None);
+    let t = MmioTransport::new(Box::new(dev), ram.memory().clone(), None);
     let mut d = Driver::init(ram, t, 3, 1 << 32, 2);
 
     // The host speaks first: held until the guest posts a buffer.
@@ -28,7 +28,7 @@ fn bytes_cross_the_command_channel_both_ways() {
     let (id, len) = d.used_elem(0, 0);
     assert_eq!((id, len), (0, 16));
     let mut got = vec![0u8; 16];
-    d.ram.read(0x100000, &mut got).unwrap();
+    d.ram.read_slice(&mut got, GuestAddress(0x100000)).unwrap();
     assert_eq!(got, b"run: make check\n");
 
     // More than one buffer holds: the rest waits for the next buffer.
@@ -43,7 +43,9 @@ fn bytes_cross_the_command_channel_both_ways() {
     assert_eq!(d.used_elem(0, 2).1, 36);
 
     // The guest answers.
-    d.ram.write(0x200000, b"vmbuild-exit=0\n").unwrap();
+    d.ram
+        .write_slice(b"vmbuild-exit=0\n", GuestAddress(0x200000))
+        .unwrap();
     d.desc(1, 0, 0x200000, 15, 0, 0);
     d.post(1, 0);
     assert_eq!(
@@ -57,7 +59,7 @@ fn bytes_cross_the_command_channel_both_ways() {
     d.wait_used(1, 2);
     assert_eq!(host.bad_chains(), 1);
     assert!(host.recv_timeout(Duration::from_millis(50)).is_none());
-    d.ram.write(0x200000, b"ok").unwrap();
+    d.ram.write_slice(b"ok", GuestAddress(0x200000)).unwrap();
     d.desc(1, 2, 0x200000, 2, 0, 0);
     d.post(1, 2);
     assert_eq!(

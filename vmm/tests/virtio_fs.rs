@@ -6,10 +6,10 @@
 mod support;
 
 use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::memory::GuestRam;
 use embedded_vmm::virtio::fs::FsDevice;
-use embedded_vmm::virtio::guest_memory;
 use embedded_vmm::virtio::mmio::MmioTransport;
 use fuse_backend_rs::abi::fuse_abi::{
     EntryOut, InitIn, InitOut, MkdirIn, Opcode, OpenIn, OpenOut, ReadIn,
@@ -41,7 +41,7 @@ impl Fs {
     fn raw(&mut self, req: &[u8]) -> FuseResult<Vec<u8>> {
         let head = self.next_head;
         self.next_head = (self.next_head + 2) % support::QSIZE;
-        self.d.ram.write(REQ_AT, req).unwrap();
+        self.d.ram.write_slice(req, GuestAddress(REQ_AT)).unwrap();
         self.d
             .desc(1, head, REQ_AT, req.len() as u32, DESC_F_NEXT, head + 1);
         self.d
@@ -52,7 +52,10 @@ impl Fs {
         let (id, len) = self.d.used_elem(1, before);
         assert_eq!(id, u32::from(head));
         let mut reply = vec![0u8; len as usize];
-        self.d.ram.read(REPLY_AT, &mut reply).unwrap();
+        self.d
+            .ram
+            .read_slice(&mut reply, GuestAddress(REPLY_AT))
+            .unwrap();
         if len == 0 {
             return Err(Errno(0));
         }
@@ -71,7 +74,7 @@ fn setup(store: &std::path::Path) -> (Fs, Arc<InProcessShare>) {
     let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
     let share = Arc::new(InProcessShare::new(&ShareConfig::store(store)).unwrap());
     let dev = FsDevice::new(share.clone()).unwrap();
-    let t = MmioTransport::new(Box::new(dev), guest_memory(&ram).unwrap(), None);
+    let t = MmioTransport::new(Box::new(dev), ram.memory().clone(), None);
     let mut d = Driver::init(ram, t, 26, 1 << 32, 2);
     let mut tag = [0u8; 36];
     d.t.read(0x100, &mut tag);
@@ -167,7 +170,7 @@ fn a_used_virtio_fs_share_refuses_a_snapshot() {
     let share = Arc::new(InProcessShare::new(&ShareConfig::store(store.path())).unwrap());
     let t = MmioTransport::new(
         Box::new(FsDevice::new(share).unwrap()),
-        guest_memory(&ram).unwrap(),
+        ram.memory().clone(),
         None,
     );
     let d = Driver::init(ram, t, 26, 1 << 32, 2);

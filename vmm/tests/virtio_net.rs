@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
 
 mod support;
 
@@ -13,8 +14,7 @@ use embedded_vmm::memory::GuestRam;
 use embedded_vmm::virtio::mmio::MmioTransport;
 use embedded_vmm::virtio::net::NetDevice;
 use embedded_vmm::virtio::{
-    guest_memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
 };
 use support::{Driver, DESC_F_NEXT, DESC_F_WRITE};
 use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
@@ -42,7 +42,7 @@ fn setup() -> (
     let peer = InProcessPort::attach(&switch, "peer", VlanMode::default());
     let nic = NetDevice::new(&switch, "vm0", VM_MAC, VlanMode::default());
     let counters = nic.counters();
-    let t = MmioTransport::new(Box::new(nic), guest_memory(&ram).unwrap(), None);
+    let t = MmioTransport::new(Box::new(nic), ram.memory().clone(), None);
     let mut d = Driver::init(ram, t, 1, (1 << 32) | (1 << 5), 2);
     let mut mac = [0u8; 6];
     d.t.read(0x100, &mut mac);
@@ -57,7 +57,7 @@ fn frames_cross_between_the_guest_and_a_switch_port() {
     let out = frame(PEER_MAC, VM_MAC, 0x11);
     let mut buf = vec![0u8; 12];
     buf.extend_from_slice(&out);
-    d.ram.write(0x100000, &buf).unwrap();
+    d.ram.write_slice(&buf, GuestAddress(0x100000)).unwrap();
     d.desc(1, 0, 0x100000, buf.len() as u32, 0, 0);
     d.post(1, 0);
     assert_eq!(peer.recv_timeout(Duration::from_secs(5)), Some(out));
@@ -75,7 +75,7 @@ fn frames_cross_between_the_guest_and_a_switch_port() {
     let (id, len) = d.used_elem(0, 0);
     assert_eq!((id, len as usize), (0, 12 + back.len()));
     let mut got = vec![0u8; len as usize];
-    d.ram.read(0x110000, &mut got).unwrap();
+    d.ram.read_slice(&mut got, GuestAddress(0x110000)).unwrap();
     assert_eq!(&got[12..], &back[..]);
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert_eq!(
@@ -100,7 +100,7 @@ fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
         let mut buf = vec![0u8; 12];
         buf.extend_from_slice(&out);
         let at = 0x100000 + 0x1000 * u64::from(head);
-        d.ram.write(at, &buf).unwrap();
+        d.ram.write_slice(&buf, GuestAddress(at)).unwrap();
         d.desc(1, head, at, buf.len() as u32, 0, 0);
         d.post(1, head);
         out
@@ -117,8 +117,7 @@ fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
     let switch = Switch::new(SwitchConfig::default());
     let peer2 = InProcessPort::attach(&switch, "peer2", VlanMode::default());
     let nic = NetDevice::new(&switch, "vm0-restored", VM_MAC, VlanMode::default());
-    d.t =
-        MmioTransport::restore(Box::new(nic), guest_memory(&d.ram).unwrap(), None, &state).unwrap();
+    d.t = MmioTransport::restore(Box::new(nic), d.ram.memory().clone(), None, &state).unwrap();
     assert_eq!(
         d.t.save(),
         state,
@@ -136,9 +135,7 @@ fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
     let mut wrong = state.clone();
     wrong.device_type = 26;
     let nic = NetDevice::new(&switch, "vm0-wrong", VM_MAC, VlanMode::default());
-    assert!(
-        MmioTransport::restore(Box::new(nic), guest_memory(&d.ram).unwrap(), None, &wrong).is_err()
-    );
+    assert!(MmioTransport::restore(Box::new(nic), d.ram.memory().clone(), None, &wrong).is_err());
 }
 
 #[test]
@@ -178,7 +175,7 @@ fn malformed_chains_are_returned_and_counted_and_the_nic_keeps_working() {
     let out = frame(PEER_MAC, VM_MAC, 0x44);
     let mut buf = vec![0u8; 12];
     buf.extend_from_slice(&out);
-    d.ram.write(0x100000, &buf).unwrap();
+    d.ram.write_slice(&buf, GuestAddress(0x100000)).unwrap();
     d.desc(1, 3, 0x100000, buf.len() as u32, 0, 0);
     d.post(1, 3);
     assert_eq!(peer.recv_timeout(Duration::from_secs(5)), Some(out));
@@ -207,7 +204,7 @@ fn a_live_device_cannot_be_activated_twice_and_reports_no_shared_memory() {
     let out = frame(PEER_MAC, VM_MAC, 9);
     let mut buf = vec![0u8; 12];
     buf.extend_from_slice(&out);
-    d.ram.write(0x100000, &buf).unwrap();
+    d.ram.write_slice(&buf, GuestAddress(0x100000)).unwrap();
     d.desc(1, 0, 0x100000, buf.len() as u32, 0, 0);
     d.post(1, 0);
     assert_eq!(peer.recv_timeout(Duration::from_secs(5)), Some(out));
@@ -218,7 +215,9 @@ fn a_wild_avail_index_does_not_take_the_device_down() {
     let (mut d, peer, _) = setup();
     // The driver claims 1000 new buffers in a queue of 16.
     let avail = d.queues[1].avail;
-    d.ram.write(avail + 2, &1000u16.to_le_bytes()).unwrap();
+    d.ram
+        .write_slice(&1000u16.to_le_bytes(), GuestAddress(avail + 2))
+        .unwrap();
     d.w(0x50, 1);
     assert!(peer.try_recv().is_none());
     // Registers still answer.
@@ -230,7 +229,7 @@ fn bad_register_sequences_are_refused_and_counted() {
     let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
     let switch = Switch::new(SwitchConfig::default());
     let nic = NetDevice::new(&switch, "vm0", VM_MAC, VlanMode::default());
-    let mut t = MmioTransport::new(Box::new(nic), guest_memory(&ram).unwrap(), None);
+    let mut t = MmioTransport::new(Box::new(nic), ram.memory().clone(), None);
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     let r = |t: &mut MmioTransport, off: u64| {
         let mut b = [0u8; 4];
@@ -293,6 +292,6 @@ fn a_quiesced_nic_holds_arriving_frames_until_it_resumes() {
     d.wait_used(0, 2);
     let (_, len) = d.used_elem(0, 1);
     let mut got = vec![0u8; len as usize];
-    d.ram.read(0x111000, &mut got).unwrap();
+    d.ram.read_slice(&mut got, GuestAddress(0x111000)).unwrap();
     assert_eq!(&got[12..], &held[..]);
 }

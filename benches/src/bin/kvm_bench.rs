@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -81,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..args.rounds.max(5) {
         let t = Instant::now();
         let ram = GuestRam::new(2 << 20)?;
-        ram.write(0x7c00, &[0xe6, 0x80, 0xf4])?; // out 0x80, al; hlt
+        ram.write_slice(&[0xe6, 0x80, 0xf4], GuestAddress(0x7c00))?; // out 0x80, al; hlt
         let mut vm = Vm::new(ram, 1)?;
         enter(&vm.vcpus()[0], vm.ram(), CpuMode::Real, 0x7c00, 0x7000)?;
         let stop = run_first_exit(&mut vm);
@@ -109,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         // Embedded: fill, then snapshot while counting.
         eprintln!("[kvm-bench] {mib} MiB: embedded guest filling its memory");
         let ram = GuestRam::new(mem)?;
-        ram.write(0x8000, &filler(mem))?;
+        ram.write_slice(&filler(mem), GuestAddress(0x8000))?;
         let mut vm = Vm::new(ram, 1)?;
         enter(&vm.vcpus()[0], vm.ram(), CpuMode::Long64, 0x8000, 0x7000)?;
         let filled = UntilPort(0x81, AtomicBool::new(false));

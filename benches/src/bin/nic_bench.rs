@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -20,7 +21,7 @@ use embedded_vmm::memory::GuestRam;
 use embedded_vmm::virtio::mmio::MmioTransport;
 use embedded_vmm::virtio::net::NetDevice;
 use embedded_vmm::virtio::{
-    guest_memory, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 use vmbuild_benches::report::{markdown, median, Row};
 use vswitch::tap::{Tap, TapPort};
@@ -112,7 +113,7 @@ fn in_process(secs: Duration) -> anyhow::Result<f64> {
     ));
     let ram = Arc::new(GuestRam::new(8 << 20)?);
     let nic = NetDevice::new(&switch, "vm", SRC, VlanMode::default());
-    let mut t = MmioTransport::new(Box::new(nic), guest_memory(&ram)?, None);
+    let mut t = MmioTransport::new(Box::new(nic), ram.memory().clone(), None);
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     // Bring the device up with the TX queue (1) at 64 KiB.
     let (desc, avail, used) = (0x10000u64, 0x11000u64, 0x12000u64);
@@ -148,13 +149,13 @@ fn in_process(secs: Duration) -> anyhow::Result<f64> {
     buf.extend_from_slice(&frame());
     for i in 0..QSIZE {
         let addr = 0x100000 + u64::from(i) * 128;
-        ram.write(addr, &buf)?;
+        ram.write_slice(&buf, GuestAddress(addr))?;
         let mut d = Vec::new();
         d.extend_from_slice(&addr.to_le_bytes());
         d.extend_from_slice(&(buf.len() as u32).to_le_bytes());
         d.extend_from_slice(&0u16.to_le_bytes());
         d.extend_from_slice(&0u16.to_le_bytes());
-        ram.write(desc + 16 * u64::from(i), &d)?;
+        ram.write_slice(&d, GuestAddress(desc + 16 * u64::from(i)))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (count, counter_thread) = counter(sink, stop.clone());
@@ -163,10 +164,13 @@ fn in_process(secs: Duration) -> anyhow::Result<f64> {
     while start.elapsed() < secs {
         for _ in 0..BATCH {
             let head = next % QSIZE;
-            ram.write(avail + 4 + 2 * u64::from(head), &head.to_le_bytes())?;
+            ram.write_slice(
+                &head.to_le_bytes(),
+                GuestAddress(avail + 4 + 2 * u64::from(head)),
+            )?;
             next = next.wrapping_add(1);
         }
-        ram.write(avail + 2, &next.to_le_bytes())?;
+        ram.write_slice(&next.to_le_bytes(), GuestAddress(avail + 2))?;
         w(&mut t, 0x50, 1);
     }
     let elapsed = start.elapsed().as_secs_f64();

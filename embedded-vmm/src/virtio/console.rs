@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -23,7 +25,7 @@ const MAX_CHAIN: usize = 1 << 20;
 const MAX_RECEIVED: usize = 16 << 20;
 
 struct Active {
-    mem: DeviceMemory,
+    mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     irq: IrqLine,
 }
@@ -128,7 +130,7 @@ impl VirtioDevice for ConsoleDevice {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -191,11 +193,11 @@ fn fill_rx(a: &mut Active, shared: &Shared) {
     let mut pending = shared.pending.lock().unwrap();
     let mut returned = false;
     while !pending.is_empty() {
-        let Some(chain) = a.queues[RX].pop_descriptor_chain(&*a.mem) else {
+        let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
             break;
         };
         let head = chain.head_index();
-        let written = match chain.writer(&*a.mem) {
+        let written = match chain.writer(&a.mem) {
             Ok(mut w) => {
                 let n = w.available_bytes().min(pending.len());
                 let bytes: Vec<u8> = pending.drain(..n).collect();
@@ -212,7 +214,7 @@ fn fill_rx(a: &mut Active, shared: &Shared) {
                 0
             }
         };
-        let _ = a.queues[RX].add_used(&*a.mem, head, written);
+        let _ = a.queues[RX].add_used(&a.mem, head, written);
         returned = true;
     }
     if returned {
@@ -225,13 +227,13 @@ fn drain_tx(a: &mut Active, shared: &Shared) {
     let mut returned = false;
     let mut budget = a.queues[TX].size();
     while budget > 0 {
-        let Some(chain) = a.queues[TX].pop_descriptor_chain(&*a.mem) else {
+        let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) else {
             break;
         };
         budget -= 1;
         let head = chain.head_index();
         let mut buf = Vec::new();
-        let ok = match chain.reader(&*a.mem) {
+        let ok = match chain.reader(&a.mem) {
             Ok(mut r) if r.available_bytes() <= MAX_CHAIN => r.read_to_end(&mut buf).is_ok(),
             _ => false,
         };
@@ -247,7 +249,7 @@ fn drain_tx(a: &mut Active, shared: &Shared) {
         } else if !ok {
             shared.bad_chains.fetch_add(1, Relaxed);
         }
-        let _ = a.queues[TX].add_used(&*a.mem, head, 0);
+        let _ = a.queues[TX].add_used(&a.mem, head, 0);
         returned = true;
     }
     if returned {

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use virtiofs_bridge::InProcessShare;
 
-use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const TAG_LEN: usize = 36;
 
 struct Active {
-    mem: DeviceMemory,
+    mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     irq: IrqLine,
 }
@@ -72,7 +74,7 @@ impl VirtioDevice for FsDevice {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -89,11 +91,11 @@ impl VirtioDevice for FsDevice {
             return;
         };
         let mut returned = false;
-        while let Some(chain) = q.pop_descriptor_chain(&*a.mem) {
+        while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             let used = self.share.serve(&a.mem, chain);
             self.served += 1;
-            if q.add_used(&*a.mem, head, used).is_err() {
+            if q.add_used(&a.mem, head, used).is_err() {
                 tracing::debug!("virtio-fs: add_used failed");
             }
             returned = true;

@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
+use vm_memory::GuestMemoryMmap;
+
 use super::{
-    DeviceMemory, IrqLine, SavedQueue, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    IrqLine, SavedQueue, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -42,7 +44,7 @@ pub struct TransportState {
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: DeviceMemory,
+    mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -59,7 +61,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         irqfd: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
     ) -> MmioTransport {
         let queues = fresh_queues(device.as_ref());
@@ -119,7 +121,7 @@ impl MmioTransport {
     /// the device cannot have.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         irqfd: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
         saved: &TransportState,
     ) -> anyhow::Result<MmioTransport> {
@@ -335,7 +337,7 @@ impl MmioTransport {
                 self.status = (v & !STATUS_DRIVER_OK) | STATUS_FAILED;
                 return;
             }
-            if let Some(i) = self.queues.iter().position(|q| !q.is_valid(&*self.mem)) {
+            if let Some(i) = self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
                 self.bad("DRIVER_OK with an invalid queue", 0x70);
                 tracing::debug!(queue = i, "virtio-mmio: queue invalid at DRIVER_OK");
                 self.status = (v & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;

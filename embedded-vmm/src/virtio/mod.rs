@@ -21,10 +21,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-
-use crate::memory::GuestRam;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device status bits (virtio 1.2, 2.1).
@@ -37,44 +35,6 @@ pub const STATUS_FAILED: u32 = 0x80;
 
 /// Interrupt status bit: a used buffer was returned.
 pub const INT_USED_RING: u32 = 1;
-
-/// A device's view of guest memory: vm-memory's type over the VM's own mapping, holding
-/// the mapping alive for as long as any device (or device thread) has a view of it.
-#[derive(Clone)]
-pub struct DeviceMemory {
-    mem: GuestMemoryMmap,
-    _ram: Arc<GuestRam>,
-}
-
-impl std::ops::Deref for DeviceMemory {
-    type Target = GuestMemoryMmap;
-    fn deref(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-}
-
-pub fn guest_memory(ram: &Arc<GuestRam>) -> std::io::Result<DeviceMemory> {
-    // SAFETY: the region covers exactly the mapping `ram` owns; the DeviceMemory keeps
-    // that `GuestRam` (and so the mapping) alive as long as the region can be used, and
-    // vm-memory does not unmap a region built from a raw pointer.
-    let region = unsafe {
-        MmapRegion::build_raw(
-            ram.host_address() as *mut u8,
-            ram.len(),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-    }
-    .map_err(|e| std::io::Error::other(format!("guest memory for devices: {e}")))?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .ok_or_else(|| std::io::Error::other("guest memory region overflows"))?;
-    let mem = GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|e| std::io::Error::other(format!("guest memory for devices: {e}")))?;
-    Ok(DeviceMemory {
-        mem,
-        _ram: ram.clone(),
-    })
-}
 
 /// How a device tells the driver that it returned buffers.
 #[derive(Clone)]
@@ -107,7 +67,7 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: the queues are configured and valid.
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()>;

@@ -18,7 +18,9 @@ use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vswitch::{InProcessPort, Switch, VlanMode};
 
-use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const HDR_LEN: usize = 12;
@@ -40,7 +42,7 @@ pub struct NetCounters {
 }
 
 struct Active {
-    mem: DeviceMemory,
+    mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
     irq: IrqLine,
@@ -116,7 +118,7 @@ impl VirtioDevice for NetDevice {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         mut queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -230,14 +232,14 @@ fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
     // cannot keep this thread here.
     let mut budget = a.tx.size();
     while budget > 0 {
-        let Some(chain) = a.tx.pop_descriptor_chain(&*a.mem) else {
+        let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) else {
             break;
         };
         budget -= 1;
         let head = chain.head_index();
         buf.clear();
         let ok = well_formed(&chain)
-            && match chain.reader(&*a.mem) {
+            && match chain.reader(&a.mem) {
                 Ok(mut r) if r.available_bytes() <= HDR_LEN + MAX_FRAME => {
                     r.read_to_end(&mut buf).is_ok() && buf.len() >= HDR_LEN + 14
                 }
@@ -249,7 +251,7 @@ fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
         } else {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
-        if a.tx.add_used(&*a.mem, head, 0).is_err() {
+        if a.tx.add_used(&a.mem, head, 0).is_err() {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
         returned = true;
@@ -264,7 +266,7 @@ fn deliver(a: &mut Active, counters: &NetCounters) {
     let mut returned = false;
     let mut budget = a.rx.size();
     while !a.backlog.is_empty() && budget > 0 {
-        let Some(chain) = a.rx.pop_descriptor_chain(&*a.mem) else {
+        let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
             break;
         };
         budget -= 1;
@@ -273,7 +275,7 @@ fn deliver(a: &mut Active, counters: &NetCounters) {
         let mut hdr = [0u8; HDR_LEN];
         hdr[10] = 1; // num_buffers
         let written = well_formed(&chain)
-            && match chain.writer(&*a.mem) {
+            && match chain.writer(&a.mem) {
                 Ok(mut w) if w.available_bytes() >= HDR_LEN + frame.len() => {
                     w.write_all(&hdr).and_then(|_| w.write_all(&frame)).is_ok()
                 }
@@ -286,7 +288,7 @@ fn deliver(a: &mut Active, counters: &NetCounters) {
             counters.bad_chains.fetch_add(1, Relaxed);
             0
         };
-        if a.rx.add_used(&*a.mem, head, len).is_err() {
+        if a.rx.add_used(&a.mem, head, len).is_err() {
             counters.bad_chains.fetch_add(1, Relaxed);
         }
         returned = true;

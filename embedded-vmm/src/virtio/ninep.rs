@@ -10,12 +10,14 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use virtiofs_bridge::ninep::{NinepServer, MAX_MSIZE};
 
-use super::{DeviceMemory, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_9P_MOUNT_TAG: u64 = 1;
 
 struct Active {
-    mem: DeviceMemory,
+    mem: GuestMemoryMmap,
     queue: Queue,
     irq: IrqLine,
 }
@@ -67,7 +69,7 @@ impl VirtioDevice for NinepDevice {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: GuestMemoryMmap,
         mut queues: Vec<Queue>,
         irq: IrqLine,
     ) -> anyhow::Result<()> {
@@ -90,7 +92,7 @@ impl VirtioDevice for NinepDevice {
         let mut returned = false;
         let mut budget = a.queue.size();
         while budget > 0 {
-            let Some(chain) = a.queue.pop_descriptor_chain(&*a.mem) else {
+            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
                 break;
             };
             budget -= 1;
@@ -117,7 +119,7 @@ impl VirtioDevice for NinepDevice {
                     }
                 }
             }
-            let _ = a.queue.add_used(&*a.mem, head, used);
+            let _ = a.queue.add_used(&a.mem, head, used);
             returned = true;
         }
         if returned {

@@ -1,6 +1,7 @@
 //! `vmbuild doctor`: what this host can do and why, each finding with a fix hint.
 
 use std::process::Command;
+use vm_memory::{Bytes, GuestAddress};
 
 use clap::Args;
 use serde::Serialize;
@@ -254,7 +255,7 @@ fn embedded_vmm_check() -> anyhow::Result<f64> {
     }
     let start = std::time::Instant::now();
     let ram = GuestRam::new(1 << 20)?;
-    ram.write(0x7c00, &[0xe6, 0x80, 0xf4])?;
+    ram.write_slice(&[0xe6, 0x80, 0xf4], GuestAddress(0x7c00))?;
     let mut vm = Vm::new(ram, 1)?;
     cpu_mode::enter(
         &vm.vcpus()[0],

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::memory::GuestRam;
 use embedded_vmm::virtio::mmio::MmioTransport;
@@ -47,24 +48,30 @@ impl Driver {
         d.extend_from_slice(&len.to_le_bytes());
         d.extend_from_slice(&flags.to_le_bytes());
         d.extend_from_slice(&next.to_le_bytes());
-        self.ram.write(at, &d).unwrap();
+        self.ram.write_slice(&d, GuestAddress(at)).unwrap();
     }
 
     /// Makes descriptor `head` available and notifies the queue.
     pub fn post(&mut self, q: usize, head: u16) {
         let dq = &mut self.queues[q];
         let slot = dq.avail + 4 + 2 * u64::from(dq.next_avail % QSIZE);
-        self.ram.write(slot, &head.to_le_bytes()).unwrap();
+        self.ram
+            .write_slice(&head.to_le_bytes(), GuestAddress(slot))
+            .unwrap();
         dq.next_avail = dq.next_avail.wrapping_add(1);
         let idx = dq.next_avail;
         let avail = dq.avail;
-        self.ram.write(avail + 2, &idx.to_le_bytes()).unwrap();
+        self.ram
+            .write_slice(&idx.to_le_bytes(), GuestAddress(avail + 2))
+            .unwrap();
         self.w(0x50, q as u32);
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {
         let mut b = [0u8; 2];
-        self.ram.read(self.queues[q].used + 2, &mut b).unwrap();
+        self.ram
+            .read_slice(&mut b, GuestAddress(self.queues[q].used + 2))
+            .unwrap();
         u16::from_le_bytes(b)
     }
 
@@ -72,8 +79,8 @@ impl Driver {
     pub fn used_elem(&self, q: usize, n: u16) -> (u32, u32) {
         let at = self.queues[q].used + 4 + 8 * u64::from(n % QSIZE);
         (
-            self.ram.read_u32(at).unwrap(),
-            self.ram.read_u32(at + 4).unwrap(),
+            self.ram.read_obj::<u32>(GuestAddress(at)).unwrap(),
+            self.ram.read_obj::<u32>(GuestAddress(at + 4)).unwrap(),
         )
     }
 
