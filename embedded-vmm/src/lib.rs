@@ -21,6 +21,7 @@ pub mod cpu_mode;
 pub mod cpuid;
 pub mod linux;
 pub mod memory;
+pub mod random;
 pub mod serial;
 pub mod snapshot;
 pub mod uart;

@@ -652,15 +652,7 @@ impl SerialInput {
 }
 
 fn write_generation_id(vm: &Vm) -> anyhow::Result<()> {
-    let mut id = [0u8; 16];
-    // SAFETY: getrandom(2) writes at most `id.len()` bytes into `id`.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
-        bail!(
-            "no random bytes for the VM generation ID: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let id: [u8; 16] = crate::random::bytes().context("the VM generation ID")?;
     vm.ram()
         .write_slice(&id, GuestAddress(GENERATION_ID.addr))?;
     Ok(())

@@ -224,11 +224,7 @@ pub fn save_with(vm: &Vm, dir: &Path, devices: Option<serde_json::Value>) -> any
     } else {
         None
     };
-    let mut id = [0u8; 8];
-    // SAFETY: getrandom(2) filling our 8-byte buffer.
-    if unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) } != id.len() as isize {
-        bail!("getrandom failed: {}", std::io::Error::last_os_error());
-    }
+    let id: [u8; 8] = crate::random::bytes().context("naming the memory file")?;
     let memory_file = format!("{MEMORY_PREFIX}{:016x}", u64::from_le_bytes(id));
     let tmp_memory = dir.join(format!(".{memory_file}.tmp"));
     vm.ram().save(&tmp_memory).context("writing guest memory")?;

@@ -38,8 +38,7 @@ fn base_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
         return Path::new(&d).join("vmbuild");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && Path::new("/run").is_dir() {
+    if nix::unistd::geteuid().is_root() && Path::new("/run").is_dir() {
         return PathBuf::from("/run/vmbuild");
     }
     std::env::temp_dir().join("vmbuild")

@@ -234,8 +234,9 @@ fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmP
         .open(cache.with_extension("lock"))
         .ok()
         .inspect(|f| {
-            // SAFETY: flock(2) on a file we own; released when the file is closed.
-            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX) };
+            // Released when the file is closed. Without the lock two probes may run at
+            // once; each still gives a true answer.
+            let _ = f.lock();
         });
     if let Some(p) = read_cached() {
         return p;

@@ -202,8 +202,7 @@ impl DoctorArgs {
                 ),
             },
         );
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = nix::unistd::geteuid().is_root();
         f.push(finding(
             "network_namespaces",
             if root { "ok" } else { "warn" },

@@ -84,8 +84,11 @@ impl QemuProcess {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Our own child, not yet reaped, so the pid is still its own.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         if let Ok(Some(_)) = self.wait_timeout(Duration::from_secs(2)) {
             return;
         }
