@@ -17,6 +17,7 @@
 //!   virtio-fs on an in-process share, virtio-9p, virtio-console as the command channel.
 
 pub mod acpi;
+pub mod backend;
 pub mod cpu_mode;
 pub mod cpuid;
 pub mod linux;

@@ -1,5 +1,5 @@
 //! virtio-fs served in this process: each request queue's descriptor chains go straight to
-//! a `virtiofs-bridge` share ([`InProcessShare`]), with its policies (read-only store,
+//! a FUSE server ([`FuseServer`]: in vmbuild a `virtiofs-bridge` share), with its policies (read-only store,
 //! no way out of the share) and counters. No vhost-user socket, no shared-memory setup.
 //!
 //! Queues: hiprio (FORGET, INTERRUPT) and one request queue, as QEMU's vhost-user-fs-pci
@@ -9,9 +9,10 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use virtiofs_bridge::InProcessShare;
 
 use vm_memory::GuestMemoryMmap;
+
+use crate::backend::FuseServer;
 
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -24,7 +25,7 @@ struct Active {
 }
 
 pub struct FsDevice {
-    share: Arc<InProcessShare>,
+    share: Arc<dyn FuseServer>,
     config: [u8; TAG_LEN + 4],
     active: Option<Active>,
     /// Requests served since creation: any means a FUSE session the guest relies on.
@@ -33,7 +34,7 @@ pub struct FsDevice {
 
 impl FsDevice {
     /// Fails when the share's tag does not fit the 36 bytes virtio-fs gives it.
-    pub fn new(share: Arc<InProcessShare>) -> anyhow::Result<FsDevice> {
+    pub fn new(share: Arc<dyn FuseServer>) -> anyhow::Result<FsDevice> {
         let tag = share.tag().as_bytes();
         anyhow::ensure!(
             !tag.is_empty() && tag.len() <= TAG_LEN,

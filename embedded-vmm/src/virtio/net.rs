@@ -18,6 +18,8 @@ use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vswitch::{InProcessPort, Switch, VlanMode};
 
+use crate::backend::FramePort;
+
 use vm_memory::GuestMemoryMmap;
 
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -53,7 +55,7 @@ struct Active {
 
 pub struct NetDevice {
     mac: [u8; 6],
-    port: Arc<InProcessPort>,
+    port: Arc<dyn FramePort>,
     active: Arc<Mutex<Option<Active>>>,
     counters: Arc<NetCounters>,
     stop: Arc<AtomicBool>,
@@ -63,9 +65,14 @@ pub struct NetDevice {
 impl NetDevice {
     /// A NIC with `mac` attached to `switch` as an in-process port named `name`.
     pub fn new(switch: &Arc<Switch>, name: &str, mac: [u8; 6], vlan: VlanMode) -> NetDevice {
+        Self::on_port(Arc::new(InProcessPort::attach(switch, name, vlan)), mac)
+    }
+
+    /// A NIC with `mac` whose frames go through `port`.
+    pub fn on_port(port: Arc<dyn FramePort>, mac: [u8; 6]) -> NetDevice {
         NetDevice {
             mac,
-            port: Arc::new(InProcessPort::attach(switch, name, vlan)),
+            port,
             active: Arc::new(Mutex::new(None)),
             counters: Arc::new(NetCounters::default()),
             stop: Arc::new(AtomicBool::new(false)),
@@ -168,7 +175,7 @@ impl VirtioDevice for NetDevice {
         let mut guard = self.active.lock().unwrap();
         let Some(a) = guard.as_mut() else { return };
         match index {
-            TX => transmit(a, &self.port, &self.counters),
+            TX => transmit(a, &*self.port, &self.counters),
             RX if !a.quiesced => deliver(a, &self.counters),
             _ => {}
         }
@@ -225,7 +232,7 @@ where
 }
 
 /// Sends every frame the guest queued for transmission.
-fn transmit(a: &mut Active, port: &InProcessPort, counters: &NetCounters) {
+fn transmit(a: &mut Active, port: &dyn FramePort, counters: &NetCounters) {
     let mut returned = false;
     let mut buf = Vec::with_capacity(HDR_LEN + MAX_FRAME);
     // At most one ring's worth per notify: a driver that keeps moving its avail index

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use virtiofs_bridge::ninep::{NinepServer, MAX_MSIZE};
 
 use vm_memory::GuestMemoryMmap;
+
+use crate::backend::NinepSession;
 
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -23,14 +24,14 @@ struct Active {
 }
 
 pub struct NinepDevice {
-    server: Arc<NinepServer>,
+    server: Arc<dyn NinepSession>,
     config: Vec<u8>,
     active: Option<Active>,
     bad_chains: Arc<AtomicU64>,
 }
 
 impl NinepDevice {
-    pub fn new(server: Arc<NinepServer>) -> NinepDevice {
+    pub fn new(server: Arc<dyn NinepSession>) -> NinepDevice {
         let tag = server.tag().as_bytes();
         let mut config = (tag.len() as u16).to_le_bytes().to_vec();
         config.extend_from_slice(tag);
@@ -99,7 +100,7 @@ impl VirtioDevice for NinepDevice {
             let head = chain.head_index();
             let mut req = Vec::new();
             let read = match chain.clone().reader(&a.mem) {
-                Ok(mut r) if r.available_bytes() <= MAX_MSIZE as usize + 4096 => {
+                Ok(mut r) if r.available_bytes() <= self.server.max_message() + 4096 => {
                     r.read_to_end(&mut req).is_ok()
                 }
                 _ => false,
@@ -134,14 +135,11 @@ impl VirtioDevice for NinepDevice {
     /// The 9p session: the guest's fids, by path and identity (see
     /// `virtiofs_bridge::ninep::NinepState`).
     fn save_state(&self) -> Option<serde_json::Value> {
-        serde_json::to_value(self.server.save_state()).ok()
+        Some(self.server.save())
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
-        let state: virtiofs_bridge::ninep::NinepState = serde_json::from_value(state.clone())
-            .map_err(|e| anyhow::anyhow!("the saved 9p session is damaged: {e}"))?;
-        let report = self.server.restore_state(&state);
-        for (fid, why) in &report.lost {
+        for (fid, why) in self.server.restore(state)? {
             tracing::warn!(
                 "9p share {}: fid {fid} not restored: {why}",
                 self.server.tag()
