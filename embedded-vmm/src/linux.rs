@@ -227,6 +227,7 @@ impl LinuxVm {
                 config.vcpus
             );
         }
+        let started = Instant::now();
         let ram = GuestRam::new(mem_bytes)?;
         let vm = Vm::new_pc(ram, config.vcpus)?;
         let mem = vm.ram().memory().clone();
@@ -269,6 +270,7 @@ impl LinuxVm {
             )
         };
 
+        tracing::debug!("kernel loaded in {:.3} s", started.elapsed().as_secs_f64());
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
         cmdline
             .insert_str(config.cmdline)
@@ -312,6 +314,10 @@ impl LinuxVm {
             }
             None => None,
         };
+        tracing::debug!(
+            "initramfs loaded at {:.3} s",
+            started.elapsed().as_secs_f64()
+        );
         // Usable RAM: below the EBDA, and from 1 MiB up.
         let ram_ranges = [(0, EBDA), (HIGH_MEMORY, mem_bytes as u64 - HIGH_MEMORY)];
 
@@ -400,6 +406,7 @@ impl LinuxVm {
         let mut outputs = vec![console.clone()];
         outputs.extend(serials);
         let bus = build_bus(&vm, &outputs, devices, &windows, None)?;
+        tracing::debug!("VM ready in {:.3} s", started.elapsed().as_secs_f64());
         Ok(LinuxVm { bus, vm, console })
     }
 

@@ -110,7 +110,16 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     if let Some(extra) = &spec.append {
         append.push(extra.clone());
     }
+    let since_start = |what: &str| {
+        let at = marks
+            .start
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        tracing::debug!("{at:.3} s: {what}");
+    };
+    since_start("devices ready");
     let initrd = command_initrd(spec, rundir.path())?;
+    since_start("command initramfs written");
 
     let console = GuestConsole::logged_to(spec.log.as_deref())?;
     let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
