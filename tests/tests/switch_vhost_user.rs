@@ -1,11 +1,33 @@
 //! Two QEMU (TCG) guests of the guest kit, each with a virtio-net NIC attached to a
-//! vhost-user-net port of one in-process switch, ping each other.
+//! vhost-user-net port of one in-process switch, ping each other. Every port here makes its
+//! private `vswitch-vhost-*` directory in a directory of the test's own, and each test
+//! checks that dropping its ports left nothing there.
 
 use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
 use vswitch::vhost_user_net::VhostUserNetPort;
 use vswitch::{Switch, SwitchConfig, VlanMode};
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+/// Drops the ports on another thread and fails (instead of hanging) if that takes too long.
+fn drop_within(ports: Vec<VhostUserNetPort>, limit: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(ports);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit)
+        .expect("dropping the ports did not return: a serving thread never ended");
+}
 
 fn guest(
     kit: &GuestKit,
@@ -39,10 +61,16 @@ fn guest(
 fn two_guests_ping_each_other_through_vhost_user_ports() {
     let kit = GuestKit::locate().expect("guest kit");
     let sw = Switch::new(SwitchConfig::default());
-    let sockets = tempfile::tempdir().unwrap();
+    let (sockets, private) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (sa, sb) = (sockets.path().join("a.sock"), sockets.path().join("b.sock"));
-    let pa = VhostUserNetPort::listen(&sw, &sa, VlanMode::Access { vlan: 1 }).unwrap();
-    let pb = VhostUserNetPort::listen(&sw, &sb, VlanMode::Access { vlan: 1 }).unwrap();
+    let vlan = VlanMode::Access { vlan: 1 };
+    let pa = VhostUserNetPort::listen_in(&sw, &sa, vlan.clone(), private.path()).unwrap();
+    let pb = VhostUserNetPort::listen_in(&sw, &sb, vlan, private.path()).unwrap();
+    assert_eq!(
+        entries(private.path()).len(),
+        2,
+        "one private directory per port"
+    );
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (ga, gb) = (
         guest(&kit, da.path(), &sa, 1, 2),
@@ -73,21 +101,31 @@ fn two_guests_ping_each_other_through_vhost_user_ports() {
     assert!(table
         .iter()
         .any(|r| r.mac == "52:54:00:00:00:02" && r.port == pb.id()));
+
+    drop_within(vec![pa, pb], Duration::from_secs(30));
+    assert_eq!(entries(private.path()), Vec::<PathBuf>::new());
+    assert!(!sa.exists() && !sb.exists());
 }
 
 /// The same ports driven by the vhost-user front-end harness: frames cross, and a front-end
-/// that goes away and comes back (a QEMU restart) gets a working port again.
+/// that goes away and comes back (a QEMU restart) gets a working port again. The ports then
+/// drop while both front-ends are still connected: that closes them and leaves nothing.
 #[test]
 fn a_front_end_that_reconnects_gets_a_working_port() {
-    use std::time::Duration;
     use vmbuild_tests::vhost_frontend::{FsFrontend, RawDesc, SLOT_BUF};
     const RXQ: usize = 0;
     const TXQ: usize = 1;
     let sw = Switch::new(SwitchConfig::default());
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, private) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let pa = VhostUserNetPort::listen(&sw, &sa, VlanMode::Access { vlan: 1 }).unwrap();
-    let _pb = VhostUserNetPort::listen(&sw, &sb, VlanMode::Access { vlan: 1 }).unwrap();
+    let vlan = VlanMode::Access { vlan: 1 };
+    let pa = VhostUserNetPort::listen_in(&sw, &sa, vlan.clone(), private.path()).unwrap();
+    let pb = VhostUserNetPort::listen_in(&sw, &sb, vlan, private.path()).unwrap();
+    assert_eq!(
+        entries(private.path()).len(),
+        2,
+        "one private directory per port"
+    );
     let mut b = FsFrontend::connect(&sb).unwrap();
     for slot in 0..8u16 {
         let addr = FsFrontend::slot_buffer(slot) + SLOT_BUF;
@@ -108,6 +146,7 @@ fn a_front_end_that_reconnects_gets_a_working_port() {
     frame.extend_from_slice(&[0xff; 6]);
     frame.extend_from_slice(&[2, 0, 0, 0, 0, 0xa, 0x88, 0xb5]);
     frame.extend_from_slice(b"hello through the switch");
+    let mut still_connected = None;
     for round in 0..3 {
         let mut a = FsFrontend::connect(&sa).unwrap();
         a.submit(TXQ, 0, &frame, 0).unwrap();
@@ -121,8 +160,20 @@ fn a_front_end_that_reconnects_gets_a_working_port() {
             &frame[12..],
             "the frame arrives whole, after a virtio-net header"
         );
-        drop(a);
-        std::thread::sleep(Duration::from_millis(100));
+        if round < 2 {
+            drop(a);
+            std::thread::sleep(Duration::from_millis(100));
+        } else {
+            still_connected = Some(a);
+        }
     }
     assert_eq!(sw.counters(pa.id()).unwrap().rx_frames, 3);
+
+    // Both front-ends are connected (a's third connection, and b) as the ports drop.
+    assert!(still_connected.is_some());
+    drop_within(vec![pa, pb], Duration::from_secs(10));
+    assert_eq!(entries(private.path()), Vec::<PathBuf>::new());
+    assert!(!sa.exists() && !sb.exists());
+    assert!(sw.ports().is_empty());
+    drop((still_connected, b));
 }

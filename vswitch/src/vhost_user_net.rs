@@ -5,10 +5,12 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::net::UnixStream;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
@@ -252,29 +254,73 @@ impl VhostUserBackend for NetBackend {
     }
 }
 
-/// A vhost-user-net port on `socket`. Dropping it stops serving, removes the socket and
-/// the port.
+/// A vhost-user-net port on `socket`. Dropping it stops serving: it closes the current
+/// front-end's connection (if any), waits for the thread that serves the socket to end,
+/// removes the socket and its private directory, and removes the port from the switch.
 pub struct VhostUserNetPort {
     switch: Arc<Switch>,
     id: PortId,
     socket: PathBuf,
-    stopping: Arc<AtomicBool>,
+    control: Arc<Mutex<Control>>,
+    /// A second handle on the public listener: shutting it down wakes the accept loop.
+    listener: UnixListener,
+    thread: Option<JoinHandle<()>>,
+    /// Holds the daemon's private socket. A field, so it is removed only after `drop` has
+    /// joined the thread that uses it.
+    _private_dir: tempfile::TempDir,
+}
+
+/// What `Drop` shares with the serving thread.
+#[derive(Default)]
+struct Control {
+    stopping: bool,
+    /// Clones of the relay's two ends while a front-end is connected; shutting them down
+    /// ends the relay (its blocking reads return) and with it the back-end session.
+    session: Vec<UnixStream>,
+}
+
+impl Control {
+    fn close_session(&mut self) {
+        for end in self.session.drain(..) {
+            let _ = end.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 impl VhostUserNetPort {
+    /// Listens on `socket`; the back-end's private socket lives in a new directory under
+    /// the system's temporary directory.
     pub fn listen(
         switch: &Arc<Switch>,
         socket: &Path,
         vlan: VlanMode,
     ) -> io::Result<VhostUserNetPort> {
+        Self::listen_in(switch, socket, vlan, &std::env::temp_dir())
+    }
+
+    /// As [`VhostUserNetPort::listen`], with the private directory (`vswitch-vhost-*`,
+    /// removed when the port drops) made under `private_parent`.
+    pub fn listen_in(
+        switch: &Arc<Switch>,
+        socket: &Path,
+        vlan: VlanMode,
+        private_parent: &Path,
+    ) -> io::Result<VhostUserNetPort> {
         let _ = std::fs::remove_file(socket);
-        let public = std::os::unix::net::UnixListener::bind(socket).map_err(|e| {
+        let public = UnixListener::bind(socket).map_err(|e| {
             io::Error::new(e.kind(), format!("listening on {}: {e}", socket.display()))
         })?;
+        let listener = public.try_clone()?;
         // The daemon listens privately; the relay connects QEMU's connection to it.
         let private_dir = tempfile::Builder::new()
             .prefix("vswitch-vhost-")
-            .tempdir()?;
+            .tempdir_in(private_parent)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("private directory in {}: {e}", private_parent.display()),
+                )
+            })?;
         let internal_path = private_dir.path().join("backend.sock");
         let internal =
             Listener::new(&internal_path, true).map_err(|e| io::Error::other(format!("{e}")))?;
@@ -284,19 +330,27 @@ impl VhostUserNetPort {
             pending: Mutex::new(VecDeque::new()),
         });
         let id = switch.add_port(sink.clone(), vlan);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (sw, stop) = (switch.clone(), stopping.clone());
-        std::thread::Builder::new()
+        let control = Arc::new(Mutex::new(Control::default()));
+        let (sw, ctl) = (switch.clone(), control.clone());
+        let thread = std::thread::Builder::new()
             .name(format!("vhost-net-{id}"))
-            .spawn(move || {
-                let _keep = private_dir;
-                accept_loop(sw, id, sink, public, internal, &internal_path, &stop)
-            })?;
+            .spawn(move || accept_loop(sw, id, sink, public, internal, &internal_path, &ctl));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                switch.remove_port(id);
+                let _ = std::fs::remove_file(socket);
+                return Err(e);
+            }
+        };
         Ok(VhostUserNetPort {
             switch: switch.clone(),
             id,
             socket: socket.to_owned(),
-            stopping,
+            control,
+            listener,
+            thread: Some(thread),
+            _private_dir: private_dir,
         })
     }
 
@@ -305,20 +359,31 @@ impl VhostUserNetPort {
     }
 }
 
+fn stopping(control: &Mutex<Control>) -> bool {
+    control.lock().unwrap().stopping
+}
+
 fn accept_loop(
     switch: Arc<Switch>,
     id: PortId,
     sink: Arc<NetSink>,
-    public: std::os::unix::net::UnixListener,
+    public: UnixListener,
     mut internal: Listener,
     internal_path: &Path,
-    stopping: &AtomicBool,
+    control: &Mutex<Control>,
 ) {
-    while !stopping.load(Ordering::SeqCst) {
-        let Ok((front, _)) = public.accept() else {
-            continue;
+    while !stopping(control) {
+        let front = match public.accept() {
+            Ok((front, _)) => front,
+            // Dropping the port shuts the listener down, which ends a blocked accept.
+            Err(_) if stopping(control) => break,
+            Err(e) => {
+                tracing::warn!(port = id, "vhost-user-net accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
         };
-        if stopping.load(Ordering::SeqCst) {
+        if stopping(control) {
             break;
         }
         let Ok(exit) = new_event_consumer_and_notifier(EventFlag::NONBLOCK) else {
@@ -355,11 +420,38 @@ fn accept_loop(
             continue;
         }
         tracing::info!(port = id, "vhost-user-net front-end connected");
+        // Let `Drop` close this session; if it has begun already, close it at once.
+        let registered = {
+            let mut c = control.lock().unwrap();
+            match (front.try_clone(), back.try_clone()) {
+                (Ok(f), Ok(b)) => {
+                    c.session = vec![f, b];
+                    if c.stopping {
+                        c.close_session();
+                    }
+                    true
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(port = id, "vhost-user-net session refused: {e}");
+                    false
+                }
+            }
+        };
+        if !registered {
+            // Nothing could end this relay from outside: end it now.
+            let _ = front.shutdown(Shutdown::Both);
+            let _ = back.shutdown(Shutdown::Both);
+        }
         if let Err(e) = crate::vhost_user_relay::relay(front, back) {
             tracing::debug!(port = id, "vhost-user-net relay ended: {e}");
         }
+        control.lock().unwrap().session.clear();
         if let Err(e) = daemon.wait() {
             tracing::debug!(port = id, "vhost-user-net session ended: {e}");
+        }
+        // The request handler has ended; end the queue worker threads too.
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
         }
         drop(daemon);
         // The guest is gone: forget its memory and ring, and what was waiting for it.
@@ -371,9 +463,21 @@ fn accept_loop(
 
 impl Drop for VhostUserNetPort {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.socket);
+        {
+            let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            c.stopping = true;
+            c.close_session();
+        }
+        // SAFETY: shutdown(2) on a socket this port owns; it wakes a blocked accept(2)
+        // (EINVAL on Linux) and makes later ones fail at once.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!(port = self.id, "vhost-user-net serving thread panicked");
+            }
+        }
         let _ = std::fs::remove_file(&self.socket);
         self.switch.remove_port(self.id);
+        // `_private_dir` goes next, with nothing left using it.
     }
 }
