@@ -1,10 +1,10 @@
 //! VLANs, aging and a MAC flood through real taps in namespaces the test creates.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmbuild_tests::netns::Netns;
 use vswitch::tap::{Tap, TapPort};
-use vswitch::{Switch, SwitchConfig, VlanMode};
+use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
 
 fn tap(sw: &std::sync::Arc<Switch>, name: &str, mode: &str) -> TapPort {
     TapPort::attach(sw, Tap::open(name).unwrap(), VlanMode::parse(mode).unwrap()).unwrap()
@@ -44,16 +44,21 @@ fn vlans_are_isolated() {
     assert!(sw.mac_table().iter().all(|r| r.vlan == 10 || r.vlan == 20));
 }
 
+/// Aging, then a flood of 100,000 source MACs from one namespace into a 1024-entry table:
+/// the table fills to its bound and no further, and the two namespaces' unicast, learned
+/// into that full table, reaches only its own tap (a third port sees none of it).
 #[test]
-fn aging_forgets_and_a_mac_flood_leaves_the_table_bounded() {
+fn aging_forgets_and_a_mac_flood_fills_the_table_to_its_bound() {
+    const BOUND: usize = 1024;
     let pid = std::process::id() % 10_000;
     let sw = Switch::new(SwitchConfig {
         aging: Duration::from_secs(1),
-        mac_table_size: 1024,
+        mac_table_size: BOUND,
         ..SwitchConfig::default()
     });
     let (a, b) = (format!("vfa{pid}"), format!("vfb{pid}"));
-    let _ports = [tap(&sw, &a, "access:1"), tap(&sw, &b, "access:1")];
+    let ports = [tap(&sw, &a, "access:1"), tap(&sw, &b, "access:1")];
+    let observer = InProcessPort::attach(&sw, "observer", VlanMode::Access { vlan: 1 });
     let (n1, n2) = (Netns::create("f1").unwrap(), Netns::create("f2").unwrap());
     n1.adopt(&a, "10.82.0.1/24").unwrap();
     n2.adopt(&b, "10.82.0.2/24").unwrap();
@@ -77,14 +82,60 @@ fn aging_forgets_and_a_mac_flood_leaves_the_table_bounded() {
         .unwrap()
         .unwrap();
     assert_eq!(sent, 100_000);
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until the switch has read what the tap still held.
+    let received = settled_rx_frames(&sw, ports[0].id());
     assert!(
-        sw.mac_table_len() <= 1024,
-        "table grew to {}",
-        sw.mac_table_len()
+        received > BOUND as u64,
+        "only {received} frames reached the switch"
     );
-    n1.exec(&["busybox", "ping", "-c", "2", "-W", "2", "10.82.0.2"])
+    assert_eq!(
+        sw.mac_table_len(),
+        BOUND,
+        "the flood fills the table to its bound and no further (a switch that does not learn \
+         the flood's sources stays below it)"
+    );
+
+    // Unicast between the namespaces, learned into the full table, stays off other ports.
+    let mut seen = Vec::new();
+    observer.drain(&mut seen);
+    n1.exec(&["busybox", "ping", "-A", "-c", "5", "-W", "2", "10.82.0.2"])
         .expect("still forwarding after the flood");
+    seen.clear();
+    observer.drain(&mut seen);
+    let unicast: Vec<String> = seen
+        .iter()
+        .filter(|f| f.len() >= 14 && f[0] & 1 == 0)
+        .map(|f| {
+            format!(
+                "{:02x?} <- {:02x?} type {:02x?}",
+                &f[..6],
+                &f[6..12],
+                &f[12..14]
+            )
+        })
+        .collect();
+    // At most the first request, sent to an address the switch had not (re)learned yet,
+    // is flooded; a switch that does not learn into a full table floods all ten frames.
+    assert!(
+        unicast.len() <= 1,
+        "{} unicast frames reached a third port: {unicast:?}",
+        unicast.len()
+    );
+    assert_eq!(sw.mac_table_len(), BOUND);
+}
+
+/// The port's received-frame count once it has stopped changing (at most 10 s).
+fn settled_rx_frames(sw: &Switch, port: vswitch::PortId) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = sw.counters(port).unwrap().rx_frames;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = sw.counters(port).unwrap().rx_frames;
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Sends `count` broadcast frames with distinct source MACs out of `ifname` (AF_PACKET).

@@ -1,9 +1,10 @@
 //! The learning table: which port a (VLAN, MAC) was last seen on.
 //!
 //! Bounded: when full, the entry learned or refreshed longest ago makes room, so a flood of
-//! source MACs churns the table instead of growing it or freezing it. Eviction order is
-//! kept in a queue with lazy deletion (an entry refreshed later leaves a stale queue slot
-//! that is skipped), so learning and eviction are O(1) amortised, not a scan.
+//! source MACs churns the table instead of growing it or freezing it, and a host that keeps
+//! talking through the flood keeps its entry. Eviction order is kept in a queue with lazy
+//! deletion (an entry refreshed later leaves a stale queue slot that is skipped), so
+//! learning and eviction are O(1) amortised, not a scan.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -71,8 +72,12 @@ impl MacTable {
             Some(e) => {
                 let was = e.port;
                 // Refreshing every frame would push one queue slot per frame; refresh the
-                // queue position only when the entry is noticeably older.
-                let stale = now.duration_since(e.last_seen) > self.aging / 8;
+                // queue position only when the entry is noticeably older: in time, or in
+                // learning order (half a table of addresses learned since its slot). The
+                // second keeps a host that talks from becoming the oldest when a flood of
+                // new addresses fills the table faster than the clock moves.
+                let stale = now.duration_since(e.last_seen) > self.aging / 8
+                    || generation - e.generation > self.capacity as u64 / 2;
                 e.last_seen = now;
                 e.port = port;
                 if stale || was != port {
@@ -240,6 +245,23 @@ mod tests {
             Some(1)
         );
         assert_eq!(t.lookup(1, &mac(5), t0 + Duration::from_secs(1)), None);
+        assert!(t.order.len() <= 4 * 4096 + 64 + 1);
+    }
+
+    /// All within one instant, as a flood is: a host that keeps talking is never evicted.
+    #[test]
+    fn a_host_that_keeps_talking_survives_a_flood() {
+        let mut t = MacTable::new(4096, DEFAULT_AGING);
+        let now = Instant::now();
+        t.learn(1, mac(0), 7, now);
+        for i in 1..100_000u32 {
+            t.learn(1, mac(i), 1, now);
+            if i % 1000 == 0 {
+                assert_eq!(t.lookup(1, &mac(0), now), Some(7), "evicted by {i} others");
+                assert_eq!(t.learn(1, mac(0), 7, now), Learned::Refreshed);
+            }
+        }
+        assert_eq!(t.len(), 4096);
         assert!(t.order.len() <= 4 * 4096 + 64 + 1);
     }
 

@@ -111,10 +111,14 @@ fn aging_forgets() {
     assert_eq!(sw.mac_table_len(), 0);
 }
 
+/// 100,000 new source MACs into a 4096-entry table: the table fills to its bound and no
+/// further, and two hosts that learned before the flood and keep talking through it stay
+/// known: their unicast reaches only each other's port, never the flooder's.
 #[test]
-fn a_flood_of_source_macs_keeps_the_table_bounded_and_the_switch_forwarding() {
+fn a_flood_of_source_macs_fills_the_table_to_its_bound_and_talking_hosts_stay_known() {
+    const BOUND: usize = 4096;
     let sw = Switch::new(SwitchConfig {
-        mac_table_size: 4096,
+        mac_table_size: BOUND,
         ..SwitchConfig::default()
     });
     let (a, b) = (
@@ -122,21 +126,58 @@ fn a_flood_of_source_macs_keeps_the_table_bounded_and_the_switch_forwarding() {
         InProcessPort::attach(&sw, "b", access(1)),
     );
     let flooder = InProcessPort::attach_with_capacity(&sw, "flood", access(1), 16);
-    for i in 0..100_000u32 {
+    // A and B are learned before the flood.
+    a.send(&frame(BROADCAST, A));
+    b.send(&frame(BROADCAST, B));
+    drain(&b);
+    drain(&a);
+    drain(&flooder);
+
+    // Where A<->B unicast went wrong, as (flood frames so far, what happened).
+    let mut misdelivered = Vec::new();
+    let mut largest = 0;
+    for i in 1..=100_000u32 {
         let b4 = i.to_be_bytes();
         flooder.send(&frame(BROADCAST, [2, 1, b4[0], b4[1], b4[2], b4[3]]));
         if i % 1000 == 0 {
             drain(&a);
             drain(&b);
+            a.send(&frame(B, A));
+            b.send(&frame(A, B));
+            let (to_a, to_b, to_flooder) = (drain(&a), drain(&b), drain(&flooder));
+            if to_a != vec![frame(A, B)] || to_b != vec![frame(B, A)] || !to_flooder.is_empty() {
+                misdelivered.push((
+                    i,
+                    format!(
+                        "a got {}, b got {}, the flooder got {}",
+                        to_a.len(),
+                        to_b.len(),
+                        to_flooder.len()
+                    ),
+                ));
+            }
+            largest = largest.max(sw.mac_table_len());
         }
     }
-    assert!(sw.mac_table_len() <= 4096);
-    drain(&a);
-    drain(&b);
-    // Normal traffic still learns and forwards.
-    a.send(&frame(B, A));
-    b.send(&frame(A, B));
-    assert_eq!(drain(&a), vec![frame(A, B)]);
+    assert!(largest <= BOUND, "the table grew to {largest}");
+    assert_eq!(
+        sw.mac_table_len(),
+        BOUND,
+        "the flood fills the table to its bound (a switch that learns nothing stays at 0)"
+    );
+    assert!(
+        misdelivered.is_empty(),
+        "A<->B unicast during the flood must reach only its own port; it did not after \
+         (flood frames, what happened): {:?}",
+        &misdelivered[..misdelivered.len().min(5)]
+    );
+    let table = sw.mac_table();
+    assert!(table
+        .iter()
+        .any(|r| r.mac == "02:00:00:00:00:0a" && r.port == a.id()));
+    assert!(table
+        .iter()
+        .any(|r| r.mac == "02:00:00:00:00:0b" && r.port == b.id()));
 }
 
 #[test]
