@@ -50,14 +50,24 @@ fn cross_the_switch(offloads: bool, tag: &str) {
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
     let expected = payload.clone();
+    // The server says when it listens; the client connects only then (a refused connect
+    // is not retried, so it must not race the bind).
+    let (listening_tx, listening) = std::sync::mpsc::channel();
     let server = ns2.run(move || -> std::io::Result<Vec<u8>> {
         let listener = TcpListener::bind("10.77.1.2:7777")?;
+        let _ = listening_tx.send(());
         let (mut conn, _) = listener.accept()?;
         let mut got = Vec::new();
         conn.read_to_end(&mut got)?;
         Ok(got)
     });
-    std::thread::sleep(Duration::from_millis(200));
+    if listening.recv_timeout(Duration::from_secs(10)).is_err() {
+        // It ended (or hung) before listening: show why.
+        panic!(
+            "the TCP server never listened: {:?}",
+            server.is_finished().then(|| server.join())
+        );
+    }
     let client = ns1.run(move || -> std::io::Result<()> {
         let mut conn =
             TcpStream::connect_timeout(&"10.77.1.2:7777".parse().unwrap(), Duration::from_secs(5))?;
