@@ -113,7 +113,10 @@ pub fn vmbuild_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Resul
     Ok(d)
 }
 
-/// virtiofsd for one share, with its defaults (cache=auto) as a user would run it.
+/// virtiofsd for one share, with the cache policy `vmbuild fs serve` takes by default for
+/// the same share: `always` for a read-only one (its content cannot change under the
+/// guest), virtiofsd's own default (`auto`) otherwise. Equal settings, so that neither
+/// side is measured serving what the other's guest has cached.
 pub fn virtiofsd_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Result<Daemon> {
     let mut cmd = Command::new(virtiofsd_binary()?);
     cmd.arg("--shared-dir")
@@ -129,7 +132,7 @@ pub fn virtiofsd_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Res
             "error",
         ]);
     if readonly {
-        cmd.arg("--readonly");
+        cmd.args(["--readonly", "--cache", "always"]);
     }
     let mut d = Daemon::spawn("virtiofsd", &mut cmd)?;
     d.wait_for_socket(socket)?;

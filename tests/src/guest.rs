@@ -73,6 +73,8 @@ pub struct GuestVm {
     pub nics: Vec<(PathBuf, String)>,
     /// A virtio-net NIC on QEMU's user-mode network (the host is 10.0.2.2).
     pub user_net: bool,
+    /// Firmware (`-bios`); QEMU's default (SeaBIOS) when `None`.
+    pub bios: Option<PathBuf>,
 }
 
 /// What a boot produced.
@@ -105,6 +107,7 @@ impl GuestVm {
             timeout: Duration::from_secs(300),
             nics: Vec::new(),
             user_net: false,
+            bios: None,
         }
     }
 
@@ -202,6 +205,10 @@ impl GuestVm {
             args.push("user,id=usernet".into());
             args.push("-device".into());
             args.push("virtio-net-pci,netdev=usernet,romfile=".into());
+        }
+        if let Some(bios) = &self.bios {
+            args.push("-bios".into());
+            args.push(bios.display().to_string());
         }
         append.push(format!("vmbuild.cmd={}", self.command));
         if let Some(f) = &self.exit_file {

@@ -9,9 +9,10 @@ pub mod netns;
 pub mod pvh;
 pub mod vhost_frontend;
 
-/// Reports a test (or part of one) skipped because this host lacks something, with the
-/// reason: on stderr, and as a line in `$VMBUILD_SKIP_LOG` when set (scripts/test.sh
-/// counts those lines as skipped tests; cargo itself only knows passed and ignored).
+/// Reports a test skipped because this host lacks exactly `reason`: on stderr, and as a
+/// line in `$VMBUILD_SKIP_LOG` when set (scripts/test.sh counts each test named there
+/// once as skipped; cargo itself only knows passed and ignored). Whole tests only: the
+/// caller returns right after, so a skipped test can never also fail or pass.
 pub fn skip(test: &str, reason: &str) {
     let line = format!("vmbuild-test-skipped: {test}: {reason}");
     eprintln!("{line}");

@@ -7,8 +7,16 @@ use std::path::{Path, PathBuf};
 pub struct RuntimeDir(tempfile::TempDir);
 
 impl RuntimeDir {
+    /// A directory for `purpose` under the default base ([`base_dir`]).
     pub fn create(purpose: &str) -> anyhow::Result<RuntimeDir> {
-        let base = base_dir();
+        Self::create_in(None, purpose)
+    }
+
+    /// A directory for `purpose` under `base`, or the default base when `None`. Callers
+    /// that run side by side in one process (tests) each pass their own base instead of
+    /// changing the process's environment.
+    pub fn create_in(base: Option<&Path>, purpose: &str) -> anyhow::Result<RuntimeDir> {
+        let base = base.map(Path::to_owned).unwrap_or_else(base_dir);
         std::fs::create_dir_all(&base)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", base.display()))?;
         let dir = tempfile::Builder::new()

@@ -326,11 +326,16 @@ fn the_store_is_read_only_in_the_target() {
 
 #[test]
 fn builds_from_one_snapshot_run_concurrently_with_separate_results() {
+    // A rendezvous proves the overlap: each target announces itself in its xchg, then
+    // waits for a "go" the test gives only once both have announced. Builds that could
+    // not run at once would never both announce, and the first would give up (exit 9).
     let xchgs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut children = Vec::new();
     for (i, x) in xchgs.iter().enumerate() {
         let script = format!(
-            "echo {i} > /root/mine; sleep 2; cat /root/mine > /tmp/xchg/result; ls /root > /tmp/xchg/listing"
+            "echo {i} > /root/mine; echo up > /tmp/xchg/started; n=0; \
+             while [ ! -e /tmp/xchg/go ]; do n=$((n+1)); [ $n -gt 1800 ] && exit 9; sleep 0.1; done; \
+             cat /root/mine > /tmp/xchg/result; ls /root > /tmp/xchg/listing"
         );
         let b = build(&[
             "--xchg",
@@ -340,17 +345,30 @@ fn builds_from_one_snapshot_run_concurrently_with_separate_results() {
             "-c",
             &script,
         ]);
-        children.push((Instant::now(), b.spawn()));
+        children.push(b.spawn());
     }
-    let mut spans = Vec::new();
-    for (started, (child, runtime)) in children {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !xchgs.iter().all(|x| x.path().join("started").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the two builds' commands never ran at the same time"
+        );
+        for (child, _) in children.iter_mut() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "a build ended before both had started"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for x in &xchgs {
+        fs::write(x.path().join("go"), "").unwrap();
+    }
+    for (child, runtime) in children {
         let out = child.wait_with_output().unwrap();
-        spans.push((started, Instant::now()));
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         assert_clean(runtime.path());
     }
-    // They overlapped: the second started before the first finished.
-    assert!(spans[1].0 < spans[0].1);
     for (i, x) in xchgs.iter().enumerate() {
         assert_eq!(
             fs::read_to_string(x.path().join("result")).unwrap(),
@@ -362,6 +380,22 @@ fn builds_from_one_snapshot_run_concurrently_with_separate_results() {
             "mine\n"
         );
     }
+}
+
+/// Revived from one snapshot, two targets would replay one kernel RNG state; the VM
+/// generation ID the revive changes makes each reseed, so their random streams differ.
+#[test]
+fn revived_builds_do_not_share_random_streams() {
+    let script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let draw = || {
+        let out = build(&["--", "sh", "-c", script]).output();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let hex = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(hex.len(), 64, "{hex}");
+        hex
+    };
+    let (a, b) = (draw(), draw());
+    assert_ne!(a, b, "two revived builds drew the same random bytes");
 }
 
 #[test]
@@ -433,6 +467,62 @@ fn a_truncated_or_corrupted_snapshot_is_refused() {
     );
     let out = verify(copy.path());
     assert_eq!(code(&out), 120);
+}
+
+#[test]
+fn checksum_stamps_spare_rehashing_but_not_a_changed_file() {
+    let copy = snapshot_copy(&["state", "disk.qcow2"]);
+    let hashed = |args: &[&str]| {
+        let mut all = vec!["--timings"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "true"]);
+        let out = build_from(copy.path(), &all).output();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        timings_of(&out)["hashed_bytes"]
+            .as_u64()
+            .expect("hashed_bytes in --timings")
+    };
+    // Every file a build checks (the optional embedded controller's only when used).
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(copy.path().join("manifest.json")).unwrap()).unwrap();
+    let all: u64 = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["role"] != "embedded-controller")
+        .map(|f| f["bytes"].as_u64().unwrap())
+        .sum();
+    let copied: u64 = ["state", "disk.qcow2"]
+        .iter()
+        .map(|f| fs::metadata(copy.path().join(f)).unwrap().len())
+        .sum();
+    // The copied files have no stamps yet: at least they are hashed, then stamped.
+    assert!(hashed(&[]) >= copied);
+    // Unchanged files: their stamps hold, nothing is hashed again.
+    assert_eq!(hashed(&[]), 0);
+    // --verify hashes everything regardless.
+    assert_eq!(hashed(&["--verify"]), all);
+    // One byte changed with the mtime put back: the ctime still moves, the stamp no
+    // longer matches, and the checksum catches it.
+    let disk = copy.path().join("disk.qcow2");
+    let mtime = fs::metadata(&disk).unwrap().modified().unwrap();
+    let mut bytes = fs::read(&disk).unwrap();
+    let i = bytes.len() / 3;
+    bytes[i] ^= 0x55;
+    fs::write(&disk, bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("checksum mismatch"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -665,13 +755,16 @@ fn bad_input_exits_2() {
     assert_eq!(code(&out), 2);
     let out = build(&["--timeout", "1e20", "--", "true"]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let scratch = tempfile::tempdir().unwrap();
+    let never = scratch.path().join("never");
     let out = vmbuild()
-        .args(["bootstrap", "--profile", "beos", "--out", "/tmp/never"])
+        .args(["bootstrap", "--profile", "beos", "--out"])
+        .arg(&never)
         .output()
         .unwrap();
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("unknown profile"));
-    assert!(!Path::new("/tmp/never").exists());
+    assert!(!never.exists());
 }
 
 /// The last JSON line of a build's stderr: its `--timings`.
@@ -734,7 +827,6 @@ fn without_a_kvm_that_runs_linux_builds_keep_qemus_controller() {
     // and the build reports the controller lost instead of hanging.
     use vmbuild::workflow::build::{build as run_build, BuildEnd, BuildSpec, ControllerChoice};
     let runtime = tempfile::tempdir().unwrap();
-    std::env::set_var("XDG_RUNTIME_DIR", runtime.path());
     let spec = BuildSpec {
         snapshot: snap.to_owned(),
         qemu: vmbuild::qemu::QemuBinary::locate().unwrap(),
@@ -749,6 +841,7 @@ fn without_a_kvm_that_runs_linux_builds_keep_qemus_controller() {
         verify_full: false,
         console_log: None,
         controller: ControllerChoice::Embedded,
+        runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let outcome = run_build(&spec, rx).unwrap();

@@ -110,28 +110,41 @@ fn several_shares_from_one_process() {
     );
 }
 
+/// `child`'s output, or a failure if it is still running after `limit` (it is killed):
+/// a server that should have refused its command line and serves instead must not hang
+/// the test.
+fn output_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn bad_command_lines_exit_2_with_one_line() {
     let file = tempfile::NamedTempFile::new().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = scratch.path().join("x.sock").display().to_string();
+    let missing = scratch.path().join("never").display().to_string();
+    let dir = scratch.path().display().to_string();
+    let share = format!("tag=x,dir={dir}");
+    let bogus = format!("tag=x,dir={dir},bogus");
+    let file = file.path().display().to_string();
     let cases: [&[&str]; 5] = [
         &[],
-        &[
-            "--shared-dir",
-            "/nonexistent",
-            "--socket-path",
-            "/tmp/x.sock",
-        ],
-        &[
-            "--shared-dir",
-            &file.path().display().to_string(),
-            "--socket-path",
-            "/tmp/x.sock",
-        ],
-        &["--share", "tag=x,dir=/tmp"],
-        &["--share", "tag=x,dir=/tmp,bogus", "--socket-dir", "/tmp"],
+        &["--shared-dir", &missing, "--socket-path", &socket],
+        &["--shared-dir", &file, "--socket-path", &socket],
+        &["--share", &share],
+        &["--share", &bogus, "--socket-dir", &dir],
     ];
     for args in cases {
-        let out = serve(args).wait_with_output().unwrap();
+        let out = output_within(serve(args), Duration::from_secs(30), &format!("{args:?}"));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(!stderr.trim().is_empty(), "{args:?}: says why");

@@ -213,8 +213,6 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
     let (kernel, initrd) = kit_files();
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
     let runtime = tempfile::tempdir().unwrap();
-    // This test binary's other tests do not use runtime directories.
-    std::env::set_var("XDG_RUNTIME_DIR", runtime.path());
     let xchg = tempfile::tempdir().unwrap();
     std::fs::write(xchg.path().join("in"), "from the host\n").unwrap();
     let spec = RunSpec {
@@ -243,6 +241,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         log: None,
         vmm: Vmm::Embedded,
         share_protocol: Default::default(),
+        runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let outcome = vmbuild::workflow::run_embedded::run_embedded(&spec, rx).unwrap();

@@ -100,8 +100,6 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
     let initrd = dir.path().join("initrd");
     std::fs::write(&initrd, b"").unwrap();
     let runtime = tempfile::tempdir().unwrap();
-    // This test binary's other tests do not use runtime directories.
-    std::env::set_var("XDG_RUNTIME_DIR", runtime.path());
     let spec = RunSpec {
         qemu: vmbuild::qemu::QemuBinary::locate().unwrap(),
         accel: vmbuild::accel::Accel::Kvm,
@@ -125,6 +123,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         log: None,
         vmm: Vmm::Embedded,
         share_protocol: Default::default(),
+        runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let started = Instant::now();

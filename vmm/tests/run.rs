@@ -266,14 +266,26 @@ fn two_runs_at_once_both_succeed(vmm: &[&str]) {
 
 /// Under each VMM (see [`parity`]).
 fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
-    let mut run = vmbuild_run(vmm, &["--", "sleep", "1000"]);
+    let mut run = vmbuild_run(vmm, &["--", "sh", "-c", "echo started; exec sleep 1000"]);
     let mut child = run
         .cmd
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    // SIGINT once the command runs (its first line arrived), not after a guessed delay.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if line.is_ok_and(|l| l == "started") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(600))
+        .expect("the command never started");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -289,6 +301,73 @@ fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
     };
     assert_eq!(status.code(), Some(130));
     assert_clean(run.runtime.path());
+}
+
+/// Under each VMM (see [`parity`]): the temporary xchg a run makes when given none is
+/// removed afterwards; with `--keep-xchg` it stays, named on stderr, with the guest's
+/// output in it. Each run gets a TMPDIR of its own, so nothing else is in it.
+fn the_default_xchg_is_removed_unless_kept(vmm: &[&str]) {
+    let script = "echo from the guest > /tmp/xchg/out";
+    for keep in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = vec!["--", "sh", "-c", script];
+        if keep {
+            args.insert(0, "--keep-xchg");
+        }
+        let mut run = vmbuild_run(vmm, &args);
+        run.cmd.env("TMPDIR", tmp.path());
+        let out = run.output();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let left: Vec<PathBuf> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        if !keep {
+            assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+            continue;
+        }
+        let named = stderr(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix("vmbuild: xchg is ").map(PathBuf::from))
+            .unwrap_or_else(|| panic!("--keep-xchg named no xchg: {}", stderr(&out)));
+        assert_eq!(left, vec![named.clone()], "TMPDIR holds more than the xchg");
+        assert_eq!(
+            fs::read_to_string(named.join("out")).unwrap(),
+            "from the guest\n"
+        );
+    }
+}
+
+/// Under each VMM (see [`parity`]): `--memory`, `--cpus` and `--append` shape the guest.
+fn memory_cpus_and_append_reach_the_guest(vmm: &[&str]) {
+    let out = vmbuild_run(
+        vmm,
+        &[
+            "--memory",
+            "384",
+            "--cpus",
+            "2",
+            "--append",
+            "vmbuild.testmark=on",
+            "--",
+            "sh",
+            "-c",
+            "nproc; sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' /proc/meminfo; cat /proc/cmdline",
+        ],
+    )
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"2"), "{text}");
+    let mem_kib: u64 = lines[1].parse().unwrap_or_else(|_| panic!("{text}"));
+    // What the kernel keeps for itself comes off the top; 512 MiB (the default) would be
+    // more than 384, 256 would be less than 250.
+    assert!((250 * 1024..=384 * 1024).contains(&mem_kib), "{text}");
+    assert!(
+        lines[2].split(' ').any(|p| p == "vmbuild.testmark=on"),
+        "{text}"
+    );
 }
 
 /// Under each VMM (see [`parity`]).
@@ -371,6 +450,21 @@ fn bad_input_exits_2_and_starts_nothing() {
     let out = qemu_missing.output();
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("install QEMU"), "{}", stderr(&out));
+}
+
+/// Exit 125: vmbuild could not start the VM (here QEMU refuses a kernel that is not
+/// one), as opposed to the command's own status or a bad command line.
+#[test]
+fn a_vm_that_cannot_start_exits_125() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("not-a-kernel");
+    fs::write(&kernel, b"this is no kernel\n").unwrap();
+    let out = vmbuild_run(
+        &["--vmm", "qemu"],
+        &["--kernel", kernel.to_str().unwrap(), "--", "true"],
+    )
+    .output();
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
 }
 
 #[test]
@@ -516,6 +610,8 @@ macro_rules! every_behaviour_test {
             two_runs_at_once_both_succeed,
             ctrl_c_stops_the_vm_and_cleans_up,
             timings_are_reported_as_json,
+            the_default_xchg_is_removed_unless_kept,
+            memory_cpus_and_append_reach_the_guest,
         );
     };
 }

@@ -140,6 +140,8 @@ fn nix_recipe(work: &Path, store: &Path, kit: &GuestKit, script: &str) -> anyhow
             options: String::new(),
         });
     vm.exit_file = Some("/tmp/xchg/status".into());
+    // The same firmware vmbuild boots (qboot), not QEMU's default SeaBIOS.
+    vm.bios = vmbuild::qemu::QemuBinary::locate()?.firmware("qboot.rom");
     vm.timeout = Duration::from_secs(300);
     let outcome = vm.run()?;
     let wall = start.elapsed().as_secs_f64();

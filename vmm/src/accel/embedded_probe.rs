@@ -47,10 +47,13 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
         );
     }
     let why = match end {
-        LinuxEnd::TimedOut => format!(
-            "the embedded VMM did not boot a Linux guest to init within {} s",
-            limit.as_secs()
-        ),
+        LinuxEnd::TimedOut => {
+            // Slow, not proven broken: remembered briefly (see `KvmProbe::slow`).
+            return KvmProbe::slow(format!(
+                "the embedded VMM did not boot a Linux guest to init within {} s",
+                limit.as_secs()
+            ));
+        }
         LinuxEnd::Reset | LinuxEnd::PowerOff => {
             "the Linux guest stopped before its init ran".into()
         }

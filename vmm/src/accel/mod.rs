@@ -45,8 +45,13 @@ impl Accel {
 /// Linux at all, not how fast: a KVM nested in a TCG guest boots the kit in 5–10 s, more
 /// under load, and is still the only way to run Linux on KVM there. A KVM that cannot
 /// run Linux mostly says so sooner (QEMU reports the emulation failure, the embedded VMM
-/// stops); only a guest that hangs costs the whole limit, once (answers are cached).
+/// stops); a guest that hangs costs the whole limit, once an hour (answers are cached).
 pub const PROBE_LIMIT: Duration = Duration::from_secs(60);
+// What a boot proved is remembered: init reached (yes, until something changes), or
+// KVM's own emulation failure (no, for a day). A guest that was merely slow, or a QEMU
+// that ended for another reason, is a "no" remembered for an hour only
+// ([`SLOW_ANSWER_LIFE`]): a busy moment must not decide for a day, and a host that hangs
+// every time must not pay the whole limit on every run.
 
 /// The result of probing whether KVM runs a Linux guest here.
 #[derive(Debug, Clone)]
@@ -57,6 +62,8 @@ pub struct KvmProbe {
     /// remembering; not when the probe could not even start (a missing binary, a busy
     /// /dev/kvm), which is quick to ask again.
     pub definitive: bool,
+    /// A "no" from a boot that neither reached init nor failed: remembered briefly.
+    pub slow: bool,
 }
 
 impl KvmProbe {
@@ -66,6 +73,17 @@ impl KvmProbe {
             usable,
             reason,
             definitive: true,
+            slow: false,
+        }
+    }
+
+    /// A boot that neither reached init nor showed KVM failing within the limit.
+    pub fn slow(reason: String) -> KvmProbe {
+        KvmProbe {
+            usable: false,
+            reason,
+            definitive: true,
+            slow: true,
         }
     }
 
@@ -75,6 +93,7 @@ impl KvmProbe {
             usable: false,
             reason,
             definitive: false,
+            slow: false,
         }
     }
 }
@@ -202,6 +221,8 @@ pub fn probe_embedded_cached(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmPr
 /// How long a negative answer is believed: a "no" can come from a host that was busy at
 /// the time; a "yes" stands until the host kernel, the guest files or vmbuild change.
 const NEGATIVE_ANSWER_LIFE: Duration = Duration::from_secs(24 * 3600);
+/// How long a "no" from a boot that was only slow is believed.
+const SLOW_ANSWER_LIFE: Duration = Duration::from_secs(3600);
 
 fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmProbe) -> KvmProbe {
     let Some(cache) = cache_file(what, kernel, initrd) else {
@@ -211,16 +232,26 @@ fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmP
         let text = std::fs::read_to_string(&cache).ok()?;
         let (flag, reason) = text.split_once('\n')?;
         let usable = flag == "usable";
+        let life = if flag == "slow" {
+            SLOW_ANSWER_LIFE
+        } else {
+            NEGATIVE_ANSWER_LIFE
+        };
         let age = std::fs::metadata(&cache)
             .ok()?
             .modified()
             .ok()?
             .elapsed()
             .ok()?;
-        if !usable && age > NEGATIVE_ANSWER_LIFE {
+        if !usable && age > life {
             return None;
         }
-        Some(KvmProbe::answer(usable, reason.trim().to_owned()))
+        let reason = reason.trim().to_owned();
+        Some(if flag == "slow" {
+            KvmProbe::slow(reason)
+        } else {
+            KvmProbe::answer(usable, reason)
+        })
     };
     if let Some(p) = read_cached() {
         return p;
@@ -243,7 +274,11 @@ fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmP
     }
     let probe = probe();
     if probe.definitive {
-        let flag = if probe.usable { "usable" } else { "unusable" };
+        let flag = match (probe.usable, probe.slow) {
+            (true, _) => "usable",
+            (false, true) => "slow",
+            (false, false) => "unusable",
+        };
         let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
         let written = std::fs::OpenOptions::new()
             .write(true)
@@ -347,20 +382,27 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         );
     }
     if reached_init {
-        KvmProbe::answer(
+        return KvmProbe::answer(
             true,
             format!(
                 "KVM booted a Linux guest to init in {:.1} s",
                 start.elapsed().as_secs_f64()
             ),
-        )
-    } else {
-        KvmProbe::answer(
-            false,
-            format!(
-                "this host's KVM did not boot a Linux guest to init within {} s (nested or paging-emulated KVM)",
-                PROBE_LIMIT.as_secs()
-            ),
-        )
+        );
     }
+    // No failure seen, no init: a guest that was slow (a busy host) or a QEMU that ended
+    // for another reason: a "no" believed for an hour, not a day.
+    let errors = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    let errors = errors.lines().last().unwrap_or("").trim();
+    let why = if start.elapsed() > PROBE_LIMIT {
+        format!(
+            "KVM did not boot a Linux guest to init within {} s",
+            PROBE_LIMIT.as_secs()
+        )
+    } else if errors.is_empty() {
+        "QEMU ended before the Linux guest's init ran".to_string()
+    } else {
+        format!("QEMU ended before the Linux guest's init ran: {errors}")
+    };
+    KvmProbe::slow(why)
 }

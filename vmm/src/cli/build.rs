@@ -181,6 +181,7 @@ impl BuildArgs {
             verify_full: self.verify,
             console_log: self.log,
             controller,
+            runtime_dir: None,
         })
     }
 }

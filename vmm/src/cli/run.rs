@@ -343,6 +343,7 @@ impl RunArgs {
             log: self.log,
             vmm,
             share_protocol: self.share_protocol,
+            runtime_dir: None,
         })
     }
 }

@@ -60,6 +60,10 @@ pub struct BuildSpec {
     /// The target's console is appended here (by default it is only kept for errors).
     pub console_log: Option<PathBuf>,
     pub controller: ControllerChoice,
+    /// Where this build's sockets and control files go, as [`RunSpec::runtime_dir`].
+    ///
+    /// [`RunSpec::runtime_dir`]: crate::workflow::run::RunSpec::runtime_dir
+    pub runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -105,6 +109,9 @@ pub struct BuildTimings {
     pub controller: Option<&'static str>,
     /// Reading the manifest, checking QEMU and the files' checksums.
     pub verify: Option<f64>,
+    /// Bytes of the snapshot's files this build hashed: all of them the first time or
+    /// with `--verify`, none while every file is unchanged since its last full check.
+    pub hashed_bytes: Option<u64>,
     /// Target QEMU spawned → guest running again.
     pub revive: Option<f64>,
     /// Share devices plugged into the running target (host side).
@@ -147,9 +154,10 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     // --- the snapshot ---------------------------------------------------------------------
     let checked = Manifest::load(dir).and_then(|m| {
         m.check_qemu(&spec.qemu)?;
-        manifest::verify_some_files(dir, &m, spec.verify_full, |role| {
+        let checks = manifest::verify_some_files(dir, &m, spec.verify_full, |role| {
             role != manifest::OPTIONAL_ROLE
         })?;
+        t.hashed_bytes = Some(checks.iter().filter(|c| c.hashed).map(|c| c.bytes).sum());
         Ok(m)
     });
     let manifest = match checked {
@@ -168,7 +176,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     t.verify = secs(Some(start), Some(verified));
 
     // --- this build's private resources ---------------------------------------------------
-    let rundir = RuntimeDir::create("build")?;
+    let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "build")?;
     let overlay = create_overlay(&dir.join(DISK_FILE), "qcow2", rundir.path())?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let mut servers = Vec::new();

@@ -103,6 +103,9 @@ pub struct RunSpec {
     pub vmm: Vmm,
     /// How the guest mounts its shares.
     pub share_protocol: ShareProtocol,
+    /// Where this run's sockets and control files go (a directory is made inside it);
+    /// `None`: `$XDG_RUNTIME_DIR/vmbuild`, `/run/vmbuild` for root, else the temp dir.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -162,7 +165,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         start: Some(Instant::now()),
         ..Marks::default()
     };
-    let rundir = RuntimeDir::create("run")?;
+    let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
 
     // --- shares --------------------------------------------------------------------
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;

@@ -54,7 +54,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
                 embedded_vmm::linux::MAX_VCPUS
             )
         })?;
-    let rundir = RuntimeDir::create("run")?;
+    let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);
     let mut append: Vec<String> = [

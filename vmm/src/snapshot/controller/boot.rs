@@ -85,6 +85,7 @@ impl Controller for BootedController {
                 BootVmm::Embedded(_) => run::Vmm::Embedded,
             },
             share_protocol: run::ShareProtocol::Virtiofs,
+            runtime_dir: None,
         };
         let outcome = match spec.vmm {
             run::Vmm::Qemu => run::run(&spec, stop)?,
