@@ -7,8 +7,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{Opcode, SetattrIn};
-use virtiofs_bridge::{ShareConfig, ShareServer};
+use fuse_backend_rs::abi::fuse_abi::{AttrOut, Opcode, OutHeader, SetattrIn};
+use virtiofs_bridge::{ShareConfig, ShareServer, StatsSnapshot};
+use vm_memory::{Bytes, GuestAddress};
 use vmbuild_tests::fuse_client::{encode, Errno, FuseClient, ROOT};
 use vmbuild_tests::vhost_frontend::{FsFrontend, RawDesc, MEM_SIZE, REQUEST};
 
@@ -502,44 +503,119 @@ fn unknown_inodes_and_handles_are_errors() {
     c.statfs(ROOT).unwrap();
 }
 
+/// What one request did to a share's counters.
+#[derive(Debug, PartialEq, Eq)]
+struct Counted {
+    requests: u64,
+    malformed: u64,
+    bad_descriptors: u64,
+}
+
+fn counted(before: StatsSnapshot, after: StatsSnapshot) -> Counted {
+    Counted {
+        requests: after.requests - before.requests,
+        malformed: after.malformed - before.malformed,
+        bad_descriptors: after.bad_descriptors - before.bad_descriptors,
+    }
+}
+
+/// Served and answered, nothing wrong with it.
+const ANSWERED: Counted = Counted {
+    requests: 1,
+    malformed: 0,
+    bad_descriptors: 0,
+};
+/// Counted as a malformed FUSE request.
+const MALFORMED: Counted = Counted {
+    requests: 1,
+    malformed: 1,
+    bad_descriptors: 0,
+};
+/// Counted as a descriptor chain the device could not use.
+const BAD_DESCRIPTOR: Counted = Counted {
+    requests: 1,
+    malformed: 0,
+    bad_descriptors: 1,
+};
+
+/// A reply that is exactly one FUSE error header for request `unique`: its errno.
+fn error_reply(reply: &[u8], unique: u64) -> Errno {
+    assert_eq!(
+        reply.len(),
+        std::mem::size_of::<OutHeader>(),
+        "an error reply is a bare header: {reply:?}"
+    );
+    assert_eq!(
+        u64::from_ne_bytes(reply[8..16].try_into().unwrap()),
+        unique,
+        "the reply answers another request"
+    );
+    vmbuild_tests::fuse_client::decode(reply).expect_err("an error reply")
+}
+
 #[test]
 fn malformed_requests_are_answered_or_dropped_and_counted() {
     let share = xchg();
     let mut c = share.client();
+    // Runs one case and returns its reply and what it did to the counters.
+    let case = |c: &mut FuseClient, request: &[u8], reply_capacity: u32| {
+        let before = share.server.stats();
+        let reply = c.frontend.call(REQUEST, request, reply_capacity).unwrap();
+        (reply, counted(before, share.server.stats()))
+    };
+    let getattr_in = [0u8; 16];
 
-    // Unknown opcode: a proper ENOSYS reply.
-    let unknown = encode(Opcode::Lookup, 99, ROOT, 0, 0, &[b"x\0"]);
-    let mut unknown = unknown.clone();
+    // Unknown opcode: a proper ENOSYS reply, which is an answer, not a malformed request.
+    let mut unknown = encode(Opcode::Lookup, 99, ROOT, 0, 0, &[b"x\0"]);
     unknown[4..8].copy_from_slice(&777u32.to_ne_bytes());
-    let reply = c.frontend.call(REQUEST, &unknown, 4096).unwrap();
-    let err = vmbuild_tests::fuse_client::decode(&reply).unwrap_err();
-    assert_eq!(err, Errno(libc::ENOSYS));
+    let (reply, n) = case(&mut c, &unknown, 4096);
+    assert_eq!(error_reply(&reply, 99), Errno(libc::ENOSYS));
+    assert_eq!(n, ANSWERED, "unknown opcode");
 
-    // Truncated header.
-    let reply = c.frontend.call(REQUEST, &[1, 2, 3], 4096).unwrap();
-    assert!(reply.is_empty() || vmbuild_tests::fuse_client::decode(&reply).is_err());
+    // Truncated header: not even a request id to answer, so no reply bytes.
+    let (reply, n) = case(&mut c, &[1, 2, 3], 4096);
+    assert_eq!(reply, b"", "truncated header");
+    assert_eq!(n, MALFORMED, "truncated header");
 
-    // Header claiming more bytes than were sent; body shorter than its opcode needs.
-    let mut long = encode(Opcode::Getattr, 101, ROOT, 0, 0, &[]);
-    long[0..4].copy_from_slice(&(1u32 << 30).to_ne_bytes());
-    let reply = c.frontend.call(REQUEST, &long, 4096).unwrap();
-    assert!(reply.is_empty() || vmbuild_tests::fuse_client::decode(&reply).is_err());
+    // Headers claiming more bytes than were sent: 1 GiB, and 4 KiB with the GETATTR body
+    // itself complete (which the FUSE layer alone would answer as if nothing were wrong).
+    for (unique, claimed) in [(101u64, 1u32 << 30), (102, 4096)] {
+        let mut long = encode(Opcode::Getattr, unique, ROOT, 0, 0, &[&getattr_in]);
+        long[0..4].copy_from_slice(&claimed.to_ne_bytes());
+        let (reply, n) = case(&mut c, &long, 4096);
+        assert_eq!(
+            error_reply(&reply, unique),
+            Errno(libc::EINVAL),
+            "{claimed}"
+        );
+        assert_eq!(n, MALFORMED, "header claiming {claimed} bytes");
+    }
+
+    // A body shorter than its opcode needs (WRITE's header alone is 40 bytes).
     let short = encode(Opcode::Write, 103, ROOT, 0, 0, &[&[0u8; 8]]);
-    let reply = c.frontend.call(REQUEST, &short, 4096).unwrap();
-    assert!(reply.is_empty() || vmbuild_tests::fuse_client::decode(&reply).is_err());
+    let (reply, n) = case(&mut c, &short, 4096);
+    assert_eq!(error_reply(&reply, 103), Errno(libc::EINVAL));
+    assert_eq!(n, MALFORMED, "short body");
 
-    // Reply buffer too small for the reply.
-    let getattr = encode(Opcode::Getattr, 105, ROOT, 0, 0, &[&[0u8; 16]]);
-    let _ = c.frontend.call(REQUEST, &getattr, 8).unwrap();
+    // Reply buffers too small for the reply: with room for an error header, that header
+    // (EINVAL); with less, nothing at all.
+    let getattr = encode(Opcode::Getattr, 105, ROOT, 0, 0, &[&getattr_in]);
+    let (reply, n) = case(&mut c, &getattr, 24);
+    assert_eq!(error_reply(&reply, 105), Errno(libc::EINVAL));
+    assert_eq!(n, MALFORMED, "24-byte reply buffer");
+    let (reply, n) = case(&mut c, &getattr, 8);
+    assert_eq!(reply, b"", "8-byte reply buffer");
+    assert_eq!(n, MALFORMED, "8-byte reply buffer");
 
-    // Descriptors outside guest memory, and a length running past its end.
-    let valid = encode(Opcode::Getattr, 107, ROOT, 0, 0, &[&[0u8; 16]]);
+    // Descriptors outside guest memory, and a length running past its end: returned
+    // unused, and counted as bad descriptors rather than as FUSE requests.
+    let valid = encode(Opcode::Getattr, 107, ROOT, 0, 0, &[&getattr_in]);
     for (addr, len) in [
         (MEM_SIZE + 4096, valid.len() as u32),
         (u64::MAX - 8, 64),
         (MEM_SIZE - 8, 4096),
     ] {
-        let before = share.server.stats().bad_descriptors;
+        let before = share.server.stats();
         let head = c
             .frontend
             .submit_raw(
@@ -558,34 +634,66 @@ fn malformed_requests_are_answered_or_dropped_and_counted() {
             .frontend
             .wait_used(REQUEST, Duration::from_secs(5))
             .unwrap();
-        assert_eq!(used[0].id, u32::from(head));
-        assert_eq!(used[0].len, 0);
-        assert!(
-            share.server.stats().bad_descriptors > before,
-            "addr {addr:#x} counted"
+        assert_eq!(used.len(), 1, "addr {addr:#x}");
+        assert_eq!((used[0].id, used[0].len), (u32::from(head), 0));
+        assert_eq!(
+            counted(before, share.server.stats()),
+            BAD_DESCRIPTOR,
+            "addr {addr:#x}"
         );
     }
-    // A chain whose `next` loops back on itself.
-    let _ = c.frontend.submit_raw(
-        REQUEST,
-        5,
-        &[RawDesc {
-            addr: FsFrontend::slot_buffer(5),
-            len: 64,
-            flags: 1,
-            next: 20,
-        }],
-    );
-    c.frontend.kick(REQUEST).unwrap();
-    let _ = c.frontend.wait_used(REQUEST, Duration::from_secs(2));
 
-    let stats = share.server.stats();
-    assert!(stats.malformed + stats.bad_descriptors >= 4, "{stats:?}");
-    // And the share still serves well-formed requests.
-    c.getattr(ROOT).unwrap();
+    // A chain whose `next` loops back on itself: a complete GETATTR, read over and over
+    // until the walk gives up after a queue's worth of descriptors, with no writable
+    // descriptor for a reply. It comes back used, empty, and counted once.
+    let buf = FsFrontend::slot_buffer(5);
+    let looping = encode(Opcode::Getattr, 109, ROOT, 0, 0, &[&getattr_in]);
+    c.frontend
+        .mem()
+        .write_slice(&looping, GuestAddress(buf))
+        .unwrap();
+    let before = share.server.stats();
+    let head = c
+        .frontend
+        .submit_raw(
+            REQUEST,
+            5,
+            &[RawDesc {
+                addr: buf,
+                len: looping.len() as u32,
+                flags: 1, // NEXT
+                next: 5 * 4,
+            }],
+        )
+        .unwrap();
+    assert_eq!(head, 5 * 4, "the descriptor points at itself");
+    c.frontend.kick(REQUEST).unwrap();
+    let used = c
+        .frontend
+        .wait_used(REQUEST, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(used.len(), 1);
+    assert_eq!((used[0].id, used[0].len), (u32::from(head), 0));
+    assert_eq!(
+        counted(before, share.server.stats()),
+        MALFORMED,
+        "looping chain"
+    );
+
+    // And the share still serves well-formed requests, on the same queue.
+    let before = share.server.stats();
+    let (reply, n) = case(&mut c, &getattr, 4096);
+    assert_eq!(n, ANSWERED);
+    let attr = vmbuild_tests::fuse_client::decode(&reply).expect("GETATTR after the malformed");
+    assert_eq!(attr.len(), std::mem::size_of::<AttrOut>());
     let (f, o) = c.create(ROOT, "still-works", libc::O_RDWR, 0o644).unwrap();
     c.write(f.nodeid, o.fh, 0, b"ok").unwrap();
     assert_eq!(fs::read(share.path("still-works")).unwrap(), b"ok");
+    let after = share.server.stats();
+    assert_eq!(
+        (after.malformed, after.bad_descriptors),
+        (before.malformed, before.bad_descriptors)
+    );
 }
 
 #[test]

@@ -127,8 +127,9 @@ impl FsBackend {
 }
 
 /// Serves one request and returns how many bytes were written into the chain. A request
-/// that cannot be decoded is counted and answered with an empty used element, so the
-/// guest's waiter is released and the queue keeps moving.
+/// that cannot be decoded is counted and answered with `EINVAL` (or with an empty used
+/// element when no reply header fits), so the guest's waiter is released and the queue
+/// keeps moving.
 pub(crate) fn serve_chain<M>(
     server: &Server<Arc<ShareFs>>,
     stats: &ShareStats,
@@ -155,6 +156,21 @@ where
             return 0;
         }
     };
+    // A header that claims more bytes than the chain holds is malformed. The FUSE layer
+    // does not compare the two: it answers a huge claim with ENOMEM and serves a modest
+    // one as if nothing were wrong, when a body of fixed size happens to be complete.
+    // (The Linux driver's claim is always exactly what it sent.)
+    if let Ok(header) = reader.clone().read_obj::<InHeader>() {
+        if header.len as usize > reader.available_bytes() {
+            stats.count_malformed();
+            tracing::debug!(
+                claimed = header.len,
+                sent = reader.available_bytes(),
+                "virtio-fs: request header claims more than was sent"
+            );
+            return reply_einval(mem, chain);
+        }
+    }
     match server.handle_message(reader, writer, None, None) {
         Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
         Err(e) => {
