@@ -452,6 +452,31 @@ fn bad_input_exits_2_and_starts_nothing() {
     assert!(stderr(&out).contains("install QEMU"), "{}", stderr(&out));
 }
 
+/// `--accel auto` says why when it settles for TCG (and says nothing where KVM runs
+/// Linux), and the guest's console reaches stderr line by line behind `[guest] `.
+#[test]
+fn auto_says_when_it_uses_tcg_and_the_console_is_prefixed() {
+    let doctor = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let doctor: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let kvm_runs_linux = doctor["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["check"] == "kvm_runs_linux" && f["status"] == "ok");
+    let out = vmbuild_run(
+        &["--vmm", "qemu"],
+        &["--", "sh", "-c", "echo to-the-console > /dev/console"],
+    )
+    .output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.contains("using TCG: "), !kvm_runs_linux, "{err}");
+    assert!(err.lines().any(|l| l == "[guest] to-the-console"), "{err}");
+}
+
 /// Exit 125: vmbuild could not start the VM (here QEMU refuses a kernel that is not
 /// one), as opposed to the command's own status or a bad command line.
 #[test]

@@ -135,3 +135,64 @@ fn bad_arguments_exit_2() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+/// vde_switch's spellings (`-M`, `-t`, `-x`), hub mode, `--no-offload` and a vhost-user
+/// port from the command line; the console's `help`, `vlan/print` and `hash/print`; and
+/// SIGINT (a user's Ctrl-C) removing the tap and both sockets.
+#[test]
+fn vde_switch_flags_hub_mode_console_and_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mgmt = dir.path().join("mgmt.sock");
+    let vu = dir.path().join("vm.sock");
+    let tap = format!("vmbsw{}h", std::process::id() % 100_000);
+    let child = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "-M"])
+        .arg(&mgmt)
+        .args(["-t", &tap, "-x", "--no-offload", "--vhost-user"])
+        .arg(format!("{}=access:5", vu.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(mgmt.exists() && vu.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "no management or vhost-user socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(link_exists(&tap));
+    let (code, help) = ctl(&mgmt, &["help"]);
+    assert_eq!(code, 0);
+    for command in ["port/print", "vlan/print", "hash/print", "showinfo"] {
+        assert!(help.contains(command), "help lacks {command}: {help}");
+    }
+    let (_, info) = ctl(&mgmt, &["showinfo", "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["hub"], true, "{info}");
+    let (code, vlans) = ctl(&mgmt, &["vlan/print"]);
+    assert_eq!(code, 0);
+    assert!(vlans.contains('5'), "{vlans}");
+    let (code, _) = ctl(&mgmt, &["hash/print"]);
+    assert_eq!(code, 0);
+    let (_, ports) = ctl(&mgmt, &["json", "port/print"]);
+    let ports: serde_json::Value = serde_json::from_str(&ports).unwrap();
+    let kinds: Vec<&str> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["tap", "vhost-user"], "{ports}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!link_exists(&tap), "tap removed");
+    assert!(!mgmt.exists() && !vu.exists(), "sockets removed");
+}

@@ -188,7 +188,12 @@ fn main() -> anyhow::Result<()> {
     ];
     for round in 0..args.rounds {
         eprintln!("[ninep-bench] round {}", round + 1);
-        for (who, port) in [(0, ours_port), (1, diod_port)] {
+        // Alternate which goes first, so that neither always runs on a warmer host.
+        let mut order = [(0, ours_port), (1, diod_port)];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (who, port) in order {
             let mut c = Client::connect(port, &aname)?;
             let r = workloads(&mut c)?;
             for (i, v) in r.into_iter().enumerate() {

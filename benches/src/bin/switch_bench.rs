@@ -96,7 +96,13 @@ fn namespaces(args: &Args) -> anyhow::Result<()> {
     let mut tcp: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut udp: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
-        for contender in CONTENDERS {
+        // Each round starts with the next contender, so that none always goes first.
+        let order = CONTENDERS
+            .iter()
+            .cycle()
+            .skip(round % CONTENDERS.len())
+            .take(CONTENDERS.len());
+        for &contender in order {
             eprintln!("[switch-bench] round {} {contender}", round + 1);
             let ns1 = Netns::create("s1")?;
             let ns2 = Netns::create("s2")?;
