@@ -511,7 +511,30 @@ fn a_disk_image_is_attached_without_changing_the_base() {
             fs::read(&image).unwrap().iter().all(|b| *b == 0),
             "{mode} changed the base image"
         );
+        // The overlay vmbuild made beside nothing the user gave it is gone.
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["disk.raw"], "{mode} left files beside the image");
     }
+    // rw: the write reaches the image itself.
+    let out = vmbuild_run(
+        &[],
+        &[
+            "--disk",
+            &image.display().to_string(),
+            "--disk-mode",
+            "rw",
+            "--",
+            "sh",
+            "-c",
+            "echo written | dd of=/dev/vda bs=512 count=1 conv=notrunc 2>/dev/null && sync",
+        ],
+    )
+    .output();
+    assert_eq!(code(&out), 0, "rw: {}", stderr(&out));
+    assert_eq!(&fs::read(&image).unwrap()[..8], b"written\n");
 }
 
 #[test]
