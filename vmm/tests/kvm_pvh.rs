@@ -85,6 +85,25 @@ fn the_reset_line_resets() {
     assert_eq!(vm.run(Duration::from_secs(10)), LinuxEnd::Reset);
 }
 
+/// A triple fault (an exception with an empty IDT) ends the VM as a reset, as on a PC.
+/// (kvm_pvm stops this guest with an emulation failure instead: it runs where KVM runs
+/// Linux, in the nested host on this machine kind.)
+#[test]
+#[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
+fn a_triple_fault_resets() {
+    if !kvm_here("a_triple_fault_resets") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // lidt [0x500]: guest memory there is zero, so the IDT's limit is 0; then int3.
+    let mut code = vec![0x0f, 0x01, 0x1d];
+    code.extend(0x500u32.to_le_bytes());
+    code.push(0xcc);
+    code.extend(HALT_FOR_GOOD);
+    let (mut vm, _) = boot(&write_kernel(dir.path(), &code));
+    assert_eq!(vm.run(Duration::from_secs(10)), LinuxEnd::Reset);
+}
+
 /// A run whose guest prints its status and then halts for good (as a kernel without
 /// ACPI power-off does) ends with that status soon after, not at the run's timeout.
 #[test]
