@@ -749,6 +749,15 @@ fn bad_input_exits_2() {
     let out = build(&[]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("no command"));
+    // `run`'s options are not `build`'s, and an unknown option is refused before
+    // anything starts, not handed to the command.
+    let out = build(&["--cpus", "2", "--", "true"]).output();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unexpected argument '--cpus'"),
+        "{}",
+        stderr(&out)
+    );
     let out = build(&["--timeout", "-1", "--", "true"]).output();
     assert_eq!(code(&out), 2);
     let out = build(&["--xchg", "/nonexistent/xchg", "--", "true"]).output();

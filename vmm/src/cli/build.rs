@@ -73,12 +73,9 @@ pub struct BuildArgs {
     /// Append the target's console to this file
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// The command and its arguments
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "COMMAND"
-    )]
+    /// The command and its arguments, after `--` (passed verbatim: an option before `--`
+    /// is vmbuild's, and one vmbuild does not know is an error, not part of the command)
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
 }
 
