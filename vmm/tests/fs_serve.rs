@@ -136,8 +136,17 @@ fn bad_command_lines_exit_2_with_one_line() {
     let share = format!("tag=x,dir={dir}");
     let bogus = format!("tag=x,dir={dir},bogus");
     let file = file.path().display().to_string();
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 6] = [
         &[],
+        // Bounded: a million threads panicked and aborted, leaving the socket behind.
+        &[
+            "--shared-dir",
+            &dir,
+            "--socket-path",
+            &socket,
+            "--thread-pool-size",
+            "1000000",
+        ],
         &["--shared-dir", &missing, "--socket-path", &socket],
         &["--shared-dir", &file, "--socket-path", &socket],
         &["--share", &share],
@@ -147,6 +156,10 @@ fn bad_command_lines_exit_2_with_one_line() {
         let out = output_within(serve(args), Duration::from_secs(30), &format!("{args:?}"));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            !Path::new(&socket).exists(),
+            "{args:?}: a refused command line created its socket"
+        );
         assert!(!stderr.trim().is_empty(), "{args:?}: says why");
     }
 }

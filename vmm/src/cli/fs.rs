@@ -61,9 +61,12 @@ pub struct ServeArgs {
     #[arg(long)]
     xattr: bool,
 
-    /// Worker threads per share; 0 answers requests on the queue thread (virtiofsd: --thread-pool-size)
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    thread_pool_size: usize,
+    /// Worker threads per share, 0 to 1024; 0 answers requests on the queue thread
+    /// (virtiofsd: --thread-pool-size). The threads start with the share, so the bound
+    /// keeps a typo from exhausting the host's threads.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    thread_pool_size: u16,
 
     /// Another share: tag=NAME,dir=DIR[,ro][,cache=MODE][,socket=PATH] (repeatable)
     #[arg(long, value_name = "SPEC")]
@@ -152,7 +155,7 @@ impl ServeArgs {
             );
         }
         for (config, _) in &mut shares {
-            config.thread_pool_size = self.thread_pool_size;
+            config.thread_pool_size = usize::from(self.thread_pool_size);
             config.xattr = self.xattr || config.xattr;
         }
         Ok(shares)
