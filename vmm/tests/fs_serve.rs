@@ -163,3 +163,59 @@ fn bad_command_lines_exit_2_with_one_line() {
         assert!(!stderr.trim().is_empty(), "{args:?}: says why");
     }
 }
+
+/// A socket path never clobbers: an ordinary file there is refused and kept, a live
+/// server's socket is refused and the server keeps serving, the same tag twice is
+/// refused; all with exit 2 before anything starts (issue 13).
+#[test]
+fn socket_paths_never_clobber() {
+    let share = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = share.path().display().to_string();
+    let file = scratch.path().join("notes.txt");
+    fs::write(&file, "my notes").unwrap();
+    let file_arg = file.display().to_string();
+    let out = output_within(
+        serve(&["--shared-dir", &dir, "--socket-path", &file_arg]),
+        Duration::from_secs(30),
+        "a file at --socket-path",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(fs::read_to_string(&file).unwrap(), "my notes");
+
+    let socket = scratch.path().join("fs.sock");
+    let socket_arg = socket.display().to_string();
+    let first = serve(&["--shared-dir", &dir, "--socket-path", &socket_arg]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the first server made no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = output_within(
+        serve(&["--shared-dir", &dir, "--socket-path", &socket_arg]),
+        Duration::from_secs(30),
+        "a second server on a live socket",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    // The first server still answers on its socket.
+    drop(client(&socket));
+    assert_eq!(stop(first), 0);
+
+    let twice = format!("tag=x,dir={dir}");
+    let out = output_within(
+        serve(&[
+            "--share",
+            &twice,
+            "--share",
+            &twice,
+            "--socket-dir",
+            &scratch.path().display().to_string(),
+        ]),
+        Duration::from_secs(30),
+        "one tag twice",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("given twice"));
+}

@@ -196,3 +196,52 @@ fn vde_switch_flags_hub_mode_console_and_sigint() {
     assert!(!link_exists(&tap), "tap removed");
     assert!(!mgmt.exists() && !vu.exists(), "sockets removed");
 }
+
+/// `-M` never clobbers: a file at the path is refused and kept, and a second switch on
+/// a live switch's console socket is refused while the first keeps answering (issue 13).
+#[test]
+fn console_sockets_never_clobber() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "my notes").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "-M"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "my notes");
+
+    let mgmt = dir.path().join("mgmt.sock");
+    let first = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "-M"])
+        .arg(&mgmt)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = KillOnDrop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mgmt.exists() {
+        assert!(Instant::now() < deadline, "no management socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "-M"])
+        .arg(&mgmt)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    assert_eq!(
+        ctl(&mgmt, &["showinfo"]).0,
+        0,
+        "the first switch stopped answering"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(first.0.wait().unwrap().code(), Some(0));
+}

@@ -170,11 +170,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<i32> {
             return Ok(exit::USAGE);
         }
     };
-    for (config, _) in &shares {
+    for (i, (config, _)) in shares.iter().enumerate() {
         if let Err(e) = config.validate() {
             eprintln!("vmbuild fs serve: share '{}': {e}", config.tag);
             return Ok(exit::USAGE);
         }
+        if shares[..i].iter().any(|(c, _)| c.tag == config.tag) {
+            eprintln!(
+                "vmbuild fs serve: share '{}' is given twice: each share needs a tag of its own",
+                config.tag
+            );
+            return Ok(exit::USAGE);
+        }
+    }
+    let sockets: Vec<&std::path::Path> = shares.iter().map(|(_, s)| s.as_path()).collect();
+    if let Err(e) = super::socket_path::claim(&sockets) {
+        eprintln!("vmbuild fs serve: {e}");
+        return Ok(exit::USAGE);
     }
     // Before any thread exists, so that only this thread receives them.
     let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;

@@ -7,6 +7,7 @@ mod fs;
 mod run;
 mod signal_channel;
 mod snapshot;
+mod socket_path;
 mod switch;
 
 use clap::{Parser, Subcommand};

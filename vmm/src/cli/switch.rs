@@ -114,6 +114,13 @@ impl SwitchArgs {
                 }
             }
         }
+        let mut sockets: Vec<&std::path::Path> = self.mgmt.iter().map(|p| p.as_path()).collect();
+        sockets.extend(vhost_ports.iter().map(|(p, _)| p.as_path()));
+        sockets.extend(stream_ports.iter().map(|(p, _)| p.as_path()));
+        if let Err(e) = super::socket_path::claim(&sockets) {
+            eprintln!("vmbuild switch: {e}");
+            return Ok(exit::USAGE);
+        }
         let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
         let switch = Switch::new(SwitchConfig {
             hub: self.hub,
