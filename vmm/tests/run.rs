@@ -497,6 +497,21 @@ fn a_vm_that_cannot_start_exits_125() {
     )
     .output();
     assert_eq!(code(&out), 125, "{}", stderr(&out));
+    // QEMU's own words, not the EOF on its monitor socket they caused (issue 13).
+    assert!(
+        stderr(&out).contains("QEMU would not start") && stderr(&out).contains("qemu"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("QMP greeting"), "{}", stderr(&out));
+    let out = vmbuild_run(&["--vmm", "qemu"], &["--memory", "99999999", "--", "true"]).output();
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("guest RAM") || stderr(&out).contains("memory"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("QMP greeting"), "{}", stderr(&out));
 }
 
 #[test]

@@ -37,10 +37,12 @@ pub fn claim(paths: &[&Path]) -> Result<(), String> {
             ));
         }
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(format!(
+            Ok(_) => {
+                return Err(format!(
                 "{} is in use: a running server answers on it (stop it, or choose another path)",
                 path.display()
-            )),
+            ))
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)
                     .map_err(|e| format!("removing the stale socket {}: {e}", path.display()))?;

@@ -89,7 +89,7 @@ impl ConsoleGuest {
             accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
         let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
         let (tx, events) = mpsc::channel();
-        let qmp = Qmp::handshake(qmp_s, tx)?;
+        let qmp = qemu.qmp_handshake(qmp_s, tx)?;
         Ok(ConsoleGuest {
             qemu,
             qmp,

@@ -72,6 +72,26 @@ impl QemuProcess {
         }
     }
 
+    /// The QMP handshake on `stream`, QEMU's monitor. When it fails because QEMU gave up
+    /// while starting (it connected its sockets, then refused its memory size, kernel or
+    /// disk), the error is QEMU's own words, not the EOF on the socket they caused.
+    pub fn qmp_handshake(
+        &mut self,
+        stream: UnixStream,
+        events: std::sync::mpsc::Sender<crate::qemu::QmpEvent>,
+    ) -> anyhow::Result<crate::qemu::Qmp> {
+        crate::qemu::Qmp::handshake(stream, events).map_err(|e| {
+            let status = self.wait_timeout(Duration::from_secs(2)).ok().flatten();
+            let said = self.stderr();
+            let said = said.lines().last().unwrap_or("").trim();
+            match (status, said.is_empty()) {
+                (Some(status), false) => anyhow::anyhow!("QEMU would not start ({status}): {said}"),
+                (Some(status), true) => anyhow::anyhow!("QEMU would not start ({status}): {e:#}"),
+                (None, _) => e,
+            }
+        })
+    }
+
     /// What QEMU wrote to stderr (its error messages), trimmed.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path)

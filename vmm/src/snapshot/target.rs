@@ -172,7 +172,7 @@ impl TargetVm {
                 }
             }
         });
-        let qmp = Qmp::handshake(qmp_s, qmp_tx)?;
+        let qmp = qemu.qmp_handshake(qmp_s, qmp_tx)?;
         let tail = ConsoleTail::default();
         spawn_console_reader(console, at.console_log.clone(), tail.clone(), tx)?;
         Ok(TargetVm {

@@ -18,9 +18,7 @@ use anyhow::Context;
 use virtiofs_bridge::{CacheMode, ShareConfig, ShareServer};
 
 use crate::accel::Accel;
-use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent, ShutdownReason,
-};
+use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, QmpEvent, ShutdownReason};
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::guest_script::{
     CommandIo, GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START,
@@ -248,7 +246,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         let _ = signals.recv();
         let _ = stop_tx.send(Event::Signal);
     });
-    let mut qmp = Qmp::handshake(qmp_stream, qmp_tx)?;
+    let mut qmp = qemu.qmp_handshake(qmp_stream, qmp_tx)?;
     marks.vmm_ready = Some(Instant::now());
 
     let tail = Arc::new(Mutex::new(VecDeque::new()));

@@ -142,7 +142,7 @@ impl ControllerVm {
                 }
             }
         });
-        let qmp = Qmp::handshake(qmp_s, qmp_tx)?;
+        let qmp = qemu.qmp_handshake(qmp_s, qmp_tx)?;
         let tail = ConsoleTail::default();
         spawn_console_reader(con, m.console_log.map(Path::to_owned), tail.clone(), tx)?;
         Ok(ControllerVm {
