@@ -484,6 +484,37 @@ fn auto_says_when_it_uses_tcg_and_the_console_is_prefixed() {
     assert!(err.lines().any(|l| l == "[guest] to-the-console"), "{err}");
 }
 
+/// `--accel kvm` where this host's KVM is known (its probe remembered) not to run Linux
+/// is refused before anything starts, instead of waiting for the timeout with the guest
+/// stopped in KVM (issue 13); where KVM runs Linux, it runs.
+#[test]
+fn accel_kvm_is_refused_where_kvm_is_known_not_to_run_linux() {
+    // doctor asks the probe, so its answer is remembered either way.
+    let doctor = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let doctor: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let kvm = doctor["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "kvm_runs_linux")
+        .cloned()
+        .expect("doctor reports kvm_runs_linux");
+    let out = vmbuild_run(
+        &["--vmm", "qemu"],
+        &["--accel", "kvm", "--timeout", "120", "--", "true"],
+    )
+    .output();
+    if kvm["status"] == "ok" {
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    } else {
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(stderr(&out).contains("--accel kvm: "), "{}", stderr(&out));
+    }
+}
+
 /// Exit 125: vmbuild could not start the VM (here QEMU refuses a kernel that is not
 /// one), as opposed to the command's own status or a bad command line.
 #[test]

@@ -98,6 +98,15 @@ impl KvmProbe {
     }
 }
 
+/// With `--accel kvm`: why not, if this host's KVM is already known (a remembered probe,
+/// not a slow one) to stop Linux guests. Without it such a run would wait, silently, for
+/// its timeout with the guest stopped in KVM; the probe is not run for this.
+pub fn known_not_to_run_linux(kernel: &Path, initrd: &Path) -> Option<String> {
+    let cache = cache_file("kvm", kernel, initrd)?;
+    let probe = read_cache(&cache)?;
+    (!probe.usable && !probe.slow).then_some(probe.reason)
+}
+
 pub fn resolve(
     choice: AccelChoice,
     qemu: &Path,
@@ -228,34 +237,45 @@ fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmP
     let Some(cache) = cache_file(what, kernel, initrd) else {
         return probe();
     };
-    let read_cached = || {
-        let text = std::fs::read_to_string(&cache).ok()?;
-        let (flag, reason) = text.split_once('\n')?;
-        let usable = flag == "usable";
-        let life = if flag == "slow" {
-            SLOW_ANSWER_LIFE
-        } else {
-            NEGATIVE_ANSWER_LIFE
-        };
-        let age = std::fs::metadata(&cache)
-            .ok()?
-            .modified()
-            .ok()?
-            .elapsed()
-            .ok()?;
-        if !usable && age > life {
-            return None;
-        }
-        let reason = reason.trim().to_owned();
-        Some(if flag == "slow" {
-            KvmProbe::slow(reason)
-        } else {
-            KvmProbe::answer(usable, reason)
-        })
-    };
+    let read_cached = || read_cache(&cache);
     if let Some(p) = read_cached() {
         return p;
     }
+    cached_probe(&cache, read_cached, probe)
+}
+
+/// A remembered answer, while it is believed.
+fn read_cache(cache: &Path) -> Option<KvmProbe> {
+    let text = std::fs::read_to_string(cache).ok()?;
+    let (flag, reason) = text.split_once('\n')?;
+    let usable = flag == "usable";
+    let life = if flag == "slow" {
+        SLOW_ANSWER_LIFE
+    } else {
+        NEGATIVE_ANSWER_LIFE
+    };
+    let age = std::fs::metadata(cache)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    if !usable && age > life {
+        return None;
+    }
+    let reason = reason.trim().to_owned();
+    Some(if flag == "slow" {
+        KvmProbe::slow(reason)
+    } else {
+        KvmProbe::answer(usable, reason)
+    })
+}
+
+fn cached_probe(
+    cache: &Path,
+    read_cached: impl Fn() -> Option<KvmProbe>,
+    probe: impl FnOnce() -> KvmProbe,
+) -> KvmProbe {
     // Concurrent runs probe once: the first holds the lock, the others wait and read.
     let _lock = std::fs::OpenOptions::new()
         .write(true)
@@ -289,7 +309,7 @@ fn cached(what: &str, kernel: &Path, initrd: &Path, probe: impl FnOnce() -> KvmP
                 std::io::Write::write_all(&mut f, format!("{flag}\n{}\n", probe.reason).as_bytes())
             });
         if written.is_ok() {
-            let _ = std::fs::rename(&tmp, &cache);
+            let _ = std::fs::rename(&tmp, cache);
         } else {
             let _ = std::fs::remove_file(&tmp);
         }

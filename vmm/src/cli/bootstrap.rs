@@ -134,6 +134,13 @@ impl BootstrapArgs {
             .map_err(|super::run::Usage(m)| m)?;
         let qemu = QemuBinary::locate().map_err(|e| format!("{e:#}"))?;
         let kit = GuestKit::locate().map_err(|e| format!("{e:#}"))?;
+        if self.accel == accel::AccelChoice::Kvm {
+            if let Some(why) = accel::known_not_to_run_linux(&kit.kernel, &kit.initrd) {
+                return Err(format!(
+                    "--accel kvm: {why}; the guest would stop in KVM (use --accel auto or tcg)"
+                ));
+            }
+        }
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kit.kernel, &kit.initrd);
         if let Some(n) = notice {
             tracing::info!("{n}");

@@ -313,6 +313,11 @@ impl RunArgs {
                 }
             }
         };
+        if self.accel == AccelChoice::Kvm {
+            if let Some(why) = accel::known_not_to_run_linux(&kernel, &initrd) {
+                usage!("--accel kvm: {why}; the guest would stop in KVM (use --accel auto or tcg)");
+            }
+        }
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kernel, &initrd);
         if let Some(n) = notice {
             tracing::info!("{n}");
