@@ -430,6 +430,11 @@ fn bad_input_exits_2_and_starts_nothing() {
         (vec!["--memroy", "1024", "--", "true"], "'--memory'"),
         (vec!["true"], "unexpected argument 'true'"),
         (vec!["--timings", "echo", "hi"], "unexpected argument 'hi'"),
+        // A --timings file that cannot be written is refused before the VM runs.
+        (
+            vec!["--timings", "/nonexistent/dir/t.json", "--", "true"],
+            "--timings /nonexistent/dir/t.json",
+        ),
         (
             vec!["--vmm", "qemu", "--share-protocol", "9p", "--", "true"],
             "needs the embedded VMM",

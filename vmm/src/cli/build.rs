@@ -82,6 +82,10 @@ pub struct BuildArgs {
 impl BuildArgs {
     pub fn run(self) -> anyhow::Result<i32> {
         let timings = self.timings.clone();
+        if let Err(msg) = super::signal_channel::check_timings_dest(timings.as_deref()) {
+            eprintln!("vmbuild build: {msg}");
+            return Ok(exit::USAGE);
+        }
         let spec = match self.into_spec() {
             Ok(s) => s,
             Err(Usage(msg)) => {
@@ -98,7 +102,10 @@ impl BuildArgs {
             }
         };
         if let Some(dest) = timings {
-            super::signal_channel::write_timings(&dest, &outcome.timings)?;
+            // The command's status still decides the exit code.
+            if let Err(e) = super::signal_channel::write_timings(&dest, &outcome.timings) {
+                eprintln!("vmbuild build: --timings {}: {e:#}", dest.display());
+            }
         }
         let say = |m: String| eprintln!("vmbuild build: {m}");
         Ok(match outcome.end {

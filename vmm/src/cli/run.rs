@@ -123,6 +123,10 @@ pub(super) use usage;
 impl RunArgs {
     pub fn run(self) -> anyhow::Result<i32> {
         let timings = self.timings.clone();
+        if let Err(msg) = super::signal_channel::check_timings_dest(timings.as_deref()) {
+            eprintln!("vmbuild run: {msg}");
+            return Ok(exit::USAGE);
+        }
         let spec = match self.into_spec() {
             Ok(s) => s,
             Err(Usage(msg)) => {
@@ -144,7 +148,10 @@ impl RunArgs {
             }
         };
         if let Some(dest) = timings {
-            super::signal_channel::write_timings(&dest, &outcome.marks.timings())?;
+            // The command's status still decides the exit code.
+            if let Err(e) = super::signal_channel::write_timings(&dest, &outcome.marks.timings()) {
+                eprintln!("vmbuild run: --timings {}: {e:#}", dest.display());
+            }
         }
         Ok(match outcome.end {
             RunEnd::Exited(code) => {

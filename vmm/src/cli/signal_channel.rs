@@ -20,6 +20,21 @@ pub fn signal_channel() -> anyhow::Result<Receiver<()>> {
     Ok(rx)
 }
 
+/// `--timings FILE` checked before anything starts: FILE can be written (it is created
+/// now, empty), so that a bad path is a usage error, not a failure after the whole run.
+pub fn check_timings_dest(dest: Option<&std::path::Path>) -> Result<(), String> {
+    match dest {
+        Some(d) if d.as_os_str() != "-" => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d)
+            .map(drop)
+            .map_err(|e| format!("--timings {}: {e}", d.display())),
+        _ => Ok(()),
+    }
+}
+
 /// `--timings[=FILE]`: one line of JSON on stderr (`-`) or in FILE.
 pub fn write_timings(
     dest: &std::path::Path,
