@@ -2,8 +2,9 @@
 
 use nix::sys::signal::{SigSet, Signal};
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread spawned after it, so the one
-/// thread that calls [`TermSignals::wait`] receives them and can clean up in order.
+/// Blocks SIGINT, SIGTERM and SIGHUP (a closed terminal) in this thread and every thread
+/// spawned after it, so the one thread that calls [`TermSignals::wait`] receives them and
+/// can clean up in order.
 pub struct TermSignals(SigSet);
 
 impl TermSignals {
@@ -11,6 +12,7 @@ impl TermSignals {
         let mut set = SigSet::empty();
         set.add(Signal::SIGINT);
         set.add(Signal::SIGTERM);
+        set.add(Signal::SIGHUP);
         set.thread_block()?;
         Ok(TermSignals(set))
     }

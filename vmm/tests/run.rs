@@ -266,6 +266,16 @@ fn two_runs_at_once_both_succeed(vmm: &[&str]) {
 
 /// Under each VMM (see [`parity`]).
 fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
+    stops_and_cleans_up_on(vmm, nix::sys::signal::Signal::SIGINT);
+}
+
+/// A closed terminal (SIGHUP) stops the VM and cleans up as Ctrl-C does (issue 13).
+#[test]
+fn a_closed_terminal_stops_the_vm_and_cleans_up() {
+    stops_and_cleans_up_on(&[], nix::sys::signal::Signal::SIGHUP);
+}
+
+fn stops_and_cleans_up_on(vmm: &[&str], signal: nix::sys::signal::Signal) {
     let mut run = vmbuild_run(vmm, &["--", "sh", "-c", "echo started; exec sleep 1000"]);
     let mut child = run
         .cmd
@@ -273,7 +283,7 @@ fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // SIGINT once the command runs (its first line arrived), not after a guessed delay.
+    // The signal once the command runs (its first line arrived), not after a guessed delay.
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -286,8 +296,7 @@ fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
     });
     rx.recv_timeout(Duration::from_secs(600))
         .expect("the command never started");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -295,11 +304,11 @@ fn ctrl_c_stops_the_vm_and_cleans_up(vmm: &[&str]) {
         }
         assert!(
             Instant::now() < deadline,
-            "vmbuild did not stop after SIGINT"
+            "vmbuild did not stop after {signal}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(130));
+    assert_eq!(status.code(), Some(130), "after {signal}");
     assert_clean(run.runtime.path());
 }
 
