@@ -473,20 +473,29 @@ fn bad_input_exits_2_and_starts_nothing() {
     assert!(stderr(&out).contains("install QEMU"), "{}", stderr(&out));
 }
 
-/// `--accel auto` says why when it settles for TCG (and says nothing where KVM runs
-/// Linux), and the guest's console reaches stderr line by line behind `[guest] `.
-#[test]
-fn auto_says_when_it_uses_tcg_and_the_console_is_prefixed() {
+/// Whether `vmbuild doctor` reports `check` ok on this host (its probes' answers are
+/// remembered, so later runs see the same).
+fn doctor_says_ok(check: &str) -> bool {
     let doctor = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
         .args(["doctor", "--json"])
         .output()
         .unwrap();
     let doctor: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
-    let kvm_runs_linux = doctor["findings"]
+    let finding = doctor["findings"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|f| f["check"] == "kvm_runs_linux" && f["status"] == "ok");
+        .find(|f| f["check"] == check)
+        .cloned()
+        .unwrap_or_else(|| panic!("doctor reports no {check}"));
+    finding["status"] == "ok"
+}
+
+/// `--accel auto` says why when it settles for TCG (and says nothing where KVM runs
+/// Linux), and the guest's console reaches stderr line by line behind `[guest] `.
+#[test]
+fn auto_says_when_it_uses_tcg_and_the_console_is_prefixed() {
+    let kvm_runs_linux = doctor_says_ok("kvm_runs_linux");
     let out = vmbuild_run(
         &["--vmm", "qemu"],
         &["--", "sh", "-c", "echo to-the-console > /dev/console"],
@@ -504,24 +513,13 @@ fn auto_says_when_it_uses_tcg_and_the_console_is_prefixed() {
 #[test]
 fn accel_kvm_is_refused_where_kvm_is_known_not_to_run_linux() {
     // doctor asks the probe, so its answer is remembered either way.
-    let doctor = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
-        .args(["doctor", "--json"])
-        .output()
-        .unwrap();
-    let doctor: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
-    let kvm = doctor["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["check"] == "kvm_runs_linux")
-        .cloned()
-        .expect("doctor reports kvm_runs_linux");
+    let kvm_runs_linux = doctor_says_ok("kvm_runs_linux");
     let out = vmbuild_run(
         &["--vmm", "qemu"],
         &["--accel", "kvm", "--timeout", "120", "--", "true"],
     )
     .output();
-    if kvm["status"] == "ok" {
+    if kvm_runs_linux {
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     } else {
         assert_eq!(code(&out), 2, "{}", stderr(&out));

@@ -38,6 +38,15 @@ fn link_exists(name: &str) -> bool {
         .success()
 }
 
+/// Waits (bounded) until every path in `paths` exists: a server's sockets are up.
+fn wait_for(paths: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !paths.iter().all(|p| p.exists()) {
+        assert!(Instant::now() < deadline, "no socket at {paths:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn taps_console_and_clean_shutdown() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,11 +68,7 @@ fn taps_console_and_clean_shutdown() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !mgmt.exists() {
-        assert!(Instant::now() < deadline, "no management socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&[&mgmt]);
     assert!(link_exists(&t0) && link_exists(&t1));
 
     let (code, text) = ctl(&mgmt, &["port/print"]);
@@ -154,14 +159,7 @@ fn vde_switch_flags_hub_mode_console_and_sigint() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(mgmt.exists() && vu.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "no management or vhost-user socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&[&mgmt, &vu]);
     assert!(link_exists(&tap));
     let (code, help) = ctl(&mgmt, &["help"]);
     assert_eq!(code, 0);
@@ -221,11 +219,7 @@ fn console_sockets_never_clobber() {
         .spawn()
         .unwrap();
     let mut first = KillOnDrop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !mgmt.exists() {
-        assert!(Instant::now() < deadline, "no management socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&[&mgmt]);
     let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
         .args(["switch", "-M"])
         .arg(&mgmt)
