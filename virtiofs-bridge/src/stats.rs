@@ -54,3 +54,39 @@ impl ShareStats {
         }
     }
 }
+
+/// One readable line: `12 requests, 1 connection, 0 malformed, 0 bad descriptors, 0 refused
+/// (read-only)`.
+impl std::fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        write!(
+            f,
+            "{}, {}, {} malformed, {}, {} refused (read-only)",
+            plural(self.requests, "request", "requests"),
+            plural(self.connections, "connection", "connections"),
+            self.malformed,
+            plural(self.bad_descriptors, "bad descriptor", "bad descriptors"),
+            self.erofs
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatsSnapshot;
+
+    #[test]
+    fn a_snapshot_reads_as_one_line() {
+        let s = StatsSnapshot {
+            requests: 12,
+            connections: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            s.to_string(),
+            "12 requests, 1 connection, 0 malformed, 0 bad descriptors, 0 refused (read-only)"
+        );
+    }
+}

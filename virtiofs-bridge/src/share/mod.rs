@@ -129,9 +129,23 @@ impl ShareConfig {
     /// A fresh file system for one front-end connection: a new guest gets a new FUSE
     /// session, so no inode or handle of a previous guest survives into it.
     pub(crate) fn open_fs(&self, stats: Arc<ShareStats>) -> Result<ShareFs, Error> {
-        let root = self.dir.to_str().ok_or_else(|| {
-            Error::Config(format!("share directory {:?} is not valid UTF-8", self.dir))
-        })?;
+        // The FUSE engine takes its root as a UTF-8 string. A directory whose path is not
+        // UTF-8 is opened here instead and handed over as /proc/self/fd/N/. (the final
+        // "." keeps the engine's O_NOFOLLOW from stopping at the magic link); the open
+        // descriptor lives as long as the file system.
+        let (root, root_fd) = match self.dir.to_str() {
+            Some(root) => (root.to_owned(), None),
+            None => {
+                let dir = std::fs::File::open(&self.dir).map_err(|e| {
+                    Error::Io(
+                        format!("opening share '{}' at {}", self.tag, self.dir.display()),
+                        e,
+                    )
+                })?;
+                let root = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&dir));
+                (root, Some(dir))
+            }
+        };
         let timeout = self.cache.timeout();
         // An immutable share needs no open handles: with ZERO_MESSAGE_OPEN(DIR) the guest
         // skips the OPEN/RELEASE (and OPENDIR/RELEASEDIR) round trips, which under a VM
@@ -139,7 +153,7 @@ impl ShareConfig {
         // goes stale either, so it may keep it across opens.
         let immutable = self.read_only && self.cache == CacheMode::Always;
         let cfg = Config {
-            root_dir: root.to_owned(),
+            root_dir: root.clone(),
             cache_policy: self.cache.policy(),
             entry_timeout: timeout,
             attr_timeout: timeout,
@@ -150,10 +164,14 @@ impl ShareConfig {
             no_opendir: immutable,
             ..Config::default()
         };
-        let engine = PassthroughFs::new(cfg)
-            .map_err(|e| Error::Io(format!("opening share '{}' at {root}", self.tag), e))?;
+        let engine = PassthroughFs::new(cfg).map_err(|e| {
+            Error::Io(
+                format!("opening share '{}' at {}", self.tag, self.dir.display()),
+                e,
+            )
+        })?;
         let keep_cache = immutable;
-        Ok(ShareFs::new(engine, self.read_only, keep_cache, stats))
+        Ok(ShareFs::new(engine, self.read_only, keep_cache, stats).with_root_fd(root_fd))
     }
 }
 

@@ -39,6 +39,8 @@ pub struct ShareFs {
     read_only: bool,
     keep_cache: bool,
     stats: std::sync::Arc<ShareStats>,
+    /// The share directory, open, when the engine reaches it through /proc/self/fd.
+    _root_fd: Option<std::fs::File>,
 }
 
 impl ShareFs {
@@ -53,7 +55,15 @@ impl ShareFs {
             read_only,
             keep_cache,
             stats,
+            _root_fd: None,
         }
+    }
+
+    /// Keeps `fd` (the share directory the engine reaches through /proc/self/fd) open for
+    /// as long as the file system.
+    pub(crate) fn with_root_fd(mut self, fd: Option<std::fs::File>) -> Self {
+        self._root_fd = fd;
+        self
     }
 
     /// Fails with `EROFS` (and counts it) when the share is read-only.

@@ -1,11 +1,20 @@
 //! One share on one unix socket, served to one front-end at a time, for as long as vmbuild
 //! runs: when QEMU quits or restarts, the next connection gets a fresh FUSE session.
+//!
+//! The socket is either bound here ([`ShareServer::spawn`]: atomically, and never over
+//! anything already at the path) or inherited already listening
+//! ([`ShareServer::from_listener`]: virtiofsd's `--fd`, which libvirt uses). This module
+//! removes only a socket it bound itself, and only while that very socket is still there.
 
-use std::os::unix::net::UnixStream;
+use std::ffi::OsString;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,41 +27,88 @@ use crate::stats::{ShareStats, StatsSnapshot};
 use crate::vhost_user::FsBackend;
 use crate::Error;
 
-/// A running share. Dropping it stops serving and removes the socket.
+/// A running share. Dropping it stops serving and removes the socket it bound.
 pub struct ShareServer {
     tag: String,
     read_only: bool,
     socket: PathBuf,
+    /// (device, inode) of the socket this server bound, so that stopping removes that
+    /// socket and nothing that replaced it; `None` for an inherited listener.
+    bound: Option<(u64, u64)>,
     stats: Arc<ShareStats>,
     stopping: Arc<AtomicBool>,
+    /// Written to wake the share thread out of its wait for a front-end.
+    wake: UnixStream,
+    failure: Arc<Mutex<Option<String>>>,
     finished: mpsc::Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ShareServer {
-    /// Binds `socket` (replacing a stale socket file) and serves `config` on it from a
-    /// thread of its own. The socket accepts connections as soon as this returns.
+    /// Binds `socket` and serves `config` on it from a thread of its own. The socket
+    /// accepts connections as soon as this returns.
+    ///
+    /// The bind is atomic: the socket is bound under a temporary name in the same
+    /// directory and renamed into place without replacing anything, so a front-end never
+    /// sees a half-made socket, and whatever is already at `socket` (a file, a live or a
+    /// stale socket) is an error, never removed. Clearing a stale socket is the caller's
+    /// decision.
     pub fn spawn(config: ShareConfig, socket: impl Into<PathBuf>) -> Result<ShareServer, Error> {
         config.validate()?;
         let socket = socket.into();
-        let listener = Listener::new(&socket, true).map_err(|e| {
-            Error::Config(format!(
-                "cannot listen on {}: {e} (is the directory there and writable?)",
-                socket.display()
-            ))
-        })?;
+        let listener = bind_atomically(&socket)?;
+        let bound = std::fs::symlink_metadata(&socket)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| Error::Io(format!("checking {}", socket.display()), e))?;
+        Self::start(config, listener, socket, Some(bound))
+    }
+
+    /// Serves `config` on a socket that is already bound and listening, e.g. one inherited
+    /// from a parent (virtiofsd's `--fd`). The socket file, if any, is the parent's: it is
+    /// left where it is when the server stops.
+    pub fn from_listener(
+        config: ShareConfig,
+        listener: UnixListener,
+    ) -> Result<ShareServer, Error> {
+        config.validate()?;
+        let socket = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default();
+        Self::start(config, listener, socket, None)
+    }
+
+    fn start(
+        config: ShareConfig,
+        listener: UnixListener,
+        socket: PathBuf,
+        bound: Option<(u64, u64)>,
+    ) -> Result<ShareServer, Error> {
+        // The share thread waits in poll() and accepts only when a front-end is there.
+        listener
+            .set_nonblocking(false)
+            .map_err(|e| Error::Io("making the listening socket blocking".into(), e))?;
+        let (wake, woken) =
+            UnixStream::pair().map_err(|e| Error::Io("creating a wake-up socket".into(), e))?;
         let stats = Arc::new(ShareStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
         let (done_tx, finished) = mpsc::channel();
         let tag = config.tag.clone();
         let read_only = config.read_only;
         let thread = {
             let stats = stats.clone();
             let stopping = stopping.clone();
+            let failure = failure.clone();
             std::thread::Builder::new()
                 .name(format!("share-{}", config.tag))
                 .spawn(move || {
-                    accept_loop(&config, listener, &stats, &stopping);
+                    let listener = Listener::from(listener);
+                    if let Err(e) = accept_loop(&config, listener, woken, &stats, &stopping) {
+                        tracing::error!(share = %config.tag, "share stopped: {e}");
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    }
                     let _ = done_tx.send(());
                 })
                 .map_err(|e| Error::Io("spawning the share thread".into(), e))?
@@ -61,13 +117,17 @@ impl ShareServer {
             tag,
             read_only,
             socket,
+            bound,
             stats,
             stopping,
+            wake,
+            failure,
             finished,
             thread: Some(thread),
         })
     }
 
+    /// The socket's path (empty for an inherited socket that has none).
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -84,8 +144,18 @@ impl ShareServer {
         self.stats.snapshot()
     }
 
-    /// Stops accepting connections and removes the socket. A front-end still connected
-    /// keeps its session until it disconnects; this waits for that at most `grace`.
+    /// Why the share stopped serving by itself (its directory could not be opened, the
+    /// socket failed, ...), once it has. A server that fails reports it once, here and in
+    /// the log, and does not retry.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops accepting connections and removes the socket it bound. A front-end still
+    /// connected keeps its session until it disconnects; this waits for that at most `grace`.
     pub fn stop(mut self, grace: Duration) {
         self.shutdown(grace);
     }
@@ -94,9 +164,16 @@ impl ShareServer {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the accept() the share thread is blocked in; it sees `stopping` and leaves.
-        let _ = UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
+        // Wake the poll() the share thread waits in; it sees `stopping` and leaves.
+        let _ = self.wake.write_all(&[0]);
+        if let Some((dev, ino)) = self.bound {
+            // Only the socket this server made: not a file someone put there since.
+            if std::fs::symlink_metadata(&self.socket)
+                .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+            {
+                let _ = std::fs::remove_file(&self.socket);
+            }
+        }
         if self.finished.recv_timeout(grace).is_ok() {
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
@@ -111,57 +188,162 @@ impl Drop for ShareServer {
     }
 }
 
+/// Binds a listening socket at `path` through a temporary name in the same directory and
+/// a rename that refuses to replace anything.
+fn bind_atomically(path: &Path) -> Result<UnixListener, Error> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("{} names no socket file", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    // A leftover of this very process id (a previous run that was killed) is ours to clear.
+    if std::fs::symlink_metadata(&tmp)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let listener = UnixListener::bind(&tmp).map_err(|e| {
+        Error::Io(
+            format!(
+                "cannot listen in {} (is the directory there and writable?)",
+                dir.display()
+            ),
+            e,
+        )
+    })?;
+    if let Err(e) = rename_noreplace(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(if e.kind() == ErrorKind::AlreadyExists {
+            Error::Config(format!(
+                "{} already exists: a share never replaces what is at its socket path",
+                path.display()
+            ))
+        } else {
+            Error::Io(format!("cannot create the socket {}", path.display()), e)
+        });
+    }
+    Ok(listener)
+}
+
+/// rename(2) that fails with EEXIST instead of replacing `to`: renameat2(RENAME_NOREPLACE),
+/// or link(2) + unlink(2) on file systems without it.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+        return Err(err);
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
+/// Serves one front-end after another until `stopping`. Returns an error only for what
+/// will not get better by waiting for the next front-end (the share cannot be opened, the
+/// listening socket fails); a session that ends badly is logged and the next one served.
 fn accept_loop(
     config: &ShareConfig,
     mut listener: Listener,
-    stats: &Arc<ShareStats>,
-    stopping: &AtomicBool,
-) {
-    while !stopping.load(Ordering::SeqCst) {
-        if let Err(e) = serve_one_connection(config, &mut listener, stats, stopping) {
-            tracing::warn!(share = %config.tag, "connection ended with an error: {e}");
-            // Do not spin if something is persistently wrong (e.g. the share directory
-            // vanished): the next front-end will find out, and we retry.
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    tracing::debug!(share = %config.tag, "share stopped");
-}
-
-fn serve_one_connection(
-    config: &ShareConfig,
-    listener: &mut Listener,
+    mut woken: UnixStream,
     stats: &Arc<ShareStats>,
     stopping: &AtomicBool,
 ) -> Result<(), Error> {
-    // Built before accept so that a broken share is reported before a guest waits on it.
-    let fs = config.open_fs(stats.clone())?;
-    let backend = FsBackend::new(fs, stats.clone(), config.thread_pool_size)
-        .map_err(|e| Error::Io("creating the virtio-fs back-end".into(), e))?;
-    let mut daemon = VhostUserDaemon::new(
-        format!("vhost-user-fs-{}", config.tag),
-        Arc::new(backend),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| Error::Backend(format!("{e}")))?;
-    daemon
-        .start(listener)
-        .map_err(|e| Error::Backend(format!("accepting a front-end: {e}")))?;
-    if stopping.load(Ordering::SeqCst) {
-        return Ok(());
+    while !stopping.load(Ordering::SeqCst) {
+        // Built before accept so that a broken share is reported before a guest waits on it.
+        let fs = config.open_fs(stats.clone())?;
+        let backend = FsBackend::new(fs, stats.clone(), config.thread_pool_size)
+            .map_err(|e| Error::Io("creating the virtio-fs back-end".into(), e))?;
+        let mut daemon = VhostUserDaemon::new(
+            format!("vhost-user-fs-{}", config.tag),
+            Arc::new(backend),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::Backend(format!("{e}")))?;
+        if !wait_for_frontend(&listener, &mut woken)? || stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        daemon
+            .start(&mut listener)
+            .map_err(|e| Error::Backend(format!("accepting a front-end: {e}")))?;
+        stats.count_connection();
+        tracing::info!(share = %config.tag, "front-end connected");
+        let result = daemon.wait();
+        tracing::info!(share = %config.tag, "front-end disconnected");
+        // Dropping the daemon stops its vring worker threads before the next connection.
+        drop(daemon);
+        match result {
+            // A front-end that quits (or is killed) mid-message is the normal end of a session.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => {}
+            // One bad session; each further one needs a new connection, so this cannot spin.
+            Err(e) => tracing::warn!(share = %config.tag, "front-end session ended: {e}"),
+        }
     }
-    stats.count_connection();
-    tracing::info!(share = %config.tag, "front-end connected");
-    let result = daemon.wait();
-    tracing::info!(share = %config.tag, "front-end disconnected");
-    // Dropping the daemon stops its vring worker threads before the next connection.
-    drop(daemon);
-    match result {
-        // A front-end that quits (or is killed) mid-message is the normal end of a session.
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(Error::Backend(format!("{e}"))),
+    tracing::debug!(share = %config.tag, "share stopped");
+    Ok(())
+}
+
+/// Waits until a front-end is waiting to be accepted (true) or the server is woken to
+/// stop (false).
+fn wait_for_frontend(listener: &Listener, woken: &mut UnixStream) -> Result<bool, Error> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: woken.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io("waiting for a front-end".into(), e));
+        }
+        if fds[1].revents != 0 {
+            let _ = woken.read(&mut [0u8; 8]);
+            return Ok(false);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+        if fds[0].revents != 0 {
+            return Err(Error::Backend(format!(
+                "the listening socket failed (poll events {:#x})",
+                fds[0].revents
+            )));
+        }
     }
 }

@@ -30,6 +30,13 @@ pub fn claim(paths: &[&Path]) -> Result<(), String> {
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
+        if meta.is_dir() {
+            return Err(format!(
+                "{} is a directory: name the socket file to create (e.g. {})",
+                path.display(),
+                path.join("fs.sock").display()
+            ));
+        }
         if !meta.file_type().is_socket() {
             return Err(format!(
                 "{} exists and is not a socket: vmbuild will not replace it (choose another path)",
@@ -75,6 +82,8 @@ mod tests {
         assert!(stale.exists());
         claim(&[&stale]).unwrap();
         assert!(!stale.exists());
+
+        assert!(claim(&[dir.path()]).unwrap_err().contains("is a directory"));
 
         let free = dir.path().join("free.sock");
         claim(&[&free]).unwrap();
