@@ -774,6 +774,82 @@ fn bad_input_exits_2() {
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("unknown profile"));
     assert!(!never.exists());
+    // Issue 13: refused before anything starts, in one line, rather than after the VM
+    // (or the bootstrap) did its work.
+    let snap = snapshot().display().to_string();
+    let inside = format!("{snap}/ssh");
+    let log_dir = scratch.path().display().to_string();
+    for (args, needle) in [
+        // The guest must not write into the snapshot that "is never modified".
+        (vec!["--xchg", snap.as_str(), "--", "true"], "the snapshot"),
+        (
+            vec!["--xchg", inside.as_str(), "--", "true"],
+            "inside the snapshot",
+        ),
+        (
+            vec![
+                "--store",
+                log_dir.as_str(),
+                "--store-mount",
+                "/tmp/xchg",
+                "--",
+                "true",
+            ],
+            "both mounted",
+        ),
+        (
+            vec!["--log", log_dir.as_str(), "--", "true"],
+            "is a directory",
+        ),
+        (
+            vec!["--log", "/nonexistent/c.log", "--", "true"],
+            "/nonexistent/c.log",
+        ),
+        (vec!["--", ""], "name is empty"),
+    ] {
+        let out = build(&args).output();
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).lines().count(),
+            1,
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let bootstrap = |args: &[&str], out: &Path| {
+        vmbuild()
+            .arg("bootstrap")
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = bootstrap(&["--profile", "windows-cygwin"], &never);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not available"), "{}", stderr(&out));
+    assert!(!never.exists());
+    // A typo in the parent is not a directory tree to create.
+    let typo = scratch.path().join("no-such-parent/snap");
+    let out = bootstrap(&[], &typo);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!scratch.path().join("no-such-parent").exists());
+    // A second bootstrap into an --out that one is writing now (its locked staging
+    // directory, as a running bootstrap holds it) is refused at once.
+    let busy = vmbuild::owned_dir::OwnedDir::create(scratch.path(), ".busy.partial").unwrap();
+    let out = bootstrap(&[], &scratch.path().join("busy"));
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another bootstrap"),
+        "{}",
+        stderr(&out)
+    );
+    drop(busy);
+    let out = bootstrap(&["--memory", "-1"], &never);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a size"), "{}", stderr(&out));
 }
 
 /// The last JSON line of a build's stderr: its `--timings`.
@@ -830,7 +906,7 @@ fn without_a_kvm_that_runs_linux_builds_keep_qemus_controller() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(timings_of(&auto)["controller"], "qemu-revive");
+    assert_eq!(timings_of(&auto)["controller"], "revive");
 
     // The library does what it is told: the embedded controller boots, this KVM stops it,
     // and the build reports the controller lost instead of hanging.
@@ -881,10 +957,10 @@ fn the_lifecycle_runs_on_kvm_with_the_embedded_controller() {
     );
     let script = "echo embedded; exit 7";
     for (controller, kind) in [
-        ("embedded", "embedded-revive"),
-        ("auto", "embedded-revive"),
+        ("embedded", "embedded"),
+        ("auto", "embedded"),
         ("embedded-boot", "embedded-boot"),
-        ("revive", "qemu-revive"),
+        ("revive", "revive"),
     ] {
         let out = build(&[
             "--controller",
@@ -929,8 +1005,23 @@ fn a_missing_embedded_controller_costs_only_itself() {
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("timings");
-    assert_eq!(timings["controller"], "qemu-revive");
+    assert_eq!(timings["controller"], "revive");
     let out = verify(copy.path());
     assert_eq!(code(&out), 120, "{}", stderr(&out));
     assert!(stderr(&out).contains("controller-kvm"), "{}", stderr(&out));
+}
+
+/// A working directory the target lacks is exit 125 with vmbuild's line on stderr: the
+/// command's stdout carries only what the command wrote (issue 13).
+#[test]
+fn a_missing_workdir_is_reported_on_stderr_not_the_commands_stdout() {
+    let out = build(&["-w", "/does-not-exist", "--", "pwd"]).output();
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert!(
+        stderr(&out).contains("cannot change to the working directory")
+            && stderr(&out).contains("could not be started"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -19,36 +19,47 @@ QEMU version and machine, memory, network plan, pinned host key, checksums, timi
 
 Exit status:
   0    the snapshot is ready
-  2    bad command line (nothing was started)
+  2    bad command line or input (nothing was started)
   122  the target never answered SSH, or refused the snapshot's key
   125  the bootstrap failed (QEMU, install, controller)
-  130  interrupted; nothing was left behind")]
+  130  interrupted (SIGINT, SIGTERM or SIGHUP); nothing was left behind
+
+Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_GUEST_KIT (the guest kit directory),
+XDG_RUNTIME_DIR (where sockets go), TMPDIR (scratch files), RUST_LOG (log filter),
+NO_COLOR (no colours in log lines).")]
 pub struct BootstrapArgs {
     /// What to install: linux (windows-cygwin comes with a later release)
     #[arg(long, default_value = "linux")]
     profile: String,
-    /// The snapshot directory to create
+    /// The snapshot directory to create (its parent must exist)
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Replace DIR if it already holds something
     #[arg(long)]
     replace: bool,
-    /// Target memory in MiB (the state file is about this big)
-    #[arg(long, default_value_t = 256)]
+    /// Target memory: MiB, or with a unit (512M, 1G); the state file is about this big
+    #[arg(long, value_name = "SIZE", default_value = "256", allow_negative_numbers = true,
+          value_parser = super::values::memory_mib)]
     memory: u32,
-    /// Target vCPUs
-    #[arg(long, default_value_t = 1)]
+    /// Target vCPUs, 1 to 255
+    #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true,
+          value_parser = super::values::cpus)]
     cpus: u32,
     /// Target disk size, e.g. 1G or 512M
     #[arg(long, default_value = "1G", value_name = "SIZE")]
     disk_size: String,
     /// Accelerator: auto uses KVM only where it can run a Linux guest
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "ACCEL", value_enum, default_value = "auto")]
     accel: AccelChoice,
     /// How long the target may take to answer SSH after it starts booting (seconds)
-    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        default_value_t = 120.0,
+        value_name = "SECONDS",
+        allow_negative_numbers = true
+    )]
     ssh_wait: f64,
-    /// No progress lines
+    /// No progress lines and no notices (such as the fallback to TCG); errors are printed
     #[arg(long, short)]
     quiet: bool,
     /// Print the manifest as JSON on stdout when done
@@ -103,16 +114,34 @@ impl BootstrapArgs {
 
     fn spec(&self) -> Result<BootstrapSpec, String> {
         let profile = profile::by_name(&self.profile).map_err(|e| e.to_string())?;
+        profile.available()?;
         if self.memory < 128 {
             return Err(format!(
                 "--memory {} MiB is below the 128 MiB the target needs",
                 self.memory
             ));
         }
-        if self.cpus == 0 || self.cpus > 255 {
-            return Err("--cpus must be between 1 and 255".into());
-        }
+        super::values::check_fits_host(self.memory)?;
         let disk_size_mib = parse_size_mib(&self.disk_size)?;
+        // A typo in the parent is a mistake to report, not a directory tree to create.
+        let parent = match self.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        if !parent.is_dir() {
+            return Err(format!(
+                "--out {}: its parent directory {} does not exist (create it first)",
+                self.out.display(),
+                parent.display()
+            ));
+        }
+        if let Some(staging) = crate::workflow::bootstrap::out_in_use(&self.out) {
+            return Err(format!(
+                "--out {}: another bootstrap is writing it now (its staging directory {} is in use); wait for it or choose another --out",
+                self.out.display(),
+                staging.display()
+            ));
+        }
         if self.out.exists() {
             let empty = std::fs::read_dir(&self.out)
                 .map(|mut d| d.next().is_none())
@@ -142,8 +171,8 @@ impl BootstrapArgs {
             }
         }
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kit.kernel, &kit.initrd);
-        if let Some(n) = notice {
-            tracing::info!("{n}");
+        if let (Some(n), false) = (notice, self.quiet) {
+            eprintln!("vmbuild bootstrap: {n}");
         }
         Ok(BootstrapSpec {
             profile,
@@ -161,20 +190,18 @@ impl BootstrapArgs {
     }
 }
 
+/// The largest disk a bootstrap makes: 64 TiB, far past any build machine's disk.
+const MAX_DISK_MIB: u64 = 64 * 1024 * 1024;
+
 /// `1G`, `512M`, `2048` (MiB) → MiB; at least 64 MiB.
 fn parse_size_mib(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("--disk-size '{text}': expected a size like 1G or 512M"))?;
-    let mib = n * mult;
+    let mib = super::values::size_mib(text)
+        .ok_or_else(|| format!("--disk-size '{text}': expected a size like 1G or 512M"))?;
     if mib < 64 {
         return Err(format!("--disk-size '{text}' is below 64M"));
+    }
+    if mib > MAX_DISK_MIB {
+        return Err(format!("--disk-size '{text}' is more than 64T"));
     }
     Ok(mib)
 }
@@ -186,7 +213,10 @@ mod tests {
         assert_eq!(super::parse_size_mib("1G"), Ok(1024));
         assert_eq!(super::parse_size_mib("512M"), Ok(512));
         assert_eq!(super::parse_size_mib("100"), Ok(100));
-        assert!(super::parse_size_mib("1T").is_err());
+        assert_eq!(super::parse_size_mib("1T"), Ok(1024 * 1024));
+        assert!(super::parse_size_mib("99999999T")
+            .unwrap_err()
+            .contains("more than"));
         assert!(super::parse_size_mib("10M").is_err());
     }
 }

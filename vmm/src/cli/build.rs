@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::run::{collect_env, guest_path, seconds, store_and_xchg, usage, Usage, MAX_TIMEOUT};
+use super::guest_mounts::{self, Protected};
+use super::run::{
+    collect_env, command_name, console_log, guest_path, runtime_protected, seconds, store_and_xchg,
+    store_and_xchg_mounts, usage, Usage, MAX_TIMEOUT, XCHG_MOUNT,
+};
 use crate::accel;
 use crate::exit;
 use crate::qemu::QemuBinary;
@@ -15,8 +19,10 @@ use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, Controll
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
+The command's stdin is /dev/null; its stdout and stderr are vmbuild's.
+
 Exit status: the command's own, or
-  2    bad command line (nothing was started)
+  2    bad command line or input (nothing was started)
   119  the target's SSH host key is not the one pinned in the snapshot
   120  the snapshot is missing, truncated or corrupted (checksum mismatch)
   121  the snapshot was made by another QEMU version, machine type or vmbuild format
@@ -24,8 +30,12 @@ Exit status: the command's own, or
   123  the target or the controller stopped before the command reported its status
   124  --timeout expired (everything was stopped)
   125  vmbuild failed (QEMU would not start, a share would not attach or mount)
-  130  interrupted (SIGINT/SIGTERM); everything was stopped and cleaned up
-The snapshot directory is never modified.")]
+  130  interrupted (SIGINT, SIGTERM or SIGHUP); everything was stopped and cleaned up
+A command that itself exits one of these codes cannot be told apart from them.
+The snapshot directory is never modified (and cannot be shared as --store or --xchg).
+
+Environment: VMBUILD_QEMU (the QEMU binary), XDG_RUNTIME_DIR (where sockets go), TMPDIR
+(the temporary xchg), RUST_LOG (log filter), NO_COLOR (no colours in log lines).")]
 pub struct BuildArgs {
     /// The snapshot directory made by `vmbuild bootstrap`
     #[arg(long, value_name = "DIR")]
@@ -39,11 +49,11 @@ pub struct BuildArgs {
     /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
     #[arg(long, value_name = "DIR")]
     xchg: Option<PathBuf>,
-    /// Keep the temporary xchg directory and print its path
-    #[arg(long)]
+    /// Keep the temporary xchg directory and print its path (not with --xchg)
+    #[arg(long, conflicts_with = "xchg")]
     keep_xchg: bool,
     /// Set K=V for the command, value byte for byte (repeatable)
-    #[arg(long, value_name = "K=V")]
+    #[arg(long, short = 'e', value_name = "K=V")]
     env: Vec<OsString>,
     /// Read K=V lines from a file (# comments and blank lines ignored)
     #[arg(long, value_name = "FILE")]
@@ -54,11 +64,16 @@ pub struct BuildArgs {
     /// Working directory of the command in the target
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
-    /// Stop everything after this many seconds (exit 124)
-    #[arg(long, value_name = "SECONDS")]
+    /// Stop everything after this many seconds, fractions allowed (exit 124)
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// How long the target's SSH port may take to answer (exit 122)
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        default_value_t = 30.0,
+        value_name = "SECONDS",
+        allow_negative_numbers = true
+    )]
     ssh_wait: f64,
     /// Hash every snapshot file, even those that passed a check unchanged before
     #[arg(long)]
@@ -68,9 +83,10 @@ pub struct BuildArgs {
     timings: Option<PathBuf>,
     /// The controller: auto takes the fastest this host allows (the embedded VMM's
     /// snapshot, QEMU's suspended controller, a fresh boot); or insist on one
-    #[arg(long, value_enum, default_value = "auto")]
+    /// (--timings names the one that served as "controller")
+    #[arg(long, value_name = "CONTROLLER", value_enum, default_value = "auto")]
     controller: ControllerChoice,
-    /// Append the target's console to this file
+    /// Write the target's console to FILE (replaced)
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
     /// The command and its arguments, after `--` (passed verbatim: an option before `--`
@@ -109,7 +125,15 @@ impl BuildArgs {
         }
         let say = |m: String| eprintln!("vmbuild build: {m}");
         Ok(match outcome.end {
-            BuildEnd::Exited(code) => code,
+            BuildEnd::Exited(code) => {
+                if code == crate::workflow::guest_script::SETUP_FAILED {
+                    say(
+                        "exit status 125: the command could not be started (see its stderr above)"
+                            .into(),
+                    );
+                }
+                code
+            }
             BuildEnd::TimedOut(t) => {
                 say(format!(
                     "timed out after {} s; everything was stopped",
@@ -158,6 +182,7 @@ impl BuildArgs {
         if self.command.is_empty() {
             usage!("no command: vmbuild build --snapshot DIR [OPTIONS] -- COMMAND [ARGS...]");
         }
+        command_name(&self.command)?;
         let timeout = self
             .timeout
             .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
@@ -170,6 +195,20 @@ impl BuildArgs {
         let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
         let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
         let snapshot = snapshot_path(&self.snapshot);
+        // The target mounts xchg where its profile says; the linux profile's is the same
+        // as run's, and only linux targets can be bootstrapped today.
+        let mounts = store_and_xchg_mounts(&store, self.xchg.as_deref(), XCHG_MOUNT);
+        let protected = [
+            runtime_protected(),
+            Protected {
+                path: snapshot.clone(),
+                what: "the snapshot".into(),
+            },
+        ];
+        guest_mounts::check(&mounts, &protected)?;
+        if let Some(log) = &self.log {
+            console_log(log)?;
+        }
         let controller = check_controller(self.controller, &qemu, &snapshot)?;
         Ok(BuildSpec {
             snapshot,

@@ -4,11 +4,13 @@ mod bootstrap;
 mod build;
 mod doctor;
 mod fs;
+mod guest_mounts;
 mod run;
 mod signal_channel;
 mod snapshot;
 mod socket_path;
 mod switch;
+mod values;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +47,19 @@ enum Command {
 }
 
 impl Cli {
+    /// `vmbuild SUBCOMMAND`, the prefix of every message the subcommand prints.
+    pub fn prefix(&self) -> &'static str {
+        match &self.command {
+            Command::Fs(_) => "vmbuild fs serve",
+            Command::Run(_) => "vmbuild run",
+            Command::Switch(_) => "vmbuild switch",
+            Command::Doctor(_) => "vmbuild doctor",
+            Command::Bootstrap(_) => "vmbuild bootstrap",
+            Command::Build(_) => "vmbuild build",
+            Command::Snapshot(_) => "vmbuild snapshot",
+        }
+    }
+
     /// Runs the chosen subcommand and returns the process exit code.
     pub fn run(self) -> anyhow::Result<i32> {
         match self.command {

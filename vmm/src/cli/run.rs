@@ -6,7 +6,11 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::io::IsTerminal;
+
 use clap::Args;
+
+use super::guest_mounts::{self, GuestMount, Protected};
 
 use crate::accel::{self, AccelChoice};
 use crate::exit;
@@ -27,12 +31,20 @@ const MIN_MEMORY_MIB: u32 = 128;
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
+The command's stdin is /dev/null; its stdout and stderr are vmbuild's. The guest console
+goes to stderr, each line marked [guest], or to --log FILE.
+
 Exit status: the command's own, or
   2    bad command line or input (nothing was started)
   123  the VM produced no exit code (kernel panic, crash, early power-off)
   124  --timeout expired (the VM was killed)
   125  vmbuild or the guest's init failed (QEMU would not start, a share would not mount)
-  130  interrupted (SIGINT/SIGTERM); the VM was stopped and cleaned up")]
+  130  interrupted (SIGINT, SIGTERM or SIGHUP); the VM was stopped and cleaned up
+A command that itself exits 123, 124 or 125 cannot be told apart from these.
+
+Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_GUEST_KIT (the guest kit directory),
+XDG_RUNTIME_DIR (where sockets go), TMPDIR (the temporary xchg), RUST_LOG (log filter),
+NO_COLOR (no colours in log lines).")]
 pub struct RunArgs {
     /// Directory shared read-only as the store (mounted at the same path unless --store-mount)
     #[arg(long, value_name = "DIR")]
@@ -43,14 +55,14 @@ pub struct RunArgs {
     /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
     #[arg(long, value_name = "DIR")]
     xchg: Option<PathBuf>,
-    /// Keep the temporary xchg directory and print its path
-    #[arg(long)]
+    /// Keep the temporary xchg directory and print its path (not with --xchg)
+    #[arg(long, conflicts_with = "xchg")]
     keep_xchg: bool,
-    /// Extra share HOST:GUEST[:ro] (repeatable)
+    /// Extra share HOST:GUEST[:ro|:rw] (repeatable; read-write unless :ro)
     #[arg(long, value_name = "HOST:GUEST[:ro]")]
     share: Vec<String>,
     /// Set K=V in the guest, value byte for byte (repeatable)
-    #[arg(long, value_name = "K=V")]
+    #[arg(long, short = 'e', value_name = "K=V")]
     env: Vec<OsString>,
     /// Read K=V lines from a file (# comments and blank lines ignored)
     #[arg(long, value_name = "FILE")]
@@ -61,20 +73,22 @@ pub struct RunArgs {
     /// Working directory of the command inside the guest
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
-    /// Guest memory in MiB
-    #[arg(long, default_value_t = 512)]
+    /// Guest memory: MiB, or with a unit (512M, 2G); at most the host's RAM
+    #[arg(long, value_name = "SIZE", default_value = "512", allow_negative_numbers = true,
+          value_parser = super::values::memory_mib)]
     memory: u32,
-    /// Guest vCPUs
-    #[arg(long, default_value_t = 1)]
+    /// Guest vCPUs, 1 to 255
+    #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true,
+          value_parser = super::values::cpus)]
     cpus: u32,
     /// A disk image (qcow2 or raw), /dev/vda in the guest
     #[arg(long, value_name = "IMAGE")]
     disk: Option<PathBuf>,
-    /// How the disk takes writes
-    #[arg(long, value_enum, default_value = "snapshot")]
-    disk_mode: DiskMode,
-    /// Kill the VM after this many seconds
-    #[arg(long, value_name = "SECONDS")]
+    /// How the disk takes writes (needs --disk)
+    #[arg(long, value_name = "MODE", value_enum, requires = "disk")]
+    disk_mode: Option<DiskMode>,
+    /// Stop the VM after this many seconds, fractions allowed (exit 124)
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// Guest kernel (default: the guest kit's)
     #[arg(long, value_name = "FILE")]
@@ -86,24 +100,27 @@ pub struct RunArgs {
     #[arg(long, value_name = "PARAMS")]
     append: Option<String>,
     /// Accelerator: auto uses KVM only where it can run a Linux guest
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "ACCEL", value_enum, default_value = "auto")]
     accel: AccelChoice,
     /// Which VMM runs the guest: qemu, or embedded (vmbuild's own KVM VMM, only where it
     /// boots Linux on this host); auto picks embedded where that probe passed and the run
     /// fits it (no --shell or --disk, at most 64 vCPUs), else qemu
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "VMM", value_enum, default_value = "auto")]
     vmm: VmmChoice,
     /// How the guest mounts the store, xchg and --share directories: virtiofs, or 9p
     /// (served in-process; needs the embedded VMM)
-    #[arg(long, value_enum, default_value = "virtiofs")]
+    #[arg(long, value_name = "PROTOCOL", value_enum, default_value = "virtiofs")]
     share_protocol: ShareProtocol,
-    /// An interactive shell in the same VM setup instead of a command
+    /// An interactive shell in the same VM setup instead of a command (needs a terminal)
     #[arg(long)]
     shell: bool,
+    /// No notices from vmbuild (such as the fallback to TCG); errors are still printed
+    #[arg(long, short)]
+    quiet: bool,
     /// Print a JSON breakdown of where the time went (to stderr, or to FILE)
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     timings: Option<PathBuf>,
-    /// Write the guest console here instead of to stderr
+    /// Write the guest console to FILE (replaced) instead of to stderr
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
     /// The command and its arguments, after `--` (passed verbatim: an option before `--`
@@ -194,15 +211,20 @@ impl RunArgs {
         if !self.shell && self.command.is_empty() {
             usage!("no command: vmbuild run [OPTIONS] -- COMMAND [ARGS...] (or --shell)");
         }
+        if self.shell && !std::io::stdin().is_terminal() {
+            usage!(
+                "--shell needs a terminal on stdin, and stdin is not one; from a script, give \
+                 the commands after -- (vmbuild run -- sh -c '...')"
+            );
+        }
+        command_name(&self.command)?;
         if self.memory < MIN_MEMORY_MIB {
             usage!(
                 "--memory {} MiB is below the {MIN_MEMORY_MIB} MiB the guest kernel needs",
                 self.memory
             );
         }
-        if self.cpus == 0 || self.cpus > 255 {
-            usage!("--cpus must be between 1 and 255");
-        }
+        super::values::check_fits_host(self.memory).map_err(Usage)?;
         let timeout = self
             .timeout
             .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
@@ -218,7 +240,7 @@ impl RunArgs {
         readable_file(&kernel, "kernel (--kernel)")?;
         readable_file(&initrd, "initrd (--initrd)")?;
         let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
-        let mut extra_shares = Vec::new();
+        let mut extra_shares: Vec<ExtraShare> = Vec::new();
         for spec in &self.share {
             let parts: Vec<&str> = spec.split(':').collect();
             let (host, guest, read_only) = match parts.as_slice() {
@@ -227,7 +249,7 @@ impl RunArgs {
                 [h, g, "rw"] => (*h, *g, false),
                 _ => usage!("--share {spec}: expected HOST:GUEST or HOST:GUEST:ro"),
             };
-            directory(Path::new(host), &format!("--share {spec}"))?;
+            shareable_directory(Path::new(host), &format!("--share {spec}"))?;
             guest_path(guest, &format!("--share {spec}"))?;
             extra_shares.push(ExtraShare {
                 host: PathBuf::from(host),
@@ -235,6 +257,16 @@ impl RunArgs {
                 read_only,
             });
         }
+        let mut mounts = store_and_xchg_mounts(&store, self.xchg.as_deref(), XCHG_MOUNT);
+        for (spec, share) in self.share.iter().zip(&extra_shares) {
+            mounts.push(GuestMount {
+                what: format!("--share {spec}"),
+                guest: &share.guest,
+                host: &share.host,
+                read_only: share.read_only,
+            });
+        }
+        guest_mounts::check(&mounts, &[runtime_protected()])?;
         let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
         if let Some(w) = &self.workdir {
             guest_path(w, "--workdir")?;
@@ -243,14 +275,12 @@ impl RunArgs {
             Some(path) => Some(Disk {
                 format: image_format(&path)?,
                 path,
-                mode: self.disk_mode,
+                mode: self.disk_mode.unwrap_or(DiskMode::Snapshot),
             }),
             None => None,
         };
         if let Some(log) = &self.log {
-            if let Some(parent) = log.parent().filter(|p| !p.as_os_str().is_empty()) {
-                directory(parent, "--log's directory")?;
-            }
+            console_log(log)?;
         }
         // The embedded VMM runs what it can (no disk, no shell) where it has booted this
         // kit on this host; `auto` falls back to QEMU otherwise, and says why.
@@ -326,8 +356,8 @@ impl RunArgs {
             }
         }
         let (accel, notice) = accel::resolve(self.accel, &qemu.path, &kernel, &initrd);
-        if let Some(n) = notice {
-            tracing::info!("{n}");
+        if let (Some(n), false) = (notice, self.quiet) {
+            eprintln!("vmbuild run: {n}");
         }
         Ok(RunSpec {
             qemu,
@@ -377,9 +407,80 @@ pub(super) fn store_and_xchg(
         None => None,
     };
     if let Some(x) = xchg {
-        directory(x, "xchg (--xchg)")?;
+        shareable_directory(x, "xchg (--xchg)")?;
     }
     Ok(store)
+}
+
+/// Where the Linux guests mount xchg.
+pub(super) const XCHG_MOUNT: &str = "/tmp/xchg";
+
+/// The store and xchg as [`guest_mounts::check`] takes them (a temporary xchg cannot
+/// clash on the host, but its guest path still can).
+pub(super) fn store_and_xchg_mounts<'a>(
+    store: &'a Option<(PathBuf, String)>,
+    xchg: Option<&'a Path>,
+    xchg_mount: &'a str,
+) -> Vec<GuestMount<'a>> {
+    let mut mounts = Vec::new();
+    if let Some((dir, mount)) = store {
+        mounts.push(GuestMount {
+            what: "the store (--store-mount)".into(),
+            guest: mount,
+            host: dir,
+            read_only: true,
+        });
+    }
+    mounts.push(GuestMount {
+        what: "xchg".into(),
+        guest: xchg_mount,
+        // The temporary xchg is made later, outside every protected directory.
+        host: xchg.unwrap_or(Path::new("")),
+        read_only: false,
+    });
+    mounts
+}
+
+/// vmbuild's own runtime directory (sockets, overlays): never a share.
+pub(super) fn runtime_protected() -> Protected {
+    Protected {
+        path: crate::runtime_dir::base_dir(),
+        what: "vmbuild's runtime directory".into(),
+    }
+}
+
+/// A directory the file server can share: it exists, and its path is UTF-8 (the server
+/// resolves guest paths as text).
+pub(super) fn shareable_directory(path: &Path, what: &str) -> Result<(), Usage> {
+    directory(path, what)?;
+    if path.to_str().is_none() {
+        usage!(
+            "{what}: {} is not valid UTF-8, and vmbuild's file server shares only UTF-8 paths \
+             (rename the directory, or share a parent through a symlink with a UTF-8 name)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `--log FILE`: created (emptied) now, so that a path that cannot be written is exit 2
+/// before a VM starts, and so that run and build both replace an old log.
+pub(super) fn console_log(path: &Path) -> Result<(), Usage> {
+    if path.is_dir() {
+        usage!("--log {}: is a directory; give a file name", path.display());
+    }
+    if let Err(e) = std::fs::File::create(path) {
+        usage!("--log {}: {e}", path.display());
+    }
+    Ok(())
+}
+
+/// The command's name must be something a shell can run: not empty.
+pub(super) fn command_name(argv: &[OsString]) -> Result<(), Usage> {
+    if argv.first().is_some_and(|a| a.is_empty()) {
+        usage!("the command's name is empty (\"\"): give the program to run after --");
+    }
+    Ok(())
 }
 
 /// The longest --timeout accepted (30 days): past that, "no timeout" is what is meant.

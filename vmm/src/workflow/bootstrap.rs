@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 
 use crate::accel::{self, Accel};
 use crate::guest_kit::GuestKit;
+use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::embedded::{bootstrap_embedded_controller, EmbeddedBootstrap};
@@ -74,16 +75,16 @@ pub fn bootstrap(
         .parent()
         .context("--out has no parent directory")?
         .to_owned();
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().unwrap_or_default().to_string_lossy();
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial-"))
-        .tempdir_in(&parent)
+    // Owned directories: a bootstrap killed outright leaves them to the next one's sweep.
+    let staging_prefix = staging_prefix(&out);
+    owned_dir::sweep(&parent, &staging_prefix);
+    let staging = OwnedDir::create(&parent, &staging_prefix)
         .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
     let dir = staging.path();
-    let scratch = tempfile::Builder::new()
-        .prefix("vmbuild-bootstrap-")
-        .tempdir()?;
+    let tmp = std::env::temp_dir();
+    let scratch = OwnedDir::create(&tmp, owned_dir::BOOTSTRAP_SCRATCH_PREFIX)
+        .with_context(|| format!("creating a scratch directory in {}", tmp.display()))?;
     let rundir = RuntimeDir::create("bootstrap")?;
 
     // --- keys and install -------------------------------------------------------------
@@ -360,13 +361,12 @@ pub fn bootstrap(
         std::fs::rename(&out, old)
             .with_context(|| format!("moving the old snapshot {} aside", out.display()))?;
     }
-    if let Err(e) = std::fs::rename(staging.path(), &out) {
+    if let Err(e) = staging.persist_as(&out) {
         if let Some(old) = &old {
             let _ = std::fs::rename(old, &out);
         }
         return Err(e).with_context(|| format!("moving the snapshot to {}", out.display()));
     }
-    let _ = staging.keep();
     if let Some(old) = &old {
         std::fs::remove_dir_all(old)
             .with_context(|| format!("removing the old snapshot {}", old.display()))?;
@@ -382,6 +382,19 @@ pub fn bootstrap(
 
 /// `out` may be written: absent, empty, or (with `replace`) a snapshot. Never replaces a
 /// directory that is not a snapshot.
+/// The name prefix of `out`'s staging directory, next to it: `.NAME.partial`.
+fn staging_prefix(out: &Path) -> String {
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    format!(".{name}.partial")
+}
+
+/// Another bootstrap that is writing `out` right now (its staging directory, locked by a
+/// living process), for refusing a second one before it starts.
+pub fn out_in_use(out: &Path) -> Option<PathBuf> {
+    let out = absolute(out).ok()?;
+    owned_dir::in_use(out.parent()?, &staging_prefix(&out))
+}
+
 fn check_out(out: &Path, replace: bool) -> anyhow::Result<()> {
     if !out.exists() {
         return Ok(());

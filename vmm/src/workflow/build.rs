@@ -104,8 +104,8 @@ pub enum BuildEnd {
 /// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
 #[derive(Debug, Default, Serialize)]
 pub struct BuildTimings {
-    /// Which controller served the build: embedded-revive, qemu-revive, embedded-boot or
-    /// qemu-boot.
+    /// Which controller served the build, as `--controller` names it: revive, boot,
+    /// embedded or embedded-boot (what `--controller auto` or `embedded` came down to).
     pub controller: Option<&'static str>,
     /// Reading the manifest, checking QEMU and the files' checksums.
     pub verify: Option<f64>,

@@ -79,7 +79,7 @@ impl GuestCommand<'_> {
             s.extend(shell_quote(dir.as_bytes()));
             s.extend_from_slice(
                 format!(
-                    " || {{ echo \"vmbuild: cannot change to the working directory\"; exit {SETUP_FAILED}; }}\n"
+                    " || {{ echo \"vmbuild: cannot change to the working directory\" >&2; exit {SETUP_FAILED}; }}\n"
                 )
                 .as_bytes(),
             );

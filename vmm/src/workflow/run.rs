@@ -18,6 +18,7 @@ use anyhow::Context;
 use virtiofs_bridge::{CacheMode, ShareConfig, ShareServer};
 
 use crate::accel::Accel;
+use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, QmpEvent, ShutdownReason};
 use crate::runtime_dir::RuntimeDir;
 use crate::workflow::guest_script::{
@@ -337,22 +338,28 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
 }
 
 /// The xchg directory of a run or build: the user's, or a temporary one that lives as long
-/// as the returned guard (or is kept, and named on stderr, with `keep`).
+/// as the returned guard (or is kept, and named on stderr, with `keep`). A temporary one
+/// left by a vmbuild that was killed is removed by the next (see [`crate::owned_dir`]).
 pub(crate) fn xchg_dir(
     given: Option<&Path>,
     keep: bool,
-) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+) -> anyhow::Result<(PathBuf, Option<OwnedDir>)> {
     if let Some(dir) = given {
         return Ok((dir.to_owned(), None));
     }
-    let dir = tempfile::Builder::new().prefix("vmbuild-xchg-").tempdir()?;
+    let tmp = std::env::temp_dir();
     if keep {
-        let kept = dir.keep();
+        let kept = tempfile::Builder::new()
+            .prefix(&format!("{}-", owned_dir::KEPT_XCHG_PREFIX))
+            .tempdir_in(&tmp)
+            .with_context(|| format!("creating a temporary xchg in {}", tmp.display()))?
+            .keep();
         eprintln!("vmbuild: xchg is {}", kept.display());
-        Ok((kept, None))
-    } else {
-        Ok((dir.path().to_owned(), Some(dir)))
+        return Ok((kept, None));
     }
+    let dir = OwnedDir::create(&tmp, owned_dir::XCHG_PREFIX)
+        .with_context(|| format!("creating a temporary xchg in {}", tmp.display()))?;
+    Ok((dir.path().to_owned(), Some(dir)))
 }
 
 /// The kit's initramfs with the run's command as its init's script (stdout and stderr on

@@ -37,7 +37,7 @@ pub enum BootVmm {
 impl Controller for BootedController {
     fn kind(&self) -> &'static str {
         match self.vmm {
-            BootVmm::Qemu => "qemu-boot",
+            BootVmm::Qemu => "boot",
             BootVmm::Embedded(_) => "embedded-boot",
         }
     }

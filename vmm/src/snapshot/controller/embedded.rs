@@ -182,7 +182,7 @@ impl EmbeddedRevivedController {
 
 impl Controller for EmbeddedRevivedController {
     fn kind(&self) -> &'static str {
-        "embedded-revive"
+        "embedded"
     }
 
     fn run_session(

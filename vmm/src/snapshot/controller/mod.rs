@@ -79,7 +79,8 @@ pub struct ControllerOutcome {
 }
 
 pub trait Controller: Send + Sync {
-    /// "qemu-boot", "embedded-boot", "qemu-revive" or "embedded-revive".
+    /// The `--controller` value that picks this kind: "revive", "boot", "embedded" (the
+    /// embedded VMM's controller snapshot) or "embedded-boot".
     fn kind(&self) -> &'static str;
     /// Boots a fresh controller, runs the session, and tears the controller down. A
     /// message on `stop` ends it early ([`ControllerEnd::Interrupted`]).

@@ -319,7 +319,7 @@ pub struct RevivedController {
 
 impl Controller for RevivedController {
     fn kind(&self) -> &'static str {
-        "qemu-revive"
+        "revive"
     }
 
     fn run_session(

@@ -49,6 +49,11 @@ pub trait Profile {
     fn ssh_user(&self) -> &'static str;
     /// Where xchg appears in the target.
     fn xchg_mount(&self) -> &'static str;
+    /// Whether this vmbuild can install the profile at all, checked before anything starts
+    /// (the error says why not and what to use instead).
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Creates `DISK_FILE` in `ctx.out` with an installed system that, once booted,
     /// configures `ctx.network`'s target address and answers SSH with `ctx.host_key`.
     fn install(&self, ctx: &InstallContext) -> anyhow::Result<Boot>;
@@ -62,6 +67,8 @@ pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Profile>> {
     match name {
         "linux" => Ok(Box::new(Linux)),
         "windows-cygwin" => Ok(Box::new(WindowsCygwin)),
-        other => anyhow::bail!("unknown profile '{other}': use linux (or windows-cygwin)"),
+        other => anyhow::bail!(
+            "unknown profile '{other}': this vmbuild installs linux (windows-cygwin is not available yet)"
+        ),
     }
 }

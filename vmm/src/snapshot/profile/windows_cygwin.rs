@@ -8,6 +8,9 @@ use super::{Boot, InstallContext, Profile};
 
 pub struct WindowsCygwin;
 
+const NOT_AVAILABLE: &str = "the windows-cygwin profile is not available in this vmbuild: it needs \
+     Windows install media, an answer file and a first-boot script (a later issue); use --profile linux";
+
 impl Profile for WindowsCygwin {
     fn name(&self) -> &'static str {
         "windows-cygwin"
@@ -25,11 +28,12 @@ impl Profile for WindowsCygwin {
         "/cygdrive/x"
     }
 
+    fn available(&self) -> Result<(), String> {
+        Err(NOT_AVAILABLE.to_owned())
+    }
+
     fn install(&self, _ctx: &InstallContext) -> anyhow::Result<Boot> {
-        anyhow::bail!(
-            "the windows-cygwin profile is not available in this vmbuild: it needs Windows \
-             install media, an answer file and a first-boot script (a later issue); use --profile linux"
-        )
+        anyhow::bail!(NOT_AVAILABLE)
     }
 
     fn mount_share(&self, tag: &str, mountpoint: &str, _read_only: bool) -> String {
