@@ -129,6 +129,9 @@ impl ShareConfig {
     /// A fresh file system for one front-end connection: a new guest gets a new FUSE
     /// session, so no inode or handle of a previous guest survives into it.
     pub(crate) fn open_fs(&self, stats: Arc<ShareStats>) -> Result<ShareFs, Error> {
+        // The engine opens its root only at the guest's INIT: a directory that went away
+        // (or never was) is reported here, before a front-end is accepted.
+        check_dir(&self.dir)?;
         // The FUSE engine takes its root as a UTF-8 string. A directory whose path is not
         // UTF-8 is opened here instead and handed over as /proc/self/fd/N/. (the final
         // "." keeps the engine's O_NOFOLLOW from stopping at the magic link); the open

@@ -347,3 +347,75 @@ fn wait_for_frontend(listener: &Listener, woken: &mut UnixStream) -> Result<bool
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(dir: &Path) -> ShareConfig {
+        ShareConfig::xchg(dir)
+    }
+
+    #[test]
+    fn binding_never_replaces_what_is_at_the_path_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = tempfile::tempdir().unwrap();
+        let file = sockets.path().join("fs.sock");
+        std::fs::write(&file, "keep me").unwrap();
+        let e = ShareServer::spawn(share(dir.path()), &file).err().unwrap();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+        // A stale socket is not cleared by the library either: that is the caller's call.
+        let stale = sockets.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(ShareServer::spawn(share(dir.path()), &stale).is_err());
+        assert!(stale.exists());
+        assert_eq!(
+            std::fs::read_dir(sockets.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+
+        let fresh = sockets.path().join("new.sock");
+        let server = ShareServer::spawn(share(dir.path()), &fresh).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(
+            &std::fs::metadata(&fresh).unwrap().file_type()
+        ));
+        assert_eq!(std::fs::read_dir(sockets.path()).unwrap().count(), 3);
+        server.stop(Duration::from_secs(1));
+        assert!(!fresh.exists(), "its own socket is removed");
+    }
+
+    #[test]
+    fn an_inherited_listener_is_served_and_its_socket_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = tempfile::tempdir().unwrap();
+        let path = sockets.path().join("parent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = ShareServer::from_listener(share(dir.path()), listener).unwrap();
+        assert_eq!(server.socket(), path);
+        let stop = std::time::Instant::now();
+        server.stop(Duration::from_secs(2));
+        assert!(stop.elapsed() < Duration::from_secs(1), "woken promptly");
+        assert!(path.exists(), "the parent's socket file is the parent's");
+    }
+
+    #[test]
+    fn a_share_that_cannot_be_opened_fails_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        let config = share(&gone);
+        std::fs::remove_dir(&gone).unwrap();
+        // validate() passed at spawn time in real use; here the directory vanishes first.
+        let listener = UnixListener::bind(sockets.path().join("s.sock")).unwrap();
+        let server = ShareServer::start(config, listener, PathBuf::new(), None).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.failure().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no failure reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(server.failure().unwrap().contains("gone"));
+    }
+}
