@@ -249,7 +249,7 @@ impl RunArgs {
                 [h, g, "rw"] => (*h, *g, false),
                 _ => usage!("--share {spec}: expected HOST:GUEST or HOST:GUEST:ro"),
             };
-            shareable_directory(Path::new(host), &format!("--share {spec}"))?;
+            directory(Path::new(host), &format!("--share {spec}"))?;
             guest_path(guest, &format!("--share {spec}"))?;
             extra_shares.push(ExtraShare {
                 host: PathBuf::from(host),
@@ -407,7 +407,7 @@ pub(super) fn store_and_xchg(
         None => None,
     };
     if let Some(x) = xchg {
-        shareable_directory(x, "xchg (--xchg)")?;
+        directory(x, "xchg (--xchg)")?;
     }
     Ok(store)
 }
@@ -447,20 +447,6 @@ pub(super) fn runtime_protected() -> Protected {
         path: crate::runtime_dir::base_dir(),
         what: "vmbuild's runtime directory".into(),
     }
-}
-
-/// A directory the file server can share: it exists, and its path is UTF-8 (the server
-/// resolves guest paths as text).
-pub(super) fn shareable_directory(path: &Path, what: &str) -> Result<(), Usage> {
-    directory(path, what)?;
-    if path.to_str().is_none() {
-        usage!(
-            "{what}: {} is not valid UTF-8, and vmbuild's file server shares only UTF-8 paths \
-             (rename the directory, or share a parent through a symlink with a UTF-8 name)",
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// `--log FILE`: created (emptied) now, so that a path that cannot be written is exit 2
