@@ -56,3 +56,11 @@ if [[ -z $(qemu_major) || $(qemu_major) -lt 10 ]]; then
     qemu-system-x86 qemu-system-data qemu-utils ovmf seabios >/dev/null
 fi
 log "qemu: $(qemu-system-x86_64 --version | head -n1)"
+
+# libvirt, from the same suite as QEMU: the test that runs `vmbuild fs serve` as a libvirt
+# guest's virtiofsd (vmm/tests/libvirt_virtiofs.rs) and libvirt users of that drop-in.
+if ! dpkg -s libvirt-daemon-system libvirt-clients >/dev/null 2>&1; then
+  log "installing libvirt from bookworm-backports"
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null
+fi
