@@ -478,6 +478,9 @@ fn bad_input_exits_2_and_starts_nothing() {
     let (sh1, sh2) = (format!("{d}:/mnt/a"), format!("{d}:/mnt/a:ro"));
     let over_xchg = format!("{d}:/tmp/xchg");
     let in_xchg = format!("{d}:/tmp/xchg/inner");
+    let env_file = dir.path().join("env");
+    fs::write(&env_file, "# comment\nGOOD=1\nbad line\n").unwrap();
+    let env_file = env_file.display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -550,6 +553,14 @@ fn bad_input_exits_2_and_starts_nothing() {
         // without a terminal, options that need another.
         (vec!["--log", &d, "--", "true"], "is a directory"),
         (vec!["--", ""], "name is empty"),
+        (
+            vec!["--pass-env", "A=B", "--", "true"],
+            "not a variable name",
+        ),
+        (
+            vec!["--env-file", &env_file, "--", "true"],
+            "line 3: expected K=V",
+        ),
         (vec!["--shell"], "needs a terminal"),
         (vec!["--disk-mode", "rw", "--", "true"], "--disk"),
         (

@@ -151,6 +151,7 @@ impl RunArgs {
                 return Ok(exit::USAGE);
             }
         };
+        let console_streamed = spec.vmm == Vmm::Qemu && spec.log.is_none();
         // Before any thread exists, so the signal thread alone receives them.
         let sig_rx = super::signal_channel::signal_channel()?;
         let result = match spec.vmm {
@@ -196,7 +197,8 @@ impl RunArgs {
             }
             RunEnd::NoExitCode { why, console_tail } => {
                 eprintln!("vmbuild run: the VM produced no exit code: {why}");
-                if !console_tail.is_empty() {
+                // QEMU's console without --log was already on stderr, line by line.
+                if !console_tail.is_empty() && !console_streamed {
                     eprintln!("last console lines:\n{console_tail}");
                 }
                 exit::NO_EXIT_CODE
@@ -524,27 +526,26 @@ pub(super) fn collect_env(
     for path in files {
         let text = std::fs::read(path)
             .map_err(|e| Usage(format!("--env-file {}: {e}", path.display())))?;
-        for line in text.split(|b| *b == b'\n') {
+        for (number, line) in text.split(|b| *b == b'\n').enumerate() {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
+            let at = format!("--env-file {}, line {}", path.display(), number + 1);
             let Some(eq) = line.iter().position(|b| *b == b'=') else {
                 usage!(
-                    "--env-file {}: line without '=': {}",
-                    path.display(),
+                    "{at}: expected K=V, found '{}'",
                     String::from_utf8_lossy(line)
                 );
             };
             let name = String::from_utf8_lossy(&line[..eq]).into_owned();
-            add(
-                &name,
-                line[eq + 1..].to_vec(),
-                &format!("--env-file {}", path.display()),
-            )?;
+            add(&name, line[eq + 1..].to_vec(), &at)?;
         }
     }
     for name in pass {
+        if !valid_env_name(name) {
+            usage!("--pass-env {name}: '{name}' is not a variable name (--pass-env takes NAME; use --env K=V to set a value)");
+        }
         let Some(value) = std::env::var_os(name) else {
             usage!("--pass-env {name}: not set on the host");
         };

@@ -97,6 +97,9 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
         m.ssh.user, m.ssh.host_key
     );
     println!("files");
+    // Columns as wide as their longest entry (controller-initrd.img is 21 characters).
+    let name_w = m.files.iter().map(|f| f.name.len()).max().unwrap_or(0);
+    let role_w = m.files.iter().map(|f| f.role.len()).max().unwrap_or(0);
     for f in &m.files {
         let on_disk = std::fs::metadata(dir.join(&f.name)).map(|md| md.len()).ok();
         let note = match on_disk {
@@ -105,7 +108,7 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
             None => "  (missing!)".into(),
         };
         println!(
-            "  {:<16} {:<10} {:>12} bytes  sha256 {}{note}",
+            "  {:<name_w$} {:<role_w$} {:>12} bytes  sha256 {}{note}",
             f.name,
             f.role,
             f.bytes,

@@ -29,8 +29,9 @@ impl QemuBinary {
         let text = String::from_utf8_lossy(&out.stdout);
         let version = parse_version(&text).ok_or_else(|| {
             anyhow::anyhow!(
-                "cannot read QEMU's version from `{} --version`: {text}",
-                path.display()
+                "cannot read QEMU's version from `{} --version` (it printed {:?}): is it QEMU?",
+                path.display(),
+                text.lines().next().unwrap_or("nothing")
             )
         })?;
         if (version.0, version.1) < MIN_VERSION {

@@ -173,10 +173,14 @@ impl Manifest {
     /// Reads `dir`'s manifest; a missing or unreadable one makes the snapshot damaged.
     pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
         if !dir.is_dir() {
+            let what = if dir.exists() {
+                "it is not a directory"
+            } else {
+                "the directory does not exist"
+            };
             return Err(SnapshotProblem::Damaged(format!(
-                "no snapshot at {}: the directory does not exist (create one with `vmbuild bootstrap --out {}`)",
+                "no snapshot at {}: {what} (create one with `vmbuild bootstrap --out DIR`)",
                 dir.display(),
-                dir.display()
             ))
             .into());
         }
@@ -351,6 +355,14 @@ pub fn verify_some_files(
                 path.display()
             ))
         })?;
+        if !meta.is_file() {
+            return Err(SnapshotProblem::Damaged(format!(
+                "the snapshot's {} file {} is not a file (replaced by a directory or device?): bootstrap the snapshot again",
+                entry.role,
+                path.display()
+            ))
+            .into());
+        }
         if meta.len() != entry.bytes {
             return Err(SnapshotProblem::Damaged(format!(
                 "the snapshot's {} file {} has {} bytes, the manifest says {} (truncated or replaced): bootstrap the snapshot again",
