@@ -546,3 +546,46 @@ fn help_names_exit_statuses_and_rust_log() {
     );
     assert!(help.contains("RUST_LOG"), "{help}");
 }
+
+/// `--socket-group` gives the socket vmbuild creates to that group (virtiofsd's meaning).
+#[test]
+fn socket_group_owns_the_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(gid) = fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"nogroup")).then(|| f[2].parse::<u32>().unwrap())
+        })
+    else {
+        eprintln!("SKIPPED: no group 'nogroup' here");
+        return;
+    };
+    // SAFETY: getegid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && unsafe { libc::getegid() } != gid {
+        eprintln!("SKIPPED: only root may give a socket to another group");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("fs.sock");
+    let child = serve(&[
+        "--shared-dir",
+        &dir.path().display().to_string(),
+        "--socket-path",
+        &socket.display().to_string(),
+        "--socket-group",
+        "nogroup",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&socket).map(|m| m.gid()).ok() != Some(gid) {
+        assert!(
+            Instant::now() < deadline,
+            "the socket never went to group {gid}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client(&socket));
+    assert_eq!(stop(child), 0);
+}

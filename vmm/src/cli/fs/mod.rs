@@ -54,8 +54,10 @@ pub enum FsCommand {
     ///             --posix-acl, --security-label, --killpriv-v2, --writeback, --syslog,
     ///             --uid-map, --gid-map, --translate-uid, --translate-gid,
     ///             -o flock,posix_lock
-    ///   unknown to vmbuild (clap's error, exit 2): --tag's CONFIG advertising, --allow-mmap,
-    ///             --no-readdirplus, --preserve-noatime, --migration-*
+    ///   not taken (clap's "unexpected argument", exit 2): --allow-mmap, --no-readdirplus,
+    ///             --preserve-noatime, --migration-*
+    ///   --tag is taken but only names the share in the log: the front-end (QEMU's tag=,
+    ///   libvirt's <target dir=>) sets the tag the guest mounts.
     #[command(
         verbatim_doc_comment,
         after_help = "\

@@ -27,7 +27,7 @@ pub const CAPABILITIES: &str = r#"{
 }"#;
 
 #[derive(Args, Debug, Default)]
-#[command(next_help_heading = "virtiofsd compatibility (see the list below)")]
+#[command(next_help_heading = "virtiofsd compatibility (what each flag does is listed above)")]
 pub struct VirtiofsdArgs {
     /// Print the vhost-user back-end capabilities (JSON, read by libvirt) and exit
     #[arg(long)]
