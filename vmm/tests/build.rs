@@ -1025,3 +1025,16 @@ fn a_missing_workdir_is_reported_on_stderr_not_the_commands_stdout() {
         stderr(&out)
     );
 }
+
+/// As in `run`: a program the target lacks is exit 127 with its name (issue 13).
+#[test]
+fn a_missing_command_is_named() {
+    let out = build(&["--", "no-such-cmd"]).output();
+    assert_eq!(code(&out), 127, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vmbuild: no-such-cmd: no such command in the guest"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("session.sh"), "{}", stderr(&out));
+}

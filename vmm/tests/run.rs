@@ -932,3 +932,17 @@ fn auto_runs_in_the_embedded_vmm_on_every_vcpu() {
         "nproc, CPUs in /proc/stat, CPUs that ran user code"
     );
 }
+
+/// A program the guest lacks is exit 127 with its name, not a line number of vmbuild's
+/// own script (issue 13, review polish).
+#[test]
+fn a_missing_command_is_named() {
+    let out = vmbuild_run(&[], &["--", "no-such-cmd", "arg"]).output();
+    assert_eq!(code(&out), 127, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vmbuild: no-such-cmd: no such command in the guest"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("cmd.sh"), "{}", stderr(&out));
+}

@@ -12,6 +12,8 @@ pub const PHASE_COMMAND_END: &str = "vmbuild-phase=command-end";
 
 /// Exit status the script uses when it cannot even start the command (bad directory).
 pub const SETUP_FAILED: i32 = 125;
+/// The command is not in the guest (as a shell says it).
+pub const NOT_FOUND: i32 = 127;
 
 pub struct GuestCommand<'a> {
     pub argv: &'a [std::ffi::OsString],
@@ -56,9 +58,10 @@ pub fn valid_env_name(name: &str) -> bool {
 impl GuestCommand<'_> {
     pub fn script(&self) -> Vec<u8> {
         let mut s: Vec<u8> = Vec::new();
-        let (markers, redirect) = match self.io {
-            CommandIo::SerialPorts => ("", " </dev/null >/dev/ttyS1 2>/dev/ttyS2\n"),
-            CommandIo::Session => (" >&3", " </dev/null\n"),
+        // `to_stderr`: where vmbuild's own lines for the user go: the command's stderr.
+        let (markers, redirect, to_stderr) = match self.io {
+            CommandIo::SerialPorts => ("", " </dev/null >/dev/ttyS1 2>/dev/ttyS2\n", ">/dev/ttyS2"),
+            CommandIo::Session => (" >&3", " </dev/null\n", ">&2"),
         };
         s.extend_from_slice(b"# written by vmbuild\n");
         if self.io == CommandIo::SerialPorts {
@@ -79,10 +82,22 @@ impl GuestCommand<'_> {
             s.extend(shell_quote(dir.as_bytes()));
             s.extend_from_slice(
                 format!(
-                    " || {{ echo \"vmbuild: cannot change to the working directory\" >&2; exit {SETUP_FAILED}; }}\n"
+                    " || {{ echo \"vmbuild: cannot change to the working directory\" {to_stderr}; exit {SETUP_FAILED}; }}\n"
                 )
                 .as_bytes(),
             );
+        }
+        // A program the guest does not have is named as such, not as a line of this
+        // script ("/etc/vmbuild/cmd.sh: line 5: cc: not found").
+        if let Some(name) = self.argv.first() {
+            let name = shell_quote(OsStr::as_bytes(name));
+            s.extend_from_slice(b"command -v ");
+            s.extend_from_slice(&name);
+            s.extend_from_slice(
+                b" >/dev/null 2>&1 || { printf 'vmbuild: %s: no such command in the guest\\n' ",
+            );
+            s.extend_from_slice(&name);
+            s.extend_from_slice(format!(" {to_stderr}; exit {NOT_FOUND}; }}\n").as_bytes());
         }
         s.extend_from_slice(format!("echo {PHASE_COMMAND_START}{markers}\n").as_bytes());
         for (i, arg) in self.argv.iter().enumerate() {
