@@ -690,6 +690,23 @@ fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interru
         assert!(Instant::now() < deadline, "bootstrap never started its VMs");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // QEMU acts on the SIGTERM that stops it: vmbuild's own mask (it waits for SIGINT,
+    // SIGTERM and SIGHUP on one thread) is not inherited. It was, and every stop waited
+    // two seconds per QEMU before SIGKILL.
+    for (pid, _) in qemu_pids(runtime.path()) {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let Some(blocked) = status.lines().find_map(|l| l.strip_prefix("SigBlk:")) else {
+            continue; // Already gone.
+        };
+        let blocked = u64::from_str_radix(blocked.trim(), 16).unwrap();
+        for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+            assert_eq!(
+                blocked & (1 << (signal - 1)),
+                0,
+                "QEMU {pid} blocks signal {signal}"
+            );
+        }
+    }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

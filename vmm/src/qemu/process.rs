@@ -34,12 +34,21 @@ impl QemuProcess {
                 .stdout(Stdio::null())
                 .process_group(0);
         }
-        // SAFETY: prctl in the child between fork and exec is async-signal-safe. If the
-        // thread that owns this QEMU dies without dropping it (vmbuild killed, a panic),
-        // the kernel kills QEMU instead of leaving it running.
+        // SAFETY: prctl and sigprocmask in the child between fork and exec are
+        // async-signal-safe. If the thread that owns this QEMU dies without dropping it
+        // (vmbuild killed, a panic), the kernel kills QEMU instead of leaving it running.
+        // The signal mask is inherited across exec, and vmbuild blocks SIGINT, SIGTERM and
+        // SIGHUP to wait for them on one thread: unblocked, so that QEMU acts on the
+        // SIGTERM that stops it (with them blocked, every stop waited out the grace period
+        // and ended in SIGKILL).
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -2,14 +2,22 @@
 //! live percentage for steps that can measure themselves (saving the memory state) when
 //! stderr is a terminal.
 
+use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+/// On a terminal a step is one line, rewritten in place: `X...`, `X: 40% of 256 MiB`,
+/// `X done (1.20 s)`. Into a file or pipe it is two lines, `X...` and `X done (1.20 s)`,
+/// and no percentages.
 pub struct Progress {
     enabled: bool,
     tty: bool,
     started: Instant,
+    /// The percentage last drawn, so that an unchanged one is not drawn again.
+    last_pct: Cell<Option<u64>>,
 }
+
+const PREFIX: &str = "vmbuild bootstrap:";
 
 impl Progress {
     pub fn new(enabled: bool) -> Progress {
@@ -17,14 +25,21 @@ impl Progress {
             enabled,
             tty: std::io::stderr().is_terminal(),
             started: Instant::now(),
+            last_pct: Cell::new(None),
         }
     }
 
     /// Announces a step; the returned guard reports its duration with [`Step::done`].
     pub fn step(&self, what: &str) -> Step<'_> {
         if self.enabled {
-            eprintln!("vmbuild: {what}...");
+            if self.tty {
+                eprint!("{PREFIX} {what}...");
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{PREFIX} {what}...");
+            }
         }
+        self.last_pct.set(None);
         Step {
             progress: self,
             what: what.to_owned(),
@@ -36,14 +51,17 @@ impl Progress {
     pub fn fraction(&self, what: &str, done: u64, total: u64) {
         if self.enabled && self.tty && total > 0 {
             let pct = (done.min(total) * 100) / total;
-            eprint!("\r\x1b[Kvmbuild:   {what}: {pct}% of {} MiB", total >> 20);
+            if self.last_pct.replace(Some(pct)) == Some(pct) {
+                return;
+            }
+            eprint!("\r\x1b[K{PREFIX} {what}: {pct}% of {} MiB", total >> 20);
             let _ = std::io::stderr().flush();
         }
     }
 
     pub fn note(&self, text: &str) {
         if self.enabled {
-            eprintln!("vmbuild: {text}");
+            eprintln!("{PREFIX} {text}");
         }
     }
 
@@ -66,7 +84,7 @@ impl Step<'_> {
             if self.progress.tty {
                 eprint!("\r\x1b[K");
             }
-            eprintln!("vmbuild: {} done ({secs:.2} s)", self.what);
+            eprintln!("{PREFIX} {} done ({secs:.2} s)", self.what);
         }
         secs
     }

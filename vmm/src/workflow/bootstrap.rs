@@ -93,6 +93,9 @@ pub fn bootstrap(
     let client = dropbear::generate_key(&dir.join(CLIENT_KEY))?;
     let host = dropbear::generate_key(&scratch.path().join("host_key"))?;
     step.done();
+    if interrupted(&signals) {
+        return Ok(Err(BootstrapFailure::Interrupted));
+    }
 
     let network = NetworkPlan::default();
     let install_start = Instant::now();
@@ -114,6 +117,9 @@ pub fn bootstrap(
     // initramfs at every build.
     write_controller_cpio(&dir.join(CONTROLLER_CPIO), &client.private)?;
     timings.insert("install".into(), install_start.elapsed().as_secs_f64());
+    if interrupted(&signals) {
+        return Ok(Err(BootstrapFailure::Interrupted));
+    }
 
     let plan = MachinePlan {
         machine: spec.qemu.resolve_machine(spec.profile.machine_type())?,
@@ -252,6 +258,9 @@ pub fn bootstrap(
     }
 
     // --- suspend ---------------------------------------------------------------------------
+    if interrupted(&signals) {
+        return Ok(Err(BootstrapFailure::Interrupted));
+    }
     let step = progress.step("suspending the target to its memory state");
     let state = dir.join(STATE_FILE);
     target
@@ -273,6 +282,9 @@ pub fn bootstrap(
     drop(segment);
 
     // --- manifest ----------------------------------------------------------------------------
+    if interrupted(&signals) {
+        return Ok(Err(BootstrapFailure::Interrupted));
+    }
     let step = progress.step("writing checksums and the manifest");
     let files = vec![
         manifest::file_entry(dir, DISK_FILE, "disk")?,
@@ -382,6 +394,12 @@ pub fn bootstrap(
 
 /// `out` may be written: absent, empty, or (with `replace`) a snapshot. Never replaces a
 /// directory that is not a snapshot.
+/// Whether SIGINT, SIGTERM or SIGHUP came (checked between steps that do not watch for
+/// it themselves, so that an interrupt does not wait for the rest of the bootstrap).
+fn interrupted(signals: &Receiver<()>) -> bool {
+    signals.try_recv().is_ok()
+}
+
 /// The name prefix of `out`'s staging directory, next to it: `.NAME.partial`.
 fn staging_prefix(out: &Path) -> String {
     let name = out.file_name().unwrap_or_default().to_string_lossy();
