@@ -25,7 +25,8 @@ Exit status:
   130  interrupted (SIGINT, SIGTERM or SIGHUP); nothing was left behind
 
 Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_GUEST_KIT (the guest kit directory),
-XDG_RUNTIME_DIR (where sockets go), TMPDIR (scratch files), RUST_LOG (log filter),
+XDG_RUNTIME_DIR (where sockets go),
+XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR (scratch files), RUST_LOG (log filter),
 NO_COLOR (no colours in log lines).")]
 pub struct BootstrapArgs {
     /// What to install: linux (windows-cygwin comes with a later release)

@@ -30,11 +30,13 @@ Exit status: the command's own, or
   123  the target or the controller stopped before the command reported its status
   124  --timeout expired (everything was stopped)
   125  vmbuild failed (QEMU would not start, a share would not attach or mount)
+  127  the command is not in the target
   130  interrupted (SIGINT, SIGTERM or SIGHUP); everything was stopped and cleaned up
 A command that itself exits one of these codes cannot be told apart from them.
 The snapshot directory is never modified (and cannot be shared as --store or --xchg).
 
-Environment: VMBUILD_QEMU (the QEMU binary), XDG_RUNTIME_DIR (where sockets go), TMPDIR
+Environment: VMBUILD_QEMU (the QEMU binary), XDG_RUNTIME_DIR (where sockets go),
+XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR
 (the temporary xchg), RUST_LOG (log filter), NO_COLOR (no colours in log lines).")]
 pub struct BuildArgs {
     /// The snapshot directory made by `vmbuild bootstrap`

@@ -12,6 +12,14 @@ use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
 
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status:
+  0  vmbuild can run guests here (warnings say what is slower or missing)
+  1  a capability run, build or bootstrap need is missing (see the fix: lines)
+  2  bad command line
+
+Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_GUEST_KIT (the guest kit directory),
+XDG_CACHE_HOME (cached probe answers), RUST_LOG (log filter).")]
 pub struct DoctorArgs {
     /// One JSON object instead of text
     #[arg(long)]

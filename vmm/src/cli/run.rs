@@ -39,11 +39,13 @@ Exit status: the command's own, or
   123  the VM produced no exit code (kernel panic, crash, early power-off)
   124  --timeout expired (the VM was killed)
   125  vmbuild or the guest's init failed (QEMU would not start, a share would not mount)
+  127  the command is not in the guest
   130  interrupted (SIGINT, SIGTERM or SIGHUP); the VM was stopped and cleaned up
-A command that itself exits 123, 124 or 125 cannot be told apart from these.
+A command that itself exits 123, 124, 125 or 127 cannot be told apart from these.
 
 Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_GUEST_KIT (the guest kit directory),
-XDG_RUNTIME_DIR (where sockets go), TMPDIR (the temporary xchg), RUST_LOG (log filter),
+XDG_RUNTIME_DIR (where sockets go),
+XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR (the temporary xchg), RUST_LOG (log filter),
 NO_COLOR (no colours in log lines).")]
 pub struct RunArgs {
     /// Directory shared read-only as the store (mounted at the same path unless --store-mount)

@@ -12,11 +12,22 @@ use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
     /// Show a snapshot's manifest: profile, QEMU and machine, sizes, timings
+    #[command(after_help = "\
+Exit status:
+  0    shown (files whose size changed are marked)
+  2    bad command line
+  120  no snapshot there, or its manifest is damaged
+  121  its format is not this vmbuild's")]
     Inspect(InspectArgs),
     /// Check a snapshot: every file's checksum, and that this host's QEMU can revive it
     #[command(after_help = "\
-Exit status: 0 usable; 120 missing, truncated or corrupted; 121 made by another QEMU
-version, machine type or vmbuild format")]
+Exit status:
+  0    usable
+  2    bad command line
+  120  missing, truncated or corrupted
+  121  made by another QEMU version, machine type or vmbuild format
+
+Environment: VMBUILD_QEMU (the QEMU binary), XDG_CACHE_HOME (verification stamps).")]
     Verify(VerifyArgs),
 }
 
