@@ -469,6 +469,29 @@ fn a_truncated_or_corrupted_snapshot_is_refused() {
     assert_eq!(code(&out), 120);
 }
 
+/// A manifest whose machine type was edited passes every checksum and names a machine
+/// this QEMU offers, but QEMU would refuse its state at every build: `verify` and `build`
+/// compare it with the state file's own header (issue 13 review, 2.4).
+#[test]
+fn a_manifest_that_disagrees_with_its_state_file_is_refused() {
+    let copy = snapshot_copy(&[]);
+    edit_manifest(copy.path(), |m| {
+        let machine = m["machine"]["machine"].as_str().unwrap().to_owned();
+        let other = if machine.starts_with("pc-i440fx-") {
+            "pc-i440fx-9.0"
+        } else {
+            "pc-q35-9.0"
+        };
+        m["machine"]["machine"] = other.into();
+    });
+    let out = verify(copy.path());
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("was saved from"), "{}", stderr(&out));
+    let out = build_from(copy.path(), &["--", "true"]).output();
+    assert_eq!(code(&out), 120, "{}", stderr(&out));
+    assert!(stderr(&out).contains("was saved from"), "{}", stderr(&out));
+}
+
 #[test]
 fn checksum_stamps_spare_rehashing_but_not_a_changed_file() {
     let copy = snapshot_copy(&["state", "disk.qcow2"]);

@@ -138,6 +138,7 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
         let qemu = QemuBinary::locate()?;
         let files = manifest::verify_files(dir, &m, true)?;
         m.check_qemu(&qemu)?;
+        m.check_state_machine(dir)?;
         Ok(files)
     });
     match result {

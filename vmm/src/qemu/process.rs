@@ -89,16 +89,29 @@ impl QemuProcess {
         stream: UnixStream,
         events: std::sync::mpsc::Sender<crate::qemu::QmpEvent>,
     ) -> anyhow::Result<crate::qemu::Qmp> {
-        crate::qemu::Qmp::handshake(stream, events).map_err(|e| {
-            let status = self.wait_timeout(Duration::from_secs(2)).ok().flatten();
-            let said = self.stderr();
-            let said = said.lines().last().unwrap_or("").trim();
-            match (status, said.is_empty()) {
-                (Some(status), false) => anyhow::anyhow!("QEMU would not start ({status}): {said}"),
-                (Some(status), true) => anyhow::anyhow!("QEMU would not start ({status}): {e:#}"),
-                (None, _) => e,
-            }
-        })
+        crate::qemu::Qmp::handshake(stream, events)
+            .map_err(|e| self.explain(e, "QEMU would not start"))
+    }
+
+    /// `e`, a failure seen on QEMU's monitor, in QEMU's own words when QEMU exited: the
+    /// EOF on its socket is only the consequence of what it wrote to stderr (a kernel it
+    /// could not load, a migration stream from another machine type).
+    pub fn explain(&mut self, e: anyhow::Error, what: &str) -> anyhow::Error {
+        let Some(status) = self.wait_timeout(Duration::from_secs(2)).ok().flatten() else {
+            return e;
+        };
+        let stderr = self.stderr();
+        let said: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if said.is_empty() {
+            return anyhow::anyhow!("{what} ({status}): {e:#}");
+        }
+        // The last few lines: QEMU often says what it found, then what it gave up on.
+        let said = said[said.len().saturating_sub(3)..].join("; ");
+        anyhow::anyhow!("{what} ({status}): {said}")
     }
 
     /// What QEMU wrote to stderr (its error messages), trimmed.

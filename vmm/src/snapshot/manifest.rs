@@ -317,6 +317,53 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The state file and the manifest agree on the machine type the target was saved
+    /// from. An edited manifest (or files from two snapshots) would pass every checksum,
+    /// "can revive" by QEMU's list of machine types, and then fail at every build.
+    pub fn check_state_machine(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(&self.state.file);
+        match state_machine_type(&path) {
+            Ok(Some(saved)) if saved != self.machine.machine => Err(SnapshotProblem::Damaged(format!(
+                "the manifest says machine type {}, but the state file {} was saved from {saved}: \
+                 the manifest was edited or its files come from another snapshot; bootstrap it again",
+                self.machine.machine,
+                path.display()
+            ))
+            .into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(SnapshotProblem::Damaged(format!(
+                "the snapshot's state file {} cannot be read ({e}): bootstrap the snapshot again",
+                path.display()
+            ))
+            .into()),
+        }
+    }
+}
+
+/// The machine type a QEMU migration stream was saved from: its header (`QEVM`, version
+/// 3) is followed by a configuration section that names it. `None` for a stream without
+/// one.
+pub fn state_machine_type(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(13 + 256);
+    std::fs::File::open(path)?
+        .take(13 + 256)
+        .read_to_end(&mut head)?;
+    const CONFIGURATION_SECTION: u8 = 0x07;
+    if head.len() < 13
+        || &head[..4] != b"QEVM"
+        || head[4..8] != [0, 0, 0, 3]
+        || head[8] != CONFIGURATION_SECTION
+    {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([head[9], head[10], head[11], head[12]]) as usize;
+    Ok(head
+        .get(13..13 + len)
+        .map(|name| String::from_utf8_lossy(name).into_owned()))
+}
+
 /// One file checked against the manifest.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileCheck {

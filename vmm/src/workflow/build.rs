@@ -157,6 +157,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         let checks = manifest::verify_some_files(dir, &m, spec.verify_full, |role| {
             role != manifest::OPTIONAL_ROLE
         })?;
+        m.check_state_machine(dir)?;
         t.hashed_bytes = Some(checks.iter().filter(|c| c.hashed).map(|c| c.bytes).sum());
         Ok(m)
     });
@@ -262,6 +263,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             format,
             Duration::from_secs(120),
         )
+        .map_err(|e| target.qemu.explain(e, "QEMU stopped"))
         .context("reviving the target from its memory state")?;
     let revived = Instant::now();
     t.revive = secs(Some(target.spawned), Some(revived));
