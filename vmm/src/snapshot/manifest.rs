@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -422,6 +423,9 @@ pub fn verify_some_files(
         }
         let stamp = stamp_path(&path, &meta, &entry.sha256);
         if !full && stamp.as_ref().is_some_and(|s| s.exists()) {
+            if let Some(stamp) = &stamp {
+                refresh_stamp(stamp);
+            }
             checks.push(FileCheck {
                 name: entry.name.clone(),
                 bytes: entry.bytes,
@@ -439,11 +443,7 @@ pub fn verify_some_files(
             .into());
         }
         if let Some(stamp) = stamp {
-            // Best effort: without the stamp the next build just hashes again.
-            if let Some(parent) = stamp.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let _ = std::fs::write(&stamp, b"");
+            write_stamp(&stamp);
         }
         checks.push(FileCheck {
             name: entry.name.clone(),
@@ -463,10 +463,7 @@ pub fn mark_verified(dir: &Path, manifest: &Manifest) {
             continue;
         };
         if let Some(stamp) = stamp_path(&path, &meta, &entry.sha256) {
-            if let Some(parent) = stamp.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let _ = std::fs::write(&stamp, b"");
+            write_stamp(&stamp);
         }
     }
 }
@@ -487,6 +484,53 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Stamps unused for this long are removed: each one names a file version that has since
+/// been replaced or not built from, and they would pile up forever (one per file of every
+/// snapshot ever verified).
+const STAMP_UNUSED_FOR: Duration = Duration::from_secs(30 * 86_400);
+
+/// Writes a stamp (best effort: without it the next build just hashes again), and prunes
+/// the stamps nobody used for [`STAMP_UNUSED_FOR`].
+fn write_stamp(stamp: &Path) {
+    let Some(dir) = stamp.parent() else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::write(stamp, b"");
+    prune_stamps(dir, STAMP_UNUSED_FOR);
+}
+
+/// Marks a stamp used (its mtime), at most once a day, so pruning keeps it.
+fn refresh_stamp(stamp: &Path) {
+    let stale = std::fs::metadata(stamp)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .is_some_and(|age| age > Duration::from_secs(86_400));
+    if stale {
+        if let Ok(f) = std::fs::File::options().write(true).open(stamp) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+}
+
+fn prune_stamps(dir: &Path, unused_for: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > unused_for);
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Where the "this exact file passed a full check" stamp lives.
@@ -557,5 +601,35 @@ mod tests {
         let s = utc_now();
         assert_eq!(s.len(), 20, "{s}");
         assert!(s.starts_with("20") && s.ends_with('Z'), "{s}");
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    #[test]
+    fn stamps_unused_for_long_are_pruned_and_used_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, used, fresh) = (
+            dir.path().join("old"),
+            dir.path().join("used"),
+            dir.path().join("fresh"),
+        );
+        let long_ago = SystemTime::now() - Duration::from_secs(40 * 86_400);
+        for path in [&old, &used] {
+            std::fs::write(path, b"").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        refresh_stamp(&used);
+        write_stamp(&fresh);
+        assert!(!old.exists());
+        assert!(used.exists());
+        assert!(fresh.exists());
     }
 }
