@@ -144,7 +144,11 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
     match result {
         Ok(files) => {
             if as_json {
-                println!("{}", json!({ "ok": true, "files": files }));
+                // One shape for both outcomes, so that a script reads the same keys.
+                println!(
+                    "{}",
+                    json!({ "ok": true, "problem": null, "message": null, "files": files })
+                );
             } else {
                 let bytes: u64 = files.iter().map(|f| f.bytes).sum();
                 println!(
@@ -161,7 +165,7 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<i32> {
             if as_json {
                 println!(
                     "{}",
-                    json!({ "ok": false, "problem": kind, "message": format!("{e:#}") })
+                    json!({ "ok": false, "problem": kind, "message": format!("{e:#}"), "files": [] })
                 );
             } else {
                 eprintln!("vmbuild snapshot verify: {e:#}");
