@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
-    init_logging();
+    vmbuild::logging::init();
     let prefix = cli.prefix();
     let code = match cli.run() {
         Ok(code) => code,
@@ -16,21 +16,4 @@ fn main() {
         }
     };
     std::process::exit(code);
-}
-
-/// `RUST_LOG`-style filtering. Unless told otherwise: vmbuild's own notices, and only
-/// warnings from the libraries (the FUSE layer logs every INIT at info). Colours only on
-/// a terminal, and never with `NO_COLOR` set (no-color.org).
-fn init_logging() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,vmbuild=info"));
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr)
-        .init();
 }

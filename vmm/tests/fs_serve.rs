@@ -388,8 +388,8 @@ fn print_capabilities_is_the_json_libvirt_reads() {
 }
 
 /// `--fd N` as libvirt passes it: a listening socket made by the parent. The server
-/// serves it (here with the legacy `-o` spelling and `--log-level`, which makes it run
-/// itself again with the descriptor kept) and leaves the parent's socket file alone.
+/// serves it (here with the legacy `-o` spelling and `--log-level`, which replaces the log
+/// filter) and leaves the parent's socket file alone.
 #[test]
 fn an_inherited_listening_fd_is_served_as_libvirt_passes_it() {
     use std::os::fd::AsRawFd;
@@ -412,6 +412,8 @@ fn an_inherited_listening_fd_is_served_as_libvirt_passes_it() {
         "--log-level",
         "debug",
     ]);
+    let mut child = child;
+    let mut log = child.stderr.take().unwrap();
     // SAFETY: as above; the child has its copy now.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let mut c = client(&path);
@@ -425,6 +427,10 @@ fn an_inherited_listening_fd_is_served_as_libvirt_passes_it() {
         path.exists(),
         "the parent's socket is the parent's to remove"
     );
+    // --log-level debug took effect: debug records, which the default filter hides.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut log, &mut text).unwrap();
+    assert!(text.contains("DEBUG"), "{text}");
 }
 
 /// A share directory whose name is not UTF-8 is served (it used to warn every 100 ms).

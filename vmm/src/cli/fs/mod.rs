@@ -3,7 +3,6 @@
 
 mod virtiofsd;
 
-use std::ffi::OsString;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -425,23 +424,10 @@ fn check_listening_fd(fd: RawFd) -> Result<(), Usage> {
     }
 }
 
-/// `--log-level` and friends: the log filter is set up before the command line is
-/// acted on, so the process runs itself again, once, with RUST_LOG set (same process
-/// id, same descriptors: `--fd` stays valid).
+/// `--log-level` and friends: virtiofsd's way to set the log filter, which replaces the
+/// one logging started with (`RUST_LOG`'s).
 fn apply_log_filter(filter: &str) -> Result<(), Usage> {
-    if std::env::var_os("RUST_LOG").is_some_and(|v| v == filter) {
-        return Ok(());
-    }
-    use std::os::unix::process::CommandExt;
-    let mut argv = std::env::args_os();
-    let argv0 = argv.next().unwrap_or_else(|| OsString::from("vmbuild"));
-    let exe = std::env::current_exe().map_err(|e| format!("--log-level: finding vmbuild: {e}"))?;
-    let e = std::process::Command::new(exe)
-        .arg0(argv0)
-        .args(argv)
-        .env("RUST_LOG", filter)
-        .exec();
-    Err(format!("--log-level: running vmbuild again with RUST_LOG={filter}: {e}").into())
+    crate::logging::set_filter(filter).map_err(|e| format!("--log-level: {e}").into())
 }
 
 /// Starts every share and serves until a signal (Ok) or a share fails (Err).
