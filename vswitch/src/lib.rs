@@ -14,9 +14,11 @@ pub mod managed;
 pub mod mgmt;
 pub mod offload;
 pub mod port;
+pub mod sockfile;
 pub mod stream;
 pub mod switch;
 pub mod tap;
+pub mod vde_plug;
 pub mod vhost_user_net;
 mod vhost_user_relay;
 

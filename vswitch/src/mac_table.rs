@@ -13,6 +13,9 @@ use crate::frame::Mac;
 use crate::port::PortId;
 
 pub const DEFAULT_CAPACITY: usize = 4096;
+/// The most entries a table may be given: a million is plenty for any L2 segment, and
+/// the bound keeps a typo from asking for gigabytes.
+pub const MAX_CAPACITY: usize = 1 << 20;
 pub const DEFAULT_AGING: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy)]

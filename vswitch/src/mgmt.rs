@@ -7,8 +7,8 @@
 //! `port/setvlan ID MODE`, `hash/print`, `vlan/print`, `stats`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,20 +16,21 @@ use serde_json::json;
 
 use crate::managed::ManagedSwitch;
 use crate::port::VlanMode;
+use crate::sockfile::SocketFile;
 use crate::switch::Switch;
 
 pub const END: &str = ".";
 
 pub struct MgmtServer {
-    path: PathBuf,
+    file: SocketFile,
     stopping: Arc<AtomicBool>,
 }
 
 impl MgmtServer {
-    /// Listens on `path` (replacing a stale socket) and serves each connection on a thread.
+    /// Listens on `path` (which must not exist: see [`crate::sockfile`]) and serves each
+    /// connection on a thread.
     pub fn start(switch: Arc<ManagedSwitch>, path: &Path) -> std::io::Result<MgmtServer> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let (listener, file) = crate::sockfile::bind_listener(path)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         std::thread::Builder::new()
@@ -45,18 +46,17 @@ impl MgmtServer {
                     }
                 }
             })?;
-        Ok(MgmtServer {
-            path: path.to_owned(),
-            stopping,
-        })
+        Ok(MgmtServer { file, stopping })
     }
 }
 
 impl Drop for MgmtServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.is_ours() {
+            let _ = UnixStream::connect(self.file.path());
+        }
+        // `file` removes the socket if it is still the one this server made.
     }
 }
 
@@ -110,8 +110,14 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
         "help" => Ok(HELP.to_owned()),
         "showinfo" => {
             let c = switch.config();
+            let vde: Vec<_> = managed
+                .vde_dirs()
+                .into_iter()
+                .map(|(dir, ports, refused)| json!({"dir": dir, "ports_made": ports, "refused": refused}))
+                .collect();
             let info = json!({
                 "ports": switch.ports().len(),
+                "vde": vde,
                 "hub": c.hub,
                 "mac_table_size": c.mac_table_size,
                 "mac_table_used": switch.mac_table_len(),
@@ -121,7 +127,7 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
             Ok(if json {
                 format!("{info}\n")
             } else {
-                format!(
+                let mut s = format!(
                     "vmbuild vswitch\nports {}\nmode {}\nmac table {}/{} entries, aging {} s\nmax frame {} bytes\n",
                     switch.ports().len(),
                     if c.hub { "hub" } else { "switch" },
@@ -129,7 +135,14 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
                     c.mac_table_size,
                     c.aging.as_secs(),
                     c.max_frame
-                )
+                );
+                for (dir, ports, refused) in managed.vde_dirs() {
+                    s.push_str(&format!(
+                        "vde dir {} ({ports} ports made, {refused} requests refused)\n",
+                        dir.display()
+                    ));
+                }
+                s
             })
         }
         "port/print" | "port/allprint" | "stats" => {
@@ -234,6 +247,9 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
                     "{}\n",
                     serde_json::to_string(&rows).unwrap_or_default()
                 ));
+            }
+            if rows.is_empty() {
+                return Ok("(empty: no MAC address learned yet)\n".to_owned());
             }
             let mut s = String::new();
             for r in rows {

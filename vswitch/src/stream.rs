@@ -100,12 +100,14 @@ pub struct StreamPort {
     sink: Arc<StreamSink>,
     stop: OwnedFd,
     reader: Option<JoinHandle<()>>,
+    /// The socket file, removed (if still ours) when the port drops.
+    _file: crate::sockfile::SocketFile,
 }
 
 impl StreamPort {
     /// Binds `path` (which must not exist) and attaches the port to `switch`.
     pub fn listen(switch: &Arc<Switch>, path: &Path, vlan: VlanMode) -> io::Result<StreamPort> {
-        let listener = UnixListener::bind(path)?;
+        let (listener, file) = crate::sockfile::bind_listener(path)?;
         let sink = Arc::new(StreamSink {
             peer: Mutex::new(None),
             path: path.to_owned(),
@@ -114,12 +116,11 @@ impl StreamPort {
         // SAFETY: eventfd with valid flags; the fd is owned by the OwnedFd on success.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
-            let _ = std::fs::remove_file(path);
             return Err(io::Error::last_os_error());
         }
         // SAFETY: efd was just created and is owned by nobody else.
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
-        let id = switch.add_port(sink.clone(), vlan);
+        let id = switch.try_add_port(sink.clone(), vlan, None)?;
         let (sw, s, stop_raw) = (switch.clone(), sink.clone(), stop.as_raw_fd());
         let reader = std::thread::Builder::new()
             .name("stream-port".into())
@@ -128,7 +129,6 @@ impl StreamPort {
             Ok(r) => r,
             Err(e) => {
                 switch.remove_port(id);
-                let _ = std::fs::remove_file(path);
                 return Err(e);
             }
         };
@@ -138,6 +138,7 @@ impl StreamPort {
             sink,
             stop,
             reader: Some(reader),
+            _file: file,
         })
     }
 
@@ -254,6 +255,5 @@ impl Drop for StreamPort {
             let _ = r.join();
         }
         self.switch.remove_port(self.id);
-        let _ = std::fs::remove_file(&self.sink.path);
     }
 }

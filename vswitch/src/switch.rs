@@ -23,6 +23,8 @@ pub struct SwitchConfig {
     pub mac_table_size: usize,
     pub aging: Duration,
     pub max_frame: usize,
+    /// The most ports at once (`vde_switch -n`); more are refused.
+    pub max_ports: usize,
 }
 
 impl Default for SwitchConfig {
@@ -32,6 +34,7 @@ impl Default for SwitchConfig {
             mac_table_size: DEFAULT_CAPACITY,
             aging: DEFAULT_AGING,
             max_frame: frame::DEFAULT_MAX_FRAME,
+            max_ports: usize::MAX,
         }
     }
 }
@@ -40,6 +43,23 @@ struct Port {
     vlan: VlanMode,
     sink: Arc<dyn PortSink>,
     counters: Arc<PortCounters>,
+}
+
+/// Why a port could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddPortError {
+    #[error("the switch has its maximum of {0} ports (-n/--numports)")]
+    Full(usize),
+    #[error("port {0} is in use")]
+    Taken(PortId),
+    #[error("there is no port {0}: ports are numbered from 1")]
+    Invalid(PortId),
+}
+
+impl From<AddPortError> for std::io::Error {
+    fn from(e: AddPortError) -> Self {
+        std::io::Error::other(e.to_string())
+    }
 }
 
 /// A port as the management console lists it.
@@ -73,16 +93,54 @@ impl Switch {
         &self.config
     }
 
-    /// Adds a port; frames start reaching it at once.
+    /// Adds a port; frames start reaching it at once. Not bounded by
+    /// [`SwitchConfig::max_ports`] (in-process ports belong to the program itself); ports
+    /// that outsiders open use [`Switch::try_add_port`].
     pub fn add_port(&self, sink: Arc<dyn PortSink>, vlan: VlanMode) -> PortId {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let port = Arc::new(Port {
+        let mut ports = self.ports.write().unwrap();
+        let id = self.free_id(&ports);
+        ports.insert(id, Self::new_port(sink, vlan));
+        id
+    }
+
+    /// Adds a port numbered `at` (or the next free number), unless the switch has
+    /// [`SwitchConfig::max_ports`] ports already or `at` is taken.
+    pub fn try_add_port(
+        &self,
+        sink: Arc<dyn PortSink>,
+        vlan: VlanMode,
+        at: Option<PortId>,
+    ) -> Result<PortId, AddPortError> {
+        let mut ports = self.ports.write().unwrap();
+        if ports.len() >= self.config.max_ports {
+            return Err(AddPortError::Full(self.config.max_ports));
+        }
+        let id = match at {
+            Some(0) => return Err(AddPortError::Invalid(0)),
+            Some(id) if ports.contains_key(&id) => return Err(AddPortError::Taken(id)),
+            Some(id) => id,
+            None => self.free_id(&ports),
+        };
+        ports.insert(id, Self::new_port(sink, vlan));
+        Ok(id)
+    }
+
+    fn new_port(sink: Arc<dyn PortSink>, vlan: VlanMode) -> Arc<Port> {
+        Arc::new(Port {
             vlan,
             sink,
             counters: Arc::default(),
-        });
-        self.ports.write().unwrap().insert(id, port);
-        id
+        })
+    }
+
+    /// The next number not in use (numbers asked for explicitly are skipped).
+    fn free_id(&self, ports: &HashMap<PortId, Arc<Port>>) -> PortId {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !ports.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Removes a port and forgets what was learned on it. Returns whether it existed.

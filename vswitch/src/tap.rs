@@ -70,10 +70,7 @@ impl Tap {
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("creating tap {name}: {e} (needs CAP_NET_ADMIN)"),
-            ));
+            return Err(io::Error::new(e.kind(), explain_tunsetiff(name, &e)));
         }
         if offloads {
             let hdr_len: libc::c_int = crate::offload::VNET_HDR_LEN as libc::c_int;
@@ -101,6 +98,28 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// What went wrong when TUNSETIFF refused `name`, in words that say what to do.
+fn explain_tunsetiff(name: &str, e: &io::Error) -> String {
+    let sys = std::path::Path::new("/sys/class/net").join(name);
+    let exists = sys.exists();
+    let is_tun = sys.join("tun_flags").exists();
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            format!("creating tap {name}: {e} (needs CAP_NET_ADMIN, or a persistent tap owned by this user)")
+        }
+        Some(libc::EINVAL) if exists && !is_tun => {
+            format!("{name} exists and is not a tap: choose another name")
+        }
+        Some(libc::EINVAL) if is_tun => {
+            format!("{name} is a tun device, not a tap: choose another name")
+        }
+        Some(libc::EBUSY) if is_tun => {
+            format!("tap {name} is in use (another program, or this switch, has it open)")
+        }
+        _ => format!("creating tap {name}: {e}"),
     }
 }
 
@@ -177,7 +196,7 @@ impl TapPort {
             name: tap.name.clone(),
             offloads,
         });
-        let id = switch.add_port(sink, vlan);
+        let id = switch.try_add_port(sink, vlan, None)?;
         // SAFETY: eventfd with valid flags; the fd is owned by the OwnedFd on success.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {

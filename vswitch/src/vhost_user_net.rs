@@ -260,7 +260,8 @@ impl VhostUserBackend for NetBackend {
 pub struct VhostUserNetPort {
     switch: Arc<Switch>,
     id: PortId,
-    socket: PathBuf,
+    /// The public socket, removed (if still ours) when the port drops.
+    _socket: crate::sockfile::SocketFile,
     control: Arc<Mutex<Control>>,
     /// A second handle on the public listener: shutting it down wakes the accept loop.
     listener: UnixListener,
@@ -306,8 +307,7 @@ impl VhostUserNetPort {
         vlan: VlanMode,
         private_parent: &Path,
     ) -> io::Result<VhostUserNetPort> {
-        let _ = std::fs::remove_file(socket);
-        let public = UnixListener::bind(socket).map_err(|e| {
+        let (public, file) = crate::sockfile::bind_listener(socket).map_err(|e| {
             io::Error::new(e.kind(), format!("listening on {}: {e}", socket.display()))
         })?;
         let listener = public.try_clone()?;
@@ -329,7 +329,7 @@ impl VhostUserNetPort {
             conn: Mutex::new(Connection::default()),
             pending: Mutex::new(VecDeque::new()),
         });
-        let id = switch.add_port(sink.clone(), vlan);
+        let id = switch.try_add_port(sink.clone(), vlan, None)?;
         let control = Arc::new(Mutex::new(Control::default()));
         let (sw, ctl) = (switch.clone(), control.clone());
         let thread = std::thread::Builder::new()
@@ -339,14 +339,13 @@ impl VhostUserNetPort {
             Ok(t) => t,
             Err(e) => {
                 switch.remove_port(id);
-                let _ = std::fs::remove_file(socket);
                 return Err(e);
             }
         };
         Ok(VhostUserNetPort {
             switch: switch.clone(),
             id,
-            socket: socket.to_owned(),
+            _socket: file,
             control,
             listener,
             thread: Some(thread),
@@ -476,7 +475,6 @@ impl Drop for VhostUserNetPort {
                 tracing::error!(port = self.id, "vhost-user-net serving thread panicked");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
         self.switch.remove_port(self.id);
         // `_private_dir` goes next, with nothing left using it.
     }
