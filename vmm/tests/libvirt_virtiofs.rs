@@ -30,28 +30,54 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .expect("running virsh")
 }
 
+/// The daemons this test started, stopped again when it ends (a test leaves the host as
+/// it found it).
+struct StartedDaemons(Vec<&'static str>);
+
+impl Drop for StartedDaemons {
+    fn drop(&mut self) {
+        for daemon in &self.0 {
+            let pidfile = format!("/run/{daemon}.pid");
+            if let Some(pid) = fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on the daemon this test started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+}
+
 /// Connects to libvirt, starting its daemons if needed; the reason it cannot, otherwise.
-fn libvirt() -> Result<(), String> {
+fn libvirt() -> Result<StartedDaemons, String> {
     if Command::new("virsh").arg("--version").output().is_err() {
         return Err(
             "virsh is not installed (scripts/install-host-deps.sh installs libvirt)".into(),
         );
     }
     if virsh(&["version"]).status.success() {
-        return Ok(());
+        return Ok(StartedDaemons(Vec::new()));
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("libvirtd is not running and only root can start it".into());
     }
+    let mut started = StartedDaemons(Vec::new());
     for daemon in ["virtlogd", "libvirtd"] {
-        let _ = Command::new(daemon).arg("-d").status();
+        if Command::new(daemon)
+            .arg("-d")
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            started.0.push(daemon);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = virsh(&["version"]);
         if out.status.success() {
-            return Ok(());
+            return Ok(started);
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -241,16 +267,14 @@ fn boot(kit: &GuestKit, legacy: bool) -> Outcome {
 
 #[test]
 fn a_libvirt_guest_uses_vmbuild_fs_serve_as_its_virtiofsd() {
-    if let Err(why) = libvirt() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
+    const NAME: &str = "a_libvirt_guest_uses_vmbuild_fs_serve_as_its_virtiofsd";
+    let _daemons = match libvirt() {
+        Ok(d) => d,
+        Err(why) => return vmbuild_tests::skip(NAME, &why),
+    };
     let kit = match GuestKit::locate() {
         Ok(kit) => kit,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
+        Err(e) => return vmbuild_tests::skip(NAME, &e.to_string()),
     };
 
     let separate = boot(&kit, false);
