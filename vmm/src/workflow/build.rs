@@ -355,7 +355,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     t.controller = Some(controller.kind());
     if let Some(c) = &controller_outcome {
         let m = &c.marks;
-        if controller.kind().ends_with("-revive") {
+        if controller.revived() {
             t.controller_revive = secs(m.start, m.vmm_ready);
             t.controller_reseed = secs(m.vmm_ready, m.phase("reseeded"));
         }

@@ -82,6 +82,10 @@ pub trait Controller: Send + Sync {
     /// The `--controller` value that picks this kind: "revive", "boot", "embedded" (the
     /// embedded VMM's controller snapshot) or "embedded-boot".
     fn kind(&self) -> &'static str;
+    /// Whether it is revived from a snapshot (then its revive and reseed are timed).
+    fn revived(&self) -> bool {
+        matches!(self.kind(), "revive" | "embedded")
+    }
     /// Boots a fresh controller, runs the session, and tears the controller down. A
     /// message on `stop` ends it early ([`ControllerEnd::Interrupted`]).
     fn run_session(
