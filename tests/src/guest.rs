@@ -71,6 +71,8 @@ pub struct GuestVm {
     pub timeout: Duration,
     /// virtio-net NICs attached to vhost-user-net sockets: (socket, MAC).
     pub nics: Vec<(PathBuf, String)>,
+    /// virtio-net NICs on QEMU's `-netdev vde` (libvdeplug): (switch directory, MAC).
+    pub vde_nics: Vec<(PathBuf, String)>,
     /// A virtio-net NIC on QEMU's user-mode network (the host is 10.0.2.2).
     pub user_net: bool,
     /// Firmware (`-bios`); QEMU's default (SeaBIOS) when `None`.
@@ -106,6 +108,7 @@ impl GuestVm {
             exit_file: None,
             timeout: Duration::from_secs(300),
             nics: Vec::new(),
+            vde_nics: Vec::new(),
             user_net: false,
             bios: None,
         }
@@ -199,6 +202,12 @@ impl GuestVm {
             args.push(format!("vhost-user,id=nd{i},chardev=net{i}"));
             args.push("-device".into());
             args.push(format!("virtio-net-pci,netdev=nd{i},mac={mac},romfile="));
+        }
+        for (i, (dir, mac)) in self.vde_nics.iter().enumerate() {
+            args.push("-netdev".into());
+            args.push(format!("vde,id=vde{i},sock={}", dir.display()));
+            args.push("-device".into());
+            args.push(format!("virtio-net-pci,netdev=vde{i},mac={mac},romfile="));
         }
         if self.user_net {
             args.push("-netdev".into());

@@ -651,7 +651,6 @@ pub struct VdeClient {
     pub data: UnixDatagram,
     /// The switch's data socket for this port.
     pub port_socket: PathBuf,
-    _own: SocketFile,
 }
 
 impl VdeClient {
@@ -681,11 +680,12 @@ impl VdeClient {
             )
         })?;
         data.connect(&port_socket)?;
+        // Connected both ways: the name is not needed any more (libvdeplug removes it too).
+        drop(file);
         Ok(VdeClient {
             ctl,
             data,
             port_socket,
-            _own: file,
         })
     }
 }
