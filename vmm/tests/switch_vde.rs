@@ -17,7 +17,20 @@ use vmbuild_tests::netns::Netns;
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a switch left running by a failed assertion still removes
+    /// its taps, sockets and temporary directories; SIGKILL if it does not stop.
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
