@@ -97,6 +97,7 @@ fn ctl(socket: &Path, cmd: &[&str]) -> (i32, String) {
 }
 
 const TCP_BYTES: usize = 256 * 1024;
+const TCP_IN: usize = 4 * 1024 * 1024;
 
 /// A guest on `-netdev vde,sock=DIR` that pings `peer` and sends it TCP_BYTES over TCP.
 fn guest(kit: &GuestKit, xchg: &Path, dir: &Path, me: &str, peer: &str, mac: &str) -> GuestVm {
@@ -106,6 +107,7 @@ fn guest(kit: &GuestKit, xchg: &Path, dir: &Path, me: &str, peer: &str, mac: &st
             "ip link set eth0 up && ip addr add {me}/24 dev eth0 && \
              ping -c 3 -w 60 {peer} > /tmp/xchg/ping.txt 2>&1; status=$?; \
              dd if=/dev/zero bs=1024 count={} 2>/dev/null | nc {peer} 5001; \
+             wget -q -O - http://{peer}:5002/ | wc -c > /tmp/xchg/got.txt; \
              exit $status",
             TCP_BYTES / 1024
         ),
@@ -149,6 +151,19 @@ fn receiver(ns: &Netns, addr: &'static str) -> std::thread::JoinHandle<anyhow::R
                 Ok(n) => total += n,
             }
         }
+        drop(conn);
+        // Then TCP_IN bytes to the guest (its wget): from the tap, in 64 KiB GSO frames
+        // when the tap has offloads, which the switch cuts for the VDE port.
+        let listener =
+            std::net::TcpListener::bind((addr.split(':').next().unwrap(), 5002)).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let _ = conn.read(&mut buf);
+        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {TCP_IN}\r\n\r\n");
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(&vec![7u8; TCP_IN]).unwrap();
+        while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
         total
     })
 }
@@ -240,6 +255,28 @@ fn the_same_qemu_vde_guest_reaches_its_peer_through_vmbuild_switch_and_vde_switc
     assert!(ping_b.contains("3 packets received"), "{ping_b}");
     assert_eq!(rx_ours.join().unwrap().unwrap(), TCP_BYTES);
     assert_eq!(rx_theirs.join().unwrap().unwrap(), TCP_BYTES);
+    for (x, who) in [(&xa, "vmbuild switch"), (&xb, "vde_switch")] {
+        let got = std::fs::read_to_string(x.path().join("got.txt")).unwrap_or_default();
+        assert_eq!(
+            got.trim(),
+            TCP_IN.to_string(),
+            "{who}: bytes the guest fetched"
+        );
+    }
+    // The peer's tap had offloads: its TCP reached the guest as segments the switch cut.
+    let (_, ports) = ctl(&mgmt, &["json", "port/print"]);
+    let ports: serde_json::Value = serde_json::from_str(&ports).unwrap();
+    let tap = &ports[0]["counters"];
+    assert_eq!(ports[0]["kind"], "tap", "{ports}");
+    let (bytes, frames) = (
+        tap["rx_bytes"].as_f64().unwrap(),
+        tap["rx_frames"].as_f64().unwrap(),
+    );
+    assert!(
+        bytes / frames > 3000.0,
+        "no GSO frames from the tap: {ports}"
+    );
+    // (All TCP_IN bytes arrived, so the switch cut every GSO frame for the VDE port.)
     // QEMU has gone: its port went with it; only the tap is left.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

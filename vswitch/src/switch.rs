@@ -174,8 +174,9 @@ impl Switch {
     }
 
     /// A frame with a virtio-net header (from a tap in vnet-header mode): GSO and partial
-    /// checksums pass through to ports that take them, and are finished or dropped for
-    /// ports that do not.
+    /// checksums pass through to ports that take them; for ports that do not, checksums
+    /// are finished and TCP GSO frames cut into MTU-sized segments (other GSO is dropped,
+    /// counted).
     pub fn ingress_offloaded(&self, ingress: PortId, hdr: &VnetHdr, frame: &[u8]) {
         let hdr = (!hdr.is_plain()).then_some(hdr);
         self.forward(ingress, hdr, frame)
@@ -320,7 +321,17 @@ fn send(port: &Port, vlan: u16, copies: &mut Copies<'_>) {
             if port.sink.offloads() {
                 port.sink.transmit_offloaded(&h, &frame)
             } else if h.is_gso() {
-                return port.counters.count_drop(DropReason::GsoUnsupported);
+                // Cut in software, as the kernel does for a device without TSO.
+                let Some(segments) = offload::segment(&frame, &h) else {
+                    return port.counters.count_drop(DropReason::GsoUnsupported);
+                };
+                for seg in &segments {
+                    match port.sink.transmit(seg) {
+                        Ok(()) => port.counters.tx(seg.len()),
+                        Err(_) => port.counters.count_drop(DropReason::EgressFailed),
+                    }
+                }
+                return;
             } else {
                 let mut finished = frame.into_owned();
                 if !offload::finish_checksum(&mut finished, &h) {

@@ -116,8 +116,9 @@ struct SwitchOptions {
           default_value_t = vswitch::mac_table::DEFAULT_CAPACITY as i64)]
     mac_table_size: i64,
 
-    /// Plain MTU-sized frames on taps (no virtio-net header, GSO or checksum offload).
-    /// Implied by -s and --stream, whose ports take plain frames only
+    /// Plain MTU-sized frames on taps (no virtio-net header, GSO or checksum offload;
+    /// with them, the switch cuts TCP segments for -s and --stream ports, which take
+    /// plain frames only)
     #[arg(long)]
     no_offload: bool,
 
@@ -302,9 +303,9 @@ impl SwitchOptions {
                 max_ports,
                 ..SwitchConfig::default()
             },
-            // Ports of -s and --stream take plain frames only: a tap's 64 KiB GSO
-            // segments could not reach them.
-            offloads: !self.no_offload && self.sock.is_empty() && stream_ports.is_empty(),
+            // Ports that take plain frames only (-s, --stream) get a tap's 64 KiB TCP
+            // segments cut to MTU size by the switch.
+            offloads: !self.no_offload,
             taps,
             vhost_ports,
             stream_ports,
