@@ -39,9 +39,10 @@ need=()
 # libc6-dev: the tests build small static guest programs with gcc -static.
 # dropbear-bin, e2fsprogs: the snapshot lifecycle's SSH server/client and target disk.
 # acpica-tools: iasl checks the embedded VMM's ACPI tables in the tests.
+# vde2, vdeplug: vde_switch, vde_plug and dpipe, the peers of vmbuild switch -s in its tests.
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
-         acpica-tools; do
+         acpica-tools vde2 vdeplug; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
