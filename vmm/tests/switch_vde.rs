@@ -413,3 +413,28 @@ fn bad_requests_are_refused_the_switch_serves_on_and_sighup_cleans_up() {
     assert!(!dir.exists(), "DIR left behind");
     assert!(!mgmt.exists() && !pidfile.exists());
 }
+
+/// `-s DIR` of a running vde_switch is "in use" (exit 2), as vde_switch itself refuses; the
+/// running switch keeps its directory.
+#[test]
+fn a_live_vde_switch_directory_is_not_taken_over() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("live.vde");
+    let _theirs = vde_switch(&["-s", dir.to_str().unwrap()]);
+    wait_for(&[&dir.join("ctl")]);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["switch", "-s"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("vmbuild switch: ") && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        UnixStream::connect(dir.join("ctl")).is_ok(),
+        "vde_switch lost its socket"
+    );
+}

@@ -117,6 +117,7 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
                 .collect();
             let info = json!({
                 "ports": switch.ports().len(),
+                "max_ports": (c.max_ports != usize::MAX).then_some(c.max_ports),
                 "vde": vde,
                 "hub": c.hub,
                 "mac_table_size": c.mac_table_size,
@@ -128,8 +129,13 @@ fn run(managed: &ManagedSwitch, words: &[&str], json: bool) -> Result<String, St
                 format!("{info}\n")
             } else {
                 let mut s = format!(
-                    "vmbuild vswitch\nports {}\nmode {}\nmac table {}/{} entries, aging {} s\nmax frame {} bytes\n",
+                    "vmbuild vswitch\nports {}{}\nmode {}\nmac table {}/{} entries, aging {} s\nmax frame {} bytes\n",
                     switch.ports().len(),
+                    if c.max_ports == usize::MAX {
+                        String::new()
+                    } else {
+                        format!(" (at most {})", c.max_ports)
+                    },
                     if c.hub { "hub" } else { "switch" },
                     switch.mac_table_len(),
                     c.mac_table_size,

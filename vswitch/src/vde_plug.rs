@@ -569,9 +569,18 @@ fn make_data_socket(
     client: &Path,
     client_uid: Option<u32>,
 ) -> io::Result<(UnixDatagram, SocketFile)> {
-    let seq = shared.seq.fetch_add(1, Relaxed);
-    let path = shared.dir.join(format!("{id:03}.{seq}"));
-    let (data, file) = sockfile::bind_datagram(&path)?;
+    // A name left by an earlier switch (killed, so it could not clean up) is not ours to
+    // remove: the next number is taken instead.
+    let mut tries = 0;
+    let (data, file) = loop {
+        let seq = shared.seq.fetch_add(1, Relaxed);
+        let path = shared.dir.join(format!("{id:03}.{seq}"));
+        match sockfile::bind_datagram(&path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 1000 => tries += 1,
+            other => break other?,
+        }
+    };
+    let path = file.path().to_owned();
     data.connect(client).map_err(|e| {
         io::Error::new(e.kind(), format!("connecting to {}: {e}", client.display()))
     })?;

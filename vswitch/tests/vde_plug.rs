@@ -150,6 +150,22 @@ fn bad_requests_are_refused_and_counted() {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// Sockets left in DIR by a switch that was killed are neither removed nor in the way.
+#[test]
+fn leftovers_of_a_killed_switch_are_kept_and_avoided() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("001.0");
+    drop(UnixDatagram::bind(&stale).unwrap());
+    let sw = Switch::new(SwitchConfig::default());
+    let server = VdePlugServer::start(&sw, dir.path(), VdeOptions::default()).unwrap();
+    let client = VdeClient::connect(dir.path(), 0, "after a crash").unwrap();
+    assert!(stale.exists());
+    assert_ne!(client.port_socket, std::fs::canonicalize(&stale).unwrap());
+    drop(client);
+    drop(server);
+    assert!(stale.exists(), "a socket it did not make was removed");
+}
+
 #[test]
 fn an_existing_ctl_is_never_replaced() {
     let dir = tempfile::tempdir().unwrap();
