@@ -438,3 +438,43 @@ fn a_live_vde_switch_directory_is_not_taken_over() {
         "vde_switch lost its socket"
     );
 }
+
+/// libvdeplug's own ways of asking for a port number (`DIR[N]`, `vde://DIR[port=N]`, what
+/// QEMU's `-netdev vde,port=N` sends too) give the port that number.
+#[test]
+fn libvdeplug_port_numbers_are_honoured() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("sw.vde");
+    let mgmt = top.path().join("mgmt");
+    let _switch = vmbuild_switch(&["-s", dir.to_str().unwrap(), "-M", mgmt.to_str().unwrap()]);
+    wait_for(&[&dir.join("ctl"), &mgmt]);
+    let plug = |url: String| {
+        Proc(
+            Command::new("vde_plug")
+                .arg(url)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _a = plug(format!("{}[5]", dir.display()));
+    let _b = plug(format!("vde://{}[port=9]", dir.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ports) = ctl(&mgmt, &["json", "port/print"]);
+        let ports: serde_json::Value = serde_json::from_str(&ports).unwrap();
+        let ids: Vec<u64> = ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect();
+        if ids == [5, 9] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ports {ids:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
