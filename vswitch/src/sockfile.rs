@@ -15,8 +15,9 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Temporary names start with this; nothing else in a socket directory should.
-pub const TEMP_PREFIX: &str = ".vswitch-tmp-";
+/// Temporary names start with this; they are kept short (`.vswPID.N` in hex, about 12
+/// bytes) because a socket path has 107 bytes at most and the temporary one must fit too.
+pub const TEMP_PREFIX: &str = ".vsw";
 
 /// A socket file this process made, removed when dropped (if it is still the same file).
 #[derive(Debug)]
@@ -68,7 +69,7 @@ fn place<T>(path: &Path, bind: impl Fn(&Path) -> io::Result<T>) -> io::Result<(T
     }
     let (socket, temp) = loop {
         let temp = dir.join(format!(
-            "{TEMP_PREFIX}{}-{}",
+            "{TEMP_PREFIX}{:x}.{:x}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
