@@ -14,7 +14,7 @@ pub mod managed;
 pub mod mgmt;
 pub mod offload;
 pub mod port;
-pub mod sockfile;
+pub use sockfile;
 pub mod stream;
 pub mod switch;
 pub mod tap;

@@ -6,11 +6,8 @@
 //! ([`ShareServer::from_listener`]: virtiofsd's `--fd`, which libvirt uses). This module
 //! removes only a socket it bound itself, and only while that very socket is still there.
 
-use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +29,9 @@ pub struct ShareServer {
     tag: String,
     read_only: bool,
     socket: PathBuf,
-    /// (device, inode) of the socket this server bound, so that stopping removes that
-    /// socket and nothing that replaced it; `None` for an inherited listener.
-    bound: Option<(u64, u64)>,
+    /// The socket file this server bound, removed when it stops if it is still that very
+    /// socket (nothing that replaced it); `None` for an inherited listener.
+    bound: Option<sockfile::SocketFile>,
     stats: Arc<ShareStats>,
     stopping: Arc<AtomicBool>,
     /// Written to wake the share thread out of its wait for a front-end.
@@ -56,10 +53,28 @@ impl ShareServer {
     pub fn spawn(config: ShareConfig, socket: impl Into<PathBuf>) -> Result<ShareServer, Error> {
         config.validate()?;
         let socket = socket.into();
-        let listener = bind_atomically(&socket)?;
-        let bound = std::fs::symlink_metadata(&socket)
-            .map(|m| (m.dev(), m.ino()))
-            .map_err(|e| Error::Io(format!("checking {}", socket.display()), e))?;
+        if socket.file_name().is_none() {
+            return Err(Error::Config(format!(
+                "{} names no socket file",
+                socket.display()
+            )));
+        }
+        let (listener, bound) = sockfile::bind_listener(&socket).map_err(|e| {
+            if e.kind() == ErrorKind::AlreadyExists {
+                Error::Config(format!(
+                    "{} already exists: a share never replaces what is at its socket path",
+                    socket.display()
+                ))
+            } else {
+                Error::Io(
+                    format!(
+                        "cannot listen on {} (is the directory there and writable?)",
+                        socket.display()
+                    ),
+                    e,
+                )
+            }
+        })?;
         Self::start(config, listener, socket, Some(bound))
     }
 
@@ -83,7 +98,7 @@ impl ShareServer {
         config: ShareConfig,
         listener: UnixListener,
         socket: PathBuf,
-        bound: Option<(u64, u64)>,
+        bound: Option<sockfile::SocketFile>,
     ) -> Result<ShareServer, Error> {
         // The share thread waits in poll() and accepts only when a front-end is there.
         listener
@@ -166,14 +181,8 @@ impl ShareServer {
         }
         // Wake the poll() the share thread waits in; it sees `stopping` and leaves.
         let _ = self.wake.write_all(&[0]);
-        if let Some((dev, ino)) = self.bound {
-            // Only the socket this server made: not a file someone put there since.
-            if std::fs::symlink_metadata(&self.socket)
-                .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
-            {
-                let _ = std::fs::remove_file(&self.socket);
-            }
-        }
+        // Only the socket this server made: not a file someone put there since.
+        drop(self.bound.take());
         if self.finished.recv_timeout(grace).is_ok() {
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
@@ -186,78 +195,6 @@ impl Drop for ShareServer {
     fn drop(&mut self) {
         self.shutdown(Duration::from_millis(200));
     }
-}
-
-/// Binds a listening socket at `path` through a temporary name in the same directory and
-/// a rename that refuses to replace anything.
-fn bind_atomically(path: &Path) -> Result<UnixListener, Error> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Config(format!("{} names no socket file", path.display())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    // A leftover of this very process id (a previous run that was killed) is ours to clear.
-    if std::fs::symlink_metadata(&tmp)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-    {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    let listener = UnixListener::bind(&tmp).map_err(|e| {
-        Error::Io(
-            format!(
-                "cannot listen in {} (is the directory there and writable?)",
-                dir.display()
-            ),
-            e,
-        )
-    })?;
-    if let Err(e) = rename_noreplace(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(if e.kind() == ErrorKind::AlreadyExists {
-            Error::Config(format!(
-                "{} already exists: a share never replaces what is at its socket path",
-                path.display()
-            ))
-        } else {
-            Error::Io(format!("cannot create the socket {}", path.display()), e)
-        });
-    }
-    Ok(listener)
-}
-
-/// rename(2) that fails with EEXIST instead of replacing `to`: renameat2(RENAME_NOREPLACE),
-/// or link(2) + unlink(2) on file systems without it.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
-    };
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: two valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-        return Err(err);
-    }
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
 }
 
 /// Serves one front-end after another until `stopping`. Returns an error only for what
