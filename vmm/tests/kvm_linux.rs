@@ -56,12 +56,8 @@ const BOOT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 cr
 
 /// The kit's initramfs with a command script that succeeds (kept in `dir`).
 fn initrd_with_command(initrd: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
-    vmbuild::workflow::initrd::with_files(
-        initrd,
-        dir,
-        &[("/etc/vmbuild/true.sh", 0o755, b"exit 0\n")],
-    )
-    .unwrap()
+    vmbuild::guest::initrd::with_files(initrd, dir, &[("/etc/vmbuild/true.sh", 0o755, b"exit 0\n")])
+        .unwrap()
 }
 
 fn boot_kit(kernel: &std::path::Path, initrd: &std::path::Path) -> LinuxVm {
@@ -209,7 +205,7 @@ fn a_running_linux_is_snapshotted_and_restored_and_keeps_running() {
 #[test]
 #[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
 fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
-    use vmbuild::workflow::run::{RunEnd, RunSpec, Vmm};
+    use vmbuild::vm::run::{RunEnd, RunSpec, Vmm};
     let (kernel, initrd) = kit_files();
     let qemu = vmbuild::qemu::QemuBinary::locate().unwrap();
     let runtime = tempfile::tempdir().unwrap();
@@ -244,7 +240,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
-    let outcome = vmbuild::workflow::run_embedded::run_embedded(&spec, rx).unwrap();
+    let outcome = vmbuild::vm::run_embedded::run_embedded(&spec, rx).unwrap();
     // Nothing of the run is left.
     let left: Vec<_> = std::fs::read_dir(runtime.path().join("vmbuild"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -451,7 +447,7 @@ cat /proc/sys/kernel/random/uuid > /tmp/xchg/result
 echo \"forks=$(forks)\" >> /tmp/xchg/result
 echo job: done
 ";
-    let initrd = vmbuild::workflow::initrd::with_files(
+    let initrd = vmbuild::guest::initrd::with_files(
         &initrd,
         dir.path(),
         &[("/etc/vmbuild/job.sh", 0o755, &job[..])],

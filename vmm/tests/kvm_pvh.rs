@@ -108,7 +108,7 @@ fn a_triple_fault_resets() {
 /// ACPI power-off does) ends with that status soon after, not at the run's timeout.
 #[test]
 fn a_guest_that_reports_and_halts_ends_the_run() {
-    use vmbuild::workflow::run::{RunEnd, RunSpec, Vmm};
+    use vmbuild::vm::run::{RunEnd, RunSpec, Vmm};
     if !kvm_here("a_guest_that_reports_and_halts_ends_the_run") {
         return;
     }
@@ -146,7 +146,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let started = Instant::now();
-    let outcome = vmbuild::workflow::run_embedded::run_embedded(&spec, rx).unwrap();
+    let outcome = vmbuild::vm::run_embedded::run_embedded(&spec, rx).unwrap();
     assert!(
         matches!(outcome.end, RunEnd::Exited(5)),
         "{:?}",

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest_kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
 use vmbuild::qemu::{QemuProcess, Qmp};
-use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 
 const COUNTER: &[u8] = b"i=0\nwhile true; do i=$((i+1)); echo tick=$i; sleep 0.1; done\n";
 

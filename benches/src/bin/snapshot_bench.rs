@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest_kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
 use vmbuild::qemu::{QemuProcess, Qmp};
-use vmbuild::workflow::initrd::{self, GUEST_SCRIPT_PATH};
 
 #[derive(Parser, Debug)]
 #[command(about = "QEMU suspend/revive: gzip exec vs file: vs mapped-ram")]

@@ -18,28 +18,8 @@ pub enum AccelChoice {
     Tcg,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn qemu_name(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-
-    /// `host` under KVM; QEMU's default model under TCG (`max` boots ~0.1 s slower).
-    pub fn cpu_model(self) -> Option<&'static str> {
-        match self {
-            Accel::Kvm => Some("host"),
-            Accel::Tcg => None,
-        }
-    }
-}
+/// The accelerator itself is QEMU's notion (`-accel`); this layer decides which one.
+pub use crate::qemu::Accel;
 
 /// How long a probe's boot may take to reach init. The question is whether KVM runs
 /// Linux at all, not how fast: a KVM nested in a TCG guest boots the kit in 5–10 s, more

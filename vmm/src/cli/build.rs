@@ -128,7 +128,7 @@ impl BuildArgs {
         let say = |m: String| eprintln!("vmbuild build: {m}");
         Ok(match outcome.end {
             BuildEnd::Exited(code) => {
-                if code == crate::workflow::guest_script::SETUP_FAILED {
+                if code == crate::guest::command_script::SETUP_FAILED {
                     say(
                         "exit status 125: the command could not be started (see its stderr above)"
                             .into(),

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::run::{usage, Usage};
+use super::usage::{usage, Usage};
 
 /// One share as the guest will see it.
 pub struct GuestMount<'a> {

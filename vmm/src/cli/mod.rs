@@ -10,6 +10,7 @@ mod signal_channel;
 mod snapshot;
 mod socket_path;
 mod switch;
+mod usage;
 mod values;
 
 use clap::{Parser, Subcommand};

@@ -14,10 +14,10 @@ use super::guest_mounts::{self, GuestMount, Protected};
 
 use crate::accel::{self, AccelChoice};
 use crate::exit;
+use crate::guest::command_script::valid_env_name;
 use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
-use crate::workflow::guest_script::valid_env_name;
-use crate::workflow::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
+use crate::vm::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VmmChoice {
@@ -131,13 +131,7 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-/// A usage error: printed as one line, exit 2.
-pub(super) struct Usage(pub(super) String);
-
-macro_rules! usage {
-    ($($t:tt)*) => { return Err(Usage(format!($($t)*))) };
-}
-pub(super) use usage;
+pub(super) use super::usage::{usage, Usage};
 
 impl RunArgs {
     pub fn run(self) -> anyhow::Result<i32> {
@@ -158,7 +152,7 @@ impl RunArgs {
         let sig_rx = super::signal_channel::signal_channel()?;
         let result = match spec.vmm {
             Vmm::Qemu => run(&spec, sig_rx),
-            Vmm::Embedded => crate::workflow::run_embedded::run_embedded(&spec, sig_rx),
+            Vmm::Embedded => crate::vm::run_embedded::run_embedded(&spec, sig_rx),
         };
         let outcome = match result {
             Ok(o) => o,
@@ -181,7 +175,7 @@ impl RunArgs {
                         code - 128
                     );
                 }
-                if code == crate::workflow::guest_script::SETUP_FAILED {
+                if code == crate::guest::command_script::SETUP_FAILED {
                     eprintln!("vmbuild run: exit status 125: the command could not be started (see the console above)");
                 }
                 code

@@ -26,7 +26,7 @@ pub struct ConsoleGuestConfig<'a> {
     /// Start with `-incoming defer`, to be revived with `Qmp::revive_from_*`.
     pub incoming: bool,
     /// TCG, or KVM with the host's CPU model.
-    pub accel: crate::accel::Accel,
+    pub accel: super::Accel,
 }
 
 impl ConsoleGuest {

@@ -2,12 +2,14 @@
 //! to it over QMP. QEMU is the VMM for guests that need a full PC (Windows) and for Linux
 //! guests on hosts whose KVM cannot run them (TCG).
 
+pub mod accel;
 pub mod binary;
 pub mod console_guest;
 pub mod migration;
 pub mod process;
 pub mod qmp;
 
+pub use accel::Accel;
 pub use binary::QemuBinary;
 pub use migration::StateFormat;
 pub use process::{accept_all, ChardevListener, QemuProcess};

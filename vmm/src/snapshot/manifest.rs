@@ -258,7 +258,7 @@ impl Manifest {
             return Err("ssh.host_key is not a public key line".into());
         }
         if let Some(e) = self.controller.as_ref().and_then(|c| c.embedded.as_ref()) {
-            if e != crate::snapshot::controller::EMBEDDED_CONTROLLER_DIR {
+            if e != crate::snapshot::EMBEDDED_CONTROLLER_DIR {
                 return Err(format!(
                     "controller.embedded '{e}' is not the embedded controller's directory"
                 ));

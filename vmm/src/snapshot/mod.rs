@@ -21,3 +21,6 @@ pub const BOOTSTRAP_LOG: &str = "bootstrap-console.log";
 /// controller, and the `linux` target.
 pub const KIT_KERNEL: &str = "vmlinux";
 pub const KIT_INITRD: &str = "initrd.img";
+/// The embedded VMM's snapshot of the controller, a directory (optional: made where the
+/// embedded VMM boots Linux).
+pub const EMBEDDED_CONTROLLER_DIR: &str = "controller-kvm";

@@ -245,7 +245,7 @@ pub fn spawn_console_reader(
             let mut raw = Vec::new();
             loop {
                 raw.clear();
-                match std::io::Read::take(&mut reader, crate::workflow::run::MAX_CONSOLE_LINE)
+                match std::io::Read::take(&mut reader, crate::vm::run::MAX_CONSOLE_LINE)
                     .read_until(b'\n', &mut raw)
                 {
                     Ok(0) | Err(_) => break,

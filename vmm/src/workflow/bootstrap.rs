@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::accel::{self, Accel};
+use crate::guest::initrd;
 use crate::guest_kit::GuestKit;
 use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::{QemuBinary, StateFormat};
@@ -33,7 +34,6 @@ use crate::snapshot::target::{machine_args, Placement, TargetEvent, TargetVm};
 use crate::snapshot::{
     dropbear, BOOTSTRAP_LOG, CLIENT_KEY, CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL, STATE_FILE,
 };
-use crate::workflow::initrd;
 
 pub struct BootstrapSpec {
     pub profile: Box<dyn Profile>,

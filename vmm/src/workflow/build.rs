@@ -26,6 +26,7 @@ use serde::Serialize;
 use virtiofs_bridge::{ShareConfig, ShareServer};
 
 use crate::accel::{self, Accel};
+use crate::guest::command_script::{CommandIo, GuestCommand};
 use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
@@ -37,8 +38,7 @@ use crate::snapshot::profile::{self, DISK_FILE};
 use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
 use crate::snapshot::{CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL};
-use crate::workflow::guest_script::{CommandIo, GuestCommand};
-use crate::workflow::run::{create_overlay, xchg_dir};
+use crate::vm::run::{create_overlay, xchg_dir};
 
 pub const STORE_TAG: &str = "vmbuild-store";
 pub const XCHG_TAG: &str = "vmbuild-xchg";
@@ -62,7 +62,7 @@ pub struct BuildSpec {
     pub controller: ControllerChoice,
     /// Where this build's sockets and control files go, as [`RunSpec::runtime_dir`].
     ///
-    /// [`RunSpec::runtime_dir`]: crate::workflow::run::RunSpec::runtime_dir
+    /// [`RunSpec::runtime_dir`]: crate::vm::run::RunSpec::runtime_dir
     pub runtime_dir: Option<PathBuf>,
 }
 

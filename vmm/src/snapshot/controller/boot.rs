@@ -14,10 +14,10 @@ use super::{
     CONTROLLER_MEMORY_MIB, CONTROLLER_SCRIPT_GUEST,
 };
 use crate::accel::Accel;
+use crate::guest::initrd;
 use crate::qemu::QemuBinary;
-use crate::workflow::initrd;
-use crate::workflow::run::{self, Nic, NicLink, RunEnd, RunSpec};
-use crate::workflow::run_embedded::run_embedded;
+use crate::vm::run::{self, Nic, NicLink, RunEnd, RunSpec};
+use crate::vm::run_embedded::run_embedded;
 
 /// The controller as a guest booted for one session, run through the same machinery as
 /// `vmbuild run`.

@@ -21,18 +21,15 @@ use super::{
     classify, session_files, Controller, ControllerEnd, ControllerOutcome, SessionPlan,
     CONTROLLER_MEMORY_MIB,
 };
-use crate::workflow::embedded_guest::{
-    drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
-};
-use crate::workflow::initrd::GUEST_SCRIPT_PATH;
-use crate::workflow::run_embedded::parse_mac;
-use crate::workflow::timings::Marks;
+use crate::guest::initrd::GUEST_SCRIPT_PATH;
+use crate::vm::embedded_guest::{drive, stop_requested, why_no_status, DriveEnd, GuestConsole};
+use crate::vm::run_embedded::parse_mac;
+use crate::vm::timings::Marks;
 use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
 use embedded_vmm::virtio::net::NetDevice;
 
-/// The embedded controller's snapshot, inside a snapshot directory.
-pub const EMBEDDED_CONTROLLER_DIR: &str = "controller-kvm";
+pub use crate::snapshot::EMBEDDED_CONTROLLER_DIR;
 
 /// What the daemon announces once logged in, right before it reads its session.
 const READY: &str = "controller-ready";

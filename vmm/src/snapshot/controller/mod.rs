@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
+use crate::guest::initrd;
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
-use crate::workflow::initrd;
-use crate::workflow::timings::Marks;
+use crate::vm::timings::Marks;
 
 /// Statuses of the controller script that are about the SSH side, not the command; each
 /// comes with a console marker, so a command that exits with the same number is not

@@ -19,12 +19,12 @@ use super::{
     CONTROLLER_MEMORY_MIB,
 };
 use crate::accel::Accel;
+use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, StateFormat};
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
 use crate::snapshot::target::{spawn_console_reader, ConsoleTail, TargetEvent};
-use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::run::spawn_copy;
-use crate::workflow::timings::Marks;
+use crate::vm::run::spawn_copy;
+use crate::vm::timings::Marks;
 
 /// The controller's memory state and initramfs in a snapshot directory.
 pub const CONTROLLER_STATE: &str = "controller-state";

@@ -11,8 +11,8 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 use super::{Boot, InstallContext, Profile, DISK_FILE};
+use crate::guest::command_script::shell_quote;
 use crate::snapshot::{dropbear, KIT_INITRD, KIT_KERNEL};
-use crate::workflow::guest_script::shell_quote;
 
 pub struct Linux;
 

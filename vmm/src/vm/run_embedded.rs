@@ -18,15 +18,13 @@ use virtiofs_bridge::ninep::NinepServer;
 use virtiofs_bridge::InProcessShare;
 use vswitch::VlanMode;
 
+use crate::guest::initrd::GUEST_SCRIPT_PATH;
 use crate::runtime_dir::RuntimeDir;
-use crate::workflow::embedded_guest::{
-    drive, stop_requested, why_no_status, DriveEnd, GuestConsole,
-};
-use crate::workflow::initrd::GUEST_SCRIPT_PATH;
-use crate::workflow::run::{
+use crate::vm::embedded_guest::{drive, stop_requested, why_no_status, DriveEnd, GuestConsole};
+use crate::vm::run::{
     command_initrd, guest_shares, xchg_dir, NicLink, RunEnd, RunOutcome, RunSpec, ShareProtocol,
 };
-use crate::workflow::timings::Marks;
+use crate::vm::timings::Marks;
 use embedded_vmm::linux::{LinuxConfig, LinuxVm};
 use embedded_vmm::uart::Transcript;
 use embedded_vmm::virtio::fs::FsDevice;

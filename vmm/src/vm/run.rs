@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use virtiofs_bridge::{CacheMode, ShareConfig, ShareServer};
 
-use crate::accel::Accel;
-use crate::owned_dir::{self, OwnedDir};
-use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, QmpEvent, ShutdownReason};
-use crate::runtime_dir::RuntimeDir;
-use crate::workflow::guest_script::{
+use crate::guest::command_script::{
     CommandIo, GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START,
 };
-use crate::workflow::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::workflow::timings::Marks;
+use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
+use crate::owned_dir::{self, OwnedDir};
+use crate::qemu::Accel;
+use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, QmpEvent, ShutdownReason};
+use crate::runtime_dir::RuntimeDir;
+use crate::vm::timings::Marks;
 
 /// Where the control share (command script, exit status) is mounted in the guest.
 const CTL_MOUNT: &str = "/run/vmbuild";
@@ -120,7 +120,7 @@ pub enum ShareProtocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vmm {
     Qemu,
-    /// The embedded KVM VMM (`workflow::run_embedded`).
+    /// The embedded KVM VMM (`vm::run_embedded`).
     Embedded,
 }
 

@@ -7,8 +7,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::workflow::run::note_console_line;
-use crate::workflow::timings::Marks;
+use crate::vm::run::note_console_line;
+use crate::vm::timings::Marks;
 use embedded_vmm::linux::{LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
 
