@@ -27,13 +27,14 @@ use crate::snapshot::manifest::{
     self, ControllerSnapshot, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan,
     StateInfo,
 };
-use crate::snapshot::profile::{InstallContext, Profile, DISK_FILE};
+use crate::snapshot::profile::{Boot, InstallContext, Profile, DISK_FILE};
 use crate::snapshot::progress::Progress;
 use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{machine_args, Placement, TargetEvent, TargetVm};
 use crate::snapshot::{
     dropbear, BOOTSTRAP_LOG, CLIENT_KEY, CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL, STATE_FILE,
 };
+use crate::vm::timings::Marks;
 
 pub struct BootstrapSpec {
     pub profile: Box<dyn Profile>,
@@ -63,337 +64,461 @@ pub fn bootstrap(
     spec: &BootstrapSpec,
     signals: Receiver<()>,
 ) -> anyhow::Result<Result<Manifest, BootstrapFailure>> {
-    let started = Instant::now();
-    let progress = Progress::new(spec.progress);
-    let mut timings = BTreeMap::new();
-    dropbear::check_installed()?;
-
-    // --- where it goes --------------------------------------------------------------
-    let out = absolute(&spec.out)?;
-    check_out(&out, spec.replace)?;
-    let parent = out
-        .parent()
-        .context("--out has no parent directory")?
-        .to_owned();
-    let name = out.file_name().unwrap_or_default().to_string_lossy();
-    // Owned directories: a bootstrap killed outright leaves them to the next one's sweep.
-    let staging_prefix = staging_prefix(&out);
-    owned_dir::sweep(&parent, &staging_prefix);
-    let staging = OwnedDir::create(&parent, &staging_prefix)
-        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
-    let dir = staging.path();
-    let tmp = std::env::temp_dir();
-    let scratch = OwnedDir::create(&tmp, owned_dir::BOOTSTRAP_SCRATCH_PREFIX)
-        .with_context(|| format!("creating a scratch directory in {}", tmp.display()))?;
-    let rundir = RuntimeDir::create("bootstrap")?;
-
-    // --- keys and install -------------------------------------------------------------
-    let step = progress.step("creating the snapshot's SSH keys");
-    std::fs::create_dir(dir.join("ssh"))?;
-    let client = dropbear::generate_key(&dir.join(CLIENT_KEY))?;
-    let host = dropbear::generate_key(&scratch.path().join("host_key"))?;
-    step.done();
-    if interrupted(&signals) {
-        return Ok(Err(BootstrapFailure::Interrupted));
+    match steps(spec, signals) {
+        Ok(manifest) => Ok(Ok(manifest)),
+        Err(Stop::Failed(why)) => Ok(Err(why)),
+        Err(Stop::Error(e)) => Err(e),
     }
-
-    let network = NetworkPlan::default();
-    let install_start = Instant::now();
-    // The guest kit's kernel and initramfs boot the controller of every build (and the
-    // linux target): the snapshot keeps its own copy, so a later kit cannot change them.
-    std::fs::copy(&spec.kit.kernel, dir.join(KIT_KERNEL))?;
-    std::fs::copy(&spec.kit.initrd, dir.join(KIT_INITRD))?;
-    let boot = spec.profile.install(&InstallContext {
-        out: dir,
-        scratch: scratch.path(),
-        kit: &spec.kit,
-        host_key: &host.private,
-        authorized_key: &format!("{}\n", client.public),
-        disk_size_mib: spec.disk_size_mib,
-        network: &network,
-        progress: &progress,
-    })?;
-    // The controller's part of the snapshot: SSH client and key, appended to the kit's
-    // initramfs at every build.
-    write_controller_cpio(&dir.join(CONTROLLER_CPIO), &client.private)?;
-    timings.insert("install".into(), install_start.elapsed().as_secs_f64());
-    if interrupted(&signals) {
-        return Ok(Err(BootstrapFailure::Interrupted));
-    }
-
-    let plan = MachinePlan {
-        machine: spec.qemu.resolve_machine(spec.profile.machine_type())?,
-        accel: spec.accel.qemu_name().into(),
-        cpu: spec.accel.cpu_model().map(str::to_owned),
-        memory_mib: spec.memory_mib,
-        cpus: spec.cpus,
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
-        append: boot.append.clone(),
-    };
-    let ssh = SshPlan {
-        user: spec.profile.ssh_user().into(),
-        client_key: CLIENT_KEY.into(),
-        client_public_key: client.public.clone(),
-        host_key: host.public.clone(),
-    };
-
-    // --- boot, handshake ------------------------------------------------------------------
-    let step = progress.step(&format!(
-        "booting the target ({} MiB, {}) and logging in from a controller",
-        spec.memory_mib,
-        spec.accel.qemu_name()
-    ));
-    let segment = Segment::create(rundir.path())?;
-    let mut target = TargetVm::start(
-        &spec.qemu,
-        &plan,
-        &network,
-        &Placement {
-            snapshot_dir: dir,
-            disk: &dir.join(DISK_FILE),
-            net_socket: &segment.target_socket,
-            rundir: rundir.path(),
-            console_log: Some(dir.join(BOOTSTRAP_LOG)),
-        },
-        false,
-    )?;
-    let state_format = manifest::snapshot_state_format();
-    let (kernel, kit_initrd) = (dir.join(KIT_KERNEL), dir.join(KIT_INITRD));
-    let controller_cpio = dir.join(CONTROLLER_CPIO);
-    let controller_log = rundir.join("controller-console.log");
-    let session = bootstrap_controller(
-        &ControllerMachine {
-            qemu: &spec.qemu,
-            accel: spec.accel,
-            kernel: &kernel,
-            initrd: &kit_initrd,
-            net_socket: &segment.controller_socket,
-            mac: &network.controller_mac,
-            rundir: rundir.path(),
-            console_log: Some(&controller_log),
-        },
-        &[&kit_initrd, &controller_cpio],
-        dir,
-        &network,
-        &ssh,
-        spec.ssh_wait,
-        &signals,
-        state_format,
-    )?;
-    let mut target_up = None;
-    while let Ok(ev) = target.events.try_recv() {
-        if let TargetEvent::Phase(p, at) = ev {
-            if p == "target-up" {
-                target_up = Some(at);
-            }
-        }
-    }
-    let marks = match session {
-        Ok(marks) => marks,
-        Err(ControllerEnd::Finished(0)) => {
-            unreachable!("bootstrap_controller reports success as Ok")
-        }
-        Err(ControllerEnd::Interrupted) => return Ok(Err(BootstrapFailure::Interrupted)),
-        Err(ControllerEnd::TargetUnreachable) => {
-            return Ok(Err(BootstrapFailure::TargetUnreachable(
-                target.console_tail(),
-            )))
-        }
-        Err(ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed) => {
-            return Ok(Err(BootstrapFailure::HandshakeFailed(
-                target.console_tail(),
-            )))
-        }
-        Err(ControllerEnd::Finished(code)) => {
-            return Ok(Err(BootstrapFailure::HandshakeFailed(format!(
-                "the controller's session ended with status {code}"
-            ))))
-        }
-        Err(ControllerEnd::Died { why, console_tail }) => {
-            return Ok(Err(BootstrapFailure::ControllerDied(format!(
-                "{why}\n{console_tail}"
-            ))))
-        }
-    };
-    step.done();
-    // Where the embedded VMM boots Linux here, the same controller once more, snapshotted
-    // by it: builds on this host then restore it in milliseconds, with no QEMU for it. It
-    // is an addition; a snapshot without it works everywhere.
-    let embedded = EmbeddedBootstrap {
-        kernel: &kernel,
-        initrd: &dir.join(CONTROLLER_INITRD),
-        switch: segment.switch(),
-        mac: &network.controller_mac,
-        out: &dir.join(EMBEDDED_CONTROLLER_DIR),
-        wait: spec.ssh_wait + Duration::from_secs(60),
-        console_log: Some(&rundir.join("embedded-controller-console.log")),
-    };
-    let embedded_controller =
-        // The kit's own files (their checksums key the cached answer), which the
-        // snapshot's copies are.
-        match accel::probe_embedded_cached(&spec.qemu.path, &spec.kit.kernel, &spec.kit.initrd)
-            .usable
-        {
-            false => false,
-            true => {
-                match snapshot_embedded_controller(&embedded, &signals, &progress, &mut timings) {
-                    Some(made) => made,
-                    None => return Ok(Err(BootstrapFailure::Interrupted)),
-                }
-            }
-        };
-    let m = &marks;
-    if let Some(t) = target_up {
-        timings.insert(
-            "target_boot".into(),
-            t.duration_since(target.spawned).as_secs_f64(),
-        );
-    }
-    if let (Some(s), Some(up)) = (m.start, m.phase("controller-up")) {
-        timings.insert("controller_up".into(), (up - s).as_secs_f64());
-    }
-    if let (Some(open), Some(end)) = (m.phase("port-open"), m.phase("controller-ready")) {
-        timings.insert("handshake".into(), (end - open).as_secs_f64());
-    }
-
-    // --- suspend ---------------------------------------------------------------------------
-    if interrupted(&signals) {
-        return Ok(Err(BootstrapFailure::Interrupted));
-    }
-    let step = progress.step("suspending the target to its memory state");
-    let state = dir.join(STATE_FILE);
-    target
-        .qmp
-        .suspend_with_progress(
-            &format!("file:{}", state.display()),
-            state_format,
-            Duration::from_secs(600),
-            &mut |done, total| progress.fraction("saving memory", done, total),
-        )
-        .context("suspending the target")?;
-    let suspend = step.done();
-    timings.insert("suspend".into(), suspend);
-    let _ = target.qmp.quit();
-    if target.qemu.wait_timeout(Duration::from_secs(5))?.is_none() {
-        target.qemu.kill();
-    }
-    drop(target);
-    drop(segment);
-
-    // --- manifest ----------------------------------------------------------------------------
-    if interrupted(&signals) {
-        return Ok(Err(BootstrapFailure::Interrupted));
-    }
-    let step = progress.step("writing checksums and the manifest");
-    let files = vec![
-        manifest::file_entry(dir, DISK_FILE, "disk")?,
-        manifest::file_entry(dir, STATE_FILE, "state")?,
-        manifest::file_entry(dir, CONTROLLER_CPIO, "controller")?,
-        manifest::file_entry(dir, CLIENT_KEY, "key")?,
-        manifest::file_entry(dir, KIT_KERNEL, "kernel")?,
-        manifest::file_entry(dir, KIT_INITRD, "initrd")?,
-        manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
-        manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
-    ];
-    let mut files = files;
-    if embedded_controller {
-        let sub = dir.join(EMBEDDED_CONTROLLER_DIR);
-        let mut names: Vec<String> = std::fs::read_dir(&sub)?
-            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()?;
-        names.sort();
-        for name in names {
-            files.push(manifest::file_entry(
-                dir,
-                &format!("{EMBEDDED_CONTROLLER_DIR}/{name}"),
-                manifest::OPTIONAL_ROLE,
-            )?);
-        }
-    }
-    let state_bytes = std::fs::metadata(&state)?.len();
-    let (a, b, c) = spec.qemu.version;
-    timings.insert("total".into(), started.elapsed().as_secs_f64());
-    let qemu_args = machine_args(
-        &plan,
-        &network,
-        &Placement {
-            snapshot_dir: Path::new("$SNAPSHOT"),
-            disk: Path::new("$DISK"),
-            net_socket: Path::new("$NET_SOCKET"),
-            rundir: Path::new(""),
-            console_log: None,
-        },
-    );
-    let manifest = Manifest {
-        format: manifest::FORMAT,
-        vmbuild_version: env!("CARGO_PKG_VERSION").into(),
-        profile: spec.profile.name().into(),
-        created_at: manifest::utc_now(),
-        qemu: QemuInfo {
-            version: format!("{a}.{b}.{c}"),
-            binary: spec.qemu.path.display().to_string(),
-        },
-        machine: plan,
-        qemu_args,
-        state: StateInfo {
-            file: STATE_FILE.into(),
-            format: "mapped-ram".into(),
-            bytes: state_bytes,
-            multifd_channels: match state_format {
-                StateFormat::MappedRamMultifd(n) => Some(n),
-                _ => None,
-            },
-        },
-        network,
-        ssh,
-        controller: Some(ControllerSnapshot {
-            state: CONTROLLER_STATE.into(),
-            initrd: CONTROLLER_INITRD.into(),
-            memory_mib: CONTROLLER_MEMORY_MIB,
-            embedded: embedded_controller.then(|| EMBEDDED_CONTROLLER_DIR.into()),
-        }),
-        mounts: MountPlan {
-            xchg: spec.profile.xchg_mount().into(),
-        },
-        files,
-        timings,
-    };
-    manifest.save(dir)?;
-    step.done();
-
-    // --- into place ----------------------------------------------------------------------------
-    // The old snapshot (if any) moves aside, the new one in, and only then is the old one
-    // removed: a failure in between leaves one of them whole under --out.
-    check_out(&out, spec.replace)?;
-    let old = out
-        .exists()
-        .then(|| parent.join(format!(".{name}.old-{}", std::process::id())));
-    if let Some(old) = &old {
-        std::fs::rename(&out, old)
-            .with_context(|| format!("moving the old snapshot {} aside", out.display()))?;
-    }
-    if let Err(e) = staging.persist_as(&out) {
-        if let Some(old) = &old {
-            let _ = std::fs::rename(old, &out);
-        }
-        return Err(e).with_context(|| format!("moving the snapshot to {}", out.display()));
-    }
-    if let Some(old) = &old {
-        std::fs::remove_dir_all(old)
-            .with_context(|| format!("removing the old snapshot {}", old.display()))?;
-    }
-    manifest::mark_verified(&out, &manifest);
-    progress.note(&format!(
-        "snapshot ready in {} ({:.1} s)",
-        out.display(),
-        progress.elapsed()
-    ));
-    Ok(Ok(manifest))
 }
 
-/// `out` may be written: absent, empty, or (with `replace`) a snapshot. Never replaces a
-/// directory that is not a snapshot.
+/// The bootstrap, step by step. Each step either hands the next what it made or stops
+/// the bootstrap; whatever is dropped on the way out (VMs, the staging directory, sockets)
+/// cleans up after itself.
+fn steps(spec: &BootstrapSpec, signals: Receiver<()>) -> Result<Manifest, Stop> {
+    dropbear::check_installed()?;
+    let mut b = Bootstrap::prepare(spec, signals)?;
+    let keys = b.make_keys()?;
+    b.stop_if_interrupted()?;
+    let boot = b.install(&keys)?;
+    b.stop_if_interrupted()?;
+    let (plan, ssh) = b.plans(&boot, &keys)?;
+    let running = b.boot_and_log_in(&plan, &ssh)?;
+    let embedded_controller = b.snapshot_embedded_controller(&running)?;
+    b.record_boot_timings(&running);
+    b.stop_if_interrupted()?;
+    b.suspend(running)?;
+    b.stop_if_interrupted()?;
+    let manifest = b.write_manifest(plan, ssh, embedded_controller)?;
+    b.publish(manifest)
+}
+
+/// How a step ends a bootstrap early: a failure the user is told about in its own terms
+/// (exit code), or an error.
+enum Stop {
+    Failed(BootstrapFailure),
+    Error(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Stop {
+    fn from(e: E) -> Stop {
+        Stop::Error(e.into())
+    }
+}
+
+/// The snapshot's keys: the controller's (kept in the snapshot) and the target's host
+/// key (its public half is pinned in the manifest).
+struct Keys {
+    client: dropbear::KeyPair,
+    host: dropbear::KeyPair,
+}
+
+/// The target booted and logged into, still running on its private segment.
+struct Running {
+    target: TargetVm,
+    segment: Segment,
+    controller_marks: Marks,
+    target_up: Option<Instant>,
+}
+
+/// What the steps share: where the snapshot is being written, and what was measured.
+struct Bootstrap<'a> {
+    spec: &'a BootstrapSpec,
+    signals: Receiver<()>,
+    progress: Progress,
+    timings: BTreeMap<String, f64>,
+    out: PathBuf,
+    /// The snapshot being written, next to `out`, renamed onto it when complete.
+    staging: OwnedDir,
+    /// Files needed only while bootstrapping (the target's private host key).
+    scratch: OwnedDir,
+    rundir: RuntimeDir,
+    network: NetworkPlan,
+    state_format: StateFormat,
+}
+
+impl<'a> Bootstrap<'a> {
+    /// Where it goes: `--out` checked, and the staging, scratch and runtime directories
+    /// made. They are owned directories: a bootstrap killed outright leaves them to the
+    /// next one's sweep.
+    fn prepare(spec: &'a BootstrapSpec, signals: Receiver<()>) -> Result<Self, Stop> {
+        let out = absolute(&spec.out)?;
+        check_out(&out, spec.replace)?;
+        let parent = out.parent().context("--out has no parent directory")?;
+        let staging_prefix = staging_prefix(&out);
+        owned_dir::sweep(parent, &staging_prefix);
+        let staging = OwnedDir::create(parent, &staging_prefix)
+            .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+        let tmp = std::env::temp_dir();
+        let scratch = OwnedDir::create(&tmp, owned_dir::BOOTSTRAP_SCRATCH_PREFIX)
+            .with_context(|| format!("creating a scratch directory in {}", tmp.display()))?;
+        Ok(Bootstrap {
+            spec,
+            signals,
+            progress: Progress::new(spec.progress),
+            timings: BTreeMap::new(),
+            out,
+            staging,
+            scratch,
+            rundir: RuntimeDir::create("bootstrap")?,
+            network: NetworkPlan::default(),
+            state_format: manifest::snapshot_state_format(),
+        })
+    }
+
+    /// The snapshot directory being written.
+    fn dir(&self) -> &Path {
+        self.staging.path()
+    }
+
+    fn stop_if_interrupted(&self) -> Result<(), Stop> {
+        match interrupted(&self.signals) {
+            true => Err(Stop::Failed(BootstrapFailure::Interrupted)),
+            false => Ok(()),
+        }
+    }
+
+    fn make_keys(&self) -> Result<Keys, Stop> {
+        let step = self.progress.step("creating the snapshot's SSH keys");
+        std::fs::create_dir(self.dir().join("ssh"))?;
+        let client = dropbear::generate_key(&self.dir().join(CLIENT_KEY))?;
+        let host = dropbear::generate_key(&self.scratch.path().join("host_key"))?;
+        step.done();
+        Ok(Keys { client, host })
+    }
+
+    /// The profile installs the target's disk and boot files; the kit's kernel and
+    /// initramfs (which boot every build's controller, and the linux target) and the
+    /// controller's part are copied in, so a later kit cannot change them.
+    fn install(&mut self, keys: &Keys) -> Result<Boot, Stop> {
+        let (spec, dir) = (self.spec, self.staging.path());
+        let started = Instant::now();
+        std::fs::copy(&spec.kit.kernel, dir.join(KIT_KERNEL))?;
+        std::fs::copy(&spec.kit.initrd, dir.join(KIT_INITRD))?;
+        let boot = spec.profile.install(&InstallContext {
+            out: dir,
+            scratch: self.scratch.path(),
+            kit: &spec.kit,
+            host_key: &keys.host.private,
+            authorized_key: &format!("{}\n", keys.client.public),
+            disk_size_mib: spec.disk_size_mib,
+            network: &self.network,
+            progress: &self.progress,
+        })?;
+        // The controller's SSH client and key, appended to the kit's initramfs at every
+        // build.
+        write_controller_cpio(&dir.join(CONTROLLER_CPIO), &keys.client.private)?;
+        self.timings
+            .insert("install".into(), started.elapsed().as_secs_f64());
+        Ok(boot)
+    }
+
+    /// The machine and the SSH login the manifest records.
+    fn plans(&self, boot: &Boot, keys: &Keys) -> Result<(MachinePlan, SshPlan), Stop> {
+        let spec = self.spec;
+        let machine = MachinePlan {
+            machine: spec.qemu.resolve_machine(spec.profile.machine_type())?,
+            accel: spec.accel.qemu_name().into(),
+            cpu: spec.accel.cpu_model().map(str::to_owned),
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            kernel: boot.kernel.clone(),
+            initrd: boot.initrd.clone(),
+            append: boot.append.clone(),
+        };
+        let ssh = SshPlan {
+            user: spec.profile.ssh_user().into(),
+            client_key: CLIENT_KEY.into(),
+            client_public_key: keys.client.public.clone(),
+            host_key: keys.host.public.clone(),
+        };
+        Ok((machine, ssh))
+    }
+
+    /// Boots the target on a private segment, and a controller that logs into it (which
+    /// proves the keys and pins the host key) and is suspended right after, waiting for
+    /// the session of a build.
+    fn boot_and_log_in(&self, plan: &MachinePlan, ssh: &SshPlan) -> Result<Running, Stop> {
+        let (spec, dir, rundir) = (self.spec, self.dir(), self.rundir.path());
+        let step = self.progress.step(&format!(
+            "booting the target ({} MiB, {}) and logging in from a controller",
+            spec.memory_mib,
+            spec.accel.qemu_name()
+        ));
+        let segment = Segment::create(rundir)?;
+        let target = TargetVm::start(
+            &spec.qemu,
+            plan,
+            &self.network,
+            &Placement {
+                snapshot_dir: dir,
+                disk: &dir.join(DISK_FILE),
+                net_socket: &segment.target_socket,
+                rundir,
+                console_log: Some(dir.join(BOOTSTRAP_LOG)),
+            },
+            false,
+        )?;
+        let (kernel, kit_initrd) = (dir.join(KIT_KERNEL), dir.join(KIT_INITRD));
+        let controller_log = self.rundir.join("controller-console.log");
+        let session = bootstrap_controller(
+            &ControllerMachine {
+                qemu: &spec.qemu,
+                accel: spec.accel,
+                kernel: &kernel,
+                initrd: &kit_initrd,
+                net_socket: &segment.controller_socket,
+                mac: &self.network.controller_mac,
+                rundir,
+                console_log: Some(&controller_log),
+            },
+            &[&kit_initrd, &dir.join(CONTROLLER_CPIO)],
+            dir,
+            &self.network,
+            ssh,
+            spec.ssh_wait,
+            &self.signals,
+            self.state_format,
+        )?;
+        let mut target_up = None;
+        while let Ok(ev) = target.events.try_recv() {
+            if let TargetEvent::Phase(p, at) = ev {
+                if p == "target-up" {
+                    target_up = Some(at);
+                }
+            }
+        }
+        let controller_marks = session.map_err(|end| {
+            Stop::Failed(match end {
+                ControllerEnd::Finished(0) => {
+                    unreachable!("bootstrap_controller reports success as Ok")
+                }
+                ControllerEnd::Interrupted => BootstrapFailure::Interrupted,
+                ControllerEnd::TargetUnreachable => {
+                    BootstrapFailure::TargetUnreachable(target.console_tail())
+                }
+                ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed => {
+                    BootstrapFailure::HandshakeFailed(target.console_tail())
+                }
+                ControllerEnd::Finished(code) => BootstrapFailure::HandshakeFailed(format!(
+                    "the controller's session ended with status {code}"
+                )),
+                ControllerEnd::Died { why, console_tail } => {
+                    BootstrapFailure::ControllerDied(format!("{why}\n{console_tail}"))
+                }
+            })
+        })?;
+        step.done();
+        Ok(Running {
+            target,
+            segment,
+            controller_marks,
+            target_up,
+        })
+    }
+
+    /// Where the embedded VMM boots Linux here, the same controller once more,
+    /// snapshotted by it: builds on this host then restore it in milliseconds, with no
+    /// QEMU for it. It is an addition: a snapshot without it works everywhere, so a
+    /// failure is reported and the bootstrap goes on. Whether it was made.
+    fn snapshot_embedded_controller(&mut self, running: &Running) -> Result<bool, Stop> {
+        let spec = self.spec;
+        // The kit's own files (their checksums key the cached answer), which the
+        // snapshot's copies are.
+        if !accel::probe_embedded_cached(&spec.qemu.path, &spec.kit.kernel, &spec.kit.initrd).usable
+        {
+            return Ok(false);
+        }
+        let dir = self.dir();
+        let embedded = EmbeddedBootstrap {
+            kernel: &dir.join(KIT_KERNEL),
+            initrd: &dir.join(CONTROLLER_INITRD),
+            switch: running.segment.switch(),
+            mac: &self.network.controller_mac,
+            out: &dir.join(EMBEDDED_CONTROLLER_DIR),
+            wait: spec.ssh_wait + Duration::from_secs(60),
+            console_log: Some(&self.rundir.join("embedded-controller-console.log")),
+        };
+        let made = snapshot_embedded_controller(
+            &embedded,
+            &self.signals,
+            &self.progress,
+            &mut self.timings,
+        );
+        made.ok_or(Stop::Failed(BootstrapFailure::Interrupted))
+    }
+
+    fn record_boot_timings(&mut self, running: &Running) {
+        let m = &running.controller_marks;
+        if let Some(t) = running.target_up {
+            self.timings.insert(
+                "target_boot".into(),
+                t.duration_since(running.target.spawned).as_secs_f64(),
+            );
+        }
+        if let (Some(s), Some(up)) = (m.start, m.phase("controller-up")) {
+            self.timings
+                .insert("controller_up".into(), (up - s).as_secs_f64());
+        }
+        if let (Some(open), Some(end)) = (m.phase("port-open"), m.phase("controller-ready")) {
+            self.timings
+                .insert("handshake".into(), (end - open).as_secs_f64());
+        }
+    }
+
+    /// The target's memory to the state file (QMP `stop` + migrate), then QEMU quits.
+    fn suspend(&mut self, running: Running) -> Result<(), Stop> {
+        let Running {
+            mut target,
+            segment,
+            ..
+        } = running;
+        let step = self
+            .progress
+            .step("suspending the target to its memory state");
+        let state = self.dir().join(STATE_FILE);
+        let progress = &self.progress;
+        target
+            .qmp
+            .suspend_with_progress(
+                &format!("file:{}", state.display()),
+                self.state_format,
+                Duration::from_secs(600),
+                &mut |done, total| progress.fraction("saving memory", done, total),
+            )
+            .context("suspending the target")?;
+        let suspend = step.done();
+        self.timings.insert("suspend".into(), suspend);
+        let _ = target.qmp.quit();
+        if target.qemu.wait_timeout(Duration::from_secs(5))?.is_none() {
+            target.qemu.kill();
+        }
+        drop(target);
+        drop(segment);
+        Ok(())
+    }
+
+    /// Every file's checksum and the plans, in `manifest.json`.
+    fn write_manifest(
+        &mut self,
+        plan: MachinePlan,
+        ssh: SshPlan,
+        embedded_controller: bool,
+    ) -> Result<Manifest, Stop> {
+        let (spec, dir) = (self.spec, self.staging.path());
+        let step = self.progress.step("writing checksums and the manifest");
+        let mut files = vec![
+            manifest::file_entry(dir, DISK_FILE, "disk")?,
+            manifest::file_entry(dir, STATE_FILE, "state")?,
+            manifest::file_entry(dir, CONTROLLER_CPIO, "controller")?,
+            manifest::file_entry(dir, CLIENT_KEY, "key")?,
+            manifest::file_entry(dir, KIT_KERNEL, "kernel")?,
+            manifest::file_entry(dir, KIT_INITRD, "initrd")?,
+            manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
+            manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
+        ];
+        if embedded_controller {
+            let sub = dir.join(EMBEDDED_CONTROLLER_DIR);
+            let mut names: Vec<String> = std::fs::read_dir(&sub)?
+                .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<_>>()?;
+            names.sort();
+            for name in names {
+                files.push(manifest::file_entry(
+                    dir,
+                    &format!("{EMBEDDED_CONTROLLER_DIR}/{name}"),
+                    manifest::OPTIONAL_ROLE,
+                )?);
+            }
+        }
+        let state_bytes = std::fs::metadata(dir.join(STATE_FILE))?.len();
+        let (a, b, c) = spec.qemu.version;
+        self.timings.insert("total".into(), self.progress.elapsed());
+        let qemu_args = machine_args(
+            &plan,
+            &self.network,
+            &Placement {
+                snapshot_dir: Path::new("$SNAPSHOT"),
+                disk: Path::new("$DISK"),
+                net_socket: Path::new("$NET_SOCKET"),
+                rundir: Path::new(""),
+                console_log: None,
+            },
+        );
+        let manifest = Manifest {
+            format: manifest::FORMAT,
+            vmbuild_version: env!("CARGO_PKG_VERSION").into(),
+            profile: spec.profile.name().into(),
+            created_at: manifest::utc_now(),
+            qemu: QemuInfo {
+                version: format!("{a}.{b}.{c}"),
+                binary: spec.qemu.path.display().to_string(),
+            },
+            machine: plan,
+            qemu_args,
+            state: StateInfo {
+                file: STATE_FILE.into(),
+                format: "mapped-ram".into(),
+                bytes: state_bytes,
+                multifd_channels: match self.state_format {
+                    StateFormat::MappedRamMultifd(n) => Some(n),
+                    _ => None,
+                },
+            },
+            network: self.network.clone(),
+            ssh,
+            controller: Some(ControllerSnapshot {
+                state: CONTROLLER_STATE.into(),
+                initrd: CONTROLLER_INITRD.into(),
+                memory_mib: CONTROLLER_MEMORY_MIB,
+                embedded: embedded_controller.then(|| EMBEDDED_CONTROLLER_DIR.into()),
+            }),
+            mounts: MountPlan {
+                xchg: spec.profile.xchg_mount().into(),
+            },
+            files,
+            timings: self.timings.clone(),
+        };
+        manifest.save(dir)?;
+        step.done();
+        Ok(manifest)
+    }
+
+    /// Into place: the old snapshot (if any) moves aside, the new one in, and only then
+    /// is the old one removed; a failure in between leaves one of them whole under --out.
+    fn publish(self, manifest: Manifest) -> Result<Manifest, Stop> {
+        let out = &self.out;
+        check_out(out, self.spec.replace)?;
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        let parent = out.parent().context("--out has no parent directory")?;
+        let old = out
+            .exists()
+            .then(|| parent.join(format!(".{name}.old-{}", std::process::id())));
+        if let Some(old) = &old {
+            std::fs::rename(out, old)
+                .with_context(|| format!("moving the old snapshot {} aside", out.display()))?;
+        }
+        if let Err(e) = self.staging.persist_as(out) {
+            if let Some(old) = &old {
+                let _ = std::fs::rename(old, out);
+            }
+            return Err(anyhow::Error::from(e)
+                .context(format!("moving the snapshot to {}", out.display()))
+                .into());
+        }
+        if let Some(old) = &old {
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("removing the old snapshot {}", old.display()))?;
+        }
+        manifest::mark_verified(out, &manifest);
+        self.progress.note(&format!(
+            "snapshot ready in {} ({:.1} s)",
+            out.display(),
+            self.progress.elapsed()
+        ));
+        Ok(manifest)
+    }
+}
+
 /// Whether SIGINT, SIGTERM or SIGHUP came (checked between steps that do not watch for
 /// it themselves, so that an interrupt does not wait for the rest of the bootstrap).
 fn interrupted(signals: &Receiver<()>) -> bool {
@@ -413,6 +538,8 @@ pub fn out_in_use(out: &Path) -> Option<PathBuf> {
     owned_dir::in_use(out.parent()?, &staging_prefix(&out))
 }
 
+/// `out` may be written: absent, empty, or (with `replace`) a snapshot. Never replaces a
+/// directory that is not a snapshot.
 fn check_out(out: &Path, replace: bool) -> anyhow::Result<()> {
     if !out.exists() {
         return Ok(());
