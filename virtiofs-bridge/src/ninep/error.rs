@@ -50,3 +50,32 @@ impl From<std::io::Error> for RequestError {
         RequestError::Os(e.raw_os_error().unwrap_or(libc::EIO))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_names_its_errno() {
+        let cases = [
+            (RequestError::Malformed(ParseError::Truncated), libc::EINVAL),
+            (RequestError::ReadOnly, libc::EROFS),
+            (RequestError::Unsupported, libc::EOPNOTSUPP),
+            (RequestError::BadFid, libc::EBADF),
+            (RequestError::BadName, libc::EINVAL),
+            (RequestError::Os(libc::ENOENT), libc::ENOENT),
+            (
+                std::io::Error::from_raw_os_error(libc::EEXIST).into(),
+                libc::EEXIST,
+            ),
+            (std::io::Error::other("no errno").into(), libc::EIO),
+        ];
+        for (e, errno) in cases {
+            assert_eq!(e.errno(), errno as u32, "{e:?}");
+        }
+        assert_eq!(
+            RequestError::Os(libc::ENOENT).to_string(),
+            std::io::Error::from_raw_os_error(libc::ENOENT).to_string()
+        );
+    }
+}
