@@ -10,18 +10,18 @@
 //!
 //! On a read-only share every mutation is answered `EROFS` and counted. On a read-write
 //! share the requests a Linux v9fs client sends to create and change files are served
-//! (see [`write`]): every name they carry must be one plain component, and every host
+//! (see `write.rs`): every name they carry must be one plain component, and every host
 //! call is made relative to a directory descriptor the fid holds (`openat`, `mkdirat`,
 //! `unlinkat`, `renameat`, `symlinkat`, `linkat`, `mknodat`), never through a host path
 //! built from the guest's names, and never following a symlink the guest planted.
 //!
-//! How it is built, bottom-up: [`wire`] reads and writes the message format; [`request`]
-//! parses a message into a typed request before anything is done with it; [`dispatch`]
-//! answers the request, one handler per message type, found in [`read`] (the session and
-//! the reading requests: what every share serves) and [`write`] (what changes a
-//! read-write share); [`error`] names why a request is answered `Rlerror`, and with which
-//! errno. [`state`] saves and restores a session for VM snapshots; [`tcp`] carries the
-//! messages over TCP.
+//! How it is built, bottom-up, one file per part: `wire.rs` reads and writes the message
+//! format; `request.rs` parses a message into a typed request before anything is done
+//! with it; `dispatch.rs` answers the request, one handler per message type, found in
+//! `read.rs` (the session and the reading requests: what every share serves) and
+//! `write.rs` (what changes a read-write share), over the host calls of `host.rs`;
+//! `error.rs` names why a request is answered `Rlerror`, and with which errno. `state.rs`
+//! saves and restores a session for VM snapshots; `tcp.rs` carries the messages over TCP.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -13,7 +13,7 @@ use super::{Fid, NinepServer, Open, MAX_MSIZE, VERSION};
 
 type Reply = Result<Out, RequestError>;
 
-/// Room for data in a reply of `msize`: size[4] type[1] tag[2] count[4] before it.
+/// Room for data in a reply of `msize`: `size[4] type[1] tag[2] count[4]` before it.
 fn room(msize: u32) -> u32 {
     msize.saturating_sub(11)
 }

@@ -3,7 +3,7 @@
 //! types, open flags). Every integer is little-endian; a string is a u16 length and its
 //! bytes.
 
-/// size[4] type[1] tag[2].
+/// The header: `size[4] type[1] tag[2]`.
 pub(super) const HEADER: usize = 7;
 pub(super) const NOFID: u32 = u32::MAX;
 /// The type of an error reply.

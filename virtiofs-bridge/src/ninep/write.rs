@@ -56,7 +56,7 @@ const ATTR_MTIME_SET: u32 = 1 << 8;
 const LOCK_SUCCESS: u8 = 0;
 const LOCK_TYPE_UNLCK: u8 = 2;
 
-/// Size of a Twrite before its data: size[4] type[1] tag[2] fid[4] offset[8] count[4].
+/// Size of a Twrite before its data: `size[4] type[1] tag[2] fid[4] offset[8] count[4]`.
 const TWRITE_HEADER: u64 = 23;
 
 type Reply = Result<Out, RequestError>;
