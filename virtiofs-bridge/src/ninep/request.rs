@@ -39,35 +39,14 @@ pub(super) enum Type {
 }
 
 impl Type {
+    /// Every type, by wire number.
+    #[rustfmt::skip]
     pub const ALL: [Type; 26] = {
         use Type::*;
         [
-            Statfs,
-            Lopen,
-            Lcreate,
-            Symlink,
-            Mknod,
-            Rename,
-            Readlink,
-            Getattr,
-            Setattr,
-            Xattrcreate,
-            Readdir,
-            Fsync,
-            Lock,
-            Getlock,
-            Link,
-            Mkdir,
-            Renameat,
-            Unlinkat,
-            Version,
-            Attach,
-            Flush,
-            Walk,
-            Read,
-            Write,
-            Clunk,
-            Remove,
+            Statfs, Lopen, Lcreate, Symlink, Mknod, Rename, Readlink, Getattr, Setattr,
+            Xattrcreate, Readdir, Fsync, Lock, Getlock, Link, Mkdir, Renameat, Unlinkat,
+            Version, Attach, Flush, Walk, Read, Write, Clunk, Remove,
         ]
     };
 
