@@ -9,7 +9,9 @@
 
 use std::os::fd::AsRawFd;
 
-use super::{read_dir, reopen, stat, Fid, NinepServer, Open};
+use super::error::RequestError;
+use super::host::{read_dir, reopen, stat};
+use super::{Fid, NinepServer, Open};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NinepState {
@@ -109,7 +111,7 @@ impl NinepServer {
         {
             return Err("its saved path is not a list of plain names".into());
         }
-        let errno = |e: u32| std::io::Error::from_raw_os_error(e as i32).to_string();
+        let errno = |e: RequestError| e.to_string();
         let node = self.walk_path(&s.path).map_err(errno)?;
         let st = stat(&node).map_err(errno)?;
         // The share's root is whatever directory the restoring side shares: a VM
@@ -120,9 +122,7 @@ impl NinepServer {
         }
         let open = match &s.open {
             None => None,
-            Some(SavedOpen::Dir) => Some(Open::Dir(
-                read_dir(&node).map_err(|e| errno(e.unwrap_or(libc::EIO as u32)))?,
-            )),
+            Some(SavedOpen::Dir) => Some(Open::Dir(read_dir(&node).map_err(errno)?)),
             Some(SavedOpen::File { flags, write }) => {
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     return Err("it was an open file and is not a regular file now".into());

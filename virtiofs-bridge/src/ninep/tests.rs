@@ -5,9 +5,23 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::wire::{HEADER, NOFID, QTDIR};
 use super::*;
 
+// Message types by their numbers on the wire: the client speaks the wire, not the
+// server's types.
 const RLERROR: u8 = 7;
+const TSTATFS: u8 = 8;
+const TLOPEN: u8 = 12;
+const TREADLINK: u8 = 22;
+const TGETATTR: u8 = 24;
+const TREADDIR: u8 = 40;
+const TVERSION: u8 = 100;
+const TATTACH: u8 = 104;
+const TFLUSH: u8 = 108;
+const TWALK: u8 = 110;
+const TREAD: u8 = 116;
+const TCLUNK: u8 = 120;
 const TLCREATE: u8 = 14;
 const TSYMLINK: u8 = 16;
 const TMKNOD: u8 = 18;

@@ -10,7 +10,7 @@
 //!   (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`, or calls that never follow a final symlink);
 //!   a symlink the guest planted stays a node, never a way to a host path;
 //! - an O_PATH descriptor is reopened for I/O or changed through `/proc/self/fd/N` only
-//!   when it is a regular file or directory (see [`super::reopen`]).
+//!   when it is a regular file or directory (see [`super::host::reopen`]).
 //!
 //! Decisions:
 //! - **Tmknod** creates regular files and FIFOs only; device nodes and sockets get `EPERM`.
@@ -35,54 +35,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{errno, open_at, qid_of, reopen, stat, Fid, In, NinepServer, Open, Out};
-
-const TLCREATE: u8 = 14;
-const TSYMLINK: u8 = 16;
-const TMKNOD: u8 = 18;
-const TRENAME: u8 = 20;
-const TSETATTR: u8 = 26;
-const TXATTRCREATE: u8 = 32;
-const TFSYNC: u8 = 50;
-const TLOCK: u8 = 52;
-const TGETLOCK: u8 = 54;
-const TLINK: u8 = 70;
-const TMKDIR: u8 = 72;
-const TRENAMEAT: u8 = 74;
-const TUNLINKAT: u8 = 76;
-const TWRITE: u8 = 118;
-const TREMOVE: u8 = 122;
-
-/// The requests [`NinepServer::mutate`] answers on a read-write share (Txattrwalk is
-/// answered `EOPNOTSUPP` by the common path, as on a read-only share).
-pub(super) const SERVED: [u8; 15] = [
-    TLCREATE,
-    TSYMLINK,
-    TMKNOD,
-    TRENAME,
-    TSETATTR,
-    TXATTRCREATE,
-    TFSYNC,
-    TLOCK,
-    TGETLOCK,
-    TLINK,
-    TMKDIR,
-    TRENAMEAT,
-    TUNLINKAT,
-    TWRITE,
-    TREMOVE,
-];
-
-// Open flags on the wire (P9_DOTL_*; they happen to equal x86 Linux's, but are mapped
-// one by one so that nothing else ever reaches the host's open).
-pub(super) const P9_WRONLY: u32 = 0o1;
-pub(super) const P9_RDWR: u32 = 0o2;
-pub(super) const P9_CREATE: u32 = 0o100;
-const P9_EXCL: u32 = 0o200;
-pub(super) const P9_TRUNC: u32 = 0o1000;
-const P9_APPEND: u32 = 0o2000;
-const P9_DSYNC: u32 = 0o10000;
-const P9_SYNC: u32 = 0o4000000;
+use super::error::RequestError;
+use super::host::{check, is, open_at, proc_fd, qid_of, reopen, stat};
+use super::request::SetAttr;
+use super::wire::{open_flags, Out, ParseError, P9_EXCL};
+use super::{Fid, NinepServer, Open};
 
 const P9_AT_REMOVEDIR: u32 = 0x200;
 
@@ -99,57 +56,17 @@ const ATTR_MTIME_SET: u32 = 1 << 8;
 const LOCK_SUCCESS: u8 = 0;
 const LOCK_TYPE_UNLCK: u8 = 2;
 
-/// Size of a Twrite before its data: size[4] type[1] tag[2] fid[4] offset[8] count[4].
+/// Size of a Twrite before its data: `size[4] type[1] tag[2] fid[4] offset[8] count[4]`.
 const TWRITE_HEADER: u64 = 23;
 
-type Reply = Result<Out, Option<u32>>;
-
-/// Host open flags for a Tlopen/Tlcreate's flags, and whether the file is open for
-/// writing. Only the access mode, O_TRUNC, O_APPEND and the sync flags pass; O_CREAT,
-/// O_DIRECT, O_NOATIME and the rest are never handed on.
-pub(super) fn open_flags(flags: u32) -> (i32, bool) {
-    let (mut host, writes) = match flags & 3 {
-        P9_WRONLY => (libc::O_WRONLY, true),
-        P9_RDWR => (libc::O_RDWR, true),
-        _ => (libc::O_RDONLY, false),
-    };
-    if flags & P9_TRUNC != 0 {
-        host |= libc::O_TRUNC;
-    }
-    if flags & P9_APPEND != 0 {
-        host |= libc::O_APPEND;
-    }
-    if flags & P9_DSYNC != 0 {
-        host |= libc::O_DSYNC;
-    }
-    if flags & P9_SYNC != 0 {
-        host |= libc::O_SYNC;
-    }
-    (host, writes)
-}
+type Reply = Result<Out, RequestError>;
 
 /// A name the guest asks to create, remove or rename: exactly one plain component.
-fn plain_name(name: &[u8]) -> Result<CString, u32> {
+fn plain_name(name: &[u8]) -> Result<CString, RequestError> {
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
-        return Err(libc::EINVAL as u32);
+        return Err(RequestError::BadName);
     }
-    CString::new(name).map_err(|_| libc::EINVAL as u32)
-}
-
-fn last_errno() -> u32 {
-    errno(&std::io::Error::last_os_error())
-}
-
-fn check(rc: libc::c_int) -> Result<(), u32> {
-    if rc < 0 {
-        Err(last_errno())
-    } else {
-        Ok(())
-    }
-}
-
-fn proc_fd(fd: &impl AsRawFd) -> CString {
-    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+    CString::new(name).map_err(|_| RequestError::BadName)
 }
 
 /// The permission bits a guest may set: no set-ID bits on anything but directories.
@@ -162,36 +79,35 @@ fn perm(mode: u32, dir: bool) -> libc::mode_t {
     }
 }
 
-fn is(st: &libc::stat, kind: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == kind
-}
-
 /// chmod of the node an O_PATH descriptor holds, through /proc/self/fd (fchmod does not
 /// take O_PATH descriptors). Symlinks have no mode of their own: EOPNOTSUPP, as lchmod.
-fn chmod_node(node: &OwnedFd, mode: u32) -> Result<(), u32> {
+fn chmod_node(node: &OwnedFd, mode: u32) -> Result<(), RequestError> {
     let st = stat(node)?;
     if is(&st, libc::S_IFLNK) {
-        return Err(libc::EOPNOTSUPP as u32);
+        return Err(RequestError::Os(libc::EOPNOTSUPP));
     }
     let p = proc_fd(node);
     // SAFETY: chmod of a NUL-terminated path.
     check(unsafe { libc::chmod(p.as_ptr(), perm(mode, is(&st, libc::S_IFDIR))) })
 }
 
-fn same_node(a: &OwnedFd, b: &OwnedFd) -> Result<bool, u32> {
+fn same_node(a: &OwnedFd, b: &OwnedFd) -> Result<bool, RequestError> {
     let (x, y) = (stat(a)?, stat(b)?);
     Ok(x.st_dev == y.st_dev && x.st_ino == y.st_ino)
 }
 
 /// openat of a regular file to read or write, never following a symlink and never
 /// blocking (on a FIFO); `mode` applies when it creates.
-fn openat_file(dir: &OwnedFd, name: &CString, flags: i32, mode: libc::mode_t) -> Result<File, u32> {
+fn openat_file(
+    dir: &OwnedFd,
+    name: &CString,
+    flags: i32,
+    mode: libc::mode_t,
+) -> Result<File, RequestError> {
     let flags = flags | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
     // SAFETY: openat with a valid directory fd and a NUL-terminated name.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(last_errno());
-    }
+    check(fd)?;
     // SAFETY: fd was just opened and is owned by nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
 }
@@ -210,75 +126,37 @@ fn renamed(fids: &mut std::collections::HashMap<u32, Fid>, from: &[Vec<u8>], to:
     }
 }
 
-fn qid_reply(kind: u8, tag: u16, node: &OwnedFd) -> Reply {
+fn qid_reply(node: &OwnedFd) -> Reply {
     let st = stat(node)?;
-    let mut o = Out::new(kind + 1, tag);
+    let mut o = Out::message();
     o.qid(qid_of(&st));
     Ok(o)
 }
 
 impl NinepServer {
-    /// A mutation on a read-write share. `Err(Some(errno))` for an error reply, `Err(None)`
-    /// for a malformed request.
-    pub(super) fn mutate(&self, kind: u8, tag: u16, r: &mut In) -> Reply {
-        let out = match kind {
-            TLCREATE => self.lcreate(tag, r),
-            TWRITE => self.write(tag, r),
-            TMKDIR => self.mkdir(tag, r),
-            TUNLINKAT => self.unlinkat(tag, r),
-            TRENAMEAT => self.renameat(tag, r),
-            TRENAME => self.rename(tag, r),
-            TREMOVE => self.remove(tag, r),
-            TSETATTR => self.setattr(tag, r),
-            TFSYNC => self.fsync(tag, r),
-            TSYMLINK => self.symlink(tag, r),
-            TLINK => self.link(tag, r),
-            TMKNOD => self.mknod(tag, r),
-            TLOCK => self.lock(tag, r),
-            TGETLOCK => self.getlock(tag, r),
-            TXATTRCREATE => {
-                let _fid = r.u32().ok_or(None)?;
-                let _name = r.str().ok_or(None)?;
-                let _size = r.u64().ok_or(None)?;
-                let _flags = r.u32().ok_or(None)?;
-                Err(Some(libc::EOPNOTSUPP as u32))
-            }
-            _ => Err(Some(libc::EOPNOTSUPP as u32)),
-        }?;
-        if !matches!(kind, TFSYNC | TLOCK | TGETLOCK) {
-            self.mutations.fetch_add(1, Relaxed);
-        }
-        Ok(out)
-    }
-
     /// Finds the parent directory and name of a fid's node from its path, and checks that
     /// the name still holds that very node (else ENOENT: it moved behind our back).
-    fn parent_of(&self, f: &Fid) -> Result<(OwnedFd, CString), u32> {
-        let (last, dir) = f.path.split_last().ok_or(libc::EBUSY as u32)?;
+    fn parent_of(&self, f: &Fid) -> Result<(OwnedFd, CString), RequestError> {
+        let (last, dir) = f.path.split_last().ok_or(RequestError::Os(libc::EBUSY))?;
         let parent = self.walk_path(dir)?;
         let here = open_at(&parent, last)?;
         if !same_node(&here, &f.node)? {
-            return Err(libc::ENOENT as u32);
+            return Err(RequestError::Os(libc::ENOENT));
         }
         Ok((parent, plain_name(last)?))
     }
 
     /// Tlcreate: create and open a regular file in the directory `fid` holds; `fid` then
     /// becomes that open file.
-    fn lcreate(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let flags = r.u32().ok_or(None)?;
-        let mode = r.u32().ok_or(None)?;
-        let _gid = r.u32().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn lcreate(&self, fid: u32, name: &[u8], flags: u32, mode: u32) -> Reply {
+        let cname = plain_name(name)?;
         let mut fids = self.fids.lock().unwrap();
-        let f = fids.get_mut(&fid).ok_or(libc::EBADF as u32)?;
+        let f = fids.get_mut(&fid).ok_or(RequestError::BadFid)?;
         if f.open.is_some() {
-            return Err(Some(libc::EBADF as u32));
+            return Err(RequestError::BadFid);
         }
         if !is(&stat(&f.node)?, libc::S_IFDIR) {
-            return Err(Some(libc::ENOTDIR as u32));
+            return Err(RequestError::Os(libc::ENOTDIR));
         }
         let (host, writes) = open_flags(flags);
         let mode = perm(mode, false);
@@ -287,16 +165,14 @@ impl NinepServer {
         let (file, created) =
             match openat_file(&f.node, &cname, host | libc::O_CREAT | libc::O_EXCL, mode) {
                 Ok(file) => (file, true),
-                Err(e) if e == libc::EEXIST as u32 && flags & P9_EXCL == 0 => {
+                Err(RequestError::Os(libc::EEXIST)) if flags & P9_EXCL == 0 => {
                     (openat_file(&f.node, &cname, host, 0)?, false)
                 }
-                Err(e) => return Err(Some(e)),
+                Err(e) => return Err(e),
             };
-        // SAFETY: fstat of our own descriptor into a zeroed buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) })?;
+        let st = stat(&file)?;
         if !is(&st, libc::S_IFREG) {
-            return Err(Some(libc::EEXIST as u32));
+            return Err(RequestError::Os(libc::EEXIST));
         }
         if created {
             // SAFETY: fchmod of our own descriptor.
@@ -312,59 +188,48 @@ impl NinepServer {
         }
         let node = OwnedFd::from(reopen(&file, libc::O_PATH)?);
         f.node = node;
-        f.path.push(name);
+        f.path.push(name.to_vec());
         f.open = Some(Open::File {
             file,
             write: writes,
         });
-        let mut o = Out::new(TLCREATE + 1, tag);
+        let mut o = Out::message();
         o.qid(qid_of(&st)).u32(0);
         Ok(o)
     }
 
-    fn write(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let offset = r.u64().ok_or(None)?;
-        let count = r.u32().ok_or(None)?;
+    pub(super) fn write(&self, fid: u32, offset: u64, data: &[u8]) -> Reply {
         // A count that does not fit the negotiated message size is a lie, whatever follows.
-        if count as u64 + TWRITE_HEADER > self.msize() as u64 {
-            return Err(None);
+        if data.len() as u64 + TWRITE_HEADER > self.msize() as u64 {
+            return Err(ParseError::OverMsize(data.len()).into());
         }
-        let data = r.take(count as usize).ok_or(None)?;
         let fids = self.fids.lock().unwrap();
-        let f = fids.get(&fid).ok_or(libc::EBADF as u32)?;
+        let f = fids.get(&fid).ok_or(RequestError::BadFid)?;
         let Some(Open::File { file, write: true }) = &f.open else {
-            return Err(Some(libc::EBADF as u32));
+            return Err(RequestError::BadFid);
         };
-        let n = file.write_at(data, offset).map_err(|x| Some(errno(&x)))?;
+        let n = file.write_at(data, offset)?;
         self.written.fetch_add(n as u64, Relaxed);
-        let mut o = Out::new(TWRITE + 1, tag);
+        let mut o = Out::message();
         o.u32(n as u32);
         Ok(o)
     }
 
-    fn mkdir(&self, tag: u16, r: &mut In) -> Reply {
-        let dfid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let mode = r.u32().ok_or(None)?;
-        let _gid = r.u32().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn mkdir(&self, dfid: u32, name: &[u8], mode: u32) -> Reply {
+        let cname = plain_name(name)?;
         let fids = self.fids.lock().unwrap();
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
         // SAFETY: mkdirat with a valid directory fd and a NUL-terminated name.
         check(unsafe { libc::mkdirat(d.node.as_raw_fd(), cname.as_ptr(), perm(mode, true)) })?;
-        let node = open_at(&d.node, &name)?;
+        let node = open_at(&d.node, name)?;
         chmod_node(&node, mode)?;
-        qid_reply(TMKDIR, tag, &node)
+        qid_reply(&node)
     }
 
-    fn unlinkat(&self, tag: u16, r: &mut In) -> Reply {
-        let dfid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let flags = r.u32().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn unlinkat(&self, dfid: u32, name: &[u8], flags: u32) -> Reply {
+        let cname = plain_name(name)?;
         let fids = self.fids.lock().unwrap();
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
         let at = if flags & P9_AT_REMOVEDIR != 0 {
             libc::AT_REMOVEDIR
         } else {
@@ -372,18 +237,14 @@ impl NinepServer {
         };
         // SAFETY: unlinkat with a valid directory fd and a NUL-terminated name.
         check(unsafe { libc::unlinkat(d.node.as_raw_fd(), cname.as_ptr(), at) })?;
-        Ok(Out::new(TUNLINKAT + 1, tag))
+        Ok(Out::message())
     }
 
-    fn renameat(&self, tag: u16, r: &mut In) -> Reply {
-        let odfid = r.u32().ok_or(None)?;
-        let oname = r.str().ok_or(None)?;
-        let ndfid = r.u32().ok_or(None)?;
-        let nname = r.str().ok_or(None)?;
-        let (ocname, ncname) = (plain_name(&oname)?, plain_name(&nname)?);
+    pub(super) fn renameat(&self, odfid: u32, oname: &[u8], ndfid: u32, nname: &[u8]) -> Reply {
+        let (ocname, ncname) = (plain_name(oname)?, plain_name(nname)?);
         let mut fids = self.fids.lock().unwrap();
-        let od = fids.get(&odfid).ok_or(libc::EBADF as u32)?;
-        let nd = fids.get(&ndfid).ok_or(libc::EBADF as u32)?;
+        let od = fids.get(&odfid).ok_or(RequestError::BadFid)?;
+        let nd = fids.get(&ndfid).ok_or(RequestError::BadFid)?;
         // SAFETY: renameat with valid directory fds and NUL-terminated names; it never
         // follows a symlink in either final component.
         check(unsafe {
@@ -395,22 +256,19 @@ impl NinepServer {
             )
         })?;
         let mut from = od.path.clone();
-        from.push(oname);
+        from.push(oname.to_vec());
         let mut to = nd.path.clone();
-        to.push(nname);
+        to.push(nname.to_vec());
         renamed(&mut fids, &from, &to);
-        Ok(Out::new(TRENAMEAT + 1, tag))
+        Ok(Out::message())
     }
 
     /// Trename: the node `fid` holds moves into the directory `dfid` holds, as `name`.
-    fn rename(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let dfid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn rename(&self, fid: u32, dfid: u32, name: &[u8]) -> Reply {
+        let cname = plain_name(name)?;
         let mut fids = self.fids.lock().unwrap();
-        let f = fids.get(&fid).ok_or(libc::EBADF as u32)?;
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
+        let f = fids.get(&fid).ok_or(RequestError::BadFid)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
         let (parent, last) = self.parent_of(f)?;
         // SAFETY: as in renameat.
         check(unsafe {
@@ -423,16 +281,15 @@ impl NinepServer {
         })?;
         let from = f.path.clone();
         let mut to = d.path.clone();
-        to.push(name);
+        to.push(name.to_vec());
         renamed(&mut fids, &from, &to);
-        Ok(Out::new(TRENAME + 1, tag))
+        Ok(Out::message())
     }
 
     /// Tremove: remove the node `fid` holds; the fid is clunked whatever happens.
-    fn remove(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
+    pub(super) fn remove(&self, fid: u32) -> Reply {
         let mut fids = self.fids.lock().unwrap();
-        let f = fids.remove(&fid).ok_or(libc::EBADF as u32)?;
+        let f = fids.remove(&fid).ok_or(RequestError::BadFid)?;
         drop(fids);
         let (parent, last) = self.parent_of(&f)?;
         let at = if is(&stat(&f.node)?, libc::S_IFDIR) {
@@ -442,20 +299,21 @@ impl NinepServer {
         };
         // SAFETY: unlinkat with a valid directory fd and a NUL-terminated name.
         check(unsafe { libc::unlinkat(parent.as_raw_fd(), last.as_ptr(), at) })?;
-        Ok(Out::new(TREMOVE + 1, tag))
+        Ok(Out::message())
     }
 
-    fn setattr(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let valid = r.u32().ok_or(None)?;
-        let mode = r.u32().ok_or(None)?;
-        let uid = r.u32().ok_or(None)?;
-        let gid = r.u32().ok_or(None)?;
-        let size = r.u64().ok_or(None)?;
-        let atime = (r.u64().ok_or(None)?, r.u64().ok_or(None)?);
-        let mtime = (r.u64().ok_or(None)?, r.u64().ok_or(None)?);
+    pub(super) fn setattr(&self, fid: u32, attr: &SetAttr) -> Reply {
+        let SetAttr {
+            valid,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = *attr;
         let fids = self.fids.lock().unwrap();
-        let f = fids.get(&fid).ok_or(libc::EBADF as u32)?;
+        let f = fids.get(&fid).ok_or(RequestError::BadFid)?;
         let st = stat(&f.node)?;
         if valid & ATTR_MODE != 0 {
             chmod_node(&f.node, mode)?;
@@ -477,12 +335,12 @@ impl NinepServer {
         }
         if valid & ATTR_SIZE != 0 {
             if is(&st, libc::S_IFDIR) {
-                return Err(Some(libc::EISDIR as u32));
+                return Err(RequestError::Os(libc::EISDIR));
             }
             if !is(&st, libc::S_IFREG) {
-                return Err(Some(libc::EINVAL as u32));
+                return Err(RequestError::Os(libc::EINVAL));
             }
-            let size = i64::try_from(size).map_err(|_| libc::EINVAL as u32)?;
+            let size = i64::try_from(size).map_err(|_| RequestError::Os(libc::EINVAL))?;
             let reopened;
             let file = match &f.open {
                 Some(Open::File { file, write: true }) => file,
@@ -529,62 +387,52 @@ impl NinepServer {
                 )
             })?;
         }
-        Ok(Out::new(TSETATTR + 1, tag))
+        Ok(Out::message())
     }
 
-    fn fsync(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        // Older clients send no datasync field.
-        let datasync = r.u32().unwrap_or(0);
+    pub(super) fn fsync(&self, fid: u32, datasync: bool) -> Reply {
         let fids = self.fids.lock().unwrap();
-        let f = fids.get(&fid).ok_or(libc::EBADF as u32)?;
+        let f = fids.get(&fid).ok_or(RequestError::BadFid)?;
         let res = match &f.open {
-            Some(Open::File { file, .. }) if datasync != 0 => file.sync_data(),
+            Some(Open::File { file, .. }) if datasync => file.sync_data(),
             Some(Open::File { file, .. }) => file.sync_all(),
             _ => {
                 let st = stat(&f.node)?;
                 if !is(&st, libc::S_IFREG) && !is(&st, libc::S_IFDIR) {
-                    return Ok(Out::new(TFSYNC + 1, tag));
+                    return Ok(Out::message());
                 }
                 reopen(&f.node, libc::O_RDONLY)?.sync_all()
             }
         };
-        res.map_err(|x| Some(errno(&x)))?;
-        Ok(Out::new(TFSYNC + 1, tag))
+        res?;
+        Ok(Out::message())
     }
 
     /// Tsymlink: the target is stored as the guest gave it and never resolved here.
-    fn symlink(&self, tag: u16, r: &mut In) -> Reply {
-        let dfid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let target = r.str().ok_or(None)?;
-        let _gid = r.u32().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn symlink(&self, dfid: u32, name: &[u8], target: &[u8]) -> Reply {
+        let cname = plain_name(name)?;
         if target.is_empty() {
-            return Err(Some(libc::ENOENT as u32));
+            return Err(RequestError::Os(libc::ENOENT));
         }
-        let ctarget = CString::new(target).map_err(|_| libc::EINVAL as u32)?;
+        let ctarget = CString::new(target).map_err(|_| RequestError::Os(libc::EINVAL))?;
         let fids = self.fids.lock().unwrap();
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
         // SAFETY: symlinkat with NUL-terminated strings and a valid directory fd.
         check(unsafe { libc::symlinkat(ctarget.as_ptr(), d.node.as_raw_fd(), cname.as_ptr()) })?;
-        let node = open_at(&d.node, &name)?;
-        qid_reply(TSYMLINK, tag, &node)
+        let node = open_at(&d.node, name)?;
+        qid_reply(&node)
     }
 
     /// Tlink: a new name in `dfid` for the node `fid` holds. Linked through the
     /// /proc/self/fd magic link (as virtiofsd does): it resolves to the node itself (a
     /// symlink node is linked as the symlink, never as its target).
-    fn link(&self, tag: u16, r: &mut In) -> Reply {
-        let dfid = r.u32().ok_or(None)?;
-        let fid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn link(&self, dfid: u32, fid: u32, name: &[u8]) -> Reply {
+        let cname = plain_name(name)?;
         let fids = self.fids.lock().unwrap();
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
-        let f = fids.get(&fid).ok_or(libc::EBADF as u32)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
+        let f = fids.get(&fid).ok_or(RequestError::BadFid)?;
         if is(&stat(&f.node)?, libc::S_IFDIR) {
-            return Err(Some(libc::EPERM as u32));
+            return Err(RequestError::Os(libc::EPERM));
         }
         let p = proc_fd(&f.node);
         // SAFETY: linkat with NUL-terminated paths and a valid directory fd.
@@ -597,25 +445,19 @@ impl NinepServer {
                 libc::AT_SYMLINK_FOLLOW,
             )
         })?;
-        Ok(Out::new(TLINK + 1, tag))
+        Ok(Out::message())
     }
 
     /// Tmknod: regular files and FIFOs only; anything else is EPERM.
-    fn mknod(&self, tag: u16, r: &mut In) -> Reply {
-        let dfid = r.u32().ok_or(None)?;
-        let name = r.str().ok_or(None)?;
-        let mode = r.u32().ok_or(None)?;
-        let _major = r.u32().ok_or(None)?;
-        let _minor = r.u32().ok_or(None)?;
-        let _gid = r.u32().ok_or(None)?;
-        let cname = plain_name(&name)?;
+    pub(super) fn mknod(&self, dfid: u32, name: &[u8], mode: u32) -> Reply {
+        let cname = plain_name(name)?;
         let kind = match mode & libc::S_IFMT {
             0 | libc::S_IFREG => libc::S_IFREG,
             libc::S_IFIFO => libc::S_IFIFO,
-            _ => return Err(Some(libc::EPERM as u32)),
+            _ => return Err(RequestError::Os(libc::EPERM)),
         };
         let fids = self.fids.lock().unwrap();
-        let d = fids.get(&dfid).ok_or(libc::EBADF as u32)?;
+        let d = fids.get(&dfid).ok_or(RequestError::BadFid)?;
         // SAFETY: mknodat with a valid directory fd and a NUL-terminated name.
         check(unsafe {
             libc::mknodat(
@@ -625,43 +467,39 @@ impl NinepServer {
                 0,
             )
         })?;
-        let node = open_at(&d.node, &name)?;
+        let node = open_at(&d.node, name)?;
         chmod_node(&node, mode)?;
-        qid_reply(TMKNOD, tag, &node)
+        qid_reply(&node)
     }
 
-    fn lock(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let _kind = r.take(1).ok_or(None)?;
-        let _flags = r.u32().ok_or(None)?;
-        let _start = r.u64().ok_or(None)?;
-        let _length = r.u64().ok_or(None)?;
-        let _proc_id = r.u32().ok_or(None)?;
-        let _client = r.str().ok_or(None)?;
+    /// Tlock: always granted (see the module's decisions).
+    pub(super) fn lock(&self, fid: u32) -> Reply {
         if !self.fids.lock().unwrap().contains_key(&fid) {
-            return Err(Some(libc::EBADF as u32));
+            return Err(RequestError::BadFid);
         }
-        let mut o = Out::new(TLOCK + 1, tag);
+        let mut o = Out::message();
         o.u8(LOCK_SUCCESS);
         Ok(o)
     }
 
-    fn getlock(&self, tag: u16, r: &mut In) -> Reply {
-        let fid = r.u32().ok_or(None)?;
-        let _kind = r.take(1).ok_or(None)?;
-        let start = r.u64().ok_or(None)?;
-        let length = r.u64().ok_or(None)?;
-        let proc_id = r.u32().ok_or(None)?;
-        let client = r.str().ok_or(None)?;
+    /// Tgetlock: always "unlocked" (see the module's decisions).
+    pub(super) fn getlock(
+        &self,
+        fid: u32,
+        start: u64,
+        length: u64,
+        proc_id: u32,
+        client: &[u8],
+    ) -> Reply {
         if !self.fids.lock().unwrap().contains_key(&fid) {
-            return Err(Some(libc::EBADF as u32));
+            return Err(RequestError::BadFid);
         }
-        let mut o = Out::new(TGETLOCK + 1, tag);
+        let mut o = Out::message();
         o.u8(LOCK_TYPE_UNLCK)
             .u64(start)
             .u64(length)
             .u32(proc_id)
-            .str(&client);
+            .str(client);
         Ok(o)
     }
 }
