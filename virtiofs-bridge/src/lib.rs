@@ -9,6 +9,9 @@
 //! uses [`InProcessShare`] instead, with no socket. The FUSE wire format and the
 //! passthrough engine come from `fuse-backend-rs`; this crate adds the share policies
 //! ([`share`]), the vhost-user device ([`vhost_user`]) and the serving lifecycle.
+//!
+//! The same shares are also served as **9P2000.L** ([`ninep`]: wire format, typed
+//! requests, dispatch under the same policies), for the embedded VMM's virtio-9p device.
 
 pub mod inprocess;
 pub mod ninep;
