@@ -150,8 +150,71 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     let start = Instant::now();
     let mut t = BuildTimings::default();
     let dir = spec.snapshot.as_path();
+    let manifest = match check_snapshot(spec, &mut t)? {
+        Ok(m) => m,
+        Err(end) => return Ok(BuildOutcome { end, timings: t }),
+    };
+    let profile = profile::by_name(&manifest.profile)?;
+    t.verify = secs(Some(start), Some(Instant::now()));
 
-    // --- the snapshot ---------------------------------------------------------------------
+    let resources = Resources::make(spec)?;
+    let accel = if manifest.machine.accel == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let controller = match choose_controller(spec, &manifest, dir, accel, &resources.segment) {
+        Ok(c) => c,
+        Err(end) => return Ok(BuildOutcome { end, timings: t }),
+    };
+    // The controller boots (or revives) while the target revives. Dropped on every way
+    // out of this function: stops the controller and waits for it, so that an error below
+    // never leaves its QEMU behind.
+    let target_script = session_script(spec, &manifest, profile.as_ref());
+    let mut controller_thread = ControllerThread::spawn(
+        controller.clone(),
+        &manifest,
+        dir,
+        &resources,
+        spec.ssh_wait,
+        target_script,
+    )?;
+    let mut target = revive_target(spec, &manifest, &resources, &mut t)?;
+    let session = wait_for_the_session(spec, start, &signals, &mut target, &mut controller_thread)?;
+
+    let target_tail = target.console_tail();
+    stop_target(target)?;
+    drop(controller_thread);
+    resources.release();
+    let done = Instant::now();
+
+    let controller_outcome = session.controller.transpose()?;
+    t.controller = Some(controller.kind());
+    t.record_session(
+        controller.as_ref(),
+        controller_outcome.as_ref(),
+        &session.phases,
+        session.done,
+        done,
+        start,
+    );
+    let end = session_end(
+        session.early_end,
+        controller_outcome.map(|c| c.end),
+        session.exit_status,
+        session.phases.iter().any(|(n, _)| n == "session"),
+        target_tail,
+    );
+    Ok(BuildOutcome { end, timings: t })
+}
+
+/// The manifest, QEMU and every file checked; a damaged or incompatible snapshot is the
+/// build's end (120, 121), anything else an error.
+fn check_snapshot(
+    spec: &BuildSpec,
+    t: &mut BuildTimings,
+) -> anyhow::Result<Result<Manifest, BuildEnd>> {
+    let dir = spec.snapshot.as_path();
     let checked = Manifest::load(dir).and_then(|m| {
         m.check_qemu(&spec.qemu)?;
         let checks = manifest::verify_some_files(dir, &m, spec.verify_full, |role| {
@@ -161,126 +224,134 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         t.hashed_bytes = Some(checks.iter().filter(|c| c.hashed).map(|c| c.bytes).sum());
         Ok(m)
     });
-    let manifest = match checked {
-        Ok(m) => m,
-        Err(e) => {
-            let end = match e.downcast::<SnapshotProblem>() {
-                Ok(SnapshotProblem::Damaged(m)) => BuildEnd::SnapshotDamaged(m),
-                Ok(SnapshotProblem::Incompatible(m)) => BuildEnd::SnapshotIncompatible(m),
-                Err(e) => return Err(e),
-            };
-            return Ok(BuildOutcome { end, timings: t });
-        }
-    };
-    let profile = profile::by_name(&manifest.profile)?;
-    let verified = Instant::now();
-    t.verify = secs(Some(start), Some(verified));
-
-    // --- this build's private resources ---------------------------------------------------
-    let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "build")?;
-    let overlay = create_overlay(&dir.join(DISK_FILE), "qcow2", rundir.path())?;
-    let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
-    let mut servers = Vec::new();
-    if let Some((store, _)) = &spec.store {
-        let mut share = ShareConfig::store(store);
-        share.tag = STORE_TAG.into();
-        servers.push(
-            ShareServer::spawn(share, rundir.join("store.sock")).context("serving the store")?,
-        );
+    match checked {
+        Ok(m) => Ok(Ok(m)),
+        Err(e) => match e.downcast::<SnapshotProblem>() {
+            Ok(SnapshotProblem::Damaged(m)) => Ok(Err(BuildEnd::SnapshotDamaged(m))),
+            Ok(SnapshotProblem::Incompatible(m)) => Ok(Err(BuildEnd::SnapshotIncompatible(m))),
+            Err(e) => Err(e),
+        },
     }
-    let mut share = ShareConfig::xchg(&xchg);
-    share.tag = XCHG_TAG.into();
-    servers.push(ShareServer::spawn(share, rundir.join("xchg.sock")).context("serving xchg")?);
-    let segment = Segment::create(rundir.path())?;
+}
 
-    // --- the controller boots while the target revives ----------------------------------------
-    let target_script = session_script(spec, &manifest, profile.as_ref());
-    let accel = if manifest.machine.accel == "kvm" {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
-    let controller = match choose_controller(spec, &manifest, dir, accel, &segment) {
-        Ok(c) => c,
-        Err(end) => return Ok(BuildOutcome { end, timings: t }),
-    };
-    // Dropped on every way out of this function: stops the controller and waits for it,
-    // so that an error below never leaves its QEMU behind.
-    let mut controller_thread = {
-        let (network, ssh) = (manifest.network.clone(), manifest.ssh.clone());
-        let (kernel, kit_initrd, cpio) = (
-            dir.join(KIT_KERNEL),
-            dir.join(KIT_INITRD),
-            dir.join(CONTROLLER_CPIO),
-        );
-        let net_socket = segment.controller_socket.clone();
-        let rundir_path = rundir.path().to_owned();
-        let ssh_wait = spec.ssh_wait;
-        let controller = controller.clone();
-        let (stop_tx, controller_stop_rx) = mpsc::channel::<()>();
-        let (done_tx, done_rx) = mpsc::channel::<anyhow::Result<ControllerOutcome>>();
-        let handle = std::thread::Builder::new()
-            .name("controller".into())
-            .spawn(move || {
-                let plan = SessionPlan {
-                    network: &network,
-                    ssh: &ssh,
-                    kernel: &kernel,
-                    initrd_parts: vec![&kit_initrd, &cpio],
-                    net_socket: &net_socket,
-                    target_script: Some(target_script),
-                    ssh_wait,
-                    rundir: &rundir_path,
-                    console_log: rundir_path.join("controller-console.log"),
-                };
-                let _ = done_tx.send(controller.run_session(&plan, controller_stop_rx));
-            })?;
-        ControllerThread {
-            stop: Some(stop_tx),
-            done: done_rx,
-            handle: Some(handle),
+/// This build's private resources: its runtime directory, the disk's overlay, xchg, the
+/// share servers and the private segment (switch) the target and controller meet on.
+struct Resources {
+    rundir: RuntimeDir,
+    overlay: PathBuf,
+    /// Removes the temporary xchg when dropped (none when the user gave one).
+    xchg_temp: Option<crate::owned_dir::OwnedDir>,
+    servers: Vec<ShareServer>,
+    segment: Segment,
+}
+
+impl Resources {
+    fn make(spec: &BuildSpec) -> anyhow::Result<Resources> {
+        let dir = spec.snapshot.as_path();
+        let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "build")?;
+        let overlay = create_overlay(&dir.join(DISK_FILE), "qcow2", rundir.path())?;
+        let (xchg, xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
+        let mut servers = Vec::new();
+        if let Some((store, _)) = &spec.store {
+            let mut share = ShareConfig::store(store);
+            share.tag = STORE_TAG.into();
+            servers.push(
+                ShareServer::spawn(share, rundir.join("store.sock"))
+                    .context("serving the store")?,
+            );
         }
-    };
+        let mut share = ShareConfig::xchg(&xchg);
+        share.tag = XCHG_TAG.into();
+        servers.push(ShareServer::spawn(share, rundir.join("xchg.sock")).context("serving xchg")?);
+        let segment = Segment::create(rundir.path())?;
+        Ok(Resources {
+            rundir,
+            overlay,
+            xchg_temp,
+            servers,
+            segment,
+        })
+    }
 
+    /// Stops the servers (briefly waiting for their front-ends), then removes the rest.
+    fn release(self) {
+        for server in self.servers {
+            server.stop(Duration::from_millis(200));
+        }
+        drop(self.segment);
+        drop(self.rundir);
+        drop(self.xchg_temp);
+    }
+}
+
+/// The target from the snapshot's memory state, on this build's overlay and segment, with
+/// the store and xchg plugged in as they are now.
+fn revive_target(
+    spec: &BuildSpec,
+    manifest: &Manifest,
+    resources: &Resources,
+    t: &mut BuildTimings,
+) -> anyhow::Result<TargetVm> {
+    let dir = spec.snapshot.as_path();
     let mut target = TargetVm::start(
         &spec.qemu,
         &manifest.machine,
         &manifest.network,
         &Placement {
             snapshot_dir: dir,
-            disk: &overlay,
-            net_socket: &segment.target_socket,
-            rundir: rundir.path(),
+            disk: &resources.overlay,
+            net_socket: &resources.segment.target_socket,
+            rundir: resources.rundir.path(),
             console_log: spec.console_log.clone(),
         },
         true,
     )?;
-    let format = manifest.state.state_format();
     target
         .qmp
         .revive_from_file(
             &dir.join(&manifest.state.file),
-            format,
+            manifest.state.state_format(),
             Duration::from_secs(120),
         )
         .map_err(|e| target.qemu.explain(e, "QEMU stopped"))
         .context("reviving the target from its memory state")?;
     let revived = Instant::now();
     t.revive = secs(Some(target.spawned), Some(revived));
-    for (i, server) in servers.iter().enumerate() {
+    for (i, server) in resources.servers.iter().enumerate() {
         target.attach_share(&format!("fs{i}"), server.socket(), server.tag())?;
     }
-    let attached = Instant::now();
-    t.shares_attached = secs(Some(revived), Some(attached));
+    t.shares_attached = secs(Some(revived), Some(Instant::now()));
+    Ok(target)
+}
 
-    // --- wait ---------------------------------------------------------------------------------
+/// How the session went, as far as the host saw it.
+struct Session {
+    /// The controller's own account; `None` if it did not give one in time.
+    controller: Option<anyhow::Result<ControllerOutcome>>,
+    /// The target's console phases and the command's status from its console.
+    phases: Vec<(String, Instant)>,
+    exit_status: Option<i32>,
+    /// Why the host ended it first (signal, timeout, the target gone), if it did.
+    early_end: Option<BuildEnd>,
+    done: Instant,
+}
+
+/// Waits for the controller to finish the session, while watching the target's console,
+/// the user's signals, the timeout and the target's QEMU.
+fn wait_for_the_session(
+    spec: &BuildSpec,
+    start: Instant,
+    signals: &Receiver<()>,
+    target: &mut TargetVm,
+    controller_thread: &mut ControllerThread,
+) -> anyhow::Result<Session> {
     let deadline = spec.timeout.map(|d| start + d);
     let mut exit_status: Option<i32> = None;
     let mut phases: Vec<(String, Instant)> = Vec::new();
     let mut early_end: Option<BuildEnd> = None;
     let mut target_gone = false;
     let mut stop_sent_at: Option<Instant> = None;
-    let controller_outcome = loop {
+    let controller = loop {
         match controller_thread
             .done
             .recv_timeout(Duration::from_millis(10))
@@ -319,12 +390,12 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             stop_sent_at = Some(Instant::now());
         }
     };
-    let session_done = Instant::now();
+    let done = Instant::now();
     drain(&target.events, &mut phases, &mut exit_status);
     // The controller saw the session end; the target's status line may still be on its
     // way through the console reader.
     let finished =
-        matches!(&controller_outcome, Some(Ok(c)) if matches!(c.end, ControllerEnd::Finished(_)));
+        matches!(&controller, Some(Ok(c)) if matches!(c.end, ControllerEnd::Finished(_)));
     if finished && exit_status.is_none() {
         let until = Instant::now() + Duration::from_secs(1);
         while exit_status.is_none() && Instant::now() < until {
@@ -333,64 +404,79 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             }
         }
     }
+    Ok(Session {
+        controller,
+        phases,
+        exit_status,
+        early_end,
+        done,
+    })
+}
 
-    // --- teardown -------------------------------------------------------------------------------
-    let target_tail = target.console_tail();
+/// Asks the target's QEMU to quit, and kills it if it does not.
+fn stop_target(mut target: TargetVm) -> anyhow::Result<()> {
     let _ = target.qmp.quit();
     if target.qemu.wait_timeout(Duration::from_secs(3))?.is_none() {
         target.qemu.kill();
     }
-    drop(target);
-    for server in servers {
-        server.stop(Duration::from_millis(200));
-    }
-    drop(segment);
-    drop(rundir);
-    drop(_xchg_temp);
-    let done = Instant::now();
+    Ok(())
+}
 
-    // --- what happened ---------------------------------------------------------------------------
-    let phase = |name: &str| phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
-    let controller_outcome = controller_outcome.transpose()?;
-    t.controller = Some(controller.kind());
-    if let Some(c) = &controller_outcome {
-        let m = &c.marks;
-        if controller.revived() {
-            t.controller_revive = secs(m.start, m.vmm_ready);
-            t.controller_reseed = secs(m.vmm_ready, m.phase("reseeded"));
+impl BuildTimings {
+    /// The phases of the controller and the session, from their marks.
+    fn record_session(
+        &mut self,
+        controller: &dyn Controller,
+        outcome: Option<&ControllerOutcome>,
+        phases: &[(String, Instant)],
+        session_done: Instant,
+        done: Instant,
+        start: Instant,
+    ) {
+        let phase = |name: &str| phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+        if let Some(c) = outcome {
+            let m = &c.marks;
+            if controller.revived() {
+                self.controller_revive = secs(m.start, m.vmm_ready);
+                self.controller_reseed = secs(m.vmm_ready, m.phase("reseeded"));
+            }
+            self.controller_up = secs(m.start, m.phase("controller-up"));
+            self.handshake = secs(m.phase("port-open"), phase("session"));
         }
-        t.controller_up = secs(m.start, m.phase("controller-up"));
-        t.handshake = secs(m.phase("port-open"), phase("session"));
+        self.mount = secs(phase("session"), phase("mounted"));
+        self.command = secs(phase("command-start"), phase("command-end"));
+        self.collect = secs(phase("command-end"), Some(session_done));
+        self.teardown = secs(Some(session_done), Some(done));
+        self.total = secs(Some(start), Some(done));
     }
-    t.mount = secs(phase("session"), phase("mounted"));
-    t.command = secs(phase("command-start"), phase("command-end"));
-    t.collect = secs(phase("command-end"), Some(session_done));
-    t.teardown = secs(Some(session_done), Some(done));
-    t.total = secs(Some(start), Some(done));
+}
 
-    // Once the target has started the session, the login was fine: whatever the SSH
-    // client's stderr said was the command's (its "Permission denied" included).
-    let logged_in = phase("session").is_some() || exit_status.is_some();
-    let end = match (early_end, controller_outcome.map(|c| c.end)) {
+/// How the build ended, from what the host saw first and what the controller reported.
+/// Once the target has started the session the login was fine (`logged_in`): whatever
+/// the SSH client's stderr said was the command's ("Permission denied" included).
+fn session_end(
+    early_end: Option<BuildEnd>,
+    controller: Option<ControllerEnd>,
+    exit_status: Option<i32>,
+    session_started: bool,
+    target_tail: String,
+) -> BuildEnd {
+    let logged_in = session_started || exit_status.is_some();
+    let no_status = |console_tail| BuildEnd::Lost {
+        why: "the session ended without the command's exit status (the target may have failed)"
+            .into(),
+        console_tail,
+    };
+    match (early_end, controller) {
         (Some(end), _) => end,
         (None, Some(ControllerEnd::HostKeyChanged | ControllerEnd::HandshakeFailed))
             if logged_in =>
         {
-            match exit_status {
-                Some(code) => BuildEnd::Exited(code),
-                None => BuildEnd::Lost {
-                    why: "the session ended without the command's exit status (the target may have failed)".into(),
-                    console_tail: target_tail.clone(),
-                },
-            }
+            exit_status.map_or_else(|| no_status(target_tail), BuildEnd::Exited)
         }
-        (None, Some(ControllerEnd::Finished(_))) => match exit_status {
-            Some(code) => BuildEnd::Exited(code),
-            None => BuildEnd::Lost {
-                why: "the session ended without the command's exit status (the target may have failed)".into(),
-                console_tail: target_tail,
-            },
-        },
+        (None, Some(ControllerEnd::Finished(_))) => {
+            exit_status.map_or_else(|| no_status(target_tail), BuildEnd::Exited)
+        }
         (None, Some(ControllerEnd::HostKeyChanged)) => BuildEnd::HostKeyChanged,
         (None, Some(ControllerEnd::TargetUnreachable)) => BuildEnd::TargetUnreachable {
             console_tail: target_tail,
@@ -405,8 +491,7 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
             why: "the controller thread ended without a result".into(),
             console_tail: String::new(),
         },
-    };
-    Ok(BuildOutcome { end, timings: t })
+    }
 }
 
 /// Which controller serves this build. `auto` takes the fastest this host and snapshot
@@ -525,6 +610,49 @@ struct ControllerThread {
 }
 
 impl ControllerThread {
+    /// Runs `controller`'s session on a thread of its own: it boots or revives the
+    /// controller on the build's segment, logs into the target and runs `target_script`.
+    fn spawn(
+        controller: Arc<dyn Controller>,
+        manifest: &Manifest,
+        dir: &Path,
+        resources: &Resources,
+        ssh_wait: Duration,
+        target_script: Vec<u8>,
+    ) -> anyhow::Result<ControllerThread> {
+        let (network, ssh) = (manifest.network.clone(), manifest.ssh.clone());
+        let (kernel, kit_initrd, cpio) = (
+            dir.join(KIT_KERNEL),
+            dir.join(KIT_INITRD),
+            dir.join(CONTROLLER_CPIO),
+        );
+        let net_socket = resources.segment.controller_socket.clone();
+        let rundir = resources.rundir.path().to_owned();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<anyhow::Result<ControllerOutcome>>();
+        let handle = std::thread::Builder::new()
+            .name("controller".into())
+            .spawn(move || {
+                let plan = SessionPlan {
+                    network: &network,
+                    ssh: &ssh,
+                    kernel: &kernel,
+                    initrd_parts: vec![&kit_initrd, &cpio],
+                    net_socket: &net_socket,
+                    target_script: Some(target_script),
+                    ssh_wait,
+                    rundir: &rundir,
+                    console_log: rundir.join("controller-console.log"),
+                };
+                let _ = done_tx.send(controller.run_session(&plan, stop_rx));
+            })?;
+        Ok(ControllerThread {
+            stop: Some(stop_tx),
+            done: done_rx,
+            handle: Some(handle),
+        })
+    }
+
     fn stop(&mut self) {
         // Closing the channel is the signal (a send could race a controller that has
         // already stopped listening).
