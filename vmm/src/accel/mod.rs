@@ -4,6 +4,7 @@
 //! kit under KVM with a short limit and remembers the answer per host kernel and kit.
 
 pub mod embedded_probe;
+pub mod vmm_choice;
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

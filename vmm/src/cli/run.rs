@@ -12,19 +12,13 @@ use clap::Args;
 
 use super::guest_mounts::{self, GuestMount, Protected};
 
+use crate::accel::vmm_choice::{VmmChoice, VmmRequest};
 use crate::accel::{self, AccelChoice};
 use crate::exit;
 use crate::guest::command_script::valid_env_name;
 use crate::guest_kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::vm::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum VmmChoice {
-    Auto,
-    Qemu,
-    Embedded,
-}
 
 /// The least memory the guest kit's kernel boots in, with room for a command.
 const MIN_MEMORY_MIB: u32 = 128;
@@ -133,7 +127,42 @@ pub struct RunArgs {
 
 pub(super) use super::usage::{usage, Usage};
 
+/// `--share HOST:GUEST[:ro|:rw]`, checked.
+fn extra_share(spec: &str) -> Result<ExtraShare, Usage> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, guest, read_only) = match parts.as_slice() {
+        [h, g] => (*h, *g, false),
+        [h, g, "ro"] => (*h, *g, true),
+        [h, g, "rw"] => (*h, *g, false),
+        _ => usage!("--share {spec}: expected HOST:GUEST or HOST:GUEST:ro"),
+    };
+    directory(Path::new(host), &format!("--share {spec}"))?;
+    guest_path(guest, &format!("--share {spec}"))?;
+    Ok(ExtraShare {
+        host: PathBuf::from(host),
+        guest: guest.to_owned(),
+        read_only,
+    })
+}
+
 impl RunArgs {
+    /// A command after `--`, or `--shell` on a terminal: one of the two.
+    fn check_command(&self) -> Result<(), Usage> {
+        if self.shell && !self.command.is_empty() {
+            usage!("--shell takes no command");
+        }
+        if !self.shell && self.command.is_empty() {
+            usage!("no command: vmbuild run [OPTIONS] -- COMMAND [ARGS...] (or --shell)");
+        }
+        if self.shell && !std::io::stdin().is_terminal() {
+            usage!(
+                "--shell needs a terminal on stdin, and stdin is not one; from a script, give \
+                 the commands after -- (vmbuild run -- sh -c '...')"
+            );
+        }
+        command_name(&self.command)
+    }
+
     pub fn run(self) -> anyhow::Result<i32> {
         let timings = self.timings.clone();
         if let Err(msg) = super::signal_channel::check_timings_dest(timings.as_deref()) {
@@ -202,20 +231,11 @@ impl RunArgs {
         })
     }
 
+    /// Everything checked, in the order a user fixes things: the command, the guest's
+    /// size, its files, its shares, its environment and disk, then the VMM and the
+    /// accelerator.
     fn into_spec(self) -> Result<RunSpec, Usage> {
-        if self.shell && !self.command.is_empty() {
-            usage!("--shell takes no command");
-        }
-        if !self.shell && self.command.is_empty() {
-            usage!("no command: vmbuild run [OPTIONS] -- COMMAND [ARGS...] (or --shell)");
-        }
-        if self.shell && !std::io::stdin().is_terminal() {
-            usage!(
-                "--shell needs a terminal on stdin, and stdin is not one; from a script, give \
-                 the commands after -- (vmbuild run -- sh -c '...')"
-            );
-        }
-        command_name(&self.command)?;
+        self.check_command()?;
         if self.memory < MIN_MEMORY_MIB {
             usage!(
                 "--memory {} MiB is below the {MIN_MEMORY_MIB} MiB the guest kernel needs",
@@ -238,23 +258,11 @@ impl RunArgs {
         readable_file(&kernel, "kernel (--kernel)")?;
         readable_file(&initrd, "initrd (--initrd)")?;
         let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
-        let mut extra_shares: Vec<ExtraShare> = Vec::new();
-        for spec in &self.share {
-            let parts: Vec<&str> = spec.split(':').collect();
-            let (host, guest, read_only) = match parts.as_slice() {
-                [h, g] => (*h, *g, false),
-                [h, g, "ro"] => (*h, *g, true),
-                [h, g, "rw"] => (*h, *g, false),
-                _ => usage!("--share {spec}: expected HOST:GUEST or HOST:GUEST:ro"),
-            };
-            directory(Path::new(host), &format!("--share {spec}"))?;
-            guest_path(guest, &format!("--share {spec}"))?;
-            extra_shares.push(ExtraShare {
-                host: PathBuf::from(host),
-                guest: guest.to_owned(),
-                read_only,
-            });
-        }
+        let extra_shares = self
+            .share
+            .iter()
+            .map(|spec| extra_share(spec))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut mounts = store_and_xchg_mounts(&store, self.xchg.as_deref(), XCHG_MOUNT);
         for (spec, share) in self.share.iter().zip(&extra_shares) {
             mounts.push(GuestMount {
@@ -280,74 +288,20 @@ impl RunArgs {
         if let Some(log) = &self.log {
             console_log(log)?;
         }
-        // The embedded VMM runs what it can (no disk, no shell) where it has booted this
-        // kit on this host; `auto` falls back to QEMU otherwise, and says why.
-        let shares = usize::from(store.is_some()) + 1 + extra_shares.len();
-        let max_vcpus = u32::from(embedded_vmm::linux::MAX_VCPUS);
-        let fits = if self.shell || disk.is_some() {
-            Err("it runs a command without --shell or --disk".to_owned())
-        } else if self.cpus > max_vcpus {
-            Err(format!("it gives a guest at most {max_vcpus} vCPUs"))
-        } else if self.accel == AccelChoice::Tcg {
-            Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
-        } else if self.memory > embedded_vmm::linux::MAX_MEMORY_MIB {
-            Err(format!(
-                "it gives a guest at most {} MiB",
-                embedded_vmm::linux::MAX_MEMORY_MIB
-            ))
-        } else if shares > embedded_vmm::linux::MAX_VIRTIO_DEVICES {
-            Err(format!(
-                "it has room for {} shares",
-                embedded_vmm::linux::MAX_VIRTIO_DEVICES
-            ))
-        } else {
-            embedded_vmm::linux::check_kernel(&kernel)
-        };
-        // 9p is served by the embedded VMM's virtio-9p device; QEMU's 9p would be its own
-        // server, not ours, with none of our share policies.
-        let needs_embedded = self.share_protocol == ShareProtocol::NineP;
-        if needs_embedded && self.vmm == VmmChoice::Qemu {
-            usage!("--share-protocol 9p needs the embedded VMM (--vmm embedded or auto); under QEMU use virtiofs");
-        }
-        let insist = self.vmm == VmmChoice::Embedded || needs_embedded;
-        let vmm = match self.vmm {
-            VmmChoice::Qemu => Vmm::Qemu,
-            _ if insist => {
-                let what = match self.vmm {
-                    VmmChoice::Embedded => "--vmm embedded",
-                    _ => "--share-protocol 9p (served by the embedded VMM)",
-                };
-                if let Err(why) = fits {
-                    usage!("{what}: {why}");
-                }
-                let probe = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
-                if !probe.usable {
-                    usage!(
-                        "{what}: {}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu{})",
-                        probe.reason,
-                        if needs_embedded { " with --share-protocol virtiofs" } else { "" }
-                    );
-                }
-                Vmm::Embedded
-            }
-            _ => {
-                let probe = fits.and_then(|()| {
-                    let p = accel::probe_embedded_cached(&qemu.path, &kernel, &initrd);
-                    if p.usable {
-                        Ok(())
-                    } else {
-                        Err(p.reason)
-                    }
-                });
-                match probe {
-                    Ok(()) => Vmm::Embedded,
-                    Err(why) => {
-                        tracing::debug!("--vmm auto: QEMU, not the embedded VMM: {why}");
-                        Vmm::Qemu
-                    }
-                }
-            }
-        };
+        let vmm = accel::vmm_choice::choose(&VmmRequest {
+            choice: self.vmm,
+            share_protocol: self.share_protocol,
+            shell: self.shell,
+            disk: disk.is_some(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            shares: usize::from(store.is_some()) + 1 + extra_shares.len(),
+            tcg: self.accel == AccelChoice::Tcg,
+            qemu: &qemu.path,
+            kernel: &kernel,
+            initrd: &initrd,
+        })
+        .map_err(Usage)?;
         if self.accel == AccelChoice::Kvm {
             if let Some(why) = accel::known_not_to_run_linux(&kernel, &initrd) {
                 usage!("--accel kvm: {why}; the guest would stop in KVM (use --accel auto or tcg)");

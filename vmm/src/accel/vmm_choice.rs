@@ -1,0 +1,96 @@
+//! Which VMM runs a `vmbuild run`: QEMU, or the embedded KVM VMM where it has booted this
+//! kit on this host and the run fits it. Decided here, next to the accelerator choice and
+//! the probes both rest on; the command line only says what the user asked for.
+
+use std::path::Path;
+
+use crate::vm::run::{ShareProtocol, Vmm};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmmChoice {
+    Auto,
+    Qemu,
+    Embedded,
+}
+
+/// What the run needs, in the terms that decide whether the embedded VMM can take it.
+pub struct VmmRequest<'a> {
+    pub choice: VmmChoice,
+    pub share_protocol: ShareProtocol,
+    pub shell: bool,
+    pub disk: bool,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub shares: usize,
+    /// `--accel tcg` asks for QEMU's emulation.
+    pub tcg: bool,
+    pub qemu: &'a Path,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+}
+
+/// The VMM for `request`, or why what the user insisted on cannot be (one line for an
+/// exit 2). `auto` falls back to QEMU, saying why at debug level.
+pub fn choose(request: &VmmRequest) -> Result<Vmm, String> {
+    // 9p is served by the embedded VMM's virtio-9p device; QEMU's 9p would be its own
+    // server, not ours, with none of our share policies.
+    let needs_embedded = request.share_protocol == ShareProtocol::NineP;
+    if needs_embedded && request.choice == VmmChoice::Qemu {
+        return Err("--share-protocol 9p needs the embedded VMM (--vmm embedded or auto); under QEMU use virtiofs".into());
+    }
+    if request.choice == VmmChoice::Qemu {
+        return Ok(Vmm::Qemu);
+    }
+    let usable = || {
+        let probe = super::probe_embedded_cached(request.qemu, request.kernel, request.initrd);
+        if probe.usable {
+            Ok(())
+        } else {
+            Err(probe.reason)
+        }
+    };
+    if request.choice == VmmChoice::Embedded || needs_embedded {
+        let what = match request.choice {
+            VmmChoice::Embedded => "--vmm embedded",
+            _ => "--share-protocol 9p (served by the embedded VMM)",
+        };
+        fits(request).map_err(|why| format!("{what}: {why}"))?;
+        usable().map_err(|why| {
+            format!(
+                "{what}: {why}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu{})",
+                if needs_embedded {
+                    " with --share-protocol virtiofs"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        return Ok(Vmm::Embedded);
+    }
+    match fits(request).and_then(|()| usable()) {
+        Ok(()) => Ok(Vmm::Embedded),
+        Err(why) => {
+            tracing::debug!("--vmm auto: QEMU, not the embedded VMM: {why}");
+            Ok(Vmm::Qemu)
+        }
+    }
+}
+
+/// Whether the embedded VMM can run what is asked (no disk, no shell, its limits), or
+/// why not.
+fn fits(request: &VmmRequest) -> Result<(), String> {
+    use embedded_vmm::linux::{MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES};
+    if request.shell || request.disk {
+        Err("it runs a command without --shell or --disk".to_owned())
+    } else if request.cpus > u32::from(MAX_VCPUS) {
+        Err(format!("it gives a guest at most {MAX_VCPUS} vCPUs"))
+    } else if request.tcg {
+        Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
+    } else if request.memory_mib > MAX_MEMORY_MIB {
+        Err(format!("it gives a guest at most {MAX_MEMORY_MIB} MiB"))
+    } else if request.shares > MAX_VIRTIO_DEVICES {
+        Err(format!("it has room for {MAX_VIRTIO_DEVICES} shares"))
+    } else {
+        embedded_vmm::linux::check_kernel(request.kernel)
+    }
+}
