@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/install-host-deps.sh
 echo "[install] building vmbuild (release)" >&2
-cargo build --release --locked -p vmm
+cargo build --release --locked -p vmbuild
 install -m 755 target/release/vmbuild /usr/local/bin/vmbuild
 kit=$(scripts/guest-kit.sh)
 echo "[install] vmbuild installed to /usr/local/bin/vmbuild; guest kit in $kit" >&2

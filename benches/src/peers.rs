@@ -75,7 +75,7 @@ pub fn vmbuild_binary() -> anyhow::Result<PathBuf> {
         return Ok(candidate);
     }
     bail!(
-        "no vmbuild binary next to {}: run `cargo build --release -p vmm` first or set VMBUILD",
+        "no vmbuild binary next to {}: run `cargo build --release -p vmbuild` first or set VMBUILD",
         exe.display()
     )
 }

@@ -8,7 +8,7 @@
 //!    xchg. Each round boots a fresh guest per contender (cold guest caches, warm host page
 //!    cache), contenders interleaved; medians reported.
 //!
-//! Reproduce: `cargo build --release -p vmm -p vmbuild-benches && target/release/fs-bench`
+//! Reproduce: `cargo build --release -p vmbuild -p vmbuild-benches && target/release/fs-bench`
 
 use std::collections::BTreeMap;
 use std::fs;

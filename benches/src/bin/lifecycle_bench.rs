@@ -4,7 +4,7 @@
 //! for `true` and for a small-files workload on the store and xchg. Rounds interleave
 //! the two; medians reported, with the build's phases (`--timings`).
 //!
-//! Reproduce: `cargo build --release -p vmm -p vmbuild-benches && target/release/lifecycle-bench`
+//! Reproduce: `cargo build --release -p vmbuild -p vmbuild-benches && target/release/lifecycle-bench`
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -18,7 +18,7 @@
 //! absolute times there are TCG's underneath, the ratios compare the two VMMs:
 //!
 //! ```sh
-//! cargo build --release -p vmm -p vmbuild-benches
+//! cargo build --release -p vmbuild -p vmbuild-benches
 //! scripts/nested-kvm-host.sh --work /var/tmp -- target/release/linux-kvm-bench
 //! ```
 

@@ -3,7 +3,7 @@
 //! command. Two workloads: `true`, and reading 2,000 store files + writing 200 files to
 //! xchg. Rounds interleave the two; medians reported.
 //!
-//! Reproduce: `cargo build --release -p vmm -p vmbuild-benches && target/release/run-bench`
+//! Reproduce: `cargo build --release -p vmbuild -p vmbuild-benches && target/release/run-bench`
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! `vmbuild switch` — TCP throughput and 64-byte UDP packets/s with iperf3. Plus frames/s
 //! between two in-process ports on one core.
 //!
-//! Reproduce: `apt-get install vde2 iperf3 && cargo build --release -p vmm -p vmbuild-benches
+//! Reproduce: `apt-get install vde2 iperf3 && cargo build --release -p vmbuild -p vmbuild-benches
 //! && target/release/switch-bench`
 
 use std::collections::BTreeMap;

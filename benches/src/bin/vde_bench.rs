@@ -8,7 +8,7 @@
 //! round; medians.
 //!
 //! Reproduce: `apt-get install vde2 && scripts/guest-kit.sh &&
-//! cargo build --release -p vmm -p vmbuild-benches && target/release/vde-bench`
+//! cargo build --release -p vmbuild -p vmbuild-benches && target/release/vde-bench`
 
 use std::collections::BTreeMap;
 use std::io::Read;
