@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use super::command_args::{CommandEnv, SharedDirs};
+
 use super::guest_mounts::{self, Protected};
 use super::run::{
     collect_env, command_name, console_log, guest_path, runtime_protected, seconds, store_and_xchg,
@@ -42,30 +44,10 @@ pub struct BuildArgs {
     /// The snapshot directory made by `vmbuild bootstrap`
     #[arg(long, value_name = "DIR")]
     snapshot: PathBuf,
-    /// Directory shared read-only as the store (mounted at the same path unless --store-mount)
-    #[arg(long, value_name = "DIR")]
-    store: Option<PathBuf>,
-    /// Where the store is mounted in the target
-    #[arg(long, value_name = "PATH")]
-    store_mount: Option<String>,
-    /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
-    #[arg(long, value_name = "DIR")]
-    xchg: Option<PathBuf>,
-    /// Keep the temporary xchg directory and print its path (not with --xchg)
-    #[arg(long, conflicts_with = "xchg")]
-    keep_xchg: bool,
-    /// Set K=V for the command, value byte for byte (repeatable)
-    #[arg(long, short = 'e', value_name = "K=V")]
-    env: Vec<OsString>,
-    /// Read K=V lines from a file (# comments and blank lines ignored)
-    #[arg(long, value_name = "FILE")]
-    env_file: Vec<PathBuf>,
-    /// Pass this host variable to the command (repeatable)
-    #[arg(long, value_name = "NAME")]
-    pass_env: Vec<String>,
-    /// Working directory of the command in the target
-    #[arg(long, short = 'w', value_name = "DIR")]
-    workdir: Option<String>,
+    #[command(flatten)]
+    dirs: SharedDirs,
+    #[command(flatten)]
+    command_env: CommandEnv,
     /// Stop everything after this many seconds, fractions allowed (exit 124)
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
@@ -190,16 +172,24 @@ impl BuildArgs {
             .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
             .transpose()?;
         let ssh_wait = seconds(self.ssh_wait, "--ssh-wait", 86_400.0)?;
-        let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
-        if let Some(w) = &self.workdir {
+        let store = store_and_xchg(
+            self.dirs.store,
+            self.dirs.store_mount,
+            self.dirs.xchg.as_deref(),
+        )?;
+        if let Some(w) = &self.command_env.workdir {
             guest_path(w, "--workdir")?;
         }
-        let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
+        let env = collect_env(
+            &self.command_env.env,
+            &self.command_env.env_file,
+            &self.command_env.pass_env,
+        )?;
         let qemu = QemuBinary::locate().map_err(|e| Usage(format!("{e:#}")))?;
         let snapshot = snapshot_path(&self.snapshot);
         // The target mounts xchg where its profile says; the linux profile's is the same
         // as run's, and only linux targets can be bootstrapped today.
-        let mounts = store_and_xchg_mounts(&store, self.xchg.as_deref(), XCHG_MOUNT);
+        let mounts = store_and_xchg_mounts(&store, self.dirs.xchg.as_deref(), XCHG_MOUNT);
         let protected = [
             runtime_protected(),
             Protected {
@@ -217,10 +207,10 @@ impl BuildArgs {
             qemu,
             argv: self.command,
             env,
-            cwd: self.workdir,
+            cwd: self.command_env.workdir,
             store,
-            xchg: self.xchg,
-            keep_xchg: self.keep_xchg,
+            xchg: self.dirs.xchg,
+            keep_xchg: self.dirs.keep_xchg,
             timeout,
             ssh_wait,
             verify_full: self.verify,

@@ -2,6 +2,7 @@
 
 mod bootstrap;
 mod build;
+mod command_args;
 mod doctor;
 mod fs;
 mod guest_mounts;

@@ -10,6 +10,8 @@ use std::io::IsTerminal;
 
 use clap::Args;
 
+use super::command_args::{CommandEnv, SharedDirs};
+
 use super::guest_mounts::{self, GuestMount, Protected};
 
 use crate::accel::vmm_choice::{VmmChoice, VmmRequest};
@@ -42,33 +44,13 @@ XDG_RUNTIME_DIR (where sockets go),
 XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR (the temporary xchg), RUST_LOG (log filter),
 NO_COLOR (no colours in log lines).")]
 pub struct RunArgs {
-    /// Directory shared read-only as the store (mounted at the same path unless --store-mount)
-    #[arg(long, value_name = "DIR")]
-    store: Option<PathBuf>,
-    /// Where the store is mounted in the guest
-    #[arg(long, value_name = "PATH")]
-    store_mount: Option<String>,
-    /// Directory shared read-write at /tmp/xchg (default: a fresh temporary directory)
-    #[arg(long, value_name = "DIR")]
-    xchg: Option<PathBuf>,
-    /// Keep the temporary xchg directory and print its path (not with --xchg)
-    #[arg(long, conflicts_with = "xchg")]
-    keep_xchg: bool,
+    #[command(flatten)]
+    dirs: SharedDirs,
     /// Extra share HOST:GUEST[:ro|:rw] (repeatable; read-write unless :ro)
     #[arg(long, value_name = "HOST:GUEST[:ro]")]
     share: Vec<String>,
-    /// Set K=V in the guest, value byte for byte (repeatable)
-    #[arg(long, short = 'e', value_name = "K=V")]
-    env: Vec<OsString>,
-    /// Read K=V lines from a file (# comments and blank lines ignored)
-    #[arg(long, value_name = "FILE")]
-    env_file: Vec<PathBuf>,
-    /// Pass this host variable into the guest (repeatable)
-    #[arg(long, value_name = "NAME")]
-    pass_env: Vec<String>,
-    /// Working directory of the command inside the guest
-    #[arg(long, short = 'w', value_name = "DIR")]
-    workdir: Option<String>,
+    #[command(flatten)]
+    command_env: CommandEnv,
     /// Guest memory: MiB, or with a unit (512M, 2G); at most the host's RAM
     #[arg(long, value_name = "SIZE", default_value = "512", allow_negative_numbers = true,
           value_parser = super::values::memory_mib)]
@@ -257,13 +239,17 @@ impl RunArgs {
         };
         readable_file(&kernel, "kernel (--kernel)")?;
         readable_file(&initrd, "initrd (--initrd)")?;
-        let store = store_and_xchg(self.store, self.store_mount, self.xchg.as_deref())?;
+        let store = store_and_xchg(
+            self.dirs.store,
+            self.dirs.store_mount,
+            self.dirs.xchg.as_deref(),
+        )?;
         let extra_shares = self
             .share
             .iter()
             .map(|spec| extra_share(spec))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut mounts = store_and_xchg_mounts(&store, self.xchg.as_deref(), XCHG_MOUNT);
+        let mut mounts = store_and_xchg_mounts(&store, self.dirs.xchg.as_deref(), XCHG_MOUNT);
         for (spec, share) in self.share.iter().zip(&extra_shares) {
             mounts.push(GuestMount {
                 what: format!("--share {spec}"),
@@ -273,8 +259,12 @@ impl RunArgs {
             });
         }
         guest_mounts::check(&mounts, &[runtime_protected()])?;
-        let env = collect_env(&self.env, &self.env_file, &self.pass_env)?;
-        if let Some(w) = &self.workdir {
+        let env = collect_env(
+            &self.command_env.env,
+            &self.command_env.env_file,
+            &self.command_env.pass_env,
+        )?;
+        if let Some(w) = &self.command_env.workdir {
             guest_path(w, "--workdir")?;
         }
         let disk = match self.disk {
@@ -322,10 +312,10 @@ impl RunArgs {
             argv: self.command,
             shell: self.shell,
             env,
-            cwd: self.workdir,
+            cwd: self.command_env.workdir,
             store,
-            xchg: self.xchg,
-            keep_xchg: self.keep_xchg,
+            xchg: self.dirs.xchg,
+            keep_xchg: self.dirs.keep_xchg,
             no_xchg: false,
             nic: None,
             extra_shares,
