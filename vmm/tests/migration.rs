@@ -24,7 +24,10 @@ struct Guest {
 /// Boots (or, with `incoming`, prepares to revive) the counting guest.
 fn start(dir: &Path, name: &str, initrd: &Path, incoming: bool) -> Guest {
     let kit = GuestKit::locate().unwrap();
-    let append = format!("console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet vmbuild.cmd={GUEST_SCRIPT_PATH}");
+    let append = vmbuild::guest::cmdline::KernelCmdline::new()
+        .fast_boot()
+        .command(GUEST_SCRIPT_PATH)
+        .to_string();
     let g = ConsoleGuest::start(
         dir,
         name,

@@ -7,21 +7,22 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::KvmProbe;
+use crate::guest::cmdline::KernelCmdline;
+use crate::guest::console::shows_init;
 use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
-
-const INIT_MARK: &str = "vmbuild-phase=init";
 
 /// Boots `kernel` (an ELF vmlinux) with `initrd` until the kit's init announces itself.
 pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
     let unusable = |reason: String| KvmProbe::answer(false, reason);
     let console = Transcript::new(None);
     let start = Instant::now();
+    let cmdline = KernelCmdline::probe().keyboard_reset().to_string();
     let vm = LinuxVm::new(
         &LinuxConfig {
             kernel,
             initrd: Some(initrd),
-            cmdline: "console=ttyS0 reboot=k panic=-1 quiet vmbuild.quiet vmbuild.cmd=/nonexistent",
+            cmdline: &cmdline,
             memory_mib: 256,
             vcpus: 1,
         },
@@ -36,8 +37,8 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
         }
     };
     // The console is short (`quiet`): looking at all of it every few ms costs little.
-    let end = vm.run_until(|| console.text().contains(INIT_MARK) || start.elapsed() >= limit);
-    if console.text().contains(INIT_MARK) {
+    let end = vm.run_until(|| shows_init(&console.text()) || start.elapsed() >= limit);
+    if shows_init(&console.text()) {
         return KvmProbe::answer(
             true,
             format!(

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::guest::cmdline::KernelCmdline;
+use crate::guest::console::shows_init;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccelChoice {
     /// KVM where the probe says it runs Linux, else TCG
@@ -335,10 +338,8 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         .arg(initrd)
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet vmbuild.quiet vmbuild.cmd=/nonexistent",
-        ])
+        .arg("-append")
+        .arg(KernelCmdline::probe().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(errors)
@@ -359,7 +360,7 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
     let mut failure = None;
     let reached_init = loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains("vmbuild-phase=init") || text.contains("vmbuild-exit=") {
+        if shows_init(&text) {
             break true;
         }
         failure = failure.or_else(failed);

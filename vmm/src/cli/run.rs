@@ -441,10 +441,10 @@ pub(super) fn directory(path: &Path, what: &str) -> Result<(), Usage> {
     }
 }
 
-/// Guest paths go on the kernel command line: absolute, no spaces or colons.
+/// Guest paths go on the kernel command line (see `guest::cmdline::valid_mount_point`).
 pub(super) fn guest_path(path: &str, what: &str) -> Result<(), Usage> {
-    if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains(':') {
-        usage!("{what}: guest path '{path}' must be absolute, without spaces or ':'");
+    if !crate::guest::cmdline::valid_mount_point(path) {
+        usage!("{what}: guest path '{path}' must be absolute, without spaces, '\"' or ':'");
     }
     Ok(())
 }

@@ -5,10 +5,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-/// Console lines the host watches for (the init prints `vmbuild-phase=init`,
-/// `vmbuild-phase=mounted` and `vmbuild-exit=N` itself).
-pub const PHASE_COMMAND_START: &str = "vmbuild-phase=command-start";
-pub const PHASE_COMMAND_END: &str = "vmbuild-phase=command-end";
+use crate::guest::console::{phase, phase_line};
 
 /// Exit status the script uses when it cannot even start the command (bad directory).
 pub const SETUP_FAILED: i32 = 125;
@@ -99,7 +96,8 @@ impl GuestCommand<'_> {
             s.extend_from_slice(&name);
             s.extend_from_slice(format!(" {to_stderr}; exit {NOT_FOUND}; }}\n").as_bytes());
         }
-        s.extend_from_slice(format!("echo {PHASE_COMMAND_START}{markers}\n").as_bytes());
+        let start = phase_line(phase::COMMAND_START);
+        s.extend_from_slice(format!("echo {start}{markers}\n").as_bytes());
         for (i, arg) in self.argv.iter().enumerate() {
             if i > 0 {
                 s.push(b' ');
@@ -108,7 +106,8 @@ impl GuestCommand<'_> {
         }
         s.extend_from_slice(redirect.as_bytes());
         s.extend_from_slice(b"status=$?\n");
-        s.extend_from_slice(format!("echo {PHASE_COMMAND_END}{markers}\n").as_bytes());
+        let end = phase_line(phase::COMMAND_END);
+        s.extend_from_slice(format!("echo {end}{markers}\n").as_bytes());
         s.extend_from_slice(b"exit $status\n");
         s
     }

@@ -5,21 +5,17 @@
 //! (`vmbuild-phase=…`, `vmbuild-exit=N`) become events, and the shares are hot-plugged
 //! after the revive.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
 
+use crate::guest::console::{self, ConsoleEvent, ConsoleLog, ConsoleTail};
 use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent};
 use crate::snapshot::manifest::{MachinePlan, NetworkPlan};
-
-const CONSOLE_TAIL_LINES: usize = 40;
 
 /// What the target reports.
 #[derive(Debug)]
@@ -43,25 +39,6 @@ pub struct Placement<'a> {
     pub rundir: &'a Path,
     /// Console lines are appended here as well (bootstrap keeps them for diagnosis).
     pub console_log: Option<PathBuf>,
-}
-
-/// The last lines a guest printed on its console (markers excluded), for error messages.
-#[derive(Clone, Default)]
-pub struct ConsoleTail(Arc<Mutex<VecDeque<String>>>);
-
-impl ConsoleTail {
-    pub fn text(&self) -> String {
-        let t = self.0.lock().unwrap();
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-
-    fn push(&self, line: String) {
-        let mut t = self.0.lock().unwrap();
-        if t.len() == CONSOLE_TAIL_LINES {
-            t.pop_front();
-        }
-        t.push_back(line);
-    }
 }
 
 pub struct TargetVm {
@@ -174,7 +151,7 @@ impl TargetVm {
         });
         let qmp = qemu.qmp_handshake(qmp_s, qmp_tx)?;
         let tail = ConsoleTail::default();
-        spawn_console_reader(console, at.console_log.clone(), tail.clone(), tx)?;
+        console_to_events(console, at.console_log.clone(), tail.clone(), tx)?;
         Ok(TargetVm {
             qemu,
             qmp,
@@ -220,59 +197,31 @@ impl TargetVm {
     }
 }
 
-/// Reads a guest console: marker lines become events, the others go to the tail (and
-/// every line to `log`).
-pub fn spawn_console_reader(
+/// Reads a guest console: markers become events, the other lines go to the tail (and
+/// every line to `log`, appended).
+pub fn console_to_events(
     stream: UnixStream,
     log: Option<PathBuf>,
     tail: ConsoleTail,
     events: Sender<TargetEvent>,
 ) -> anyhow::Result<()> {
-    let mut log = match log {
-        Some(p) => Some(
+    let log = match log {
+        Some(p) => ConsoleLog::Transcript(Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&p)
                 .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
+        )),
+        None => ConsoleLog::None,
     };
-    std::thread::Builder::new()
-        .name("target-console".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match std::io::Read::take(&mut reader, crate::vm::run::MAX_CONSOLE_LINE)
-                    .read_until(b'\n', &mut raw)
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let at = Instant::now();
-                let line = String::from_utf8_lossy(&raw)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
-                if let Some(l) = log.as_mut() {
-                    let _ = writeln!(l, "{line}");
-                }
-                if let Some(p) = line.strip_prefix("vmbuild-phase=") {
-                    let _ = events.send(TargetEvent::Phase(p.to_owned(), at));
-                    continue;
-                }
-                if let Some(i) = line.find("vmbuild-exit=") {
-                    if let Ok(n) = line[i + "vmbuild-exit=".len()..].trim().parse() {
-                        let _ = events.send(TargetEvent::Exit(n, at));
-                    }
-                    continue;
-                }
-                if line.is_empty() {
-                    continue;
-                }
-                tail.push(line);
-            }
-        })?;
+    console::spawn_reader("target-console", stream, log, tail, move |ev, at| {
+        let ev = match ev {
+            ConsoleEvent::Phase(p) => TargetEvent::Phase(p, at),
+            ConsoleEvent::Exit(Some(n)) => TargetEvent::Exit(n, at),
+            _ => return,
+        };
+        let _ = events.send(ev);
+    })?;
     Ok(())
 }

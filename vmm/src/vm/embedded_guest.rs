@@ -7,41 +7,39 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::vm::run::note_console_line;
-use crate::vm::timings::Marks;
+use crate::guest::console::{ConsoleEvent, LineSplitter};
+use crate::vm::timings::{note_console_event, Marks};
 use embedded_vmm::linux::{LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
 
 /// How long a guest that reported its status may take to power off.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
-/// A console line longer than this is cut (a guest must not grow host memory at will).
-pub(crate) const MAX_LINE: usize = 4096;
 
 /// The console of an embedded guest: kept (for error messages), copied to `log`, and
-/// split into timed lines.
+/// read for its markers as it arrives.
 pub struct GuestConsole {
     pub transcript: Transcript,
-    lines: Arc<Mutex<Vec<(String, Instant)>>>,
+    markers: Arc<Mutex<Vec<(ConsoleEvent, Instant)>>>,
 }
 
 impl GuestConsole {
     pub fn new(log: Option<Box<dyn std::io::Write + Send>>) -> GuestConsole {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = ConsoleLines {
-            partial: Vec::new(),
-            lines: lines.clone(),
+        let markers = Arc::new(Mutex::new(Vec::new()));
+        let sink = ConsoleMarkers {
+            lines: LineSplitter::default(),
+            markers: markers.clone(),
             log,
         };
         GuestConsole {
             transcript: Transcript::new(Some(Box::new(sink))),
-            lines,
+            markers,
         }
     }
 
-    /// Applies the lines that arrived since the last call.
+    /// Applies the markers that arrived since the last call.
     pub fn note(&self, marks: &mut Marks, status: &mut Option<i32>) {
-        for (line, at) in self.lines.lock().unwrap().drain(..) {
-            note_console_line(marks, status, &line, at);
+        for (ev, at) in self.markers.lock().unwrap().drain(..) {
+            note_console_event(marks, status, &ev, at);
         }
     }
 
@@ -136,30 +134,25 @@ pub fn why_no_status(end: &LinuxEnd) -> String {
     }
 }
 
-/// Console lines as they arrive, with the moment each was complete, copied on to the log
-/// if there is one.
-struct ConsoleLines {
-    partial: Vec<u8>,
-    lines: Arc<Mutex<Vec<(String, Instant)>>>,
+/// The console's markers as they arrive, with the moment each line was complete; all
+/// of it copied on to the log if there is one.
+struct ConsoleMarkers {
+    lines: LineSplitter,
+    markers: Arc<Mutex<Vec<(ConsoleEvent, Instant)>>>,
     log: Option<Box<dyn std::io::Write + Send>>,
 }
 
-impl std::io::Write for ConsoleLines {
+impl std::io::Write for ConsoleMarkers {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some(log) = &mut self.log {
             let _ = log.write_all(buf);
         }
-        for &b in buf {
-            if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial)
-                    .trim_end_matches('\r')
-                    .to_owned();
-                self.partial.clear();
-                self.lines.lock().unwrap().push((line, Instant::now()));
-            } else if self.partial.len() < MAX_LINE {
-                self.partial.push(b);
+        self.lines.push(buf, |line| {
+            let ev = ConsoleEvent::parse(&line);
+            if ev.is_marker() {
+                self.markers.lock().unwrap().push((ev, Instant::now()));
             }
-        }
+        });
         Ok(buf.len())
     }
 
@@ -174,25 +167,25 @@ impl std::io::Write for ConsoleLines {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn console_lines_are_split_and_timed() {
+    fn console_markers_are_found_as_they_arrive() {
+        use crate::guest::console::ConsoleEvent::*;
         use std::io::Write;
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut c = super::ConsoleLines {
-            partial: Vec::new(),
-            lines: lines.clone(),
+        let markers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut c = super::ConsoleMarkers {
+            lines: Default::default(),
+            markers: markers.clone(),
             log: None,
         };
         c.write_all(b"vmbuild-phase=init\r\nvmbuild-ex").unwrap();
         c.write_all(b"it=12\n").unwrap();
-        c.write_all(&vec![b'x'; 10_000]).unwrap();
-        c.write_all(b"\n").unwrap();
-        let got: Vec<String> = lines
+        c.write_all(&vec![b'x'; 100_000]).unwrap();
+        c.write_all(b"\n[ 1.0] vmbuild-exit=13\n").unwrap();
+        let got: Vec<_> = markers
             .lock()
             .unwrap()
             .iter()
-            .map(|(l, _)| l.clone())
+            .map(|(e, _)| e.clone())
             .collect();
-        assert_eq!(got[..2], ["vmbuild-phase=init", "vmbuild-exit=12"]);
-        assert_eq!(got[2].len(), super::MAX_LINE);
+        assert_eq!(got, [Phase("init".into()), Exit(Some(12)), Exit(Some(13))]);
     }
 }

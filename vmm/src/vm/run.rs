@@ -5,33 +5,28 @@
 //! guest's console, stdout and stderr are serial ports connected to sockets vmbuild
 //! listens on, and QMP reports how the guest stopped.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use virtiofs_bridge::{CacheMode, ShareConfig, ShareServer};
 
-use crate::guest::command_script::{
-    CommandIo, GuestCommand, PHASE_COMMAND_END, PHASE_COMMAND_START,
-};
+use crate::guest::cmdline::{KernelCmdline, MountKind};
+use crate::guest::command_script::{CommandIo, GuestCommand};
+use crate::guest::console::{self, phase, ConsoleEvent, ConsoleLog, ConsoleTail};
 use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::Accel;
 use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, QmpEvent, ShutdownReason};
 use crate::runtime_dir::RuntimeDir;
-use crate::vm::timings::Marks;
+use crate::vm::timings::{note_console_event, Marks};
 
 /// Where the control share (command script, exit status) is mounted in the guest.
 const CTL_MOUNT: &str = "/run/vmbuild";
-const CONSOLE_TAIL_LINES: usize = 40;
-/// Longest console line kept in one piece; longer ones are split.
-pub(crate) const MAX_CONSOLE_LINE: u64 = 64 << 10;
 
 /// A host directory mounted in the guest.
 #[derive(Debug, Clone)]
@@ -144,7 +139,8 @@ pub struct RunOutcome {
 }
 
 enum Event {
-    Console(String, Instant),
+    /// A marker line of the console.
+    Console(ConsoleEvent, Instant),
     Qmp(QmpEvent),
     Signal,
 }
@@ -250,9 +246,9 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     let mut qmp = qemu.qmp_handshake(qmp_stream, qmp_tx)?;
     marks.vmm_ready = Some(Instant::now());
 
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let tail = ConsoleTail::default();
     let console_thread = console_stream
-        .map(|s| spawn_console_reader(s, spec.log.clone(), tail.clone(), tx.clone()))
+        .map(|s| console_to_user(s, spec.log.as_deref(), tail.clone(), tx.clone()))
         .transpose()?;
     let out_thread = spawn_copy(out_stream, std::io::stdout())?;
     let err_thread = spawn_copy(err_stream, std::io::stderr())?;
@@ -276,8 +272,8 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
             }
         }
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::Console(line, at)) => {
-                note_console_line(&mut marks, &mut console_exit, &line, at)
+            Ok(Event::Console(ev, at)) => {
+                note_console_event(&mut marks, &mut console_exit, &ev, at)
             }
             Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
             Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
@@ -302,25 +298,19 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     }
     // Drain console lines that arrived after QEMU exited.
     while let Ok(ev) = rx.try_recv() {
-        if let Event::Console(line, at) = ev {
-            if line == PHASE_COMMAND_END {
+        match ev {
+            Event::Console(ConsoleEvent::Phase(p), at) if p == phase::COMMAND_END => {
                 marks.command_end.get_or_insert(at);
-            } else if let Some(n) = line.strip_prefix("vmbuild-exit=") {
-                console_exit = n.trim().parse().ok();
             }
+            Event::Console(ConsoleEvent::Exit(n), _) => console_exit = n,
+            _ => {}
         }
     }
     let status_file = ctl
         .as_ref()
         .and_then(|ctl| std::fs::read_to_string(ctl.join("status")).ok())
         .and_then(|s| s.trim().parse::<i32>().ok());
-    let console_tail = tail
-        .lock()
-        .unwrap()
-        .iter()
-        .cloned()
-        .collect::<Vec<String>>()
-        .join("\n");
+    let console_tail = tail.text();
     let end = end.unwrap_or_else(|| match status_file.or(console_exit) {
         Some(code) => RunEnd::Exited(code),
         None => RunEnd::NoExitCode {
@@ -376,29 +366,6 @@ pub(crate) fn command_initrd(spec: &RunSpec, rundir: &Path) -> anyhow::Result<Pa
     initrd::with_files(&spec.initrd, rundir, &files).context("writing the run's initrd")
 }
 
-/// What one line of the kit's console says about the run: its phases and its status.
-/// Both VMMs read their consoles through this.
-pub(crate) fn note_console_line(
-    marks: &mut Marks,
-    exit: &mut Option<i32>,
-    line: &str,
-    at: Instant,
-) {
-    match line {
-        "vmbuild-phase=init" => marks.init = Some(at),
-        "vmbuild-phase=mounted" => marks.mounted = Some(at),
-        l if l == PHASE_COMMAND_START => marks.command_start = Some(at),
-        l if l == PHASE_COMMAND_END => marks.command_end = Some(at),
-        l => {
-            if let Some(n) = l.strip_prefix("vmbuild-exit=") {
-                *exit = n.trim().parse().ok();
-            } else if let Some(p) = l.strip_prefix("vmbuild-phase=") {
-                marks.phases.push((p.to_owned(), at));
-            }
-        }
-    }
-}
-
 /// The store, xchg and extra shares of a run, with where the guest mounts each.
 pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, String)> {
     let mut shares = Vec::new();
@@ -421,10 +388,12 @@ pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, Str
 }
 
 fn explain_no_exit(shutdown: Option<&ShutdownReason>, console: &str, qemu_stderr: &str) -> String {
-    if console.contains("Kernel panic") || shutdown == Some(&ShutdownReason::GuestPanic) {
+    if console::mentions(console, &ConsoleEvent::KernelPanic)
+        || shutdown == Some(&ShutdownReason::GuestPanic)
+    {
         return "the guest kernel panicked".into();
     }
-    if console.contains("Out of memory") {
+    if console::mentions(console, &ConsoleEvent::OutOfMemory) {
         return "the guest ran out of memory (try a larger --memory)".into();
     }
     match shutdown {
@@ -452,61 +421,36 @@ fn forward<T: Send + 'static>(
     });
 }
 
-/// Reads the guest console: marker lines become events, everything else goes to the log
-/// (or stderr, prefixed) and to the tail kept for error messages.
-fn spawn_console_reader(
+/// Reads the guest console: markers become events, everything else goes to the log (or
+/// stderr, prefixed) and to the tail kept for error messages.
+fn console_to_user(
     stream: UnixStream,
-    log: Option<PathBuf>,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    log: Option<&Path>,
+    tail: ConsoleTail,
     events: Sender<Event>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let mut sink: Box<dyn Write + Send> = match &log {
-        Some(p) => Box::new(
-            std::fs::File::create(p)
-                .with_context(|| format!("creating the console log {}", p.display()))?,
-        ),
-        None => Box::new(std::io::stderr()),
+    let log = match log {
+        Some(p) => ConsoleLog::ForUser {
+            to: Box::new(
+                std::fs::File::create(p)
+                    .with_context(|| format!("creating the console log {}", p.display()))?,
+            ),
+            prefix: "",
+        },
+        None => ConsoleLog::ForUser {
+            to: Box::new(std::io::stderr()),
+            prefix: "[guest] ",
+        },
     };
-    let prefix = if log.is_some() { "" } else { "[guest] " };
-    Ok(std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                // Bounded: a guest that never prints a newline cannot grow this buffer.
-                match std::io::Read::take(&mut reader, MAX_CONSOLE_LINE).read_until(b'\n', &mut raw)
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let at = Instant::now();
-                let line = String::from_utf8_lossy(&raw)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
-                if line.starts_with("vmbuild-phase=") {
-                    let _ = events.send(Event::Console(line, at));
-                    continue;
-                }
-                // The exit marker also arrives through the kernel log, after a timestamp.
-                if let Some(i) = line.find("vmbuild-exit=") {
-                    let _ = events.send(Event::Console(line[i..].to_owned(), at));
-                    continue;
-                }
-                // The kernel's last word at every power-off says nothing about the command.
-                if line.is_empty() || line.ends_with("reboot: Power down") {
-                    continue;
-                }
-                let _ = writeln!(sink, "{prefix}{line}");
-                let mut t = tail.lock().unwrap();
-                if t.len() == CONSOLE_TAIL_LINES {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-            let _ = sink.flush();
-        })?)
+    Ok(console::spawn_reader(
+        "console",
+        stream,
+        log,
+        tail,
+        move |ev, at| {
+            let _ = events.send(Event::Console(ev, at));
+        },
+    )?)
 }
 
 /// Copies a guest serial port to one of our output streams, byte for byte.
@@ -605,20 +549,8 @@ fn qemu_args(
         "-serial",
         "chardev:err",
     ]);
-    // Measured on the guest kit under TCG: `quiet` and `cryptomgr.notests` each save
-    // ~0.4 s of boot; the usual fast-boot folklore (tsc=reliable, no_timer_check, ...)
-    // made no difference. panic=-1 with -no-reboot turns a kernel panic into QEMU's exit.
-    let mut append: Vec<String> = [
-        "console=ttyS0",
-        "panic=-1",
-        "quiet",
-        "cryptomgr.notests",
-        "8250.nr_uarts=3",
-        "vmbuild.quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // panic=-1 with -no-reboot turns a kernel panic into QEMU's exit.
+    let mut cmdline = KernelCmdline::command_guest();
     for (i, (server, mount)) in servers.iter().enumerate() {
         push(&[
             "-chardev",
@@ -631,13 +563,7 @@ fn qemu_args(
                 server.tag()
             ),
         ]);
-        // Read-only shares are mounted read-only too: the guest then refuses writes
-        // itself instead of asking the server to refuse them.
-        let ro = if server.read_only() { ":ro" } else { "" };
-        append.push(format!(
-            "vmbuild.mount=virtiofs:{}:{mount}{ro}",
-            server.tag()
-        ));
+        cmdline = cmdline.mount(MountKind::Virtiofs, server.tag(), mount, server.read_only());
     }
     // `run` refuses an in-process link before it gets here.
     if let Some(Nic {
@@ -669,15 +595,13 @@ fn qemu_args(
         }
         push(&["-drive", &drive]);
     }
-    if spec.shell {
-        append.push(format!("vmbuild.exitfile={CTL_MOUNT}/status"));
+    cmdline = if spec.shell {
+        cmdline.shell(&format!("{CTL_MOUNT}/status"))
     } else {
-        append.push(format!("vmbuild.cmd={GUEST_SCRIPT_PATH}"));
-    }
-    if let Some(extra) = &spec.append {
-        append.push(extra.clone());
-    }
-    push(&["-append", &append.join(" ")]);
+        cmdline.command(GUEST_SCRIPT_PATH)
+    };
+    let cmdline = cmdline.extra(spec.append.as_deref());
+    push(&["-append", &cmdline.to_string()]);
     a
 }
 

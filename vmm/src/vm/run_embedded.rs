@@ -18,6 +18,7 @@ use virtiofs_bridge::ninep::NinepServer;
 use virtiofs_bridge::InProcessShare;
 use vswitch::VlanMode;
 
+use crate::guest::cmdline::{KernelCmdline, MountKind};
 use crate::guest::initrd::GUEST_SCRIPT_PATH;
 use crate::runtime_dir::RuntimeDir;
 use crate::vm::embedded_guest::{drive, stop_requested, why_no_status, DriveEnd, GuestConsole};
@@ -55,21 +56,8 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);
-    let mut append: Vec<String> = [
-        "console=ttyS0",
-        "reboot=k",
-        "panic=-1",
-        "quiet",
-        "cryptomgr.notests",
-        "8250.nr_uarts=3",
-        "vmbuild.quiet",
-        // No virtio-rng here: the CPU's RDRAND seeds the CRNG at once (an SSH client
-        // would otherwise block on it).
-        "random.trust_cpu=on",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // No virtio-rng or PCI reset register here (see `KernelCmdline::embedded_vmm`).
+    let mut cmdline = KernelCmdline::command_guest().embedded_vmm();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(nic) = &spec.nic {
         let NicLink::InProcess(switch) = &nic.link else {
@@ -86,28 +74,27 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     }
     for (share, mount) in &shares {
         let serving = || format!("serving share {}", share.tag);
-        let (device, kind): (Box<dyn VirtioDevice>, &str) = match spec.share_protocol {
+        let (device, kind): (Box<dyn VirtioDevice>, MountKind) = match spec.share_protocol {
             ShareProtocol::Virtiofs => (
                 Box::new(FsDevice::new(Arc::new(
                     InProcessShare::new(share).with_context(serving)?,
                 ))?),
-                "virtiofs",
+                MountKind::Virtiofs,
             ),
             ShareProtocol::NineP => (
                 Box::new(NinepDevice::new(Arc::new(
                     NinepServer::new(share).with_context(serving)?,
                 ))),
-                "9p",
+                MountKind::NineP,
             ),
         };
         devices.push(device);
-        let ro = if share.read_only { ":ro" } else { "" };
-        append.push(format!("vmbuild.mount={kind}:{}:{mount}{ro}", share.tag));
+        cmdline = cmdline.mount(kind, &share.tag, mount, share.read_only);
     }
-    append.push(format!("vmbuild.cmd={GUEST_SCRIPT_PATH}"));
-    if let Some(extra) = &spec.append {
-        append.push(extra.clone());
-    }
+    let cmdline = cmdline
+        .command(GUEST_SCRIPT_PATH)
+        .extra(spec.append.as_deref())
+        .to_string();
     let since_start = |what: &str| {
         let at = marks
             .start
@@ -122,7 +109,6 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     let console = GuestConsole::logged_to(spec.log.as_deref())?;
     let stdout = Transcript::new(Some(Box::new(std::io::stdout())));
     let stderr = Transcript::new(Some(Box::new(std::io::stderr())));
-    let cmdline = append.join(" ");
     let mut vm = LinuxVm::new(
         &LinuxConfig {
             kernel: &spec.kernel,

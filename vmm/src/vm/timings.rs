@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::guest::console::{phase, ConsoleEvent};
+
 /// Moments seen during a run; phases are the differences between them.
 #[derive(Debug, Default, Clone)]
 pub struct Marks {
@@ -30,6 +32,27 @@ impl Marks {
     /// When the guest printed `vmbuild-phase=NAME` first.
     pub fn phase(&self, name: &str) -> Option<Instant> {
         self.phases.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
+}
+
+/// What a console marker of the kit's guest says about a run: its phases and its status.
+/// Both VMMs' runs read their consoles through this.
+pub(crate) fn note_console_event(
+    marks: &mut Marks,
+    exit: &mut Option<i32>,
+    ev: &ConsoleEvent,
+    at: Instant,
+) {
+    match ev {
+        ConsoleEvent::Phase(p) => match p.as_str() {
+            phase::INIT => marks.init = Some(at),
+            phase::MOUNTED => marks.mounted = Some(at),
+            phase::COMMAND_START => marks.command_start = Some(at),
+            phase::COMMAND_END => marks.command_end = Some(at),
+            _ => marks.phases.push((p.clone(), at)),
+        },
+        ConsoleEvent::Exit(n) => *exit = *n,
+        _ => {}
     }
 }
 

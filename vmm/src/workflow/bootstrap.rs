@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::accel::{self, Accel};
+use crate::guest::console::phase;
 use crate::guest::initrd;
 use crate::guest_kit::GuestKit;
 use crate::owned_dir::{self, OwnedDir};
@@ -282,7 +283,7 @@ impl<'a> Bootstrap<'a> {
         let mut target_up = None;
         while let Ok(ev) = target.events.try_recv() {
             if let TargetEvent::Phase(p, at) = ev {
-                if p == "target-up" {
+                if p == phase::TARGET_UP {
                     target_up = Some(at);
                 }
             }

@@ -27,6 +27,7 @@ use virtiofs_bridge::{ShareConfig, ShareServer};
 
 use crate::accel::{self, Accel};
 use crate::guest::command_script::{CommandIo, GuestCommand};
+use crate::guest::console::{phase, phase_line, EXIT_MARKER};
 use crate::qemu::QemuBinary;
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::{
@@ -701,7 +702,8 @@ fn session_script(
         .unwrap_or(0);
     let mut s = Vec::new();
     s.extend_from_slice(b"# vmbuild build session (generated)\nexec 3>/dev/console\n");
-    s.extend_from_slice(b"echo vmbuild-phase=session >&3\n");
+    let (session, mounted) = (phase_line(phase::SESSION), phase_line(phase::MOUNTED));
+    s.extend_from_slice(format!("echo {session} >&3\n").as_bytes());
     s.extend_from_slice(format!("date -s @{now} >/dev/null 2>&1\n").as_bytes());
     let mut mounts = String::new();
     if let Some((_, mount)) = &spec.store {
@@ -710,8 +712,11 @@ fn session_script(
     mounts.push_str(&profile.mount_share(XCHG_TAG, &manifest.mounts.xchg, false));
     s.extend_from_slice(b"(\n");
     s.extend_from_slice(mounts.as_bytes());
-    s.extend_from_slice(b") || { status=$?; echo \"vmbuild-exit=$status\" >&3; exit $status; }\n");
-    s.extend_from_slice(b"echo vmbuild-phase=mounted >&3\n(\n");
+    s.extend_from_slice(
+        format!(") || {{ status=$?; echo \"{EXIT_MARKER}$status\" >&3; exit $status; }}\n")
+            .as_bytes(),
+    );
+    s.extend_from_slice(format!("echo {mounted} >&3\n(\n").as_bytes());
     s.extend(
         GuestCommand {
             argv: &spec.argv,
@@ -721,7 +726,9 @@ fn session_script(
         }
         .script(),
     );
-    s.extend_from_slice(b")\nstatus=$?\nsync\necho \"vmbuild-exit=$status\" >&3\nexit $status\n");
+    s.extend_from_slice(
+        format!(")\nstatus=$?\nsync\necho \"{EXIT_MARKER}$status\" >&3\nexit $status\n").as_bytes(),
+    );
     s
 }
 

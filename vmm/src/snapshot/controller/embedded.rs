@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use vswitch::{Switch, SwitchConfig, VlanMode};
 
-use super::revive::{base64, APPEND};
+use super::revive::base64;
 use super::{
     classify, session_files, Controller, ControllerEnd, ControllerOutcome, SessionPlan,
     CONTROLLER_MEMORY_MIB,
 };
+use crate::guest::cmdline::KernelCmdline;
+use crate::guest::console::phase;
 use crate::guest::initrd::GUEST_SCRIPT_PATH;
 use crate::vm::embedded_guest::{drive, stop_requested, why_no_status, DriveEnd, GuestConsole};
 use crate::vm::run_embedded::parse_mac;
@@ -31,9 +33,6 @@ use embedded_vmm::virtio::net::NetDevice;
 
 pub use crate::snapshot::EMBEDDED_CONTROLLER_DIR;
 
-/// What the daemon announces once logged in, right before it reads its session.
-const READY: &str = "controller-ready";
-
 /// Time for the daemon to get from announcing itself to blocking in `read`, so that the
 /// snapshot holds it there rather than in the middle of its shell's work.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -43,9 +42,10 @@ const SETTLE: Duration = Duration::from_millis(300);
 const FEED_LIMIT: Duration = Duration::from_secs(60);
 
 fn cmdline() -> String {
-    // reboot=k: the keyboard controller resets (the embedded VMM has no PCI reset
-    // register). RDRAND seeds the CRNG: there is no virtio-rng here.
-    format!("{APPEND} reboot=k random.trust_cpu=on vmbuild.cmd={GUEST_SCRIPT_PATH}")
+    KernelCmdline::command_guest()
+        .embedded_vmm()
+        .command(GUEST_SCRIPT_PATH)
+        .to_string()
 }
 
 fn nic(switch: &Arc<Switch>, mac: &str) -> anyhow::Result<NetDevice> {
@@ -121,7 +121,8 @@ pub fn bootstrap_embedded_controller(
         &mut status,
         &mut || stop_requested(signals),
         Some(deadline),
-        Some(READY),
+        // What the daemon announces once logged in, right before it reads its session.
+        Some(phase::CONTROLLER_READY),
     ) {
         DriveEnd::Reached => {}
         DriveEnd::Stopped => return Ok(Err(ControllerEnd::Interrupted)),

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
+use crate::guest::console::{phase, phase_line, PHASE_MARKER};
 use crate::guest::initrd;
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
 use crate::vm::timings::Marks;
@@ -125,11 +126,15 @@ fn session_files(plan: &SessionPlan) -> Vec<u8> {
 /// What the controller script's exit status and markers say.
 fn classify(status: i32, marks: &Marks) -> ControllerEnd {
     match status {
-        HOST_KEY_CHANGED if marks.phase("ssh-hostkey").is_some() => ControllerEnd::HostKeyChanged,
-        TARGET_UNREACHABLE if marks.phase("ssh-unreachable").is_some() => {
+        HOST_KEY_CHANGED if marks.phase(phase::SSH_HOSTKEY).is_some() => {
+            ControllerEnd::HostKeyChanged
+        }
+        TARGET_UNREACHABLE if marks.phase(phase::SSH_UNREACHABLE).is_some() => {
             ControllerEnd::TargetUnreachable
         }
-        HANDSHAKE_FAILED if marks.phase("ssh-refused").is_some() => ControllerEnd::HandshakeFailed,
+        HANDSHAKE_FAILED if marks.phase(phase::SSH_REFUSED).is_some() => {
+            ControllerEnd::HandshakeFailed
+        }
         code => ControllerEnd::Finished(code),
     }
 }
@@ -153,12 +158,15 @@ fn controller_script(plan: &SessionPlan) -> String {
         Some(_) => format!(
             "{ssh} 'cat >/tmp/vmbuild-session.sh && exec sh /tmp/vmbuild-session.sh </dev/null' <{SESSION_SCRIPT_GUEST}"
         ),
-        None => format!("{ssh} 'echo vmbuild-phase=handshake >/dev/console' </dev/null"),
+        None => format!(
+            "{ssh} 'echo {handshake} >/dev/console' </dev/null",
+            handshake = phase_line(phase::HANDSHAKE)
+        ),
     };
     format!(
         r#"# vmbuild controller (generated)
 say() {{ echo "vmbuild controller: $*" >&2; }}
-mark() {{ echo "vmbuild-phase=$1" >/dev/console; }}
+mark() {{ echo "{PHASE_MARKER}$1" >/dev/console; }}
 # A revived controller has its link up and configured already: a shell builtin tells,
 # where three `ip` processes would cost ~0.1 s under TCG.
 state=
@@ -170,33 +178,33 @@ if [ "$state" != up ] && [ "$state" != unknown ]; then
 		exit 125
 	fi
 fi
-mark controller-up
+mark {controller_up}
 deadline=$(($(date +%s) + {wait}))
 while :; do
 	banner=$(timeout 3 nc {ip_t} {port} </dev/null 2>/dev/null | head -c 4)
 	[ "$banner" = SSH- ] && break
 	if [ "$(date +%s)" -ge "$deadline" ]; then
-		mark ssh-unreachable
+		mark {ssh_unreachable}
 		say "the target's SSH port {ip_t}:{port} did not answer within {wait} s"
 		exit {TARGET_UNREACHABLE}
 	fi
 	sleep 0.05
 done
-mark port-open
+mark {port_open}
 rm -f /tmp/ssh.fifo
 mkfifo /tmp/ssh.fifo
 tee /tmp/ssh.err </tmp/ssh.fifo >&2 &
 {session} 2>/tmp/ssh.fifo
 status=$?
 wait
-mark session-end
+mark {session_end}
 if [ "$status" -ne 0 ]; then
 	if grep -qi "host key mismatch" /tmp/ssh.err; then
-		mark ssh-hostkey
+		mark {ssh_hostkey}
 		exit {HOST_KEY_CHANGED}
 	fi
 	if grep -q -e "No auth methods could be used" -e "Permission denied" -e "Exited: Disconnect received" /tmp/ssh.err; then
-		mark ssh-refused
+		mark {ssh_refused}
 		exit {HANDSHAKE_FAILED}
 	fi
 fi
@@ -207,5 +215,53 @@ exit $status
         ip_t = n.target_ip,
         port = n.ssh_port,
         wait = plan.ssh_wait.as_secs().max(1),
+        controller_up = phase::CONTROLLER_UP,
+        ssh_unreachable = phase::SSH_UNREACHABLE,
+        port_open = phase::PORT_OPEN,
+        session_end = phase::SESSION_END,
+        ssh_hostkey = phase::SSH_HOSTKEY,
+        ssh_refused = phase::SSH_REFUSED,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller script marks its phases as it always did.
+    #[test]
+    fn the_controller_script_prints_the_markers() {
+        let network = NetworkPlan::default();
+        let ssh = SshPlan {
+            user: "root".into(),
+            client_key: "id".into(),
+            client_public_key: "ssh-ed25519 AAAA".into(),
+            host_key: "ssh-ed25519 BBBB".into(),
+        };
+        let plan = |target_script: Option<Vec<u8>>| SessionPlan {
+            network: &network,
+            ssh: &ssh,
+            kernel: Path::new(""),
+            initrd_parts: Vec::new(),
+            net_socket: Path::new(""),
+            target_script,
+            ssh_wait: Duration::from_secs(5),
+            rundir: Path::new(""),
+            console_log: PathBuf::new(),
+        };
+        let script = controller_script(&plan(Some(b"true\n".to_vec())));
+        for line in [
+            "\nmark() { echo \"vmbuild-phase=$1\" >/dev/console; }\n",
+            "\nmark controller-up\n",
+            "\n\t\tmark ssh-unreachable\n",
+            "\nmark port-open\n",
+            "\nmark session-end\n",
+            "\n\t\tmark ssh-hostkey\n",
+            "\n\t\tmark ssh-refused\n",
+        ] {
+            assert!(script.contains(line), "{line:?} not in\n{script}");
+        }
+        let probe = controller_script(&plan(None));
+        assert!(probe.contains("'echo vmbuild-phase=handshake >/dev/console' </dev/null"));
+    }
 }

@@ -19,19 +19,18 @@ use super::{
     CONTROLLER_MEMORY_MIB,
 };
 use crate::accel::Accel;
+use crate::guest::cmdline::KernelCmdline;
+use crate::guest::console::{phase, phase_line, ConsoleTail};
 use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, StateFormat};
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
-use crate::snapshot::target::{spawn_console_reader, ConsoleTail, TargetEvent};
+use crate::snapshot::target::{console_to_events, TargetEvent};
 use crate::vm::run::spawn_copy;
 use crate::vm::timings::Marks;
 
 /// The controller's memory state and initramfs in a snapshot directory.
 pub const CONTROLLER_STATE: &str = "controller-state";
 pub const CONTROLLER_INITRD: &str = "controller-initrd.img";
-
-pub(super) const APPEND: &str =
-    "console=ttyS0 panic=-1 quiet cryptomgr.notests 8250.nr_uarts=3 vmbuild.quiet";
 
 /// The controller VM: console, QMP, and its second and third serial ports (the session's
 /// input and stdout, and its stderr) on sockets vmbuild listens on.
@@ -80,7 +79,9 @@ impl ControllerVm {
             "-initrd",
             &m.initrd.display().to_string(),
             "-append",
-            &format!("{APPEND} vmbuild.cmd={GUEST_SCRIPT_PATH}"),
+            &KernelCmdline::command_guest()
+                .command(GUEST_SCRIPT_PATH)
+                .to_string(),
         ]);
         push(&[
             "-chardev",
@@ -144,7 +145,7 @@ impl ControllerVm {
         });
         let qmp = qemu.qmp_handshake(qmp_s, qmp_tx)?;
         let tail = ConsoleTail::default();
-        spawn_console_reader(con, m.console_log.map(Path::to_owned), tail.clone(), tx)?;
+        console_to_events(con, m.console_log.map(Path::to_owned), tail.clone(), tx)?;
         Ok(ControllerVm {
             qemu,
             qmp,
@@ -160,6 +161,12 @@ impl ControllerVm {
 /// The script the bootstrap controller runs (as the kit init's command): log in once
 /// (`probe.sh`, the controller script without a session), then wait for a session on
 /// ttyS1, which is where bootstrap suspends it.
+fn daemon_script() -> String {
+    DAEMON_SCRIPT
+        .replace("@READY@", &phase_line(phase::CONTROLLER_READY))
+        .replace("@RESEEDED@", &phase_line(phase::RESEEDED))
+}
+
 const DAEMON_SCRIPT: &str = r#"# vmbuild controller, bootstrap: prove the login, then wait for a session
 # Keep both ports open from here on: closing a serial port's last descriptor shuts the
 # UART down, and reopening it clears its FIFO, which could eat a session written just
@@ -173,7 +180,7 @@ sh /etc/vmbuild/probe.sh </dev/null >&4 2>&5 || exit $?
 # asynchronously; the SSH client must not draw randomness before it.
 forks() { n=$(dmesg 2>/dev/null | grep -c 'crng reseeded due to virtual machine fork'); echo "${n:-0}"; }
 seen=$(forks)
-echo vmbuild-phase=controller-ready >/dev/console
+echo @READY@ >/dev/console
 # Suspended here; a build revives it and writes one line: its session, base64.
 read -r session <&4
 i=0
@@ -185,7 +192,7 @@ while [ "$(forks)" -le "$seen" ]; do
 	fi
 	sleep 0.05
 done
-echo vmbuild-phase=reseeded >/dev/console
+echo @RESEEDED@ >/dev/console
 echo "$session" | base64 -d >/tmp/session.cpio && (cd / && cpio -idmu </tmp/session.cpio 2>/dev/null)
 exec sh /etc/vmbuild/controller.sh </dev/null >&4 2>&5 4>&- 5>&-
 "#;
@@ -216,6 +223,7 @@ pub fn bootstrap_controller(
         rundir: Path::new(""),
         console_log: PathBuf::new(),
     });
+    let daemon = daemon_script();
     let files: Vec<(&str, u32, &[u8])> = vec![
         ("/root/.ssh", libc::S_IFDIR | 0o700, b""),
         (
@@ -228,11 +236,7 @@ pub fn bootstrap_controller(
             libc::S_IFREG | 0o755,
             probe.as_bytes(),
         ),
-        (
-            GUEST_SCRIPT_PATH,
-            libc::S_IFREG | 0o755,
-            DAEMON_SCRIPT.as_bytes(),
-        ),
+        (GUEST_SCRIPT_PATH, libc::S_IFREG | 0o755, daemon.as_bytes()),
     ];
     let initrd_path = dir.join(CONTROLLER_INITRD);
     initrd::assemble(parts, &initrd::newc_archive(&files), &initrd_path)?;
@@ -256,7 +260,7 @@ pub fn bootstrap_controller(
         }
         match vm.events.recv_timeout(Duration::from_millis(20)) {
             Ok(TargetEvent::Phase(p, at)) => {
-                let ready = p == "controller-ready";
+                let ready = p == phase::CONTROLLER_READY;
                 marks.phases.push((p, at));
                 if ready {
                     break;
@@ -438,6 +442,15 @@ pub(super) fn base64(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The daemon announces its phases with the markers the host waits for.
+    #[test]
+    fn the_daemon_script_prints_the_markers() {
+        let script = super::daemon_script();
+        assert!(!script.contains('@'));
+        assert!(script.contains("\necho vmbuild-phase=controller-ready >/dev/console\n"));
+        assert!(script.contains("\necho vmbuild-phase=reseeded >/dev/console\n"));
+    }
+
     /// The encoding the guest's busybox decodes: checked against base64(1).
     #[test]
     fn base64_matches_coreutils() {

@@ -11,7 +11,9 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 use super::{Boot, InstallContext, Profile, DISK_FILE};
+use crate::guest::cmdline::KernelCmdline;
 use crate::guest::command_script::shell_quote;
+use crate::guest::console::{phase, phase_line};
 use crate::snapshot::{dropbear, KIT_INITRD, KIT_KERNEL};
 
 pub struct Linux;
@@ -24,6 +26,10 @@ const INITTAB: &str = "\
 ";
 
 /// The target's sysinit: file systems, the address from `vmbuild.ip=`, a marker.
+fn target_init() -> String {
+    TARGET_INIT.replace("@TARGET_UP@", &phase_line(phase::TARGET_UP))
+}
+
 const TARGET_INIT: &str = r#"#!/bin/sh
 # vmbuild linux target: run by busybox init before sshd starts (see /etc/inittab).
 PATH=/bin
@@ -41,7 +47,7 @@ if [ -z "$addr" ] || ! ip addr add "$addr" dev eth0 || ! ip link set eth0 up; th
 	echo "vmbuild-target: cannot configure eth0 with '$addr'" >/dev/console
 fi
 hostname vmbuild-target
-echo "vmbuild-phase=target-up" >/dev/console
+echo "@TARGET_UP@" >/dev/console
 "#;
 
 impl Profile for Linux {
@@ -101,7 +107,7 @@ impl Profile for Linux {
         write_into(
             &root,
             "/etc/vmbuild/target-init",
-            TARGET_INIT.as_bytes(),
+            target_init().as_bytes(),
             0o755,
         )?;
         write_into(&root, "/etc/shells", b"/bin/sh\n", 0o644)?;
@@ -145,11 +151,7 @@ impl Profile for Linux {
             // The snapshot's copy of the guest kit (bootstrap made it).
             kernel: Some(KIT_KERNEL.into()),
             initrd: Some(KIT_INITRD.into()),
-            append: Some(format!(
-                "console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet \
-                 vmbuild.root=/dev/vda vmbuild.modules=fuse,virtiofs vmbuild.ip={}/{}",
-                n.target_ip, n.prefix_len
-            )),
+            append: Some(target_cmdline(&format!("{}/{}", n.target_ip, n.prefix_len))),
         })
     }
 
@@ -169,6 +171,17 @@ impl Profile for Linux {
              done\n"
         )
     }
+}
+
+/// The installed system boots from the disk, with the modules for the shares that are
+/// hot-plugged after a revive, and its address.
+fn target_cmdline(ip: &str) -> String {
+    KernelCmdline::new()
+        .fast_boot()
+        .root("/dev/vda")
+        .modules(&["fuse", "virtiofs"])
+        .ip(ip)
+        .to_string()
 }
 
 fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
@@ -197,4 +210,19 @@ fn write_into(root: &Path, guest: &str, data: &[u8], mode: u32) -> anyhow::Resul
     std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_target_boots_as_it_always_did() {
+        assert_eq!(
+            super::target_cmdline("10.0.2.15/24"),
+            "console=ttyS0 panic=-1 quiet cryptomgr.notests vmbuild.quiet \
+             vmbuild.root=/dev/vda vmbuild.modules=fuse,virtiofs vmbuild.ip=10.0.2.15/24"
+        );
+        let init = super::target_init();
+        assert!(init.contains("\necho \"vmbuild-phase=target-up\" >/dev/console\n"));
+        assert!(!init.contains('@'));
+    }
 }
