@@ -7,7 +7,6 @@ pub mod cache_dir;
 pub mod cli;
 pub mod exit;
 pub mod guest;
-pub mod guest_kit;
 pub mod logging;
 pub mod owned_dir;
 pub mod qemu;

@@ -18,8 +18,9 @@ const LAYERS: &[&[&str]] = &[
         "runtime_dir",
         "logging",
     ],
-    // What goes into a guest: the kit, the command script, the initramfs.
-    &["guest_kit", "guest"],
+    // What goes into a guest: the kit, the kernel command line, the console protocol, the
+    // command script, the initramfs.
+    &["guest"],
     // QEMU, driven over QMP.
     &["qemu"],
     // One Linux VM with its shares, under QEMU or the embedded VMM.

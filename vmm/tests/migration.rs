@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use vmbuild::guest_kit::GuestKit;
+use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
 use vmbuild::qemu::{QemuProcess, Qmp};

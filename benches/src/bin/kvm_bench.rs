@@ -25,7 +25,7 @@ use embedded_vmm::snapshot;
 use embedded_vmm::vcpu::{run, Bus, Stop};
 use embedded_vmm::vm::Vm;
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use vmbuild::guest_kit::GuestKit;
+use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::StateFormat;
 use vmbuild_benches::console::wait_for_line;

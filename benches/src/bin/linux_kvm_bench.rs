@@ -33,7 +33,7 @@ use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
 use vmbuild::accel::Accel;
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use vmbuild::guest_kit::GuestKit;
+use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::StateFormat;
 use vmbuild_benches::console::wait_for_line;

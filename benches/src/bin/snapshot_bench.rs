@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use vmbuild::guest_kit::GuestKit;
+use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
 use vmbuild::qemu::{QemuProcess, Qmp};

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::guest::cmdline::KernelCmdline;
 use crate::guest::console::shows_init;
+use crate::guest::kit::KitInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccelChoice {
@@ -157,23 +158,13 @@ fn private_cache_dir() -> Option<PathBuf> {
 /// (`vmlinux`, `bzimage`, `initrd` with their `*_sha256`); a snapshot's manifest lists
 /// each file by name.
 fn recorded_sha256(file: &Path) -> Option<String> {
-    let json = |name: &str| -> Option<serde_json::Value> {
-        let text = std::fs::read_to_string(file.with_file_name(name)).ok()?;
-        serde_json::from_str(&text).ok()
-    };
     let file_name = file.file_name()?.to_str()?;
-    if let Some(kit) = json("kit.json") {
-        return ["vmlinux", "bzimage", "initrd"].iter().find_map(|role| {
-            (kit.get(*role)?.as_str()? == file_name)
-                .then(|| {
-                    kit.get(format!("{role}_sha256"))?
-                        .as_str()
-                        .map(str::to_owned)
-                })
-                .flatten()
-        });
+    if let Some(kit) = KitInfo::read(file.parent()?) {
+        return kit.sha256_of(file_name).map(str::to_owned);
     }
-    json("manifest.json")?
+    let text = std::fs::read_to_string(file.with_file_name("manifest.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()?
         .get("files")?
         .as_array()?
         .iter()

@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::accel::{self, AccelChoice};
 use crate::exit;
-use crate::guest_kit::GuestKit;
+use crate::guest::kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::snapshot::profile;
 use crate::workflow::bootstrap::{bootstrap, BootstrapFailure, BootstrapSpec};

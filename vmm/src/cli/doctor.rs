@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::accel;
 use crate::exit;
-use crate::guest_kit::GuestKit;
+use crate::guest::kit::GuestKit;
 use crate::qemu::QemuBinary;
 
 #[derive(Args, Debug)]
@@ -129,7 +129,9 @@ impl DoctorArgs {
         let kit = GuestKit::locate();
         match &kit {
             Ok(k) => {
-                let release = kit_release(&k.kernel)
+                let release = k
+                    .info()
+                    .and_then(|i| i.kernel_release)
                     .map(|r| format!(" (kernel {r})"))
                     .unwrap_or_default();
                 let detail = format!("{}{release}", GuestKit::dir().display());
@@ -244,13 +246,6 @@ impl DoctorArgs {
         }
         Ok(if usable { exit::SUCCESS } else { exit::FAILURE })
     }
-}
-
-/// The kit's kernel release, from its kit.json.
-fn kit_release(kernel: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(kernel.with_file_name("kit.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("kernel_release")?.as_str().map(str::to_owned)
 }
 
 /// Runs a three-instruction real-mode guest in the embedded VMM (out 0x80, hlt).

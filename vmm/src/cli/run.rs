@@ -18,7 +18,7 @@ use crate::accel::vmm_choice::{VmmChoice, VmmRequest};
 use crate::accel::{self, AccelChoice};
 use crate::exit;
 use crate::guest::command_script::valid_env_name;
-use crate::guest_kit::GuestKit;
+use crate::guest::kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::vm::run::{run, Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
 

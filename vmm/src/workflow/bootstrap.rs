@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use crate::accel::{self, Accel};
 use crate::guest::console::phase;
 use crate::guest::initrd;
-use crate::guest_kit::GuestKit;
+use crate::guest::kit::GuestKit;
 use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;

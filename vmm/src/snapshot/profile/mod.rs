@@ -8,7 +8,7 @@ mod windows_cygwin;
 
 use std::path::Path;
 
-use crate::guest_kit::GuestKit;
+use crate::guest::kit::GuestKit;
 use crate::snapshot::manifest::NetworkPlan;
 use crate::snapshot::progress::Progress;
 
