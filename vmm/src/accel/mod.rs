@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::guest::cmdline::KernelCmdline;
 use crate::guest::console::shows_init;
 use crate::guest::kit::KitInfo;
+use crate::qemu::QemuCommand;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccelChoice {
@@ -310,27 +311,16 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         Ok(f) => f,
         Err(e) => return KvmProbe::unknown(format!("probe failed: {e}")),
     };
+    let argv = QemuCommand::new("kvm", "q35", 256)
+        .cpu(Some("host"))
+        .no_user_config()
+        .no_reboot()
+        .kernel(Some(kernel), Some(initrd))
+        .append(Some(&KernelCmdline::probe().to_string()))
+        .serial_file(&console)
+        .argv();
     let child = Command::new(qemu)
-        .args([
-            "-accel",
-            "kvm",
-            "-M",
-            "q35",
-            "-cpu",
-            "host",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args(["-display", "none", "-no-reboot", "-kernel"])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-append")
-        .arg(KernelCmdline::probe().to_string())
+        .args(&argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(errors)

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent};
+use crate::qemu::{
+    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
+};
 
 pub struct ConsoleGuest {
     pub qemu: QemuProcess,
@@ -40,45 +42,16 @@ impl ConsoleGuest {
         let qemu_bin = QemuBinary::locate()?;
         let qmp_l = ChardevListener::bind(dir.join(format!("{name}-qmp.sock")))?;
         let con_l = ChardevListener::bind(dir.join(format!("{name}-con.sock")))?;
-        let mut a: Vec<String> = [
-            "-accel",
-            config.accel.qemu_name(),
-            "-M",
-            "q35",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(["-m".into(), format!("{}M", config.memory_mib)]);
-        if let Some(cpu) = config.accel.cpu_model() {
-            a.extend(["-cpu".into(), cpu.into()]);
-        }
-        if let Some(qboot) = qemu_bin.firmware("qboot.rom") {
-            a.extend(["-bios".into(), qboot.display().to_string()]);
-        }
-        a.extend([
-            "-kernel".into(),
-            config.kernel.display().to_string(),
-            "-initrd".into(),
-            config.initrd.display().to_string(),
-            "-append".into(),
-            config.append.to_owned(),
-            "-chardev".into(),
-            qmp_l.chardev_arg("qmp"),
-            "-mon".into(),
-            "chardev=qmp,mode=control".into(),
-            "-chardev".into(),
-            con_l.chardev_arg("con"),
-            "-serial".into(),
-            "chardev:con".into(),
-        ]);
-        if config.incoming {
-            a.extend(["-incoming".into(), "defer".into()]);
-        }
+        let a = QemuCommand::new(config.accel.qemu_name(), "q35", config.memory_mib)
+            .cpu(config.accel.cpu_model())
+            .firmware(qemu_bin.firmware("qboot.rom"))
+            .no_reboot()
+            .kernel(Some(config.kernel), Some(config.initrd))
+            .append(Some(config.append))
+            .monitor(&qmp_l)
+            .serial_socket("con", &con_l)
+            .incoming(config.incoming)
+            .argv();
         let mut qemu = QemuProcess::spawn(
             &qemu_bin.path,
             &a,

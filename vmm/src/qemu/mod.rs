@@ -3,6 +3,7 @@
 //! guests on hosts whose KVM cannot run them (TCG).
 
 pub mod accel;
+pub mod argv;
 pub mod binary;
 pub mod console_guest;
 pub mod migration;
@@ -10,6 +11,7 @@ pub mod process;
 pub mod qmp;
 
 pub use accel::Accel;
+pub use argv::QemuCommand;
 pub use binary::QemuBinary;
 pub use migration::StateFormat;
 pub use process::{accept_all, ChardevListener, QemuProcess};

@@ -14,7 +14,9 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::guest::console::{self, ConsoleEvent, ConsoleLog, ConsoleTail};
-use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, QmpEvent};
+use crate::qemu::{
+    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
+};
 use crate::snapshot::manifest::{MachinePlan, NetworkPlan};
 
 /// What the target reports.
@@ -52,55 +54,27 @@ pub struct TargetVm {
 
 /// The QEMU options that make the machine: identical for bootstrap and every revive.
 pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Vec<String> {
-    let mem = plan.memory_mib;
-    let mut a: Vec<String> = Vec::new();
-    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-accel", &plan.accel, "-M", &plan.machine]);
-    if let Some(cpu) = &plan.cpu {
-        push(&["-cpu", cpu]);
-    }
-    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    push(&["-smp", &plan.cpus.to_string(), "-m", &format!("{mem}M")]);
-    // Shared memory: the virtio-fs back-ends plugged in after a revive map guest RAM.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        "-machine",
-        "memory-backend=mem",
-    ]);
+    machine(plan, net, at).argv()
+}
+
+/// The target's machine, as the snapshot records it: the same at bootstrap and at every
+/// revive (its devices in the same PCI slots). Shared memory: the virtio-fs back-ends
+/// plugged in after a revive map guest RAM. A new VM generation id on every start, so
+/// builds revived from one snapshot do not share random streams (SSH session keys among
+/// them).
+fn machine(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> QemuCommand {
     let file = |name: &Option<String>| name.as_ref().map(|n| at.snapshot_dir.join(n));
-    if let Some(k) = file(&plan.kernel) {
-        push(&["-kernel", &k.display().to_string()]);
-    }
-    if let Some(i) = file(&plan.initrd) {
-        push(&["-initrd", &i.display().to_string()]);
-    }
-    if let Some(append) = &plan.append {
-        push(&["-append", append]);
-    }
-    push(&[
-        "-drive",
-        &format!(
-            "file={},if=none,id=disk0,format=qcow2,discard=unmap",
-            at.disk.display()
-        ),
-        "-device",
-        "virtio-blk-pci,drive=disk0,id=blk0",
-    ]);
-    push(&[
-        "-netdev",
-        &format!(
-            "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
-            at.net_socket.display()
-        ),
-        "-device",
-        &format!("virtio-net-pci,netdev=net0,id=nic0,mac={}", net.target_mac),
-    ]);
-    // A new VM generation id on every start: the guest kernel reseeds its RNG when it
-    // changes, so builds revived from one snapshot do not share random streams (SSH
-    // session keys among them).
-    push(&["-device", "vmgenid,guid=auto"]);
-    a
+    let (kernel, initrd) = (file(&plan.kernel), file(&plan.initrd));
+    QemuCommand::new(&plan.accel, &plan.machine, plan.memory_mib)
+        .cpu(plan.cpu.as_deref())
+        .no_user_config()
+        .cpus(plan.cpus)
+        .shared_memory()
+        .kernel(kernel.as_deref(), initrd.as_deref())
+        .append(plan.append.as_deref())
+        .target_disk(at.disk)
+        .nic_stream(at.net_socket, &net.target_mac, Some("nic0"))
+        .vmgenid()
 }
 
 impl TargetVm {
@@ -114,20 +88,11 @@ impl TargetVm {
     ) -> anyhow::Result<TargetVm> {
         let qmp_l = ChardevListener::bind(at.rundir.join("target-qmp.sock"))?;
         let con_l = ChardevListener::bind(at.rundir.join("target-con.sock"))?;
-        let mut args = machine_args(plan, net, at);
-        args.extend([
-            "-chardev".into(),
-            qmp_l.chardev_arg("qmp"),
-            "-mon".into(),
-            "chardev=qmp,mode=control".into(),
-            "-chardev".into(),
-            con_l.chardev_arg("con"),
-            "-serial".into(),
-            "chardev:con".into(),
-        ]);
-        if incoming {
-            args.extend(["-incoming".into(), "defer".into()]);
-        }
+        let args = machine(plan, net, at)
+            .monitor(&qmp_l)
+            .serial_socket("con", &con_l)
+            .incoming(incoming)
+            .argv();
         tracing::debug!("target QEMU: {}", args.join(" "));
         let spawned = Instant::now();
         let mut qemu = QemuProcess::spawn(

@@ -22,7 +22,9 @@ use crate::accel::Accel;
 use crate::guest::cmdline::KernelCmdline;
 use crate::guest::console::{phase, phase_line, ConsoleTail};
 use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::qemu::{accept_all, ChardevListener, QemuBinary, QemuProcess, Qmp, StateFormat};
+use crate::qemu::{
+    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, StateFormat,
+};
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
 use crate::snapshot::target::{console_to_events, TargetEvent};
 use crate::vm::run::spawn_copy;
@@ -60,59 +62,29 @@ impl ControllerVm {
         let l =
             |name: &str| ChardevListener::bind(m.rundir.join(format!("controller-{name}.sock")));
         let (qmp_l, con_l, out_l, err_l) = (l("qmp")?, l("con")?, l("out")?, l("err")?);
-        let mem = CONTROLLER_MEMORY_MIB;
-        let mut a: Vec<String> = Vec::new();
-        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         // SeaBIOS, not qboot: qboot hangs before the kernel when a vmgenid device is
         // present (it cannot process QEMU's ACPI write-pointer command), and vmgenid is
         // what makes every revived controller reseed its RNG. The boot it slows down
         // happens once, at bootstrap.
-        push(&["-accel", m.accel.qemu_name(), "-M", "q35"]);
-        if let Some(cpu) = m.accel.cpu_model() {
-            push(&["-cpu", cpu]);
-        }
-        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        push(&["-smp", "1", "-m", &format!("{mem}M")]);
-        push(&[
-            "-kernel",
-            &m.kernel.display().to_string(),
-            "-initrd",
-            &m.initrd.display().to_string(),
-            "-append",
-            &KernelCmdline::command_guest()
-                .command(GUEST_SCRIPT_PATH)
-                .to_string(),
-        ]);
-        push(&[
-            "-chardev",
-            &qmp_l.chardev_arg("qmp"),
-            "-mon",
-            "chardev=qmp,mode=control",
-        ]);
-        for (l, id) in [(&con_l, "con"), (&out_l, "out"), (&err_l, "err")] {
-            push(&[
-                "-chardev",
-                &l.chardev_arg(id),
-                "-serial",
-                &format!("chardev:{id}"),
-            ]);
-        }
-        push(&[
-            "-netdev",
-            &format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={},reconnect-ms=250",
-                m.net_socket.display()
-            ),
-            "-device",
-            &format!("virtio-net-pci,netdev=net0,mac={}", m.mac),
-            "-device",
-            "virtio-rng-pci",
-            "-device",
-            "vmgenid,guid=auto",
-        ]);
-        if incoming {
-            push(&["-incoming", "defer"]);
-        }
+        let a = QemuCommand::new(m.accel.qemu_name(), "q35", CONTROLLER_MEMORY_MIB)
+            .cpu(m.accel.cpu_model())
+            .no_user_config()
+            .cpus(1)
+            .kernel(Some(m.kernel), Some(m.initrd))
+            .append(Some(
+                &KernelCmdline::command_guest()
+                    .command(GUEST_SCRIPT_PATH)
+                    .to_string(),
+            ))
+            .monitor(&qmp_l)
+            .serial_socket("con", &con_l)
+            .serial_socket("out", &out_l)
+            .serial_socket("err", &err_l)
+            .nic_stream(m.net_socket, m.mac, None)
+            .rng()
+            .vmgenid()
+            .incoming(incoming)
+            .argv();
         tracing::debug!("controller QEMU: {}", a.join(" "));
         let spawned = Instant::now();
         let mut qemu = QemuProcess::spawn(
