@@ -22,7 +22,8 @@ use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::Accel;
 use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, QmpEvent, ShutdownReason,
+    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
+    ShutdownReason,
 };
 use crate::runtime_dir::RuntimeDir;
 use crate::vm::timings::{note_console_event, Marks};
@@ -164,7 +165,6 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     };
     let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
 
-    // --- shares --------------------------------------------------------------------
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     // The command travels in the initrd and its exit status comes back on the console,
     // so a run needs no share of its own. Only --shell, whose console is the user's
@@ -176,25 +176,7 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     } else {
         (command_initrd(spec, rundir.path())?, None)
     };
-
-    let mut mounts: Vec<(ShareConfig, String)> = Vec::new();
-    if let Some(ctl) = &ctl {
-        let mut ctl_share = ShareConfig::xchg(ctl);
-        ctl_share.tag = "vmbuild-ctl".into();
-        ctl_share.cache = CacheMode::Never;
-        mounts.push((ctl_share, CTL_MOUNT.into()));
-    }
-    mounts.extend(guest_shares(spec, &xchg));
-    let mut servers = Vec::new();
-    for (share, mount) in mounts {
-        let socket = rundir.join(&format!("{}.sock", share.tag));
-        let tag = share.tag.clone();
-        let server =
-            ShareServer::spawn(share, &socket).with_context(|| format!("serving share {tag}"))?;
-        servers.push((server, mount));
-    }
-
-    // --- QEMU ----------------------------------------------------------------------
+    let servers = serve_shares(spec, &rundir, &xchg, ctl.as_deref())?;
     let chardevs = Chardevs {
         qmp: ChardevListener::bind(rundir.join("qmp.sock"))?,
         console: if spec.shell {
@@ -256,37 +238,11 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     let err_thread = spawn_copy(err_stream, std::io::stderr())?;
     drop(tx);
 
-    // --- wait for the guest ----------------------------------------------------------
-    let deadline = spec.timeout.map(|t| Instant::now() + t);
-    let mut console_exit: Option<i32> = None;
-    let mut shutdown: Option<ShutdownReason> = None;
-    let mut end: Option<RunEnd> = None;
-    loop {
-        if qemu.try_wait()?.is_some() {
-            marks.exited = Some(Instant::now());
-            break;
-        }
-        if let Some(d) = deadline {
-            if Instant::now() >= d {
-                end = Some(RunEnd::TimedOut(spec.timeout.unwrap()));
-                let _ = qmp.quit();
-                break;
-            }
-        }
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::Console(ev, at)) => {
-                note_console_event(&mut marks, &mut console_exit, &ev, at)
-            }
-            Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
-            Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
-            Ok(Event::Signal) => {
-                end = Some(RunEnd::Interrupted);
-                let _ = qmp.quit();
-                break;
-            }
-            Err(_) => {}
-        }
-    }
+    let Waited {
+        end,
+        mut console_exit,
+        shutdown,
+    } = wait_for_the_guest(spec, &mut qemu, &mut qmp, &rx, &mut marks)?;
     // QEMU has exited or been told to; make sure, then collect what the guest left.
     if qemu.wait_timeout(Duration::from_secs(3))?.is_none() {
         qemu.kill();
@@ -327,6 +283,85 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     drop(rundir);
     marks.done = Some(Instant::now());
     Ok(RunOutcome { end, marks })
+}
+
+/// What waiting for the guest saw.
+struct Waited {
+    /// Why the host ended the run (timeout, signal); `None` when QEMU exited by itself.
+    end: Option<RunEnd>,
+    console_exit: Option<i32>,
+    shutdown: Option<ShutdownReason>,
+}
+
+/// Waits until QEMU exits, the timeout passes or a signal comes, noting the console's
+/// phases and QEMU's shutdown reason on the way.
+fn wait_for_the_guest(
+    spec: &RunSpec,
+    qemu: &mut QemuProcess,
+    qmp: &mut Qmp,
+    rx: &Receiver<Event>,
+    marks: &mut Marks,
+) -> anyhow::Result<Waited> {
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut console_exit: Option<i32> = None;
+    let mut shutdown: Option<ShutdownReason> = None;
+    let mut end: Option<RunEnd> = None;
+    loop {
+        if qemu.try_wait()?.is_some() {
+            marks.exited = Some(Instant::now());
+            break;
+        }
+        if let Some(d) = deadline {
+            if Instant::now() >= d {
+                end = Some(RunEnd::TimedOut(spec.timeout.unwrap()));
+                let _ = qmp.quit();
+                break;
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Event::Console(ev, at)) => note_console_event(marks, &mut console_exit, &ev, at),
+            Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
+            Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
+            Ok(Event::Signal) => {
+                end = Some(RunEnd::Interrupted);
+                let _ = qmp.quit();
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(Waited {
+        end,
+        console_exit,
+        shutdown,
+    })
+}
+
+/// The run's shares (store, xchg, extras, and --shell's control share), each served on
+/// its own socket in `rundir`, with where the guest mounts it.
+fn serve_shares(
+    spec: &RunSpec,
+    rundir: &RuntimeDir,
+    xchg: &Path,
+    ctl: Option<&Path>,
+) -> anyhow::Result<Vec<(ShareServer, String)>> {
+    let mut mounts: Vec<(ShareConfig, String)> = Vec::new();
+    if let Some(ctl) = ctl {
+        let mut ctl_share = ShareConfig::xchg(ctl);
+        ctl_share.tag = "vmbuild-ctl".into();
+        ctl_share.cache = CacheMode::Never;
+        mounts.push((ctl_share, CTL_MOUNT.into()));
+    }
+    mounts.extend(guest_shares(spec, xchg));
+    let mut servers = Vec::new();
+    for (share, mount) in mounts {
+        let socket = rundir.join(&format!("{}.sock", share.tag));
+        let tag = share.tag.clone();
+        let server =
+            ShareServer::spawn(share, &socket).with_context(|| format!("serving share {tag}"))?;
+        servers.push((server, mount));
+    }
+    Ok(servers)
 }
 
 /// The xchg directory of a run or build: the user's, or a temporary one that lives as long
