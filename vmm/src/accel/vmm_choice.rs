@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::vm::run::{ShareProtocol, Vmm};
+use crate::vm::run_embedded::{self, EmbeddedFit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VmmChoice {
@@ -76,21 +77,18 @@ pub fn choose(request: &VmmRequest) -> Result<Vmm, String> {
     }
 }
 
-/// Whether the embedded VMM can run what is asked (no disk, no shell, its limits), or
-/// why not.
+/// The embedded VMM's own limits ([`run_embedded::fits`]), and `--accel tcg`, which asks
+/// for QEMU's emulation.
 fn fits(request: &VmmRequest) -> Result<(), String> {
-    use embedded_vmm::linux::{MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES};
-    if request.shell || request.disk {
-        Err("it runs a command without --shell or --disk".to_owned())
-    } else if request.cpus > u32::from(MAX_VCPUS) {
-        Err(format!("it gives a guest at most {MAX_VCPUS} vCPUs"))
-    } else if request.tcg {
-        Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned())
-    } else if request.memory_mib > MAX_MEMORY_MIB {
-        Err(format!("it gives a guest at most {MAX_MEMORY_MIB} MiB"))
-    } else if request.shares > MAX_VIRTIO_DEVICES {
-        Err(format!("it has room for {MAX_VIRTIO_DEVICES} shares"))
-    } else {
-        embedded_vmm::linux::check_kernel(request.kernel)
+    if request.tcg {
+        return Err("it runs on KVM, and --accel tcg asks for QEMU's emulation".to_owned());
     }
+    run_embedded::fits(&EmbeddedFit {
+        shell: request.shell,
+        disk: request.disk,
+        cpus: request.cpus,
+        memory_mib: request.memory_mib,
+        shares: request.shares,
+        kernel: request.kernel,
+    })
 }

@@ -5,11 +5,8 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
 
-use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
-};
+use crate::qemu::{ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent};
 
 pub struct ConsoleGuest {
     pub qemu: QemuProcess,
@@ -52,14 +49,14 @@ impl ConsoleGuest {
             .serial_socket("con", &con_l)
             .incoming(config.incoming)
             .argv();
-        let mut qemu = QemuProcess::spawn(
+        let (mut qemu, streams) = QemuProcess::start_connected(
             &qemu_bin.path,
             &a,
             &dir.join(format!("{name}.stderr")),
             false,
+            &[&qmp_l, &con_l],
         )?;
-        let mut streams =
-            accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
+        let mut streams = streams.into_iter();
         let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
         let (tx, events) = mpsc::channel();
         let qmp = qemu.qmp_handshake(qmp_s, tx)?;

@@ -166,6 +166,25 @@ impl ChardevListener {
     }
 }
 
+/// How long QEMU may take to connect its sockets after it starts.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl QemuProcess {
+    /// Spawns QEMU (see [`QemuProcess::spawn`]) and waits for it to connect each of
+    /// `listeners`: the connected streams come back in the listeners' order.
+    pub fn start_connected(
+        binary: &Path,
+        args: &[String],
+        stderr_path: &Path,
+        stdio_console: bool,
+        listeners: &[&ChardevListener],
+    ) -> anyhow::Result<(QemuProcess, Vec<UnixStream>)> {
+        let mut qemu = QemuProcess::spawn(binary, args, stderr_path, stdio_console)?;
+        let streams = accept_all(listeners, &mut qemu, CONNECT_TIMEOUT)?;
+        Ok((qemu, streams))
+    }
+}
+
 /// Accepts QEMU's connection on every listener, in whatever order QEMU makes them; fails
 /// if QEMU exits first or takes longer than `timeout`.
 pub fn accept_all(

@@ -8,15 +8,13 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::json;
 
 use crate::guest::console::{self, ConsoleEvent, ConsoleLog, ConsoleTail};
-use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
-};
+use crate::qemu::{ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent};
 use crate::snapshot::manifest::{MachinePlan, NetworkPlan};
 
 /// What the target reports.
@@ -95,14 +93,14 @@ impl TargetVm {
             .argv();
         tracing::debug!("target QEMU: {}", args.join(" "));
         let spawned = Instant::now();
-        let mut qemu = QemuProcess::spawn(
+        let (mut qemu, streams) = QemuProcess::start_connected(
             &qemu_bin.path,
             &args,
             &at.rundir.join("target-qemu.stderr"),
             false,
+            &[&qmp_l, &con_l],
         )?;
-        let mut streams =
-            accept_all(&[&qmp_l, &con_l], &mut qemu, Duration::from_secs(30))?.into_iter();
+        let mut streams = streams.into_iter();
         let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
         let (tx, events) = mpsc::channel();
         let (qmp_tx, qmp_rx) = mpsc::channel();

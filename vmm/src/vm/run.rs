@@ -22,8 +22,7 @@ use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use crate::owned_dir::{self, OwnedDir};
 use crate::qemu::Accel;
 use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent,
-    ShutdownReason,
+    ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent, ShutdownReason,
 };
 use crate::runtime_dir::RuntimeDir;
 use crate::vm::timings::{note_console_event, Marks};
@@ -177,45 +176,13 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
         (command_initrd(spec, rundir.path())?, None)
     };
     let servers = serve_shares(spec, &rundir, &xchg, ctl.as_deref())?;
-    let chardevs = Chardevs {
-        qmp: ChardevListener::bind(rundir.join("qmp.sock"))?,
-        console: if spec.shell {
-            None
-        } else {
-            Some(ChardevListener::bind(rundir.join("console.sock"))?)
-        },
-        stdout: ChardevListener::bind(rundir.join("stdout.sock"))?,
-        stderr: ChardevListener::bind(rundir.join("stderr.sock"))?,
-    };
-
-    let disk = match &spec.disk {
-        Some(d) if d.mode == DiskMode::Overlay => Some(Disk {
-            path: create_overlay(&d.path, &d.format, rundir.path())?,
-            format: "qcow2".into(),
-            mode: DiskMode::Rw,
-        }),
-        other => other.clone(),
-    };
-    let args = qemu_args(spec, &initrd, disk.as_ref(), &servers, &chardevs);
-    let (major, minor, micro) = spec.qemu.version;
-    tracing::debug!("QEMU {major}.{minor}.{micro}: {}", args.join(" "));
-    let mut qemu = QemuProcess::spawn(
-        &spec.qemu.path,
-        &args,
-        &rundir.join("qemu.stderr"),
-        spec.shell,
-    )?;
-    let mut listeners = vec![&chardevs.qmp, &chardevs.stdout, &chardevs.stderr];
-    if let Some(c) = &chardevs.console {
-        listeners.push(c);
-    }
-    let mut streams = accept_all(&listeners, &mut qemu, Duration::from_secs(30))?.into_iter();
-    let (qmp_stream, out_stream, err_stream) = (
-        streams.next().unwrap(),
-        streams.next().unwrap(),
-        streams.next().unwrap(),
-    );
-    let console_stream = streams.next();
+    let Started {
+        mut qemu,
+        qmp: qmp_stream,
+        stdout: out_stream,
+        stderr: err_stream,
+        console: console_stream,
+    } = start_qemu(spec, &rundir, &initrd, &servers)?;
 
     let (tx, rx) = mpsc::channel::<Event>();
     let (qmp_tx, qmp_rx) = mpsc::channel::<QmpEvent>();
@@ -283,6 +250,73 @@ pub fn run(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> 
     drop(rundir);
     marks.done = Some(Instant::now());
     Ok(RunOutcome { end, marks })
+}
+
+/// QEMU running the run's machine, and the sockets it connected.
+struct Started {
+    qemu: QemuProcess,
+    qmp: UnixStream,
+    /// The command's stdout and stderr (the guest's second and third serial ports).
+    stdout: UnixStream,
+    stderr: UnixStream,
+    /// The guest console; none with --shell, whose console is the user's terminal.
+    console: Option<UnixStream>,
+}
+
+/// Starts QEMU with the run's machine (the disk through an overlay if asked) and waits
+/// for it to connect the sockets vmbuild listens on.
+fn start_qemu(
+    spec: &RunSpec,
+    rundir: &RuntimeDir,
+    initrd: &Path,
+    servers: &[(ShareServer, String)],
+) -> anyhow::Result<Started> {
+    let chardevs = Chardevs {
+        qmp: ChardevListener::bind(rundir.join("qmp.sock"))?,
+        console: if spec.shell {
+            None
+        } else {
+            Some(ChardevListener::bind(rundir.join("console.sock"))?)
+        },
+        stdout: ChardevListener::bind(rundir.join("stdout.sock"))?,
+        stderr: ChardevListener::bind(rundir.join("stderr.sock"))?,
+    };
+
+    let disk = match &spec.disk {
+        Some(d) if d.mode == DiskMode::Overlay => Some(Disk {
+            path: create_overlay(&d.path, &d.format, rundir.path())?,
+            format: "qcow2".into(),
+            mode: DiskMode::Rw,
+        }),
+        other => other.clone(),
+    };
+    let args = qemu_args(spec, initrd, disk.as_ref(), servers, &chardevs);
+    let (major, minor, micro) = spec.qemu.version;
+    tracing::debug!("QEMU {major}.{minor}.{micro}: {}", args.join(" "));
+    let mut listeners = vec![&chardevs.qmp, &chardevs.stdout, &chardevs.stderr];
+    if let Some(c) = &chardevs.console {
+        listeners.push(c);
+    }
+    let (qemu, streams) = QemuProcess::start_connected(
+        &spec.qemu.path,
+        &args,
+        &rundir.join("qemu.stderr"),
+        spec.shell,
+        &listeners,
+    )?;
+    let mut streams = streams.into_iter();
+    let (qmp_stream, out_stream, err_stream) = (
+        streams.next().unwrap(),
+        streams.next().unwrap(),
+        streams.next().unwrap(),
+    );
+    Ok(Started {
+        qemu,
+        qmp: qmp_stream,
+        stdout: out_stream,
+        stderr: err_stream,
+        console: streams.next(),
+    })
 }
 
 /// What waiting for the guest saw.

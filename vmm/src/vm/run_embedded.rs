@@ -9,6 +9,7 @@
 //! or `--shell`. A NIC is an in-process port of a vswitch (the lifecycle's embedded
 //! controller on its build's segment).
 
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,26 +34,53 @@ use embedded_vmm::virtio::net::NetDevice;
 use embedded_vmm::virtio::ninep::NinepDevice;
 use embedded_vmm::virtio::VirtioDevice;
 
+/// What the embedded VMM is asked to run, in the terms of its limits.
+pub struct EmbeddedFit<'a> {
+    pub shell: bool,
+    pub disk: bool,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub shares: usize,
+    pub kernel: &'a Path,
+}
+
+/// Whether the embedded VMM can run `fit`, or why not (in words for `vmbuild run`'s VMM
+/// choice, which asks first, and for this back-end's own refusal).
+pub fn fits(fit: &EmbeddedFit) -> Result<(), String> {
+    use embedded_vmm::linux::{MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES};
+    if fit.shell || fit.disk {
+        Err("it runs a command without --shell or --disk".to_owned())
+    } else if fit.cpus == 0 {
+        Err("a guest needs at least one vCPU".to_owned())
+    } else if fit.cpus > u32::from(MAX_VCPUS) {
+        Err(format!("it gives a guest at most {MAX_VCPUS} vCPUs"))
+    } else if fit.memory_mib > MAX_MEMORY_MIB {
+        Err(format!("it gives a guest at most {MAX_MEMORY_MIB} MiB"))
+    } else if fit.shares > MAX_VIRTIO_DEVICES {
+        Err(format!("it has room for {MAX_VIRTIO_DEVICES} shares"))
+    } else {
+        embedded_vmm::linux::check_kernel(fit.kernel)
+    }
+}
+
 pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<RunOutcome> {
     let mut marks = Marks {
         vmm: Some("embedded"),
         start: Some(Instant::now()),
         ..Marks::default()
     };
-    anyhow::ensure!(
-        !spec.shell && spec.disk.is_none(),
-        "the embedded VMM runs a command without disks or --shell"
-    );
-    let vcpus = u8::try_from(spec.cpus)
-        .ok()
-        .filter(|n| (1..=embedded_vmm::linux::MAX_VCPUS).contains(n))
-        .with_context(|| {
-            format!(
-                "--cpus {}: the embedded VMM runs 1 to {} vCPUs",
-                spec.cpus,
-                embedded_vmm::linux::MAX_VCPUS
-            )
-        })?;
+    fits(&EmbeddedFit {
+        shell: spec.shell,
+        disk: spec.disk.is_some(),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        shares: usize::from(spec.store.is_some())
+            + usize::from(!spec.no_xchg)
+            + spec.extra_shares.len(),
+        kernel: &spec.kernel,
+    })
+    .map_err(|why| anyhow::anyhow!("the embedded VMM cannot run this: {why}"))?;
+    let vcpus = u8::try_from(spec.cpus).context("--cpus")?;
     let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);

@@ -218,23 +218,7 @@ impl SwitchOptions {
             None => usize::MAX,
         };
 
-        let mut taps: Vec<(String, VlanMode)> = Vec::new();
-        for spec in &self.tap {
-            let (name, mode) = port_spec(spec).map_err(|e| format!("--tap {spec}: {e}"))?;
-            vswitch::tap::check_name(name).map_err(|e| format!("--tap {spec}: {e}"))?;
-            if taps.iter().any(|(n, _)| n == name) {
-                return Err(format!(
-                    "--tap {name} is given twice: each tap can be one port only"
-                ));
-            }
-            let sys = Path::new("/sys/class/net").join(name);
-            if sys.exists() && !sys.join("tun_flags").exists() {
-                return Err(format!(
-                    "--tap {name}: {name} exists and is not a tap (choose another name)"
-                ));
-            }
-            taps.push((name.to_owned(), mode));
-        }
+        let taps = self.taps()?;
         let sockets = |flag: &str, specs: &[String]| -> Result<Vec<(PathBuf, VlanMode)>, String> {
             specs
                 .iter()
@@ -252,20 +236,7 @@ impl SwitchOptions {
         if let Some(m) = &self.mgmt {
             parent_exists("-M/--mgmt", m)?;
         }
-        let mut vde_ctl = Vec::new();
-        for dir in &self.sock {
-            parent_exists("-s/--sock", dir)?;
-            match std::fs::metadata(dir) {
-                Ok(m) if !m.is_dir() => {
-                    return Err(format!(
-                        "-s {}: exists and is not a directory (vde_switch's -s names a directory)",
-                        dir.display()
-                    ))
-                }
-                Ok(_) => vde_ctl.push(dir.join("ctl")),
-                Err(_) => {}
-            }
-        }
+        let vde_ctl = self.vde_ctl_sockets()?;
         if self.mgmt.is_none()
             && taps.is_empty()
             && vhost_ports.is_empty()
@@ -323,6 +294,48 @@ impl SwitchOptions {
             mgmt_group,
             pidfile: self.pidfile.clone(),
         })
+    }
+
+    /// `--tap NAME[=MODE]`: each once, and each a tap (or a name still free).
+    fn taps(&self) -> Result<Vec<(String, VlanMode)>, String> {
+        let mut taps: Vec<(String, VlanMode)> = Vec::new();
+        for spec in &self.tap {
+            let (name, mode) = port_spec(spec).map_err(|e| format!("--tap {spec}: {e}"))?;
+            vswitch::tap::check_name(name).map_err(|e| format!("--tap {spec}: {e}"))?;
+            if taps.iter().any(|(n, _)| n == name) {
+                return Err(format!(
+                    "--tap {name} is given twice: each tap can be one port only"
+                ));
+            }
+            let sys = Path::new("/sys/class/net").join(name);
+            if sys.exists() && !sys.join("tun_flags").exists() {
+                return Err(format!(
+                    "--tap {name}: {name} exists and is not a tap (choose another name)"
+                ));
+            }
+            taps.push((name.to_owned(), mode));
+        }
+        Ok(taps)
+    }
+
+    /// `-s DIR`: the control sockets of the VDE directories that exist already (checked
+    /// like every other socket path before anything starts).
+    fn vde_ctl_sockets(&self) -> Result<Vec<PathBuf>, String> {
+        let mut vde_ctl = Vec::new();
+        for dir in &self.sock {
+            parent_exists("-s/--sock", dir)?;
+            match std::fs::metadata(dir) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(format!(
+                        "-s {}: exists and is not a directory (vde_switch's -s names a directory)",
+                        dir.display()
+                    ))
+                }
+                Ok(_) => vde_ctl.push(dir.join("ctl")),
+                Err(_) => {}
+            }
+        }
+        Ok(vde_ctl)
     }
 
     fn refuse_unsupported(&self) -> Result<(), String> {

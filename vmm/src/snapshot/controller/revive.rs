@@ -22,9 +22,7 @@ use crate::accel::Accel;
 use crate::guest::cmdline::KernelCmdline;
 use crate::guest::console::{phase, phase_line, ConsoleTail};
 use crate::guest::initrd::{self, GUEST_SCRIPT_PATH};
-use crate::qemu::{
-    accept_all, ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, StateFormat,
-};
+use crate::qemu::{ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, StateFormat};
 use crate::snapshot::manifest::{NetworkPlan, SshPlan};
 use crate::snapshot::target::{console_to_events, TargetEvent};
 use crate::vm::run::spawn_copy;
@@ -87,18 +85,14 @@ impl ControllerVm {
             .argv();
         tracing::debug!("controller QEMU: {}", a.join(" "));
         let spawned = Instant::now();
-        let mut qemu = QemuProcess::spawn(
+        let (mut qemu, s) = QemuProcess::start_connected(
             &m.qemu.path,
             &a,
             &m.rundir.join("controller-qemu.stderr"),
             false,
-        )?;
-        let mut s = accept_all(
             &[&qmp_l, &con_l, &out_l, &err_l],
-            &mut qemu,
-            Duration::from_secs(30),
-        )?
-        .into_iter();
+        )?;
+        let mut s = s.into_iter();
         let (qmp_s, con, stdout, stderr) = (
             s.next().unwrap(),
             s.next().unwrap(),
