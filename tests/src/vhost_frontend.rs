@@ -72,9 +72,17 @@ impl FsFrontend {
     /// Connects to a virtio-fs back-end's socket (waiting up to 10 s for it to appear) and
     /// sets up memory and both queues, as QEMU would.
     pub fn connect(socket: &Path) -> anyhow::Result<Self> {
+        const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
         let deadline = Instant::now() + Duration::from_secs(10);
+        // A back-end that never answers (a port still busy with the previous front-end)
+        // fails the test after a while instead of hanging it: every reply is awaited at
+        // most REPLY_TIMEOUT.
         let mut frontend = loop {
-            match Frontend::connect(socket, 2) {
+            let connected = std::os::unix::net::UnixStream::connect(socket).and_then(|s| {
+                s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+                Ok(s)
+            });
+            match connected.map(|s| Frontend::from_stream(s, 2)) {
                 Ok(f) => break f,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
