@@ -37,8 +37,13 @@ pub fn boot_to_init(kernel: &Path, initrd: &Path, limit: Duration) -> KvmProbe {
         }
     };
     // The console is short (`quiet`): looking at all of it every few ms costs little.
-    let end = vm.run_until(|| shows_init(&console.text()) || start.elapsed() >= limit);
-    if shows_init(&console.text()) {
+    // Decided once: the transcript read after the vCPU stopped may end mid-line.
+    let mut reached_init = false;
+    let end = vm.run_until(|| {
+        reached_init = shows_init(&console.text());
+        reached_init || start.elapsed() >= limit
+    });
+    if reached_init || shows_init(&console.text()) {
         return KvmProbe::answer(
             true,
             format!(

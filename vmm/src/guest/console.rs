@@ -118,15 +118,18 @@ impl ConsoleEvent {
 /// Whether a console transcript shows the kit's init running: its first marker, or an
 /// exit status (which it prints only after that).
 pub fn shows_init(text: &str) -> bool {
+    // A tty ends lines with `\r\n`, written one byte at a time: a transcript read between
+    // the two ends in `\r`, which is not part of the line (`lines` keeps it there).
     text.lines().any(|l| {
-        let ev = ConsoleEvent::parse(l);
+        let ev = ConsoleEvent::parse(l.trim_end_matches('\r'));
         ev.is_phase(phase::INIT) || matches!(ev, ConsoleEvent::Exit(_))
     })
 }
 
 /// Whether any line of `text` says `what` (e.g. [`ConsoleEvent::KernelPanic`]).
 pub fn mentions(text: &str, what: &ConsoleEvent) -> bool {
-    text.lines().any(|l| ConsoleEvent::parse(l) == *what)
+    text.lines()
+        .any(|l| ConsoleEvent::parse(l.trim_end_matches('\r')) == *what)
 }
 
 /// Splits console bytes into lines: at each `\n`, and after [`MAX_LINE`] bytes without
@@ -316,6 +319,8 @@ mod tests {
         assert!(shows_init("noise\r\nvmbuild-phase=init\r\n"));
         assert!(shows_init("[ 1.0] vmbuild-exit=125\n"));
         assert!(!shows_init("vmbuild-phase=initx\nvmbuild-phase=mounted\n"));
+        // Read between the `\r` and the `\n` of the tty's line end.
+        assert!(shows_init("noise\r\nvmbuild-phase=init\r"));
         assert!(mentions("a\nKernel panic - x\nb", &KernelPanic));
         assert_eq!(phase_line(phase::TARGET_UP), "vmbuild-phase=target-up");
     }
