@@ -233,6 +233,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         nic: None,
         extra_shares: Vec::new(),
         disk: None,
+        image: None,
         timeout: Some(Duration::from_secs(120)),
         log: None,
         vmm: Vmm::Embedded,

@@ -138,6 +138,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         nic: None,
         extra_shares: Vec::new(),
         disk: None,
+        image: None,
         timeout: Some(Duration::from_secs(60)),
         log: None,
         vmm: Vmm::Embedded,

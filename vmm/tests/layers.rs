@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
         "owned_dir",
         "runtime_dir",
         "logging",
+        "progress",
     ],
     // What goes into a guest: the kit, the kernel command line, the console protocol, the
     // command script, the initramfs.
@@ -27,6 +28,8 @@ const LAYERS: &[&[&str]] = &[
     &["vm"],
     // Which accelerator and which VMM, with the probes that decide.
     &["accel"],
+    // Distribution images: resolved, downloaded, installed in a builder VM, cached.
+    &["image"],
     // The snapshot format, its profiles, targets and controllers.
     &["snapshot"],
     // bootstrap and build.

@@ -6,6 +6,7 @@ mod command_args;
 mod doctor;
 mod fs;
 mod guest_mounts;
+mod image;
 mod run;
 mod signal_channel;
 mod snapshot;
@@ -39,6 +40,9 @@ enum Command {
     Bootstrap(Box<bootstrap::BootstrapArgs>),
     /// Revive a snapshot, run a command in its target over SSH, exit with its code
     Build(Box<build::BuildArgs>),
+    /// Distribution images from packages (Debian, Ubuntu), for `run --image`
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Inspect or verify a snapshot directory
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
@@ -59,6 +63,7 @@ impl Cli {
             Command::Bootstrap(_) => "vmbuild bootstrap",
             Command::Build(_) => "vmbuild build",
             Command::Snapshot(_) => "vmbuild snapshot",
+            Command::Image(_) => "vmbuild image",
         }
     }
 
@@ -72,6 +77,7 @@ impl Cli {
             Command::Bootstrap(args) => args.run(),
             Command::Build(args) => args.run(),
             Command::Snapshot(cmd) => cmd.run(),
+            Command::Image(cmd) => cmd.run(),
         }
     }
 }

@@ -59,7 +59,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true,
           value_parser = super::values::cpus)]
     cpus: u32,
-    /// A disk image (qcow2 or raw), /dev/vda in the guest
+    /// Run the command in a distribution image (`vmbuild image build`): a cached image's
+    /// name or key, or an image file. It is the command's root, through an overlay that
+    /// is thrown away: the image is never changed
+    #[arg(long, value_name = "IMAGE|NAME")]
+    image: Option<String>,
+    /// A disk image (qcow2 or raw), /dev/vda in the guest (/dev/vdb with --image)
     #[arg(long, value_name = "IMAGE")]
     disk: Option<PathBuf>,
     /// How the disk takes writes (needs --disk)
@@ -275,6 +280,10 @@ impl RunArgs {
             }),
             None => None,
         };
+        let image = match &self.image {
+            Some(what) => Some(super::image::locate(what).map_err(Usage)?),
+            None => None,
+        };
         if let Some(log) = &self.log {
             console_log(log)?;
         }
@@ -282,7 +291,7 @@ impl RunArgs {
             choice: self.vmm,
             share_protocol: self.share_protocol,
             shell: self.shell,
-            disk: disk.is_some(),
+            disk: disk.is_some() || image.is_some(),
             cpus: self.cpus,
             memory_mib: self.memory,
             shares: usize::from(store.is_some()) + 1 + extra_shares.len(),
@@ -320,6 +329,7 @@ impl RunArgs {
             nic: None,
             extra_shares,
             disk,
+            image,
             timeout,
             log: self.log,
             vmm,

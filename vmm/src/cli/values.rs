@@ -25,6 +25,11 @@ pub fn size_mib(text: &str) -> Option<u64> {
     n.checked_mul(factor)
 }
 
+/// An image size in MiB (`4G`, `512M`, `800`).
+pub fn image_size_mib(text: &str) -> Result<u64, String> {
+    size_mib(text).ok_or_else(|| format!("'{text}' is not a size: give MiB (800) or a unit (4G)"))
+}
+
 /// vCPUs, 1 to 255 (what the guest's APIC IDs allow).
 pub fn cpus(text: &str) -> Result<u32, String> {
     match text.trim().parse::<i64>() {

@@ -57,6 +57,7 @@ pub struct KernelCmdline {
     serial_ports: Option<u8>,
     trust_cpu_rng: bool,
     root: Option<String>,
+    image: Option<String>,
     modules: Vec<String>,
     ip: Option<String>,
     mounts: Vec<Mount>,
@@ -116,6 +117,12 @@ impl KernelCmdline {
     /// The init boots the system installed on `device` instead (`vmbuild.root=`).
     pub fn root(mut self, device: &str) -> Self {
         self.root = Some(device.to_owned());
+        self
+    }
+
+    /// The command runs chrooted in the distribution image on `device` (`vmbuild.image=`).
+    pub fn image(mut self, device: &str) -> Self {
+        self.image = Some(device.to_owned());
         self
     }
 
@@ -183,6 +190,9 @@ impl KernelCmdline {
         }
         if let Some(dev) = &self.root {
             p.push(format!("vmbuild.root={dev}"));
+        }
+        if let Some(dev) = &self.image {
+            p.push(format!("vmbuild.image={dev}"));
         }
         if !self.modules.is_empty() {
             p.push(format!("vmbuild.modules={}", self.modules.join(",")));
@@ -334,6 +344,7 @@ mod tests {
             "vmbuild.mount=*)",
             "vmbuild.modules=*)",
             "vmbuild.root=*)",
+            "vmbuild.image=*)",
         ] {
             assert!(init.contains(param), "guest/init does not read {param}");
         }

@@ -7,7 +7,6 @@ pub mod controller;
 pub mod dropbear;
 pub mod manifest;
 pub mod profile;
-pub mod progress;
 pub mod segment;
 pub mod target;
 

@@ -92,6 +92,9 @@ pub struct RunSpec {
     pub nic: Option<Nic>,
     pub extra_shares: Vec<ExtraShare>,
     pub disk: Option<Disk>,
+    /// A distribution image the command runs in (`vmbuild.image=`): /dev/vda, before
+    /// `disk`, always through a discarded overlay.
+    pub image: Option<PathBuf>,
     pub timeout: Option<Duration>,
     /// Console to this file instead of stderr.
     pub log: Option<PathBuf>,
@@ -596,6 +599,10 @@ fn qemu_args(
     }) = &spec.nic
     {
         q = q.nic_stream(socket, mac, None).rng();
+    }
+    if let Some(image) = &spec.image {
+        q = q.virtio_drive(image, "raw", true);
+        cmdline = cmdline.image("/dev/vda");
     }
     if let Some(disk) = disk {
         q = q.virtio_drive(&disk.path, &disk.format, disk.mode == DiskMode::Snapshot);

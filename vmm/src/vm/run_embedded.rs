@@ -71,7 +71,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     };
     fits(&EmbeddedFit {
         shell: spec.shell,
-        disk: spec.disk.is_some(),
+        disk: spec.disk.is_some() || spec.image.is_some(),
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         shares: usize::from(spec.store.is_some())

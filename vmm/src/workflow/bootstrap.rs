@@ -16,6 +16,7 @@ use crate::guest::console::phase;
 use crate::guest::initrd;
 use crate::guest::kit::GuestKit;
 use crate::owned_dir::{self, OwnedDir};
+use crate::progress::Progress;
 use crate::qemu::{QemuBinary, StateFormat};
 use crate::runtime_dir::RuntimeDir;
 use crate::snapshot::controller::embedded::{bootstrap_embedded_controller, EmbeddedBootstrap};
@@ -29,7 +30,6 @@ use crate::snapshot::manifest::{
     StateInfo,
 };
 use crate::snapshot::profile::{Boot, InstallContext, Profile, DISK_FILE};
-use crate::snapshot::progress::Progress;
 use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{machine_args, Placement, TargetEvent, TargetVm};
 use crate::snapshot::{

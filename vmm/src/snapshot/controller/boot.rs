@@ -78,6 +78,7 @@ impl Controller for BootedController {
             }),
             extra_shares: Vec::new(),
             disk: None,
+            image: None,
             timeout: None,
             log: Some(plan.console_log.clone()),
             vmm: match self.vmm {

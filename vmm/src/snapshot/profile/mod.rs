@@ -9,8 +9,8 @@ mod windows_cygwin;
 use std::path::Path;
 
 use crate::guest::kit::GuestKit;
+use crate::progress::Progress;
 use crate::snapshot::manifest::NetworkPlan;
-use crate::snapshot::progress::Progress;
 
 pub use linux::Linux;
 pub use windows_cygwin::WindowsCygwin;

@@ -1,4 +1,4 @@
-//! Progress of long work (bootstrap): one line per step with how long it took, and a
+//! Progress of long work (bootstrap, image builds): one line per step with how long it took, and a
 //! live percentage for steps that can measure themselves (saving the memory state) when
 //! stderr is a terminal.
 
@@ -10,6 +10,8 @@ use std::time::Instant;
 /// `X done (1.20 s)`. Into a file or pipe it is two lines, `X...` and `X done (1.20 s)`,
 /// and no percentages.
 pub struct Progress {
+    /// `vmbuild SUBCOMMAND:`, before every line.
+    prefix: &'static str,
     enabled: bool,
     tty: bool,
     started: Instant,
@@ -17,11 +19,15 @@ pub struct Progress {
     last_pct: Cell<Option<u64>>,
 }
 
-const PREFIX: &str = "vmbuild bootstrap:";
-
 impl Progress {
+    /// Progress of `vmbuild bootstrap`.
     pub fn new(enabled: bool) -> Progress {
+        Progress::with_prefix("vmbuild bootstrap:", enabled)
+    }
+
+    pub fn with_prefix(prefix: &'static str, enabled: bool) -> Progress {
         Progress {
+            prefix,
             enabled,
             tty: std::io::stderr().is_terminal(),
             started: Instant::now(),
@@ -33,10 +39,10 @@ impl Progress {
     pub fn step(&self, what: &str) -> Step<'_> {
         if self.enabled {
             if self.tty {
-                eprint!("{PREFIX} {what}...");
+                eprint!("{} {what}...", self.prefix);
                 let _ = std::io::stderr().flush();
             } else {
-                eprintln!("{PREFIX} {what}...");
+                eprintln!("{} {what}...", self.prefix);
             }
         }
         self.last_pct.set(None);
@@ -54,14 +60,27 @@ impl Progress {
             if self.last_pct.replace(Some(pct)) == Some(pct) {
                 return;
             }
-            eprint!("\r\x1b[K{PREFIX} {what}: {pct}% of {} MiB", total >> 20);
+            eprint!(
+                "\r\x1b[K{} {what}: {pct}% of {} MiB",
+                self.prefix,
+                total >> 20
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    /// The state of the current step in words (`12/122 libc6`), overwritten in place on
+    /// a terminal; nothing elsewhere (a log keeps the step lines alone).
+    pub fn live(&self, what: &str, state: &str) {
+        if self.enabled && self.tty {
+            eprint!("\r\x1b[K{} {what}: {state}", self.prefix);
             let _ = std::io::stderr().flush();
         }
     }
 
     pub fn note(&self, text: &str) {
         if self.enabled {
-            eprintln!("{PREFIX} {text}");
+            eprintln!("{} {text}", self.prefix);
         }
     }
 
@@ -84,7 +103,7 @@ impl Step<'_> {
             if self.progress.tty {
                 eprint!("\r\x1b[K");
             }
-            eprintln!("{PREFIX} {} done ({secs:.2} s)", self.what);
+            eprintln!("{} {} done ({secs:.2} s)", self.progress.prefix, self.what);
         }
         secs
     }

@@ -1,0 +1,497 @@
+//! Distribution images from packages (`vmbuild image build`), for `run --image`.
+//!
+//! A build goes: resolve the closure with apt in a private root ([`apt`]), download it in
+//! parallel into the package cache ([`download`]), fill a new root with dpkg in a builder
+//! VM ([`builder`]), and pack the result with `mke2fs -d` from a sorted tar with fixed
+//! UUID, hash seed and times, so the same inputs give the same bytes. Images are kept by
+//! content in the [`cache`].
+
+pub mod apt;
+pub mod builder;
+pub mod cache;
+pub mod deb;
+pub mod distro;
+pub mod download;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::accel::AccelChoice;
+use crate::owned_dir::OwnedDir;
+use crate::progress::Progress;
+use apt::{hex, AptRoot, Archive, PlannedDeb};
+use cache::{ImageCache, ImageInfo, PackageEntry, Request, BUILDING_PREFIX, IMAGE_FILE, INFO_FILE};
+use distro::{Arch, Distro};
+
+/// The version of what an image key covers; bump it when the image's bytes would change
+/// for the same packages (the recipe's own digest is in the key too).
+const IMAGE_FORMAT: u32 = 1;
+
+/// The oldest `mke2fs` that reads a tar for `-d` (e2fsprogs 1.47.1).
+const MKE2FS_TAR_SINCE: (u32, u32, u32) = (1, 47, 1);
+
+#[derive(Debug)]
+pub enum ImageError {
+    /// The input cannot work (exit 2): an unknown package, an unreachable archive, a
+    /// package that fails to configure, a size too small.
+    Usage(String),
+    /// vmbuild or the host failed (exit 1).
+    Failed(anyhow::Error),
+    Interrupted,
+}
+
+impl ImageError {
+    pub fn io(e: std::io::Error) -> ImageError {
+        ImageError::Failed(e.into())
+    }
+}
+
+macro_rules! usage {
+    ($($t:tt)*) => { return Err($crate::image::ImageError::Usage(format!($($t)*))) };
+}
+pub(crate) use usage;
+
+/// Where images, packages and apt roots are kept.
+pub fn image_cache() -> ImageCache {
+    ImageCache::new(crate::cache_dir::cache_dir().join("images"))
+}
+
+fn deb_cache() -> PathBuf {
+    crate::cache_dir::cache_dir().join("debs")
+}
+
+fn apt_roots() -> PathBuf {
+    crate::cache_dir::cache_dir().join("apt")
+}
+
+/// `vmbuild image build`'s inputs.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub distro: &'static Distro,
+    pub arch: Arch,
+    pub packages: Vec<String>,
+    pub mirror: Option<String>,
+    pub size_bytes: u64,
+    pub name: Option<String>,
+    /// Use the cache and the lists already fetched; never ask the archive.
+    pub offline: bool,
+    /// SOURCE_DATE_EPOCH; default: the newest package's build time.
+    pub epoch: Option<u64>,
+    pub accel: AccelChoice,
+}
+
+pub struct Built {
+    pub key: String,
+    pub name: String,
+    pub path: PathBuf,
+    pub info: ImageInfo,
+    pub cache_hit: bool,
+}
+
+impl BuildRequest {
+    /// The name an image gets without `--name`: the distribution (and architecture).
+    pub fn default_name(&self) -> String {
+        match self.arch {
+            Arch::Amd64 => self.distro.name.to_owned(),
+            other => format!("{}-{}", self.distro.name, other.debian()),
+        }
+    }
+
+    fn archive(&self) -> Archive {
+        Archive {
+            distro: self.distro,
+            arch: self.arch,
+            mirror: self
+                .mirror
+                .clone()
+                .unwrap_or_else(|| self.distro.mirror())
+                .trim_end_matches('/')
+                .to_owned(),
+        }
+    }
+
+    /// The digest of the command line's inputs.
+    fn request_hash(&self, archive: &Archive) -> String {
+        let mut packages = self.packages.clone();
+        packages.sort();
+        packages.dedup();
+        let text = serde_json::json!({
+            "format": IMAGE_FORMAT,
+            "distro": self.distro.name,
+            "arch": self.arch.debian(),
+            "mirror": archive.mirror,
+            "packages": packages,
+            "size": self.size_bytes,
+            "epoch": self.epoch,
+            "recipe": builder::recipe_digest(),
+        });
+        hex(&Sha256::digest(text.to_string().as_bytes()))
+    }
+}
+
+/// Checks what can be checked before any work: the architecture, the package names, a
+/// usable `mke2fs`.
+pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
+    if !req.distro.archs.contains(&req.arch) {
+        usage!(
+            "{} has no {} architecture here (it has: {})",
+            req.distro.name,
+            req.arch.debian(),
+            req.distro
+                .archs
+                .iter()
+                .map(|a| a.debian())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(bad) = req.packages.iter().find(|p| !apt::valid_package(p)) {
+        usage!("'{bad}' is not a package name (lowercase letters, digits, + - .; NAME=VERSION pins a version)");
+    }
+    if let Some(name) = &req.name {
+        if name.is_empty()
+            || name.starts_with('.')
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        {
+            usage!("--name '{name}': use letters, digits and - _ . + (not starting with .)");
+        }
+    }
+    mke2fs_reads_tar().map_err(ImageError::Failed)?;
+    Ok(())
+}
+
+/// Builds the image `req` describes, or finds it in the cache.
+pub fn build(
+    req: &BuildRequest,
+    progress: &Progress,
+    signals: Receiver<()>,
+) -> Result<Built, ImageError> {
+    check(req)?;
+    let started = Instant::now();
+    let cache = image_cache();
+    cache.ensure()?;
+    crate::owned_dir::sweep(cache.root(), BUILDING_PREFIX);
+    let archive = archive_checked(req)?;
+    let name = req.name.clone().unwrap_or_else(|| req.default_name());
+    let request_hash = req.request_hash(&archive);
+
+    // An unchanged request against an unchanged archive: no resolution at all.
+    if let Some(known) = cache.request(&request_hash) {
+        if cache.image_path(&known.key).is_some()
+            && (req.offline || current_release(&archive).as_deref() == Some(&known.release_digest))
+        {
+            return hit(&cache, known.key, name);
+        }
+    }
+
+    let apt = AptRoot::open(&apt_roots(), &archive)?;
+    if !req.offline {
+        let step = progress.step(&format!(
+            "reading the archive ({} {} {})",
+            archive.mirror,
+            archive.distro.suite,
+            archive.arch.debian()
+        ));
+        apt.update(&archive)?;
+        step.done();
+    }
+    let release = apt.release_digest().ok_or_else(|| {
+        ImageError::Usage(format!(
+            "no lists of {} {} are cached; build once without --offline",
+            archive.mirror, archive.distro.suite
+        ))
+    })?;
+    let step = progress.step("resolving the packages");
+    let debs = apt.resolve(&archive, &req.packages)?;
+    drop(apt);
+    step.done();
+    progress.note(&format!(
+        "{} packages ({} required), {:.1} MB",
+        debs.len(),
+        debs.iter().filter(|d| d.required).count(),
+        debs.iter().map(|d| d.size).sum::<u64>() as f64 / 1e6
+    ));
+    let deb_cache = deb_cache();
+    download::fetch_all(&debs, &deb_cache, progress, &signals)?;
+    let epoch = match req.epoch {
+        Some(e) => e,
+        None => newest_package(&debs, &deb_cache)?,
+    };
+    let key = image_key(req, &debs, epoch);
+    let remember = Request {
+        key: key.clone(),
+        release_digest: release,
+    };
+    if cache.image_path(&key).is_some() {
+        cache.set_request(&request_hash, &remember)?;
+        return hit(&cache, key, name);
+    }
+
+    let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
+    let step = progress.step(&format!(
+        "installing {} packages in a builder VM",
+        debs.len()
+    ));
+    let tar = builder::run_builder(
+        &builder::BuilderInput {
+            archive: &archive,
+            debs: &debs,
+            deb_cache: &deb_cache,
+            epoch,
+            size_bytes: req.size_bytes,
+            work: work.path(),
+            accel: req.accel,
+        },
+        signals,
+    )?;
+    step.done();
+    let step = progress.step("making the ext4 image");
+    let fs_uuid = uuid_of(&key);
+    let image = work.path().join(IMAGE_FILE);
+    mkfs(&tar, &image, req.size_bytes, epoch, &fs_uuid)?;
+    let _ = std::fs::remove_dir_all(work.path().join("out"));
+    let _ = std::fs::remove_dir_all(work.path().join("build"));
+    step.done();
+    let info = ImageInfo {
+        format: IMAGE_FORMAT,
+        key: key.clone(),
+        distro: req.distro.name.to_owned(),
+        suite: req.distro.suite.to_owned(),
+        arch: req.arch.debian().to_owned(),
+        mirror: archive.mirror.clone(),
+        requested: req.packages.clone(),
+        packages: debs
+            .iter()
+            .map(|d| PackageEntry {
+                name: d.name.clone(),
+                version: d.version.clone(),
+                arch: d.arch.clone(),
+                sha256: d.sha256.clone(),
+            })
+            .collect(),
+        source_date_epoch: epoch,
+        size_bytes: req.size_bytes,
+        fs_uuid,
+        build_seconds: started.elapsed().as_secs_f64(),
+    };
+    let json = serde_json::to_vec_pretty(&info).expect("serializable");
+    std::fs::write(work.path().join(INFO_FILE), json).map_err(ImageError::io)?;
+    // Remove what a crashed builder may have left; a concurrent build of the same key may
+    // have finished first, and then its image is as good as this one.
+    let dest = cache.image_dir(&key);
+    if let Err(e) = work.persist_as(&dest) {
+        if cache.image_path(&key).is_none() {
+            return Err(ImageError::Failed(anyhow::anyhow!(
+                "storing the image in {}: {e}",
+                dest.display()
+            )));
+        }
+    }
+    cache.set_name(&name, &key)?;
+    cache.set_request(&request_hash, &remember)?;
+    Ok(Built {
+        path: cache.image_dir(&key).join(IMAGE_FILE),
+        key,
+        name,
+        info,
+        cache_hit: false,
+    })
+}
+
+fn archive_checked(req: &BuildRequest) -> Result<Archive, ImageError> {
+    let archive = req.archive();
+    if !(archive.mirror.starts_with("http://") || archive.mirror.starts_with("https://")) {
+        usage!(
+            "--mirror {}: give an http:// or https:// URL of a Debian-style archive",
+            archive.mirror
+        );
+    }
+    Ok(archive)
+}
+
+fn hit(cache: &ImageCache, key: String, name: String) -> Result<Built, ImageError> {
+    let info = cache.info(&key).ok_or_else(|| {
+        ImageError::Failed(anyhow::anyhow!(
+            "the cached image {key} has no readable {INFO_FILE}; remove it with vmbuild image rm {key}"
+        ))
+    })?;
+    cache.set_name(&name, &key)?;
+    Ok(Built {
+        path: cache.image_dir(&key).join(IMAGE_FILE),
+        key,
+        name,
+        info,
+        cache_hit: true,
+    })
+}
+
+/// The digest of the archive's signed Release as it is now (one small request), or None
+/// when it cannot be fetched.
+fn current_release(archive: &Archive) -> Option<String> {
+    let url = format!(
+        "{}/dists/{}/InRelease",
+        archive.mirror, archive.distro.suite
+    );
+    let out = Command::new("curl")
+        .args(["--fail", "--silent", "--location", "--max-time", "10"])
+        .arg(&url)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| hex(&Sha256::digest(&out.stdout)))
+}
+
+/// The build time of the newest package: SOURCE_DATE_EPOCH when none is given, so the
+/// same packages give the same times, and no file claims to be older than its package.
+fn newest_package(debs: &[PlannedDeb], cache: &Path) -> Result<u64, ImageError> {
+    let mut newest = 0;
+    for d in debs {
+        let t = deb::data_mtime(&download::cached_path(cache, d)).map_err(ImageError::io)?;
+        newest = newest.max(t);
+    }
+    Ok(newest)
+}
+
+/// Everything that decides the image's bytes.
+fn image_key(req: &BuildRequest, debs: &[PlannedDeb], epoch: u64) -> String {
+    let mut packages: Vec<String> = debs
+        .iter()
+        .map(|d| format!("{} {} {} {}", d.name, d.version, d.arch, d.sha256))
+        .collect();
+    packages.sort();
+    let text = serde_json::json!({
+        "format": IMAGE_FORMAT,
+        "distro": req.distro.name,
+        "suite": req.distro.suite,
+        "arch": req.arch.debian(),
+        "packages": packages,
+        "epoch": epoch,
+        "size": req.size_bytes,
+        "recipe": builder::recipe_digest(),
+    });
+    hex(&Sha256::digest(text.to_string().as_bytes()))
+}
+
+/// A UUID made from the key: the same image gets the same file system UUID.
+fn uuid_of(key: &str) -> String {
+    let k = &key[..32];
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &k[0..8],
+        &k[8..12],
+        &k[13..16],
+        &k[17..20],
+        &k[20..32]
+    )
+}
+
+/// `mke2fs -V`'s version, if it reads tars.
+fn mke2fs_reads_tar() -> anyhow::Result<()> {
+    let out = Command::new("mke2fs")
+        .arg("-V")
+        .output()
+        .map_err(|e| anyhow::anyhow!("running mke2fs (Debian package e2fsprogs): {e}"))?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(1).and_then(|v| {
+        let n: Vec<u32> = v.split('.').filter_map(|x| x.parse().ok()).collect();
+        (n.len() == 3).then(|| (n[0], n[1], n[2]))
+    });
+    match version {
+        Some(v) if v >= MKE2FS_TAR_SINCE => Ok(()),
+        _ => anyhow::bail!(
+            "this host's mke2fs ({}) cannot make an image from a tar; e2fsprogs 1.47.1 or newer \
+             can (on Debian 12: apt-get install -t bookworm-backports e2fsprogs, which \
+             scripts/install-host-deps.sh does)",
+            text.lines().next().unwrap_or("unknown version").trim()
+        ),
+    }
+}
+
+/// The image: ext4 from the sorted tar, with the UUID, hash seed and every time fixed.
+fn mkfs(
+    tar: &Path,
+    image: &Path,
+    size_bytes: u64,
+    epoch: u64,
+    uuid: &str,
+) -> Result<(), ImageError> {
+    let out = Command::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-L",
+            "vmbuild-image",
+        ])
+        .args(["-U", uuid, "-E"])
+        .arg(format!("hash_seed={uuid},root_owner=0:0"))
+        .arg("-d")
+        .arg(tar)
+        .arg(image)
+        .arg(format!("{}k", size_bytes / 1024))
+        .output()
+        .map_err(|e| ImageError::Failed(anyhow::anyhow!("running mke2fs: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if err.contains("Could not allocate") || err.contains("No space") {
+            usage!(
+                "the packages do not fit in --size {} MiB; give a larger --size ({err})",
+                size_bytes >> 20
+            );
+        }
+        return Err(ImageError::Failed(anyhow::anyhow!("mke2fs -d: {err}")));
+    }
+    Ok(())
+}
+
+/// The packages cached for images that no longer exist: removed by `image gc`.
+pub fn gc_packages(cache: &ImageCache) -> usize {
+    let keep: std::collections::HashSet<String> = cache
+        .list()
+        .into_iter()
+        .filter_map(|l| l.info)
+        .flat_map(|i| i.packages.into_iter().map(|p| p.sha256).collect::<Vec<_>>())
+        .collect();
+    let Ok(dir) = std::fs::read_dir(deb_cache()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in dir.flatten() {
+        let path = e.path();
+        // A download in progress is not ours to judge.
+        if path.to_string_lossy().contains(".part.") {
+            continue;
+        }
+        let keep_it = download::sha256_file(&path).is_ok_and(|h| keep.contains(&h));
+        if !keep_it && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fs_uuid_is_a_version_4_uuid_made_of_the_key() {
+        let key = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(uuid_of(key), "01234567-89ab-4def-8123-456789abcdef");
+    }
+}
