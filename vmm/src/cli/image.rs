@@ -56,6 +56,10 @@ pub struct BuildArgs {
     /// Packages to install besides the required ones, comma-separated (NAME or NAME=VERSION)
     #[arg(long, value_name = "PKG,...", value_delimiter = ',')]
     packages: Vec<String>,
+    /// A package file of your own to install after the archive's (repeatable); what it
+    /// depends on must be in the image (list it in --packages)
+    #[arg(long = "deb", value_name = "FILE")]
+    debs: Vec<PathBuf>,
     /// The archive (default: the one this host's apt uses for the distribution's family)
     #[arg(long, value_name = "URL")]
     mirror: Option<String>,
@@ -177,6 +181,7 @@ impl BuildArgs {
                 .filter(|p| !p.is_empty())
                 .cloned()
                 .collect(),
+            local_debs: self.debs.clone(),
             mirror: self.mirror.clone(),
             size_bytes: self.size << 20,
             name: self.name.clone(),

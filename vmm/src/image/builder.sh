@@ -43,10 +43,15 @@ say() {
 live() {
 	[ "${TTY:-0}" = 1 ] && printf '\r\033[Kvmbuild image build: %s' "$*" >&3
 }
-# fail KIND SUMMARY: report for the host (which prints it) and stop.
+# fail KIND SUMMARY: report for the host (which prints it) and stop. A full disk is the
+# image's --size, whatever step ran into it.
 fail() {
+	kind=$1
+	if grep -q "No space left on device" "$LOG" "$STEP" 2>/dev/null; then
+		kind=disk
+	fi
 	{
-		echo "$1"
+		echo "$kind"
 		echo "$2"
 		[ -s "$STEP" ] && tail -n 25 "$STEP"
 	} >"$X/failure"
@@ -59,6 +64,8 @@ step_failed() {
 	if grep -q "No space left on device" "$STEP" 2>/dev/null; then
 		fail disk "the image's file system is full"
 	fi
+	# dpkg names the package whose maintainer script failed, or the archive it could not
+	# unpack.
 	pkg=$(sed -n 's/^dpkg: error processing \(package\|archive\) \([^ ]*\).*/\2/p' "$STEP" | tail -n 1)
 	if [ -n "$pkg" ]; then
 		fail package "${pkg##*/} failed to $1"
@@ -67,6 +74,8 @@ step_failed() {
 }
 
 # dpkg_run WHAT TOTAL ARGS...: dpkg in the new root; its status lines count progress.
+# --force-unsafe-io: no fsync per unpacked file, as debootstrap and mmdebstrap build (a
+# build that fails throws the scratch disk away; one that succeeds is packed from it).
 dpkg_run() {
 	what=$1
 	total=$2
@@ -74,7 +83,7 @@ dpkg_run() {
 	: >"$STEP"
 	st=$(
 		{
-			chroot "$T" /usr/bin/dpkg --status-fd 9 "$@" 9>&1 >>"$STEP" 2>&1 </dev/null
+			chroot "$T" /usr/bin/dpkg --force-unsafe-io --status-fd 9 "$@" 9>&1 >>"$STEP" 2>&1 </dev/null
 			echo "exit $?"
 		} | {
 			n=0

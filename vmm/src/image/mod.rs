@@ -74,6 +74,9 @@ pub struct BuildRequest {
     pub distro: &'static Distro,
     pub arch: Arch,
     pub packages: Vec<String>,
+    /// Package files of the user's own (`--deb`), installed after the archive's, as
+    /// vmTools' fillDiskWithDebs took them. Their dependencies must be in the image.
+    pub local_debs: Vec<PathBuf>,
     pub mirror: Option<String>,
     pub size_bytes: u64,
     pub name: Option<String>,
@@ -125,6 +128,7 @@ impl BuildRequest {
             "arch": self.arch.debian(),
             "mirror": archive.mirror,
             "packages": packages,
+            "local_debs": self.local_debs.iter().map(|p| download::sha256_file(p).unwrap_or_default()).collect::<Vec<_>>(),
             "size": self.size_bytes,
             "epoch": self.epoch,
             "recipe": builder::recipe_digest(),
@@ -151,6 +155,9 @@ pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
     }
     if let Some(bad) = req.packages.iter().find(|p| !apt::valid_package(p)) {
         usage!("'{bad}' is not a package name (lowercase letters, digits, + - .; NAME=VERSION pins a version)");
+    }
+    for deb in &req.local_debs {
+        local_deb_fields(deb)?;
     }
     if let Some(name) = &req.name {
         if name.is_empty()
@@ -208,16 +215,19 @@ pub fn build(
         ))
     })?;
     let step = progress.step("resolving the packages");
-    let debs = apt.resolve(&archive, &req.packages)?;
+    let mut debs = apt.resolve(&archive, &req.packages)?;
     drop(apt);
     step.done();
+    let deb_cache = deb_cache();
+    for local in &req.local_debs {
+        debs.push(add_local_deb(local, &deb_cache)?);
+    }
     progress.note(&format!(
         "{} packages ({} required), {:.1} MB",
         debs.len(),
         debs.iter().filter(|d| d.required).count(),
         debs.iter().map(|d| d.size).sum::<u64>() as f64 / 1e6
     ));
-    let deb_cache = deb_cache();
     download::fetch_all(&debs, &deb_cache, progress, &signals)?;
     let epoch = match req.epoch {
         Some(e) => e,
@@ -265,7 +275,12 @@ pub fn build(
         suite: req.distro.suite.to_owned(),
         arch: req.arch.debian().to_owned(),
         mirror: archive.mirror.clone(),
-        requested: req.packages.clone(),
+        requested: req
+            .packages
+            .iter()
+            .cloned()
+            .chain(req.local_debs.iter().map(|d| d.display().to_string()))
+            .collect(),
         packages: debs
             .iter()
             .map(|d| PackageEntry {
@@ -301,6 +316,62 @@ pub fn build(
         name,
         info,
         cache_hit: false,
+    })
+}
+
+/// A `--deb` file's name, version and architecture, or why it is not a package.
+fn local_deb_fields(deb: &Path) -> Result<(String, String, String), ImageError> {
+    if !deb.is_file() {
+        usage!("--deb {}: no such file", deb.display());
+    }
+    let out = Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(deb)
+        .args(["Package", "Version", "Architecture"])
+        .output()
+        .map_err(|e| ImageError::Failed(anyhow::anyhow!("running dpkg-deb: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(str::to_owned)
+    };
+    match (
+        out.status.success(),
+        field("Package"),
+        field("Version"),
+        field("Architecture"),
+    ) {
+        (true, Some(p), Some(v), Some(a)) => Ok((p, v, a)),
+        _ => usage!(
+            "--deb {}: not a Debian package ({})",
+            deb.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+/// Copies a `--deb` file into the package cache (under its digest) and plans it.
+fn add_local_deb(local: &Path, cache: &Path) -> Result<PlannedDeb, ImageError> {
+    let (name, version, arch) = local_deb_fields(local)?;
+    let sha256 = download::sha256_file(local).map_err(ImageError::io)?;
+    let file = format!("local-{}-{name}.deb", &sha256[..16]);
+    std::fs::create_dir_all(cache).map_err(ImageError::io)?;
+    let dest = cache.join(&file);
+    if !dest.is_file() {
+        let tmp = cache.join(format!("{file}.part.{}", std::process::id()));
+        std::fs::copy(local, &tmp).map_err(ImageError::io)?;
+        std::fs::rename(&tmp, &dest).map_err(ImageError::io)?;
+    }
+    Ok(PlannedDeb {
+        name,
+        version,
+        arch,
+        url: format!("file:{}", local.display()),
+        file,
+        size: std::fs::metadata(local).map_err(ImageError::io)?.len(),
+        sha256,
+        required: false,
     })
 }
 
