@@ -40,15 +40,32 @@ need=()
 # dropbear-bin, e2fsprogs: the snapshot lifecycle's SSH server/client and target disk.
 # acpica-tools: iasl checks the embedded VMM's ACPI tables in the tests.
 # vde2, vdeplug: vde_switch, vde_plug and dpipe, the peers of vmbuild switch -s in its tests.
+# apt, curl, dpkg-dev, debian-archive-keyring: `vmbuild image build` resolves with apt,
+# downloads with curl, reads packages with dpkg-deb (the tests build one with dpkg-deb).
+# mmdebstrap: the peer of the image benchmark.
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
-         acpica-tools vde2 vdeplug; do
+         acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# e2fsprogs 1.47.1 or newer reads a tar for `mke2fs -d`: how `vmbuild image build` makes a
+# byte-reproducible image without root. Debian 12 has 1.47.0; backports has 1.47.2.
+e2fs_ok() {
+  local v
+  v=$(mke2fs -V 2>&1 | sed -nE '1s/^mke2fs ([0-9]+\.[0-9]+\.[0-9]+).*/\1/p')
+  [[ -n $v ]] && dpkg --compare-versions "$v" ge 1.47.1
+}
+if ! e2fs_ok; then
+  log "installing e2fsprogs from bookworm-backports (mke2fs -d from a tar)"
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    e2fsprogs libarchive13 >/dev/null
+fi
+log "mke2fs: $(mke2fs -V 2>&1 | head -n1)"
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -nE 's/.*version ([0-9]+)\..*/\1/p'; }
 if [[ -z $(qemu_major) || $(qemu_major) -lt 10 ]]; then

@@ -164,8 +164,8 @@ fn bad_input_is_one_line_and_exit_2() {
 
 /// The issue's promise: the same inputs, built twice by two users (two caches), give the
 /// same bytes; a second build of the same request is a cache hit in well under a second;
-/// the image runs commands with the run's exit codes and shares, and a run never changes
-/// it.
+/// the image runs commands with the run's exit codes and shares, a run never changes it,
+/// and it bootstraps into a snapshot that `build` revives.
 #[test]
 fn a_debian_12_image_is_byte_reproducible_cached_and_runs_commands() {
     let first = tempfile::tempdir().unwrap();
@@ -229,6 +229,52 @@ fn a_debian_12_image_is_byte_reproducible_cached_and_runs_commands() {
         "from-guest\n"
     );
     assert_eq!(sha256(&pa), digest, "a run changed the image");
+
+    // The image as a snapshot's target: booted once and suspended, then every build
+    // revives it and runs in the distribution, over SSH, with xchg.
+    let snapshots = tempfile::tempdir().unwrap();
+    let snap = snapshots.path().join("snap");
+    let boot = vmbuild(
+        first.path(),
+        &[
+            "bootstrap",
+            "--profile",
+            "image",
+            "--image",
+            "debian-12",
+            "--out",
+            snap.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(boot.status.code(), Some(0), "{}", text(&boot));
+    let xchg = tempfile::tempdir().unwrap();
+    let build = vmbuild(
+        first.path(),
+        &[
+            "build",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--xchg",
+            xchg.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/debian_version; dpkg-query -W -f '${Version}' dpkg; echo; \
+             echo ${LD_LIBRARY_PATH:-clean}; echo built > /tmp/xchg/result; exit 9",
+        ],
+    );
+    assert_eq!(build.status.code(), Some(9), "{}", text(&build));
+    let out = stdout(&build);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("12."), "{}", text(&build));
+    assert!(lines[1].starts_with("1.21"), "{}", text(&build));
+    // vmbuild's own libraries for sshd never leak into a session.
+    assert_eq!(lines[2], "clean", "{}", text(&build));
+    assert_eq!(
+        std::fs::read_to_string(xchg.path().join("result")).unwrap(),
+        "built\n"
+    );
+    assert_eq!(sha256(&pa), digest, "bootstrap changed the cached image");
 
     // gc keeps named images; rm takes the image and its name.
     let gc = vmbuild(first.path(), &["image", "gc"]);

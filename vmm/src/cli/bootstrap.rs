@@ -29,9 +29,13 @@ XDG_RUNTIME_DIR (where sockets go),
 XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR (scratch files), RUST_LOG (log filter),
 NO_COLOR (no colours in log lines).")]
 pub struct BootstrapArgs {
-    /// What to install: linux (windows-cygwin comes with a later release)
+    /// What to install: linux (the kit's busybox and sshd), or image (a distribution image
+    /// from `vmbuild image build`, with --image); windows-cygwin comes with a later release
     #[arg(long, default_value = "linux")]
     profile: String,
+    /// The distribution image for --profile image: a cached image's name or key, or a file
+    #[arg(long, value_name = "IMAGE|NAME")]
+    image: Option<String>,
     /// The snapshot directory to create (its parent must exist)
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -114,7 +118,13 @@ impl BootstrapArgs {
     }
 
     fn spec(&self) -> Result<BootstrapSpec, String> {
-        let profile = profile::by_name(&self.profile).map_err(|e| e.to_string())?;
+        let profile: Box<dyn profile::Profile> = match (self.profile.as_str(), &self.image) {
+            ("image", Some(what)) => Box::new(profile::Image {
+                image: Some(super::image::locate(what)?),
+            }),
+            (_, Some(_)) => return Err("--image needs --profile image".into()),
+            (name, None) => profile::by_name(name).map_err(|e| e.to_string())?,
+        };
         profile.available()?;
         if self.memory < 128 {
             return Err(format!(

@@ -58,6 +58,7 @@ impl DoctorArgs {
         let kit = check_kit(&mut f);
         check_kvm(&mut f, qemu.as_ref().ok(), kit.as_ref().ok());
         check_network(&mut f);
+        check_image_builds(&mut f);
         report(&f, self.json)
     }
 }
@@ -124,6 +125,21 @@ fn check_qemu(f: &mut Vec<Finding>) -> anyhow::Result<QemuBinary> {
         ));
     }
     qemu
+}
+
+/// What `vmbuild image build` runs on the host.
+fn check_image_builds(f: &mut Vec<Finding>) {
+    f.push(match crate::image::host_tools() {
+        Ok(found) => finding("image_builds", "ok", found, None),
+        Err(e) => finding(
+            "image_builds",
+            "warn",
+            format!("vmbuild image build cannot run: {e:#}"),
+            Some(
+                "scripts/install-host-deps.sh (e2fsprogs from bookworm-backports, apt, curl, dpkg)",
+            ),
+        ),
+    });
 }
 
 /// The SSH tools bootstrap and build put into their guests.

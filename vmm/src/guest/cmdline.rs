@@ -57,6 +57,7 @@ pub struct KernelCmdline {
     serial_ports: Option<u8>,
     trust_cpu_rng: bool,
     root: Option<String>,
+    root_init: Option<String>,
     image: Option<String>,
     modules: Vec<String>,
     ip: Option<String>,
@@ -117,6 +118,12 @@ impl KernelCmdline {
     /// The init boots the system installed on `device` instead (`vmbuild.root=`).
     pub fn root(mut self, device: &str) -> Self {
         self.root = Some(device.to_owned());
+        self
+    }
+
+    /// The installed system's init, instead of its /sbin/init (`vmbuild.rootinit=`).
+    pub fn root_init(mut self, path: &str) -> Self {
+        self.root_init = Some(path.to_owned());
         self
     }
 
@@ -190,6 +197,9 @@ impl KernelCmdline {
         }
         if let Some(dev) = &self.root {
             p.push(format!("vmbuild.root={dev}"));
+        }
+        if let Some(init) = &self.root_init {
+            p.push(format!("vmbuild.rootinit={init}"));
         }
         if let Some(dev) = &self.image {
             p.push(format!("vmbuild.image={dev}"));
@@ -345,6 +355,7 @@ mod tests {
             "vmbuild.modules=*)",
             "vmbuild.root=*)",
             "vmbuild.image=*)",
+            "vmbuild.rootinit=*)",
         ] {
             assert!(init.contains(param), "guest/init does not read {param}");
         }

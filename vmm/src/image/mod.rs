@@ -169,7 +169,7 @@ pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
             usage!("--name '{name}': use letters, digits and - _ . + (not starting with .)");
         }
     }
-    mke2fs_reads_tar().map_err(ImageError::Failed)?;
+    host_tools().map_err(ImageError::Failed)?;
     Ok(())
 }
 
@@ -461,6 +461,29 @@ fn uuid_of(key: &str) -> String {
         &k[17..20],
         &k[20..32]
     )
+}
+
+/// The host programs an image build runs: apt's, dpkg-deb, curl and a `mke2fs` that
+/// reads tars. Ok: what was found, for `doctor`.
+pub fn host_tools() -> anyhow::Result<String> {
+    for (program, package) in [
+        ("apt-get", "apt"),
+        ("apt-cache", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("curl", "curl"),
+    ] {
+        let found = Command::new(program)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            anyhow::bail!("{program} is missing (Debian package {package})");
+        }
+    }
+    mke2fs_reads_tar()?;
+    Ok("apt, dpkg-deb, curl, and mke2fs 1.47.1+ (reads tars)".into())
 }
 
 /// `mke2fs -V`'s version, if it reads tars.

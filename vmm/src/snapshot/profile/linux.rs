@@ -18,6 +18,23 @@ use crate::snapshot::{dropbear, KIT_INITRD, KIT_KERNEL};
 
 pub struct Linux;
 
+/// busybox, as the kit carries it (a static binary), for a target of its own.
+pub(super) fn kit_busybox(initrd: &Path, to: &Path) -> anyhow::Result<()> {
+    let out = Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", "bin/busybox"])
+        .stdin(std::fs::File::open(initrd)?)
+        .output()
+        .context("running cpio (Debian package cpio)")?;
+    if !out.status.success() || out.stdout.len() < 100_000 {
+        bail!(
+            "the guest kit's initrd {} holds no busybox",
+            initrd.display()
+        );
+    }
+    std::fs::write(to, &out.stdout)?;
+    Ok(())
+}
+
 /// busybox init: the sysinit script, then dropbear (restarted if it dies).
 const INITTAB: &str = "\
 ::sysinit:/etc/vmbuild/target-init
@@ -27,12 +44,19 @@ const INITTAB: &str = "\
 
 /// The target's sysinit: file systems, the address from `vmbuild.ip=`, a marker.
 fn target_init() -> String {
-    TARGET_INIT.replace("@TARGET_UP@", &phase_line(phase::TARGET_UP))
+    target_init_in("/bin")
 }
 
-const TARGET_INIT: &str = r#"#!/bin/sh
-# vmbuild linux target: run by busybox init before sshd starts (see /etc/inittab).
-PATH=/bin
+/// The sysinit script with busybox's applets in `bin` (`bin/sh` runs it).
+pub(super) fn target_init_in(bin: &str) -> String {
+    TARGET_INIT
+        .replace("@TARGET_UP@", &phase_line(phase::TARGET_UP))
+        .replace("@BIN@", bin)
+}
+
+const TARGET_INIT: &str = r#"#!@BIN@/sh
+# vmbuild target: run by busybox init before sshd starts (see /etc/inittab).
+PATH=@BIN@
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs /tmp 2>/dev/null
@@ -222,6 +246,8 @@ mod tests {
              vmbuild.root=/dev/vda vmbuild.modules=fuse,virtiofs vmbuild.ip=10.0.2.15/24"
         );
         let init = super::target_init();
+        assert!(init.starts_with("#!/bin/sh\n"));
+        assert!(init.contains("\nPATH=/bin\n"));
         assert!(init.contains("\necho \"vmbuild-phase=target-up\" >/dev/console\n"));
         assert!(!init.contains('@'));
     }

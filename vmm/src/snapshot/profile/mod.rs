@@ -3,6 +3,7 @@
 //! media, an unattended answer file and a first-boot script go in through `install`, and
 //! its QEMU machine options through `machine_type`/`boot`.
 
+mod image;
 mod linux;
 mod windows_cygwin;
 
@@ -12,6 +13,7 @@ use crate::guest::kit::GuestKit;
 use crate::progress::Progress;
 use crate::snapshot::manifest::NetworkPlan;
 
+pub use image::Image;
 pub use linux::Linux;
 pub use windows_cygwin::WindowsCygwin;
 
@@ -66,9 +68,11 @@ pub trait Profile {
 pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Profile>> {
     match name {
         "linux" => Ok(Box::new(Linux)),
+        // A build needs no image file: the snapshot's disk holds it.
+        "image" => Ok(Box::new(Image { image: None })),
         "windows-cygwin" => Ok(Box::new(WindowsCygwin)),
         other => anyhow::bail!(
-            "unknown profile '{other}': this vmbuild installs linux (windows-cygwin is not available yet)"
+            "unknown profile '{other}': this vmbuild installs linux and image (windows-cygwin is not available yet)"
         ),
     }
 }
