@@ -5,12 +5,14 @@
 //! * [`net`]: a NIC whose queues feed a `vswitch` in-process port (no tap, no socket);
 //! * [`fs`]: virtio-fs answered by a `virtiofs-bridge` share in this process;
 //! * [`console`]: a virtio-console port as the host ↔ guest command channel;
-//! * [`ninep`]: virtio-9p (9P2000.L) for read-only shares, from `virtiofs-bridge`.
+//! * [`ninep`]: virtio-9p (9P2000.L) for read-only shares, from `virtiofs-bridge`;
+//! * [`block`]: virtio-blk over an image file, writes kept in a throwaway overlay.
 //!
 //! Interrupts are raised through an [`IrqLine`]: the transport's interrupt status bit,
 //! plus an eventfd when the VM has an in-kernel interrupt controller to route it
 //! (irqfd); a driver that polls (the device tests) only needs the status bit.
 
+pub mod block;
 pub mod console;
 pub mod fs;
 pub mod mmio;

@@ -23,6 +23,7 @@ pub struct VmmRequest<'a> {
     pub cpus: u32,
     pub memory_mib: u32,
     pub shares: usize,
+    pub image: bool,
     /// `--accel tcg` asks for QEMU's emulation.
     pub tcg: bool,
     pub qemu: &'a Path,
@@ -89,6 +90,7 @@ fn fits(request: &VmmRequest) -> Result<(), String> {
         cpus: request.cpus,
         memory_mib: request.memory_mib,
         shares: request.shares,
+        image: request.image,
         kernel: request.kernel,
     })
 }

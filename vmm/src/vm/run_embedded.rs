@@ -41,6 +41,8 @@ pub struct EmbeddedFit<'a> {
     pub cpus: u32,
     pub memory_mib: u32,
     pub shares: usize,
+    /// A distribution image (`--image`), one more virtio device.
+    pub image: bool,
     pub kernel: &'a Path,
 }
 
@@ -56,8 +58,10 @@ pub fn fits(fit: &EmbeddedFit) -> Result<(), String> {
         Err(format!("it gives a guest at most {MAX_VCPUS} vCPUs"))
     } else if fit.memory_mib > MAX_MEMORY_MIB {
         Err(format!("it gives a guest at most {MAX_MEMORY_MIB} MiB"))
-    } else if fit.shares > MAX_VIRTIO_DEVICES {
-        Err(format!("it has room for {MAX_VIRTIO_DEVICES} shares"))
+    } else if fit.shares + usize::from(fit.image) > MAX_VIRTIO_DEVICES {
+        Err(format!(
+            "it has room for {MAX_VIRTIO_DEVICES} shares and images together"
+        ))
     } else {
         embedded_vmm::linux::check_kernel(fit.kernel)
     }
@@ -71,12 +75,13 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     };
     fits(&EmbeddedFit {
         shell: spec.shell,
-        disk: spec.disk.is_some() || spec.image.is_some(),
+        disk: spec.disk.is_some(),
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         shares: usize::from(spec.store.is_some())
             + usize::from(!spec.no_xchg)
             + spec.extra_shares.len(),
+        image: spec.image.is_some(),
         kernel: &spec.kernel,
     })
     .map_err(|why| anyhow::anyhow!("the embedded VMM cannot run this: {why}"))?;
@@ -87,6 +92,14 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     // No virtio-rng or PCI reset register here (see `KernelCmdline::embedded_vmm`).
     let mut cmdline = KernelCmdline::command_guest().embedded_vmm();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // The image first: the first virtio-blk device is /dev/vda.
+    if let Some(image) = &spec.image {
+        devices.push(Box::new(
+            embedded_vmm::virtio::block::BlockDevice::open(image)
+                .with_context(|| format!("the image {}", image.display()))?,
+        ));
+        cmdline = cmdline.image("/dev/vda");
+    }
     if let Some(nic) = &spec.nic {
         let NicLink::InProcess(switch) = &nic.link else {
             anyhow::bail!("the embedded VMM's NIC is an in-process switch port, not a socket");
