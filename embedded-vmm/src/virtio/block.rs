@@ -118,7 +118,7 @@ impl BlockDevice {
     fn serve(&mut self, kind: u32, sector: u64, data_in: &[u8], data_out: &mut [u8]) -> u8 {
         let len = (data_in.len() + data_out.len()) as u64;
         let in_range = |len: u64| {
-            len % SECTOR == 0
+            len.is_multiple_of(SECTOR)
                 && sector
                     .checked_add(len / SECTOR)
                     .is_some_and(|end| end <= self.capacity)
