@@ -13,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use super::linux::{kit_busybox, target_init_in};
+use super::linux::{kit_busybox, run, target_init_in};
 use super::{Boot, InstallContext, Profile, DISK_FILE};
 use crate::guest::cmdline::KernelCmdline;
 use crate::snapshot::{dropbear, KIT_INITRD, KIT_KERNEL};
@@ -249,17 +249,6 @@ impl Profile for Image {
         // The image's util-linux mount does what busybox's does for the linux target.
         super::Linux.mount_share(tag, mountpoint, read_only)
     }
-}
-
-fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ fn target_cmdline(ip: &str) -> String {
         .to_string()
 }
 
-fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+pub(super) fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
