@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::apt::{Archive, PlannedDeb};
 use super::ImageError;
-use crate::accel::{self, AccelChoice};
+use crate::qemu::accel::Accel;
 use crate::guest::kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::vm::run::{Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
@@ -57,7 +57,7 @@ pub struct BuilderInput<'a> {
     pub size_bytes: u64,
     /// The build's own directory (removed with it).
     pub work: &'a Path,
-    pub accel: AccelChoice,
+    pub accel: Accel,
 }
 
 /// Runs the builder; returns the path of the root's tar.
@@ -122,7 +122,6 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
 
     let qemu = QemuBinary::locate().map_err(fail)?;
     let kit = GuestKit::locate().map_err(fail)?;
-    let (accel, _) = accel::resolve(input.accel, &qemu.path, &kit.kernel, &kit.initrd);
     let tty = std::io::stderr().is_terminal();
     let env = [
         ("XCHG", "/tmp/xchg".to_owned()),
@@ -135,7 +134,7 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
     ];
     let spec = RunSpec {
         qemu,
-        accel,
+        accel: input.accel,
         kernel: kit.kernel,
         initrd: kit.initrd,
         append: Some("vmbuild.modules=crc32c_generic,ext4".into()),

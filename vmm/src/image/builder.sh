@@ -38,7 +38,8 @@ export DEBIAN_FRONTEND DEBCONF_NONINTERACTIVE_SEEN LC_ALL HOME
 say() {
 	[ "${TTY:-0}" = 1 ] && printf '\r\033[K' >&3
 	echo "vmbuild image build: $*" >&3
-	echo "== $*"
+	read -r up _ </proc/uptime
+	echo "== ${up} s (uptime): $*"
 }
 live() {
 	[ "${TTY:-0}" = 1 ] && printf '\r\033[Kvmbuild image build: %s' "$*" >&3
@@ -197,5 +198,7 @@ chroot "$T" /usr/bin/tar --create --file=- --sort=name --numeric-owner --format=
 	--mtime="@$EPOCH" --clamp-mtime --one-file-system --exclude=./lost+found \
 	-C / . >"$X/root.tar" || fail internal "cannot pack the file system (tar)"
 umount "$T"
+read -r up _ </proc/uptime
+echo "== ${up} s (uptime): done"
 echo ok >"$X/result"
 sync

@@ -197,6 +197,9 @@ pub fn build(
         }
     }
 
+    // Before the long work: the accelerator's probe boots a guest once per host and kit,
+    // and is better paid (and seen) now than after the downloads.
+    let accel = builder_accel(req.accel, progress)?;
     let apt = AptRoot::open(&apt_roots(), &archive)?;
     if !req.offline {
         let step = progress.step(&format!(
@@ -256,7 +259,7 @@ pub fn build(
             epoch,
             size_bytes: req.size_bytes,
             work: work.path(),
-            accel: req.accel,
+            accel,
         },
         signals,
     )?;
@@ -373,6 +376,21 @@ fn add_local_deb(local: &Path, cache: &Path) -> Result<PlannedDeb, ImageError> {
         sha256,
         required: false,
     })
+}
+
+/// The builder VM's accelerator (`auto`: KVM where it runs Linux, found by a probe that
+/// is cached; its notice is a progress line here).
+fn builder_accel(
+    choice: AccelChoice,
+    progress: &Progress,
+) -> Result<crate::qemu::accel::Accel, ImageError> {
+    let qemu = crate::qemu::QemuBinary::locate().map_err(ImageError::Failed)?;
+    let kit = crate::guest::kit::GuestKit::locate().map_err(ImageError::Failed)?;
+    let (accel, notice) = crate::accel::resolve(choice, &qemu.path, &kit.kernel, &kit.initrd);
+    if let Some(n) = notice {
+        progress.note(&n);
+    }
+    Ok(accel)
 }
 
 fn archive_checked(req: &BuildRequest) -> Result<Archive, ImageError> {
