@@ -319,6 +319,10 @@ fn inspect(what: &str) -> anyhow::Result<i32> {
     };
     let mut value = serde_json::to_value(&info)?;
     value["path"] = json!(cache.image_dir(&key).join(image::cache::IMAGE_FILE));
+    let log = cache.image_dir(&key).join(image::cache::LOG_FILE);
+    if log.is_file() {
+        value["build_log"] = json!(log);
+    }
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(exit::SUCCESS)
 }

@@ -7,6 +7,7 @@
 //! ```text
 //! images/KEY/image.raw     the ext4 image
 //! images/KEY/image.json    ImageInfo
+//! images/KEY/build.log     the builder's log
 //! images/names/NAME        KEY
 //! images/requests/HASH     Request
 //! images/building-PID-*    a build in progress (owned, swept when its builder is gone)
@@ -23,6 +24,8 @@ use super::ImageError;
 
 pub const IMAGE_FILE: &str = "image.raw";
 pub const INFO_FILE: &str = "image.json";
+/// The builder's log: what dpkg and the maintainer scripts said, and when.
+pub const LOG_FILE: &str = "build.log";
 /// [`crate::owned_dir`]'s prefix for builds in progress: `building-PID-…`.
 pub const BUILDING_PREFIX: &str = "building";
 

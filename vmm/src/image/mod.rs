@@ -268,6 +268,11 @@ pub fn build(
     let fs_uuid = uuid_of(&key);
     let image = work.path().join(IMAGE_FILE);
     mkfs(&tar, &image, req.size_bytes, epoch, &fs_uuid)?;
+    // dpkg's and the maintainer scripts' words, with the phases' times, kept with the image.
+    let _ = std::fs::rename(
+        work.path().join("out/build.log"),
+        work.path().join(cache::LOG_FILE),
+    );
     let _ = std::fs::remove_dir_all(work.path().join("out"));
     let _ = std::fs::remove_dir_all(work.path().join("build"));
     step.done();
