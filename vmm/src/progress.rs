@@ -84,6 +84,11 @@ impl Progress {
         }
     }
 
+    /// Whether anything is shown (not `--quiet`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }

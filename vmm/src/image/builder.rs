@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use super::apt::{Archive, PlannedDeb};
 use super::ImageError;
-use crate::qemu::accel::Accel;
 use crate::guest::kit::GuestKit;
+use crate::qemu::accel::Accel;
 use crate::qemu::QemuBinary;
 use crate::vm::run::{Disk, DiskMode, ExtraShare, RunEnd, RunSpec, ShareProtocol, Vmm};
 
@@ -61,7 +61,11 @@ pub struct BuilderInput<'a> {
 }
 
 /// Runs the builder; returns the path of the root's tar.
-pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBuf, ImageError> {
+pub fn run_builder(
+    input: &BuilderInput,
+    progress: &crate::progress::Progress,
+    signals: Receiver<()>,
+) -> Result<PathBuf, ImageError> {
     let fail = |e: anyhow::Error| ImageError::Failed(e);
     let build = input.work.join("build");
     let stage = build.join("stage");
@@ -70,15 +74,24 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
     std::fs::create_dir_all(&out).map_err(ImageError::io)?;
     std::fs::write(build.join("builder.sh"), SCRIPT).map_err(ImageError::io)?;
 
-    // The first stage: the required packages' trees, made here without root.
+    // The first stage (the required packages' trees as plain tars, made here without
+    // root), and every package with its files uncompressed for dpkg in the VM.
+    let debs_dir = build.join("debs");
+    std::fs::create_dir_all(&debs_dir).map_err(ImageError::io)?;
     let mut stage_list = String::new();
-    for (i, deb) in input.debs.iter().filter(|d| d.required).enumerate() {
-        let name = format!("{i:03}-{}.tar", deb.name);
-        super::deb::fsys_tarfile(&input.deb_cache.join(&deb.file), &stage.join(&name))
-            .map_err(fail)?;
-        stage_list.push_str(&name);
-        stage_list.push('\n');
+    let mut jobs = Vec::new();
+    for (i, deb) in input.debs.iter().enumerate() {
+        let tar = if deb.required {
+            let name = format!("{i:03}-{}.tar", deb.name);
+            stage_list.push_str(&name);
+            stage_list.push('\n');
+            (stage.join(name), true)
+        } else {
+            (input.work.join(format!("data-{i:03}.tar")), false)
+        };
+        jobs.push((deb, tar));
     }
+    prepare_packages(&jobs, input.deb_cache, &debs_dir, progress)?;
     let list = |pick: &dyn Fn(&PlannedDeb) -> bool| -> String {
         input
             .debs
@@ -131,6 +144,10 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
         ("COMPONENTS", input.archive.distro.components.to_owned()),
         ("USR_LINKS", input.archive.arch.merged_usr_links().join(" ")),
         ("TTY", if tty { "1" } else { "0" }.to_owned()),
+        (
+            "QUIET",
+            if progress.enabled() { "0" } else { "1" }.to_owned(),
+        ),
     ];
     let spec = RunSpec {
         qemu,
@@ -152,18 +169,11 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
         keep_xchg: true,
         no_xchg: false,
         nic: None,
-        extra_shares: vec![
-            ExtraShare {
-                host: build.clone(),
-                guest: "/build".into(),
-                read_only: true,
-            },
-            ExtraShare {
-                host: input.deb_cache.to_owned(),
-                guest: "/debs".into(),
-                read_only: true,
-            },
-        ],
+        extra_shares: vec![ExtraShare {
+            host: build.clone(),
+            guest: "/build".into(),
+            read_only: true,
+        }],
         disk: Some(Disk {
             path: scratch.clone(),
             format: "raw".into(),
@@ -176,10 +186,17 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
         share_protocol: ShareProtocol::Virtiofs,
         runtime_dir: None,
     };
+    let step = progress.step(&format!(
+        "installing {} packages in a builder VM",
+        input.debs.len()
+    ));
     let outcome = crate::vm::run::run(&spec, signals).map_err(fail)?;
     let _ = std::fs::remove_file(&scratch);
     match outcome.end {
-        RunEnd::Exited(0) if out.join("result").is_file() => Ok(out.join("root.tar")),
+        RunEnd::Exited(0) if out.join("result").is_file() => {
+            step.done();
+            Ok(out.join("root.tar"))
+        }
         RunEnd::Exited(_) => Err(failure_report(&out, input.size_bytes)),
         RunEnd::Interrupted => Err(ImageError::Interrupted),
         RunEnd::TimedOut(t) => Err(fail(anyhow::anyhow!(
@@ -190,6 +207,63 @@ pub fn run_builder(input: &BuilderInput, signals: Receiver<()>) -> Result<PathBu
             "the builder VM stopped: {why}\n{console_tail}"
         ))),
     }
+}
+
+/// For each job, the package's files as a tar (kept for the first stage, or removed) and
+/// the package again with them uncompressed, in parallel (decompression is most of it).
+fn prepare_packages(
+    jobs: &[(&PlannedDeb, (PathBuf, bool))],
+    cache: &Path,
+    debs_dir: &Path,
+    progress: &crate::progress::Progress,
+) -> Result<(), ImageError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let step = progress.step(&format!(
+        "decompressing {} packages for the builder",
+        jobs.len()
+    ));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((deb, (tar, keep))) = jobs.get(i) else {
+                    break;
+                };
+                let src = cache.join(&deb.file);
+                let result = super::deb::fsys_tarfile(&src, tar).and_then(|()| {
+                    super::deb::repack_uncompressed(&src, tar, &debs_dir.join(&deb.file))
+                        .map_err(anyhow::Error::from)
+                });
+                if !keep {
+                    let _ = std::fs::remove_file(tar);
+                }
+                if let Err(e) = result {
+                    error.lock().unwrap().get_or_insert(e);
+                    break;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        // Progress is drawn from here (it is not shared with the workers).
+        loop {
+            let n = done.load(Ordering::Relaxed);
+            if n >= jobs.len() || error.lock().unwrap().is_some() {
+                break;
+            }
+            progress.live("decompressing", &format!("{n}/{}", jobs.len()));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap() {
+        return Err(ImageError::Failed(e));
+    }
+    step.done();
+    Ok(())
 }
 
 /// The builder's `failure` file, as the user's error: a package that fails, or a disk

@@ -4,16 +4,16 @@
 # and chroot in a VM of their own, never on the host.
 #
 #   /build (read-only)  this script; stage/*.tar (the required packages' files, made on
-#                       the host with dpkg-deb --fsys-tarfile); core.list, required.list,
+#                       the host with dpkg-deb --fsys-tarfile); debs/ (every package,
+#                       its data.tar uncompressed on the host); core.list, required.list,
 #                       extra.list (package file names, in install order)
-#   /debs (read-only)   the .deb files
 #   $XCHG (read-write)  build.log; at the end root.tar, or `failure` (kind, summary,
 #                       dpkg's words)
 #   /dev/vda            a blank ext4 file system for the new root
 #
 # Environment: EPOCH (SOURCE_DATE_EPOCH: the clock, and every newer mtime in the
 # result), MIRROR, SUITE, COMPONENTS (the image's apt sources), USR_LINKS (the merged-/usr
-# links), TTY=1 when the user's stderr is a terminal.
+# links), TTY=1 when the user's stderr is a terminal, QUIET=1 for no progress lines.
 #
 # The recipe is debootstrap's second stage (dpkg --unpack, then --configure --pending,
 # with services kept from starting), except that every dpkg error fails the build, and
@@ -36,13 +36,15 @@ HOME=/root
 export DEBIAN_FRONTEND DEBCONF_NONINTERACTIVE_SEEN LC_ALL HOME
 
 say() {
-	[ "${TTY:-0}" = 1 ] && printf '\r\033[K' >&3
-	echo "vmbuild image build: $*" >&3
+	if [ "${QUIET:-0}" != 1 ]; then
+		[ "${TTY:-0}" = 1 ] && printf '\r\033[K' >&3
+		echo "vmbuild image build: $*" >&3
+	fi
 	read -r up _ </proc/uptime
 	echo "== ${up} s (uptime): $*"
 }
 live() {
-	[ "${TTY:-0}" = 1 ] && printf '\r\033[Kvmbuild image build: %s' "$*" >&3
+	[ "${QUIET:-0}" != 1 ] && [ "${TTY:-0}" = 1 ] && printf '\r\033[Kvmbuild image build: %s' "$*" >&3
 }
 # fail KIND SUMMARY: report for the host (which prints it) and stop. A full disk is the
 # image's --size, whatever step ran into it.
@@ -129,7 +131,7 @@ mkdir -p "$T/var/lib/dpkg/info" "$T/var/lib/dpkg/updates" "$T/proc" "$T/sys" "$T
 mount -t proc proc "$T/proc"
 mount -t sysfs sysfs "$T/sys"
 mount -o bind /dev "$T/dev"
-mount -o bind /debs "$T$DEBS"
+mount -o bind /build/debs "$T$DEBS"
 
 # Services never start while the image is filled: invoke-rc.d asks policy-rc.d (101:
 # forbidden); start-stop-daemon and initctl are diverted to stubs that do nothing.

@@ -9,37 +9,98 @@ use std::process::{Command, Stdio};
 
 /// The modification time of the package's `data.tar.*` member, from its ar header.
 pub fn data_mtime(deb: &Path) -> std::io::Result<u64> {
+    let (_, members) = members(deb)?;
+    let data = members
+        .iter()
+        .find(|(m, _)| m.name.starts_with("data.tar"))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: not a Debian package (no data.tar member)",
+                    deb.display()
+                ),
+            )
+        })?;
+    String::from_utf8_lossy(&data.0.header[16..28])
+        .trim()
+        .parse()
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: not a Debian package (bad member time)", deb.display()),
+            )
+        })
+}
+
+/// One ar member's header, as read.
+struct Member {
+    header: [u8; 60],
+    name: String,
+    size: u64,
+}
+
+fn members(deb: &Path) -> std::io::Result<(std::fs::File, Vec<(Member, u64)>)> {
+    use std::io::{Seek, SeekFrom};
     let mut f = std::fs::File::open(deb)?;
-    let bad = |why: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{}: not a Debian package ({why})", deb.display()),
-        )
-    };
     let mut magic = [0u8; 8];
     f.read_exact(&mut magic)?;
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: not a Debian package", deb.display()),
+        )
+    };
     if &magic != b"!<arch>\n" {
-        return Err(bad("no ar magic"));
+        return Err(bad());
     }
-    // A handful of members: debian-binary, control.tar.*, data.tar.* (and maybe _gpg*).
-    for _ in 0..8 {
+    let len = f.metadata()?.len();
+    let mut out = Vec::new();
+    let mut at = 8;
+    while at + 60 <= len && out.len() < 8 {
         let mut header = [0u8; 60];
         f.read_exact(&mut header)?;
-        let field = |r: std::ops::Range<usize>| {
-            std::str::from_utf8(&header[r])
-                .unwrap_or("")
-                .trim()
-                .to_owned()
-        };
-        let name = field(0..16);
-        let size: u64 = field(48..58).parse().map_err(|_| bad("bad member size"))?;
-        if name.starts_with("data.tar") {
-            return field(16..28).parse().map_err(|_| bad("bad member time"));
-        }
-        // Members are padded to an even size.
-        std::io::copy(&mut (&mut f).take(size + size % 2), &mut std::io::sink())?;
+        let name = String::from_utf8_lossy(&header[0..16])
+            .trim()
+            .trim_end_matches('/')
+            .to_owned();
+        let size: u64 = String::from_utf8_lossy(&header[48..58])
+            .trim()
+            .parse()
+            .map_err(|_| bad())?;
+        out.push((Member { header, name, size }, at + 60));
+        at += 60 + size + size % 2;
+        f.seek(SeekFrom::Start(at))?;
     }
-    Err(bad("no data.tar member"))
+    Ok((f, out))
+}
+
+/// Writes `deb` again to `out` with its `data.tar.*` member replaced by `data_tar` (the
+/// same files, uncompressed): dpkg in the builder VM then spends no time decompressing,
+/// which under TCG is most of an unpack. The package's files and scripts are unchanged.
+pub fn repack_uncompressed(deb: &Path, data_tar: &Path, out: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let (mut f, members) = members(deb)?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
+    w.write_all(b"!<arch>\n")?;
+    for (m, offset) in members {
+        let (mut header, size) = (m.header, m.size);
+        if m.name.starts_with("data.tar") {
+            let data_len = std::fs::metadata(data_tar)?.len();
+            header[0..16].copy_from_slice(format!("{:<16}", "data.tar").as_bytes());
+            header[48..58].copy_from_slice(format!("{data_len:<10}").as_bytes());
+            w.write_all(&header)?;
+            std::io::copy(&mut std::fs::File::open(data_tar)?, &mut w)?;
+            if data_len % 2 == 1 {
+                w.write_all(b"\n")?;
+            }
+            continue;
+        }
+        w.write_all(&header)?;
+        f.seek(SeekFrom::Start(offset))?;
+        std::io::copy(&mut (&mut f).take(size + size % 2), &mut w)?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
 
 /// Writes the package's files as an uncompressed tar to `out`.

@@ -247,10 +247,6 @@ pub fn build(
     }
 
     let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
-    let step = progress.step(&format!(
-        "installing {} packages in a builder VM",
-        debs.len()
-    ));
     let tar = builder::run_builder(
         &builder::BuilderInput {
             archive: &archive,
@@ -261,9 +257,9 @@ pub fn build(
             work: work.path(),
             accel,
         },
+        progress,
         signals,
     )?;
-    step.done();
     let step = progress.step("making the ext4 image");
     let fs_uuid = uuid_of(&key);
     let image = work.path().join(IMAGE_FILE);
