@@ -147,6 +147,47 @@ mod tests {
         h
     }
 
+    /// A package repacked with its files uncompressed is the same package to dpkg-deb:
+    /// same control fields, same files with the same owners, modes and contents.
+    #[test]
+    fn a_repacked_package_has_the_same_files_uncompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        std::fs::create_dir_all(root.join("usr/share/t")).unwrap();
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            "Package: t\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.invalid>\nDescription: t\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("usr/share/t/odd"), "odd length").unwrap();
+        let deb = dir.path().join("t.deb");
+        let built = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(&root)
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{built:?}");
+        let tar = dir.path().join("data.tar");
+        fsys_tarfile(&deb, &tar).unwrap();
+        let repacked = dir.path().join("r.deb");
+        repack_uncompressed(&deb, &tar, &repacked).unwrap();
+        let show = |p: &Path, what: &str| {
+            let o = Command::new("dpkg-deb").arg(what).arg(p).output().unwrap();
+            assert!(o.status.success(), "{what} {}: {o:?}", p.display());
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(show(&deb, "--contents"), show(&repacked, "--contents"));
+        assert_eq!(show(&deb, "--field"), show(&repacked, "--field"));
+        assert_eq!(data_mtime(&deb).unwrap(), data_mtime(&repacked).unwrap());
+        let ar = Command::new("ar").arg("t").arg(&repacked).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&ar.stdout),
+            "debian-binary\ncontrol.tar.xz\ndata.tar\n"
+        );
+    }
+
     #[test]
     fn the_data_members_time_is_read_past_odd_sized_members() {
         let dir = tempfile::tempdir().unwrap();
