@@ -201,8 +201,13 @@ fn a_debian_12_image_is_byte_reproducible_cached_and_runs_commands() {
     );
 
     let xchg = tempfile::tempdir().unwrap();
+    // The build's stubs are gone: no policy-rc.d, no diversions, the real
+    // start-stop-daemon.
     let script = "cat /etc/debian_version; id -u; echo HOME=$HOME; \
                   test -d /proc/self && test -c /dev/null && test -w /tmp && echo fs-ok; \
+                  test ! -e /usr/sbin/policy-rc.d && echo no-policy-rc.d; \
+                  echo diversions=$(dpkg-divert --list | grep -c 'local diversion'); \
+                  start-stop-daemon --version | head -n 1; \
                   echo from-guest > /tmp/xchg/out; rm -rf /usr/share/doc; echo scribble > /etc/motd; \
                   exit 7";
     let run = vmbuild(
@@ -223,7 +228,11 @@ fn a_debian_12_image_is_byte_reproducible_cached_and_runs_commands() {
     let out = stdout(&run);
     assert_eq!(run.status.code(), Some(7), "{}", text(&run));
     assert!(out.starts_with("12."), "{}", text(&run));
-    assert!(out.contains("\n0\nHOME=/root\nfs-ok"), "{}", text(&run));
+    assert!(
+        out.contains("\n0\nHOME=/root\nfs-ok\nno-policy-rc.d\ndiversions=0\nstart-stop-daemon"),
+        "{}",
+        text(&run)
+    );
     assert_eq!(
         std::fs::read_to_string(xchg.path().join("out")).unwrap(),
         "from-guest\n"
