@@ -129,7 +129,7 @@ fn check_qemu(f: &mut Vec<Finding>) -> anyhow::Result<QemuBinary> {
 
 /// What `vmbuild image build` runs on the host.
 fn check_image_builds(f: &mut Vec<Finding>) {
-    f.push(match crate::image::host_tools() {
+    f.push(match crate::image::mkfs::host_tools() {
         Ok(found) => finding("image_builds", "ok", found, None),
         Err(e) => finding(
             "image_builds",

@@ -7,6 +7,9 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use super::apt::PlannedDeb;
+use super::{download, usage, ImageError};
+
 /// The modification time of the package's `data.tar.*` member, from its ar header.
 pub fn data_mtime(deb: &Path) -> std::io::Result<u64> {
     let (_, members) = members(deb)?;
@@ -125,6 +128,62 @@ pub fn fsys_tarfile(deb: &Path, out: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A `--deb` file's name, version and architecture, or why it is not a package.
+pub fn local_fields(deb: &Path) -> Result<(String, String, String), ImageError> {
+    if !deb.is_file() {
+        usage!("--deb {}: no such file", deb.display());
+    }
+    let out = Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(deb)
+        .args(["Package", "Version", "Architecture"])
+        .output()
+        .map_err(|e| ImageError::Failed(anyhow::anyhow!("running dpkg-deb: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(str::to_owned)
+    };
+    match (
+        out.status.success(),
+        field("Package"),
+        field("Version"),
+        field("Architecture"),
+    ) {
+        (true, Some(p), Some(v), Some(a)) => Ok((p, v, a)),
+        _ => usage!(
+            "--deb {}: not a Debian package ({})",
+            deb.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+/// Copies a `--deb` file into the package cache (under its digest) and plans it.
+pub fn add_local(local: &Path, cache: &Path) -> Result<PlannedDeb, ImageError> {
+    let (name, version, arch) = local_fields(local)?;
+    let sha256 = download::sha256_file(local).map_err(ImageError::io)?;
+    let file = format!("local-{}-{name}.deb", &sha256[..16]);
+    std::fs::create_dir_all(cache).map_err(ImageError::io)?;
+    let dest = cache.join(&file);
+    if !dest.is_file() {
+        let tmp = cache.join(format!("{file}.part.{}", std::process::id()));
+        std::fs::copy(local, &tmp).map_err(ImageError::io)?;
+        std::fs::rename(&tmp, &dest).map_err(ImageError::io)?;
+    }
+    Ok(PlannedDeb {
+        name,
+        version,
+        arch,
+        url: format!("file:{}", local.display()),
+        file,
+        size: std::fs::metadata(local).map_err(ImageError::io)?.len(),
+        sha256,
+        required: false,
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod deb;
 pub mod distro;
 pub mod download;
+pub mod mkfs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,9 +31,6 @@ use distro::{Arch, Distro};
 /// The version of what an image key covers; bump it when the image's bytes would change
 /// for the same packages (the recipe's own digest is in the key too).
 const IMAGE_FORMAT: u32 = 1;
-
-/// The oldest `mke2fs` that reads a tar for `-d` (e2fsprogs 1.47.1).
-const MKE2FS_TAR_SINCE: (u32, u32, u32) = (1, 47, 1);
 
 #[derive(Debug)]
 pub enum ImageError {
@@ -157,7 +155,7 @@ pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
         usage!("'{bad}' is not a package name (lowercase letters, digits, + - .; NAME=VERSION pins a version)");
     }
     for deb in &req.local_debs {
-        local_deb_fields(deb)?;
+        deb::local_fields(deb)?;
     }
     if let Some(name) = &req.name {
         if name.is_empty()
@@ -169,7 +167,7 @@ pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
             usage!("--name '{name}': use letters, digits and - _ . + (not starting with .)");
         }
     }
-    host_tools().map_err(ImageError::Failed)?;
+    mkfs::host_tools().map_err(ImageError::Failed)?;
     Ok(())
 }
 
@@ -223,7 +221,7 @@ pub fn build(
     step.done();
     let deb_cache = deb_cache();
     for local in &req.local_debs {
-        debs.push(add_local_deb(local, &deb_cache)?);
+        debs.push(deb::add_local(local, &deb_cache)?);
     }
     progress.note(&format!(
         "{} packages ({} required), {:.1} MB",
@@ -263,7 +261,7 @@ pub fn build(
     let step = progress.step("making the ext4 image");
     let fs_uuid = uuid_of(&key);
     let image = work.path().join(IMAGE_FILE);
-    mkfs(&tar, &image, req.size_bytes, epoch, &fs_uuid)?;
+    mkfs::mkfs(&tar, &image, req.size_bytes, epoch, &fs_uuid)?;
     // dpkg's and the maintainer scripts' words, with the phases' times, kept with the image.
     let _ = std::fs::rename(
         work.path().join("out/build.log"),
@@ -320,62 +318,6 @@ pub fn build(
         name,
         info,
         cache_hit: false,
-    })
-}
-
-/// A `--deb` file's name, version and architecture, or why it is not a package.
-fn local_deb_fields(deb: &Path) -> Result<(String, String, String), ImageError> {
-    if !deb.is_file() {
-        usage!("--deb {}: no such file", deb.display());
-    }
-    let out = Command::new("dpkg-deb")
-        .args(["--field"])
-        .arg(deb)
-        .args(["Package", "Version", "Architecture"])
-        .output()
-        .map_err(|e| ImageError::Failed(anyhow::anyhow!("running dpkg-deb: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map(str::to_owned)
-    };
-    match (
-        out.status.success(),
-        field("Package"),
-        field("Version"),
-        field("Architecture"),
-    ) {
-        (true, Some(p), Some(v), Some(a)) => Ok((p, v, a)),
-        _ => usage!(
-            "--deb {}: not a Debian package ({})",
-            deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-    }
-}
-
-/// Copies a `--deb` file into the package cache (under its digest) and plans it.
-fn add_local_deb(local: &Path, cache: &Path) -> Result<PlannedDeb, ImageError> {
-    let (name, version, arch) = local_deb_fields(local)?;
-    let sha256 = download::sha256_file(local).map_err(ImageError::io)?;
-    let file = format!("local-{}-{name}.deb", &sha256[..16]);
-    std::fs::create_dir_all(cache).map_err(ImageError::io)?;
-    let dest = cache.join(&file);
-    if !dest.is_file() {
-        let tmp = cache.join(format!("{file}.part.{}", std::process::id()));
-        std::fs::copy(local, &tmp).map_err(ImageError::io)?;
-        std::fs::rename(&tmp, &dest).map_err(ImageError::io)?;
-    }
-    Ok(PlannedDeb {
-        name,
-        version,
-        arch,
-        url: format!("file:{}", local.display()),
-        file,
-        size: std::fs::metadata(local).map_err(ImageError::io)?.len(),
-        sha256,
-        required: false,
     })
 }
 
@@ -480,96 +422,6 @@ fn uuid_of(key: &str) -> String {
         &k[17..20],
         &k[20..32]
     )
-}
-
-/// The host programs an image build runs: apt's, dpkg-deb, curl and a `mke2fs` that
-/// reads tars. Ok: what was found, for `doctor`.
-pub fn host_tools() -> anyhow::Result<String> {
-    for (program, package) in [
-        ("apt-get", "apt"),
-        ("apt-cache", "apt"),
-        ("dpkg-deb", "dpkg"),
-        ("curl", "curl"),
-    ] {
-        let found = Command::new(program)
-            .arg("--version")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            anyhow::bail!("{program} is missing (Debian package {package})");
-        }
-    }
-    mke2fs_reads_tar()?;
-    Ok("apt, dpkg-deb, curl, and mke2fs 1.47.1+ (reads tars)".into())
-}
-
-/// `mke2fs -V`'s version, if it reads tars.
-fn mke2fs_reads_tar() -> anyhow::Result<()> {
-    let out = Command::new("mke2fs")
-        .arg("-V")
-        .output()
-        .map_err(|e| anyhow::anyhow!("running mke2fs (Debian package e2fsprogs): {e}"))?;
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    let version = text.split_whitespace().nth(1).and_then(|v| {
-        let n: Vec<u32> = v.split('.').filter_map(|x| x.parse().ok()).collect();
-        (n.len() == 3).then(|| (n[0], n[1], n[2]))
-    });
-    match version {
-        Some(v) if v >= MKE2FS_TAR_SINCE => Ok(()),
-        _ => anyhow::bail!(
-            "this host's mke2fs ({}) cannot make an image from a tar; e2fsprogs 1.47.1 or newer \
-             can (on Debian 12: apt-get install -t bookworm-backports e2fsprogs, which \
-             scripts/install-host-deps.sh does)",
-            text.lines().next().unwrap_or("unknown version").trim()
-        ),
-    }
-}
-
-/// The image: ext4 from the sorted tar, with the UUID, hash seed and every time fixed.
-fn mkfs(
-    tar: &Path,
-    image: &Path,
-    size_bytes: u64,
-    epoch: u64,
-    uuid: &str,
-) -> Result<(), ImageError> {
-    let out = Command::new("mke2fs")
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .env("SOURCE_DATE_EPOCH", epoch.to_string())
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-I",
-            "256",
-            "-L",
-            "vmbuild-image",
-        ])
-        .args(["-U", uuid, "-E"])
-        .arg(format!("hash_seed={uuid},root_owner=0:0"))
-        .arg("-d")
-        .arg(tar)
-        .arg(image)
-        .arg(format!("{}k", size_bytes / 1024))
-        .output()
-        .map_err(|e| ImageError::Failed(anyhow::anyhow!("running mke2fs: {e}")))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if err.contains("Could not allocate") || err.contains("No space") {
-            usage!(
-                "the packages do not fit in --size {} MiB; give a larger --size ({err})",
-                size_bytes >> 20
-            );
-        }
-        return Err(ImageError::Failed(anyhow::anyhow!("mke2fs -d: {err}")));
-    }
-    Ok(())
 }
 
 /// The packages cached for images that no longer exist: removed by `image gc`.
