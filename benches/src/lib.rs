@@ -2,5 +2,6 @@
 //! that cannot outlive the benchmark, and reporting ratios.
 
 pub mod console;
+pub mod host;
 pub mod peers;
 pub mod report;

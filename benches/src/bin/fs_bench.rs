@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fuse_backend_rs::abi::fuse_abi::{GetattrIn, Opcode};
 use vm_memory::ByteValued;
+use vmbuild_benches::host;
 use vmbuild_benches::peers::{self, Daemon};
 use vmbuild_benches::report::{markdown, median, Row};
 use vmbuild_tests::fuse_client::{FuseClient, ROOT};
@@ -63,15 +64,7 @@ fn main() -> anyhow::Result<()> {
     prepare_store(&store, args.files, args.big_mib)?;
     let mut raw = serde_json::Map::new();
     let mut out = String::new();
-    out.push_str(&format!(
-        "machine: {} cores, {}; {}\n\n",
-        num_cpus(),
-        first_line(
-            &fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
-            "model name"
-        ),
-        qemu_version()
-    ));
+    out.push_str(&format!("{}\n\n", host::machine()));
 
     if !args.vm_only {
         let rows = harness(&args, &store, &mut raw)?;
@@ -389,28 +382,4 @@ fn in_guest(
             .collect(),
     });
     Ok(rows)
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn first_line(text: &str, key: &str) -> String {
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn qemu_version() -> String {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_owned))
-        .unwrap_or_else(|| "QEMU not found".into())
 }

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild_benches::host::fresh_dir;
 use vmbuild_benches::peers;
 use vmbuild_benches::report::{markdown, median, Row};
 
@@ -186,10 +187,4 @@ fn run(work: &Path, store: &Path, memory: u32, script: &str) -> anyhow::Result<f
         );
     }
     Ok(wall)
-}
-
-fn fresh_dir(p: &Path) -> anyhow::Result<PathBuf> {
-    let _ = fs::remove_dir_all(p);
-    fs::create_dir_all(p)?;
-    Ok(p.to_owned())
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild_benches::host::fresh_dir;
 use vmbuild_benches::peers;
 use vmbuild_benches::report::{markdown, median, Row};
 use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
@@ -152,10 +153,4 @@ fn nix_recipe(work: &Path, store: &Path, kit: &GuestKit, script: &str) -> anyhow
         );
     }
     Ok(Sample { wall, phases: None })
-}
-
-fn fresh_dir(p: &Path) -> anyhow::Result<PathBuf> {
-    let _ = fs::remove_dir_all(p);
-    fs::create_dir_all(p)?;
-    Ok(p.to_owned())
 }
