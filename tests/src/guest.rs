@@ -63,6 +63,8 @@ pub enum GuestShare {
 pub struct GuestVm {
     pub kit: GuestKit,
     pub memory_mib: u32,
+    /// vCPUs (`-smp`).
+    pub cpus: u32,
     pub shares: Vec<GuestShare>,
     /// Script to run, as a path inside the guest.
     pub command: String,
@@ -103,6 +105,7 @@ impl GuestVm {
         GuestVm {
             kit,
             memory_mib: 512,
+            cpus: 1,
             shares: Vec::new(),
             command: command.to_owned(),
             exit_file: None,
@@ -137,8 +140,6 @@ impl GuestVm {
             "tcg",
             "-M",
             "q35",
-            "-smp",
-            "1",
             "-nodefaults",
             "-no-user-config",
             "-nographic",
@@ -148,6 +149,8 @@ impl GuestVm {
         .map(|s| s.to_string())
         .collect();
         args.extend([
+            "-smp".into(),
+            self.cpus.to_string(),
             "-m".into(),
             format!("{mem}M"),
             // vhost-user back-ends map guest memory: it must be shared.
