@@ -58,6 +58,14 @@ impl IrqLine {
     }
 }
 
+/// A config read of `data.len()` bytes at `offset` from a device whose config space is
+/// `config`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = config.get(offset as usize + i).copied().unwrap_or(0);
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (1 net, 26 fs, 9 9p, ...).

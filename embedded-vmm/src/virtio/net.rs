@@ -118,9 +118,7 @@ impl VirtioDevice for NetDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Config space: mac[6], then status (not offered) reads as zero.
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(

@@ -63,9 +63,7 @@ impl VirtioDevice for NinepDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(
