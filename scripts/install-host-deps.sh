@@ -43,9 +43,13 @@ need=()
 # apt, curl, dpkg-dev, debian-archive-keyring: `vmbuild image build` resolves with apt,
 # downloads with curl, reads packages with dpkg-deb (the tests build one with dpkg-deb).
 # mmdebstrap: the peer of the image benchmark.
+# dnf, dnf-plugins-core, rpm: images of rpm distributions resolve with `dnf download`
+# and check packages with rpmkeys; createrepo-c: the tests make an rpm repository of
+# packages they build with rpmbuild.
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
-         acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap; do
+         acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap \
+         dnf dnf-plugins-core rpm createrepo-c; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -66,6 +70,13 @@ if ! e2fs_ok; then
     e2fsprogs libarchive13 >/dev/null
 fi
 log "mke2fs: $(mke2fs -V 2>&1 | head -n1)"
+
+# Fedora's signing keys, for `vmbuild image build --distro fedora-*` (bookworm has them
+# only in backports).
+if ! dpkg -s distribution-gpg-keys >/dev/null 2>&1; then
+  log "installing distribution-gpg-keys from bookworm-backports"
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports distribution-gpg-keys >/dev/null
+fi
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -nE 's/.*version ([0-9]+)\..*/\1/p'; }
 if [[ -z $(qemu_major) || $(qemu_major) -lt 10 ]]; then

@@ -393,3 +393,217 @@ fn a_failing_package_or_a_full_disk_fails_the_build_and_caches_nothing() {
     );
     no_images_in(cache.path());
 }
+
+/// Builds an rpm from `spec` with rpmbuild (sources from `sources`) into `repo`.
+fn rpmbuild(spec: &str, name: &str, sources: &Path, repo: &Path) {
+    let top = sources.join("top");
+    let spec_path = sources.join(format!("{name}.spec"));
+    std::fs::write(&spec_path, spec).unwrap();
+    let out = Command::new("rpmbuild")
+        .args(["-bb", "--quiet"])
+        .arg("--define")
+        .arg(format!("_topdir {}", top.display()))
+        .arg("--define")
+        .arg(format!("_sourcedir {}", sources.display()))
+        .arg("--define")
+        .arg(format!("_rpmdir {}", repo.display()))
+        .args([
+            "--define",
+            "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
+        ])
+        .args(["--define", "use_source_date_epoch_as_buildtime 1"])
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .arg(&spec_path)
+        .output()
+        .expect("rpmbuild (Debian package rpm; scripts/install-host-deps.sh installs it)");
+    assert!(out.status.success(), "rpmbuild {name}: {}", text(&out));
+}
+
+/// A local rpm repository made here with rpmbuild and createrepo_c: a base with a
+/// shell (the kit's static busybox), a package with a %post scriptlet that depends on it,
+/// and one whose %post fails.
+fn rpm_repo(dir: &Path) -> std::path::PathBuf {
+    let kit = std::env::var_os("VMBUILD_GUEST_KIT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/vmbuild/guest-kit".into());
+    let busybox = Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", "bin/busybox"])
+        .stdin(std::fs::File::open(kit.join("initrd.img")).unwrap())
+        .output()
+        .unwrap();
+    assert!(busybox.stdout.len() > 100_000, "no busybox in the kit");
+    std::fs::write(dir.join("busybox"), &busybox.stdout).unwrap();
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    rpmbuild(
+        "Name: vmbt-base\nVersion: 1.0\nRelease: 1\nSummary: a shell\nLicense: GPL-2.0\n\
+         BuildArch: x86_64\nProvides: /bin/sh\n%description\nbusybox as /bin/sh\n\
+         %install\nmkdir -p %{buildroot}/usr/bin %{buildroot}/etc\n\
+         install -m 755 %{_sourcedir}/busybox %{buildroot}/usr/bin/busybox\n\
+         for a in sh cat echo ls mkdir uname; do ln -s busybox %{buildroot}/usr/bin/$a; done\n\
+         ln -s usr/bin %{buildroot}/bin\n\
+         echo 'root:x:0:0:root:/root:/bin/sh' > %{buildroot}/etc/passwd\n\
+         %files\n/usr/bin/*\n/bin\n/etc/passwd\n",
+        "vmbt-base",
+        dir,
+        &repo,
+    );
+    rpmbuild(
+        "Name: vmbt-hello\nVersion: 2.1\nRelease: 3\nSummary: hello\nLicense: MIT\n\
+         BuildArch: noarch\nRequires: vmbt-base\nRequires(post): /bin/sh\n%description\nhello\n\
+         %install\nmkdir -p %{buildroot}/usr/bin\n\
+         printf '#!/bin/sh\\necho hello from an rpm\\n' > %{buildroot}/usr/bin/vmbt-hello\n\
+         chmod 755 %{buildroot}/usr/bin/vmbt-hello\n\
+         %post\nmkdir -p /var/lib/vmbt-hello && echo \"configured $1\" > /var/lib/vmbt-hello/state\n\
+         %files\n/usr/bin/vmbt-hello\n",
+        "vmbt-hello",
+        dir,
+        &repo,
+    );
+    rpmbuild(
+        "Name: vmbt-broken\nVersion: 1\nRelease: 1\nSummary: fails\nLicense: MIT\n\
+         BuildArch: noarch\nRequires: vmbt-base\nRequires(post): /bin/sh\n%description\nfails\n\
+         %install\nmkdir -p %{buildroot}/usr/share/vmbt-broken\n\
+         echo x > %{buildroot}/usr/share/vmbt-broken/x\n\
+         %post\necho 'vmbt-broken: post fails on purpose' >&2\nexit 3\n\
+         %files\n/usr/share/vmbt-broken/x\n",
+        "vmbt-broken",
+        dir,
+        &repo,
+    );
+    let out = Command::new("createrepo_c")
+        .arg("-q")
+        .arg(&repo)
+        .output()
+        .expect("createrepo_c (Debian package createrepo-c)");
+    assert!(out.status.success(), "createrepo_c: {}", text(&out));
+    repo
+}
+
+/// The rpm installer, with real rpm packages (built here: no rpm distribution's archive
+/// is reachable from these machines): dnf resolves the closure, rpm installs it in one
+/// transaction in the builder VM (a Debian image with rpm, built by vmbuild itself), the
+/// scriptlets run, the database is byte-reproducible, and a failing %post (which rpm
+/// itself only warns about) fails the build with nothing cached.
+#[test]
+fn an_rpm_image_from_a_local_repository_is_reproducible_and_runs_commands() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let repo = rpm_repo(work.path());
+    let repo = repo.to_str().unwrap();
+    let build = |packages: &str| {
+        let args = [
+            "--distro",
+            "rpm-local",
+            "--mirror",
+            repo,
+            "--packages",
+            packages,
+            "--size",
+            "128M",
+            "--quiet",
+        ];
+        build_json(cache.path(), &args)
+    };
+    let first = build("vmbt-hello");
+    let inspect = vmbuild(cache.path(), &["image", "inspect", "rpm-local"]);
+    assert_eq!(inspect.status.code(), Some(0), "{}", text(&inspect));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let names: Vec<&str> = info["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{first}");
+    assert!(
+        names.contains(&"vmbt-base") && names.contains(&"vmbt-hello"),
+        "{first}"
+    );
+    let image = first["path"].as_str().unwrap().to_owned();
+    let digest = sha256(Path::new(&image));
+
+    let run = vmbuild(
+        cache.path(),
+        &[
+            "run",
+            "--quiet",
+            "--image",
+            "rpm-local",
+            "--",
+            "sh",
+            "-c",
+            "vmbt-hello; cat /var/lib/vmbt-hello/state; ls /usr/lib/sysimage/rpm",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let lines: Vec<String> = stdout(&run).lines().map(|l| l.trim().to_owned()).collect();
+    // $1 is 1 in %post on a first install; the database is sqlite, where Fedora keeps it.
+    assert_eq!(
+        lines[..3],
+        ["hello from an rpm", "configured 1", "rpmdb.sqlite"],
+        "{}",
+        text(&run)
+    );
+
+    // Rebuilt from scratch: the same bytes, database and all.
+    let rm = vmbuild(cache.path(), &["image", "rm", "rpm-local"]);
+    assert_eq!(rm.status.code(), Some(0), "{}", text(&rm));
+    let again = build("vmbt-hello");
+    assert_eq!(again["cache_hit"], false, "{again}");
+    assert_eq!(sha256(Path::new(again["path"].as_str().unwrap())), digest);
+
+    let out = vmbuild(
+        cache.path(),
+        &[
+            "image",
+            "build",
+            "--distro",
+            "rpm-local",
+            "--mirror",
+            repo,
+            "--packages",
+            "vmbt-broken",
+            "--size",
+            "128M",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        err.contains("vmbt-broken-1-1.noarch failed to install"),
+        "{}",
+        text(&out)
+    );
+    assert!(err.contains("post fails on purpose"), "{}", text(&out));
+
+    let out = vmbuild(
+        cache.path(),
+        &[
+            "image",
+            "build",
+            "--distro",
+            "rpm-local",
+            "--mirror",
+            repo,
+            "--packages",
+            "vmbt-nosuch",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown package 'vmbt-nosuch'"),
+        "{}",
+        text(&out)
+    );
+    // Only the good image and the builder's own are cached.
+    let list = vmbuild(cache.path(), &["image", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let distros: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["distro"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(distros.len(), 2, "{list}");
+}

@@ -23,8 +23,17 @@ fails the build. The same inputs give a byte-identical image (SOURCE_DATE_EPOCH:
 newest package's build time unless given), kept in the cache by content: a second build
 of the same request is a cache hit.
 
-Distributions: debian-11, debian-12, debian-13 (amd64, i386), ubuntu-22.04, ubuntu-24.04
-(amd64; untested here: give --mirror and install ubuntu-keyring).
+For rpm distributions, dnf resolves (`dnf download --resolve`, no root) and rpm installs
+every package in one transaction in a builder VM whose root is a Debian image with rpm
+(built once, cached as vmbuild-rpm-builder). Each package's digests are checked, and
+for a network archive its signature against the distribution's key; a failing
+scriptlet fails the build.
+
+Distributions: debian-11, debian-12, debian-13 (amd64, i386); ubuntu-22.04, ubuntu-24.04
+(amd64; untested here: give --mirror and install ubuntu-keyring); fedora-40, fedora-41
+(amd64; untested here: no Fedora archive is reachable from the machines it is tested
+on); rpm-local (any rpm repository on this machine, --mirror DIR, made with
+createrepo_c: nothing is installed but --packages and their dependencies).
 
 Exit status:
   0    built or found; its path is printed on stdout
@@ -53,14 +62,16 @@ pub struct BuildArgs {
     distro: String,
     #[arg(long, value_enum, default_value = "amd64")]
     arch: Arch,
-    /// Packages to install besides the required ones, comma-separated (NAME or NAME=VERSION)
+    /// Packages to install besides the required ones, comma-separated (Debian: NAME or
+    /// NAME=VERSION; rpm: NAME or NAME-VERSION)
     #[arg(long, value_name = "PKG,...", value_delimiter = ',')]
     packages: Vec<String>,
     /// A package file of your own to install after the archive's (repeatable); what it
     /// depends on must be in the image (list it in --packages)
     #[arg(long = "deb", value_name = "FILE")]
     debs: Vec<PathBuf>,
-    /// The archive (default: the one this host's apt uses for the distribution's family)
+    /// The archive (default: the one this host's apt uses for the distribution's family;
+    /// for rpm distributions, the distribution's own); for rpm also a directory
     #[arg(long, value_name = "URL")]
     mirror: Option<String>,
     /// The image's file system size (sparse on disk): MiB or with a unit (4G)

@@ -3,14 +3,15 @@
 
 use std::path::Path;
 
-/// How a distribution's packages are installed. Debian's is the one implemented; the
-/// seam is here so that an rpm-based distribution is another value with its own
-/// resolver (dnf's `--downloadonly` closure) and installer (`rpm --root`), not a fork of
-/// the build.
+/// How a distribution's packages are resolved and installed: each value has its own
+/// resolver and builder recipe, and the rest of the build (download, cache, mkfs, the
+/// image's use) is shared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackageManager {
-    /// apt resolves, dpkg unpacks and configures.
+    /// apt resolves; dpkg unpacks and configures in a builder VM on the guest kit.
     Dpkg,
+    /// dnf resolves; rpm installs in a builder VM whose root is a Debian image with rpm.
+    Rpm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -26,6 +27,14 @@ impl Arch {
         match self {
             Arch::Amd64 => "amd64",
             Arch::I386 => "i386",
+        }
+    }
+
+    /// rpm's name for it.
+    pub fn rpm(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64",
+            Arch::I386 => "i686",
         }
     }
 
@@ -53,11 +62,18 @@ impl Arch {
 pub struct Distro {
     /// What the user types: `debian-12`.
     pub name: &'static str,
+    /// The suite (Debian: `bookworm`), or the release version dnf's `$releasever` takes.
     pub suite: &'static str,
     pub components: &'static str,
-    /// Used when the host's apt names no archive for this family.
+    /// Used when the host's apt names no archive for this family; empty where there is
+    /// no default and `--mirror` must be given.
     pub default_mirror: &'static str,
+    /// The archive's signing keys (apt's keyring, or the key rpmkeys imports); empty
+    /// where only a local repository is taken.
     pub keyring: &'static str,
+    /// Installed whatever `--packages` says (Debian's base is Priority required,
+    /// found in the archive, so its list is empty).
+    pub base_packages: &'static [&'static str],
     pub archs: &'static [Arch],
     pub manager: PackageManager,
     /// False where no archive of this family is reachable from the machines the project
@@ -78,6 +94,7 @@ pub const DISTROS: &[Distro] = &[
         default_mirror: DEBIAN_MIRROR,
         keyring: DEBIAN_KEYRING,
         archs: &[Arch::Amd64, Arch::I386],
+        base_packages: &[],
         manager: PackageManager::Dpkg,
         tested_here: true,
     },
@@ -88,6 +105,7 @@ pub const DISTROS: &[Distro] = &[
         default_mirror: DEBIAN_MIRROR,
         keyring: DEBIAN_KEYRING,
         archs: &[Arch::Amd64, Arch::I386],
+        base_packages: &[],
         manager: PackageManager::Dpkg,
         tested_here: true,
     },
@@ -98,6 +116,7 @@ pub const DISTROS: &[Distro] = &[
         default_mirror: DEBIAN_MIRROR,
         keyring: DEBIAN_KEYRING,
         archs: &[Arch::Amd64, Arch::I386],
+        base_packages: &[],
         manager: PackageManager::Dpkg,
         tested_here: true,
     },
@@ -108,6 +127,7 @@ pub const DISTROS: &[Distro] = &[
         default_mirror: UBUNTU_MIRROR,
         keyring: UBUNTU_KEYRING,
         archs: &[Arch::Amd64],
+        base_packages: &[],
         manager: PackageManager::Dpkg,
         tested_here: false,
     },
@@ -118,9 +138,58 @@ pub const DISTROS: &[Distro] = &[
         default_mirror: UBUNTU_MIRROR,
         keyring: UBUNTU_KEYRING,
         archs: &[Arch::Amd64],
+        base_packages: &[],
         manager: PackageManager::Dpkg,
         tested_here: false,
     },
+    Distro {
+        name: "fedora-40",
+        suite: "40",
+        components: "",
+        default_mirror:
+            "https://dl.fedoraproject.org/pub/fedora/linux/releases/40/Everything/x86_64/os",
+        keyring: "/usr/share/distribution-gpg-keys/fedora/RPM-GPG-KEY-fedora-40-primary",
+        base_packages: FEDORA_BASE,
+        archs: &[Arch::Amd64],
+        manager: PackageManager::Rpm,
+        tested_here: false,
+    },
+    Distro {
+        name: "fedora-41",
+        suite: "41",
+        components: "",
+        default_mirror:
+            "https://dl.fedoraproject.org/pub/fedora/linux/releases/41/Everything/x86_64/os",
+        keyring: "/usr/share/distribution-gpg-keys/fedora/RPM-GPG-KEY-fedora-41-primary",
+        base_packages: FEDORA_BASE,
+        archs: &[Arch::Amd64],
+        manager: PackageManager::Rpm,
+        tested_here: false,
+    },
+    // Any rpm repository on this machine (createrepo_c), nothing installed but what
+    // --packages names and its dependencies: how the rpm installer is tested here, with
+    // packages built by rpmbuild, since no rpm distribution's archive is reachable.
+    Distro {
+        name: "rpm-local",
+        suite: "0",
+        components: "",
+        default_mirror: "",
+        keyring: "",
+        base_packages: &[],
+        archs: &[Arch::Amd64],
+        manager: PackageManager::Rpm,
+        tested_here: true,
+    },
+];
+
+/// A Fedora root a command can run in: mock's minimal buildroot without the build tools.
+const FEDORA_BASE: &[&str] = &[
+    "bash",
+    "coreutils",
+    "filesystem",
+    "glibc-minimal-langpack",
+    "rpm",
+    "shadow-utils",
 ];
 
 impl Distro {
@@ -141,6 +210,9 @@ impl Distro {
     /// The archive to use without `--mirror`: the first one of this family that the
     /// host's apt is configured with, else the family's public one.
     pub fn mirror(&self) -> String {
+        if self.manager == PackageManager::Rpm {
+            return self.default_mirror.to_owned();
+        }
         host_mirrors()
             .into_iter()
             .find(|uri| {

@@ -1,7 +1,7 @@
 //! Downloads the planned packages into the package cache, in parallel (one `curl
-//! --parallel`, up to [`PARALLEL`] transfers at once), each checked against the SHA-256
-//! the signed index gives before it is kept. A package already in the cache with the
-//! right digest is not fetched again.
+//! --parallel`, up to [`PARALLEL`] transfers at once), each checked before it is kept
+//! (Debian: against the SHA-256 the signed index gives; rpm: by rpmkeys). A package
+//! already in the cache that passes the check is not fetched again.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -38,19 +38,34 @@ pub fn cached_path(cache: &Path, deb: &PlannedDeb) -> PathBuf {
     cache.join(&deb.file)
 }
 
-/// Makes every package of `debs` present and verified in `cache`.
+/// The check for packages whose index gives their SHA-256 (Debian's).
+pub fn has_indexed_digest(d: &PlannedDeb, file: &Path) -> Result<(), String> {
+    let got = sha256_file(file).map_err(|e| e.to_string())?;
+    if got == d.sha256 {
+        Ok(())
+    } else {
+        Err(format!(
+            "it has SHA-256 {got}, but the archive's signed index says {}",
+            d.sha256
+        ))
+    }
+}
+
+/// Makes every package of `debs` present in `cache`, each one passing `verify` (which
+/// says why not).
 pub fn fetch_all(
     debs: &[PlannedDeb],
     cache: &Path,
     progress: &Progress,
     signals: &Receiver<()>,
+    verify: &(dyn Fn(&PlannedDeb, &Path) -> Result<(), String> + Sync),
 ) -> Result<(), ImageError> {
     std::fs::create_dir_all(cache).map_err(ImageError::io)?;
     let missing: Vec<&PlannedDeb> = debs
         .iter()
         .filter(|d| {
             let p = cached_path(cache, d);
-            !(p.is_file() && sha256_file(&p).ok().as_deref() == Some(d.sha256.as_str()))
+            !(p.is_file() && verify(d, &p).is_ok())
         })
         .collect();
     if missing.is_empty() {
@@ -140,15 +155,12 @@ pub fn fetch_all(
         )));
     }
     for d in &missing {
-        let got = sha256_file(&part(d)).map_err(ImageError::io)?;
-        if got != d.sha256 {
+        if let Err(why) = verify(d, &part(d)) {
             cleanup();
             return Err(ImageError::Failed(anyhow::anyhow!(
-                "{} from {} has SHA-256 {got}, but the archive's signed index says {}: \
-                 a broken mirror or proxy",
+                "{} from {}: {why}: a broken mirror or proxy",
                 d.file,
-                d.url,
-                d.sha256
+                d.url
             )));
         }
         std::fs::rename(part(d), cached_path(cache, d)).map_err(ImageError::io)?;

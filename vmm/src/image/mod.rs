@@ -1,10 +1,10 @@
 //! Distribution images from packages (`vmbuild image build`), for `run --image`.
 //!
-//! A build goes: resolve the closure with apt in a private root ([`apt`]), download it in
-//! parallel into the package cache ([`download`]), fill a new root with dpkg in a builder
-//! VM ([`builder`]), and pack the result with `mke2fs -d` from a sorted tar with fixed
-//! UUID, hash seed and times, so the same inputs give the same bytes. Images are kept by
-//! content in the [`cache`].
+//! A build goes: resolve the closure in a private root (apt, [`apt`]; or dnf, [`rpm`]),
+//! download it in parallel into the package cache ([`download`]), fill a new root with
+//! the distribution's installer in a builder VM ([`builder`]), and pack the result with
+//! `mke2fs -d` from a sorted tar with fixed UUID, hash seed and times, so the same inputs
+//! give the same bytes. Images are kept by content in the [`cache`].
 
 pub mod apt;
 pub mod builder;
@@ -13,11 +13,12 @@ pub mod deb;
 pub mod distro;
 pub mod download;
 pub mod mkfs;
+pub mod rpm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -26,7 +27,7 @@ use crate::owned_dir::OwnedDir;
 use crate::progress::Progress;
 use apt::{hex, AptRoot, Archive, PlannedDeb};
 use cache::{ImageCache, ImageInfo, PackageEntry, Request, BUILDING_PREFIX, IMAGE_FILE, INFO_FILE};
-use distro::{Arch, Distro};
+use distro::{Arch, Distro, PackageManager};
 
 /// The version of what an image key covers; bump it when the image's bytes would change
 /// for the same packages (the recipe's own digest is in the key too).
@@ -62,8 +63,16 @@ fn deb_cache() -> PathBuf {
     crate::cache_dir::cache_dir().join("debs")
 }
 
+fn rpm_cache() -> PathBuf {
+    crate::cache_dir::cache_dir().join("rpms")
+}
+
 fn apt_roots() -> PathBuf {
     crate::cache_dir::cache_dir().join("apt")
+}
+
+fn dnf_roots() -> PathBuf {
+    crate::cache_dir::cache_dir().join("dnf")
 }
 
 /// `vmbuild image build`'s inputs.
@@ -103,16 +112,30 @@ impl BuildRequest {
     }
 
     fn archive(&self) -> Archive {
+        let mirror = self.mirror.clone().unwrap_or_else(|| self.distro.mirror());
+        // A repository on this machine, by absolute path: rpm's tools and curl take
+        // file:// URLs.
+        let mirror = match std::fs::canonicalize(&mirror) {
+            Ok(dir) if !mirror.contains("://") => rpm::mirror_url(&dir.to_string_lossy()),
+            _ => mirror,
+        };
         Archive {
             distro: self.distro,
             arch: self.arch,
-            mirror: self
-                .mirror
-                .clone()
-                .unwrap_or_else(|| self.distro.mirror())
-                .trim_end_matches('/')
-                .to_owned(),
+            mirror: mirror.trim_end_matches('/').to_owned(),
         }
+    }
+
+    /// The packages to resolve: the distribution's base and the user's.
+    fn all_packages(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .distro
+            .base_packages
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        all.extend(self.packages.iter().cloned());
+        all
     }
 
     /// The digest of the command line's inputs.
@@ -129,7 +152,7 @@ impl BuildRequest {
             "local_debs": self.local_debs.iter().map(|p| download::sha256_file(p).unwrap_or_default()).collect::<Vec<_>>(),
             "size": self.size_bytes,
             "epoch": self.epoch,
-            "recipe": builder::recipe_digest(),
+            "recipe": builder::recipe_digest(self.distro.manager),
         });
         hex(&Sha256::digest(text.to_string().as_bytes()))
     }
@@ -151,8 +174,23 @@ pub fn check(req: &BuildRequest) -> Result<(), ImageError> {
                 .join(", ")
         );
     }
-    if let Some(bad) = req.packages.iter().find(|p| !apt::valid_package(p)) {
-        usage!("'{bad}' is not a package name (lowercase letters, digits, + - .; NAME=VERSION pins a version)");
+    match req.distro.manager {
+        PackageManager::Dpkg => {
+            if let Some(bad) = req.packages.iter().find(|p| !apt::valid_package(p)) {
+                usage!("'{bad}' is not a package name (lowercase letters, digits, + - .; NAME=VERSION pins a version)");
+            }
+        }
+        PackageManager::Rpm => {
+            if let Some(bad) = req.packages.iter().find(|p| !rpm::valid_package(p)) {
+                usage!("'{bad}' is not an rpm package name (letters, digits, . _ + -; NAME-VERSION pins a version)");
+            }
+            if !req.local_debs.is_empty() {
+                usage!(
+                    "--deb is for Debian distributions; {} takes its packages from a repository (make one with createrepo_c and give --mirror)",
+                    req.distro.name
+                );
+            }
+        }
     }
     for deb in &req.local_debs {
         deb::local_fields(deb)?;
@@ -198,71 +236,74 @@ pub fn build(
     // Before the long work: the accelerator's probe boots a guest once per host and kit,
     // and is better paid (and seen) now than after the downloads.
     let accel = builder_accel(req.accel, progress)?;
-    let apt = AptRoot::open(&apt_roots(), &archive)?;
-    if !req.offline {
-        let step = progress.step(&format!(
-            "reading the archive ({} {} {})",
-            archive.mirror,
-            archive.distro.suite,
-            archive.arch.debian()
-        ));
-        apt.update(&archive)?;
-        step.done();
-    }
-    let release = apt.release_digest().ok_or_else(|| {
-        ImageError::Usage(format!(
-            "no lists of {} {} are cached; build once without --offline",
-            archive.mirror, archive.distro.suite
-        ))
-    })?;
-    let step = progress.step("resolving the packages");
-    let mut debs = apt.resolve(&archive, &req.packages)?;
-    drop(apt);
-    step.done();
-    let deb_cache = deb_cache();
-    for local in &req.local_debs {
-        debs.push(deb::add_local(local, &deb_cache)?);
-    }
-    progress.note(&format!(
-        "{} packages ({} required), {:.1} MB",
-        debs.len(),
-        debs.iter().filter(|d| d.required).count(),
-        debs.iter().map(|d| d.size).sum::<u64>() as f64 / 1e6
-    ));
-    download::fetch_all(&debs, &deb_cache, progress, &signals)?;
-    let epoch = match req.epoch {
-        Some(e) => e,
-        None => newest_package(&debs, &deb_cache)?,
+    let plan = match req.distro.manager {
+        PackageManager::Dpkg => plan_debs(req, &archive, progress, &signals)?,
+        PackageManager::Rpm => plan_rpms(req, &archive, progress, &signals)?,
     };
-    let key = image_key(req, &debs, epoch);
+    let key = image_key(req, &plan.packages, plan.epoch);
     let remember = Request {
         key: key.clone(),
-        release_digest: release,
+        release_digest: plan.release,
     };
     if cache.image_path(&key).is_some() {
         cache.set_request(&request_hash, &remember)?;
         return hit(&cache, key, name);
     }
 
-    let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
-    let tar = builder::run_builder(
-        &builder::BuilderInput {
-            archive: &archive,
-            debs: &debs,
-            deb_cache: &deb_cache,
-            epoch,
-            size_bytes: req.size_bytes,
-            work: work.path(),
-            accel,
-        },
-        progress,
-        signals,
-    )?;
+    let (tar, work) = match req.distro.manager {
+        PackageManager::Dpkg => {
+            let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
+            let tar = builder::dpkg::run_builder(
+                &builder::dpkg::BuilderInput {
+                    archive: &archive,
+                    debs: &plan.packages,
+                    deb_cache: &plan.files,
+                    epoch: plan.epoch,
+                    size_bytes: req.size_bytes,
+                    work: work.path(),
+                    accel,
+                },
+                progress,
+                signals,
+            )?;
+            (tar, work)
+        }
+        PackageManager::Rpm => {
+            let (builder_image, signals) = relay(signals, |signals| {
+                rpm_builder_image(
+                    req,
+                    &Progress::with_prefix(
+                        "vmbuild image build (rpm builder):",
+                        progress.enabled(),
+                    ),
+                    signals,
+                )
+            });
+            let builder_image = builder_image?;
+            // Only now: the builder image's own build sweeps what is not alive.
+            let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
+            let tar = builder::rpm::run_builder(
+                &builder::rpm::RpmInput {
+                    archive: &archive,
+                    packages: &plan.packages,
+                    cache: &plan.files,
+                    epoch: plan.epoch,
+                    size_bytes: req.size_bytes,
+                    work: work.path(),
+                    accel,
+                    builder_image,
+                },
+                progress,
+                signals,
+            )?;
+            (tar, work)
+        }
+    };
     let step = progress.step("making the ext4 image");
     let fs_uuid = uuid_of(&key);
     let image = work.path().join(IMAGE_FILE);
-    mkfs::mkfs(&tar, &image, req.size_bytes, epoch, &fs_uuid)?;
-    // dpkg's and the maintainer scripts' words, with the phases' times, kept with the image.
+    mkfs::mkfs(&tar, &image, req.size_bytes, plan.epoch, &fs_uuid)?;
+    // The installer's and the scripts' words, with the phases' times, kept with the image.
     let _ = std::fs::rename(
         work.path().join("out/build.log"),
         work.path().join(cache::LOG_FILE),
@@ -283,7 +324,8 @@ pub fn build(
             .cloned()
             .chain(req.local_debs.iter().map(|d| d.display().to_string()))
             .collect(),
-        packages: debs
+        packages: plan
+            .packages
             .iter()
             .map(|d| PackageEntry {
                 name: d.name.clone(),
@@ -292,7 +334,7 @@ pub fn build(
                 sha256: d.sha256.clone(),
             })
             .collect(),
-        source_date_epoch: epoch,
+        source_date_epoch: plan.epoch,
         size_bytes: req.size_bytes,
         fs_uuid,
         build_seconds: started.elapsed().as_secs_f64(),
@@ -321,6 +363,176 @@ pub fn build(
     })
 }
 
+/// What resolution hands the builder.
+struct Plan {
+    /// In install order, each in `files` and verified, with its SHA-256.
+    packages: Vec<PlannedDeb>,
+    files: PathBuf,
+    /// The digest of the archive's index the resolution read.
+    release: String,
+    /// SOURCE_DATE_EPOCH.
+    epoch: u64,
+}
+
+fn plan_debs(
+    req: &BuildRequest,
+    archive: &Archive,
+    progress: &Progress,
+    signals: &Receiver<()>,
+) -> Result<Plan, ImageError> {
+    let apt = AptRoot::open(&apt_roots(), archive)?;
+    if !req.offline {
+        let step = progress.step(&format!(
+            "reading the archive ({} {} {})",
+            archive.mirror,
+            archive.distro.suite,
+            archive.arch.debian()
+        ));
+        apt.update(archive)?;
+        step.done();
+    }
+    let release = apt.release_digest().ok_or_else(|| no_lists(archive))?;
+    let step = progress.step("resolving the packages");
+    let mut debs = apt.resolve(archive, &req.all_packages())?;
+    drop(apt);
+    step.done();
+    let files = deb_cache();
+    for local in &req.local_debs {
+        debs.push(deb::add_local(local, &files)?);
+    }
+    note_plan(progress, &debs);
+    download::fetch_all(
+        &debs,
+        &files,
+        progress,
+        signals,
+        &download::has_indexed_digest,
+    )?;
+    let epoch = match req.epoch {
+        Some(e) => e,
+        None => newest_package(&debs, &files)?,
+    };
+    Ok(Plan {
+        packages: debs,
+        files,
+        release,
+        epoch,
+    })
+}
+
+fn plan_rpms(
+    req: &BuildRequest,
+    archive: &Archive,
+    progress: &Progress,
+    signals: &Receiver<()>,
+) -> Result<Plan, ImageError> {
+    let dnf = rpm::DnfRoot::open(&dnf_roots(), archive)?;
+    if !req.offline {
+        let step = progress.step(&format!(
+            "reading the repository ({} {})",
+            archive.mirror,
+            archive.arch.rpm()
+        ));
+        dnf.update(archive)?;
+        step.done();
+    }
+    let release = dnf.release_digest().ok_or_else(|| no_lists(archive))?;
+    let step = progress.step("resolving the packages");
+    let mut packages = dnf.resolve(archive, &req.all_packages(), req.offline)?;
+    step.done();
+    note_plan(progress, &packages);
+    let files = rpm_cache();
+    download::fetch_all(&packages, &files, progress, signals, &|_, file| {
+        dnf.verify(file)
+    })?;
+    let mut paths = Vec::new();
+    for p in &mut packages {
+        let path = download::cached_path(&files, p);
+        p.sha256 = download::sha256_file(&path).map_err(ImageError::io)?;
+        paths.push(path);
+    }
+    let epoch = match req.epoch {
+        Some(e) => e,
+        None => rpm::newest_build_time(&paths)?,
+    };
+    Ok(Plan {
+        packages,
+        files,
+        release,
+        epoch,
+    })
+}
+
+fn no_lists(archive: &Archive) -> ImageError {
+    ImageError::Usage(format!(
+        "no index of {} {} is cached; build once without --offline",
+        archive.mirror, archive.distro.suite
+    ))
+}
+
+fn note_plan(progress: &Progress, packages: &[PlannedDeb]) {
+    let required = packages.iter().filter(|d| d.required).count();
+    let size = packages.iter().map(|d| d.size).sum::<u64>() as f64 / 1e6;
+    progress.note(&if required > 0 {
+        format!(
+            "{} packages ({required} required), {size:.1} MB",
+            packages.len()
+        )
+    } else {
+        format!("{} packages, {size:.1} MB", packages.len())
+    });
+}
+
+/// The Debian image with rpm that the rpm builder boots: built like any other image
+/// (once, then a cache hit), on the host's Debian archive.
+fn rpm_builder_image(
+    req: &BuildRequest,
+    progress: &Progress,
+    signals: Receiver<()>,
+) -> Result<PathBuf, ImageError> {
+    let builder = BuildRequest {
+        distro: Distro::find(builder::rpm::BUILDER_DISTRO).map_err(ImageError::Usage)?,
+        arch: Arch::Amd64,
+        packages: builder::rpm::BUILDER_PACKAGES
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
+        local_debs: Vec::new(),
+        mirror: None,
+        size_bytes: 1 << 30,
+        name: Some(builder::rpm::BUILDER_IMAGE_NAME.to_owned()),
+        offline: req.offline,
+        epoch: None,
+        accel: req.accel,
+    };
+    Ok(build(&builder, progress, signals)?.path)
+}
+
+/// Runs `f` with a receiver of its own that gets every signal `signals` gets while `f`
+/// runs, and gives `signals` back: a VM run consumes its receiver, and an rpm build runs
+/// two VMs (its builder image's, the first time, and its own).
+fn relay<T>(signals: Receiver<()>, f: impl FnOnce(Receiver<()>) -> T) -> (T, Receiver<()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let forwarder = s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if signals.recv_timeout(Duration::from_millis(100)).is_ok() {
+                    let _ = tx.send(());
+                }
+            }
+            signals
+        });
+        let out = f(rx);
+        done.store(true, Ordering::Relaxed);
+        (
+            out,
+            forwarder.join().expect("the signal relay does not panic"),
+        )
+    })
+}
+
 /// The builder VM's accelerator (`auto`: KVM where it runs Linux, found by a probe that
 /// is cached; its notice is a progress line here).
 fn builder_accel(
@@ -338,13 +550,22 @@ fn builder_accel(
 
 fn archive_checked(req: &BuildRequest) -> Result<Archive, ImageError> {
     let archive = req.archive();
-    if !(archive.mirror.starts_with("http://") || archive.mirror.starts_with("https://")) {
-        usage!(
+    let network = archive.mirror.starts_with("http://") || archive.mirror.starts_with("https://");
+    match req.distro.manager {
+        PackageManager::Dpkg if !network => usage!(
             "--mirror {}: give an http:// or https:// URL of a Debian-style archive",
             archive.mirror
-        );
+        ),
+        PackageManager::Rpm if archive.mirror.is_empty() => usage!(
+            "{} needs --mirror: a repository on this machine (a directory made with createrepo_c)",
+            req.distro.name
+        ),
+        PackageManager::Rpm if !network && !rpm::is_local(&archive.mirror) => usage!(
+            "--mirror {}: give an http:// or https:// URL, or the directory of an rpm repository",
+            archive.mirror
+        ),
+        _ => Ok(archive),
     }
-    Ok(archive)
 }
 
 fn hit(cache: &ImageCache, key: String, name: String) -> Result<Built, ImageError> {
@@ -366,10 +587,13 @@ fn hit(cache: &ImageCache, key: String, name: String) -> Result<Built, ImageErro
 /// The digest of the archive's signed Release as it is now (one small request), or None
 /// when it cannot be fetched.
 fn current_release(archive: &Archive) -> Option<String> {
-    let url = format!(
-        "{}/dists/{}/InRelease",
-        archive.mirror, archive.distro.suite
-    );
+    let url = match archive.distro.manager {
+        PackageManager::Dpkg => format!(
+            "{}/dists/{}/InRelease",
+            archive.mirror, archive.distro.suite
+        ),
+        PackageManager::Rpm => format!("{}/repodata/repomd.xml", archive.mirror),
+    };
     let out = Command::new("curl")
         .args(["--fail", "--silent", "--location", "--max-time", "10"])
         .arg(&url)
@@ -406,7 +630,7 @@ fn image_key(req: &BuildRequest, debs: &[PlannedDeb], epoch: u64) -> String {
         "packages": packages,
         "epoch": epoch,
         "size": req.size_bytes,
-        "recipe": builder::recipe_digest(),
+        "recipe": builder::recipe_digest(req.distro.manager),
     });
     hex(&Sha256::digest(text.to_string().as_bytes()))
 }

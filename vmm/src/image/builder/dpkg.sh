@@ -1,5 +1,4 @@
-#!/bin/sh
-# vmbuild image builder. Runs as root in a throwaway VM on the guest kit (busybox), so
+# The dpkg recipe. Runs as root in a throwaway VM on the guest kit (busybox), so
 # that whoever runs `vmbuild image build` needs no root: maintainer scripts chown, mknod
 # and chroot in a VM of their own, never on the host.
 #
@@ -9,7 +8,7 @@
 #                       extra.list (package file names, in install order)
 #   $XCHG (read-write)  build.log; at the end root.tar, or `failure` (kind, summary,
 #                       dpkg's words)
-#   /dev/vda            a blank ext4 file system for the new root
+#   $SCRATCH            a blank ext4 file system for the new root (/dev/vda)
 #
 # Environment: EPOCH (SOURCE_DATE_EPOCH: the clock, and every newer mtime in the
 # result), MIRROR, SUITE, COMPONENTS (the image's apt sources), USR_LINKS (the merged-/usr
@@ -18,16 +17,11 @@
 # The recipe is debootstrap's second stage (dpkg --unpack, then --configure --pending,
 # with services kept from starting), except that every dpkg error fails the build, and
 # the result is a sorted tar with clamped times for `mke2fs -d` on the host.
-set -u
 # Every program in the new root is called by its path: a bare name would be busybox's
 # applet of that name (busybox prefers its applets, and re-executes itself outside
 # the chroot).
 T=/target
 DEBS=/var/cache/vmbuild-debs
-X=$XCHG
-LOG=$X/build.log
-STEP=$X/step.log
-exec 3>&2 >>"$LOG" 2>&1
 # Maintainer scripts ask nothing and run in the C locale.
 DEBIAN_FRONTEND=noninteractive
 DEBCONF_NONINTERACTIVE_SEEN=true
@@ -35,33 +29,6 @@ LC_ALL=C
 HOME=/root
 export DEBIAN_FRONTEND DEBCONF_NONINTERACTIVE_SEEN LC_ALL HOME
 
-say() {
-	if [ "${QUIET:-0}" != 1 ]; then
-		[ "${TTY:-0}" = 1 ] && printf '\r\033[K' >&3
-		echo "vmbuild image build: $*" >&3
-	fi
-	read -r up _ </proc/uptime
-	echo "== ${up} s (uptime): $*"
-}
-live() {
-	[ "${QUIET:-0}" != 1 ] && [ "${TTY:-0}" = 1 ] && printf '\r\033[Kvmbuild image build: %s' "$*" >&3
-}
-# fail KIND SUMMARY: report for the host (which prints it) and stop. A full disk is the
-# image's --size, whatever step ran into it.
-fail() {
-	kind=$1
-	if grep -q "No space left on device" "$LOG" "$STEP" 2>/dev/null; then
-		kind=disk
-	fi
-	{
-		echo "$kind"
-		echo "$2"
-		[ -s "$STEP" ] && tail -n 25 "$STEP"
-	} >"$X/failure"
-	[ "${TTY:-0}" = 1 ] && printf '\r\033[K' >&3
-	sync
-	exit 1
-}
 # The kind of a failed step: a full disk is the image's --size, not a package's fault.
 step_failed() {
 	if grep -q "No space left on device" "$STEP" 2>/dev/null; then
@@ -113,7 +80,7 @@ debs() {
 
 date -s "@$EPOCH" >/dev/null || fail internal "cannot set the clock to $EPOCH"
 mkdir -p "$T"
-mount -t ext4 /dev/vda "$T" || fail internal "cannot mount the scratch disk"
+mount -t ext4 "$SCRATCH" "$T" || fail internal "cannot mount the scratch disk"
 
 say "unpacking the required packages' files"
 for d in $USR_LINKS; do
@@ -200,7 +167,4 @@ chroot "$T" /usr/bin/tar --create --file=- --sort=name --numeric-owner --format=
 	--mtime="@$EPOCH" --clamp-mtime --one-file-system --exclude=./lost+found \
 	-C / . >"$X/root.tar" || fail internal "cannot pack the file system (tar)"
 umount "$T"
-read -r up _ </proc/uptime
-echo "== ${up} s (uptime): done"
-echo ok >"$X/result"
-sync
+finish
