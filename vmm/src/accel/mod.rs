@@ -93,6 +93,36 @@ pub fn known_not_to_run_linux(kernel: &Path, initrd: &Path) -> Option<String> {
     (!probe.usable && !probe.slow).then_some(probe.reason)
 }
 
+/// Whether this user may use KVM at all, and if not, what to do: a clear refusal before
+/// QEMU is started with `-accel kvm` and fails on it.
+pub fn kvm_access() -> Result<(), String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(
+            "this host has no /dev/kvm (no KVM module loaded, or no virtualization in this CPU or VM)"
+                .into(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let group = std::fs::metadata("/dev/kvm")
+                .ok()
+                .and_then(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    nix::unistd::Group::from_gid(m.gid().into()).ok().flatten()
+                })
+                .map_or("kvm".to_owned(), |g| g.name);
+            Err(format!(
+                "you may not open /dev/kvm ({e}): join its group {group} \
+                 (`usermod -aG {group} $USER`, then log in again)"
+            ))
+        }
+        Err(e) => Err(format!("/dev/kvm cannot be opened: {e}")),
+    }
+}
+
 pub fn resolve(
     choice: AccelChoice,
     qemu: &Path,

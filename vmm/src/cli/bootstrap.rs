@@ -70,6 +70,10 @@ pub struct BootstrapArgs {
     /// Print the manifest as JSON on stdout when done
     #[arg(long)]
     json: bool,
+    /// Share the snapshot with GROUP (a name or number) when done: every file readable
+    /// by the group, so its members can build from it (see `vmbuild snapshot share`)
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
 }
 
 impl BootstrapArgs {
@@ -81,9 +85,21 @@ impl BootstrapArgs {
                 return Ok(exit::USAGE);
             }
         };
+        if let Some(group) = &self.group {
+            if let Err(msg) = super::snapshot::may_share_with(group) {
+                eprintln!("vmbuild bootstrap: --group {group}: {msg}");
+                return Ok(exit::USAGE);
+            }
+        }
         let signals = super::signal_channel::signal_channel()?;
         match bootstrap(&spec, signals) {
             Ok(Ok(manifest)) => {
+                if let Some(group) = &self.group {
+                    if let Err(msg) = crate::snapshot::access::share_with_group(&self.out, group) {
+                        eprintln!("vmbuild bootstrap: sharing the snapshot with {group}: {msg}");
+                        return Ok(exit::FAILURE);
+                    }
+                }
                 if self.json {
                     println!("{}", serde_json::to_string_pretty(&manifest)?);
                 }
@@ -175,6 +191,8 @@ impl BootstrapArgs {
         let qemu = QemuBinary::locate().map_err(|e| format!("{e:#}"))?;
         let kit = GuestKit::locate().map_err(|e| format!("{e:#}"))?;
         if self.accel == accel::AccelChoice::Kvm {
+            accel::kvm_access()
+                .map_err(|why| format!("--accel kvm: {why} (or use --accel auto or tcg)"))?;
             if let Some(why) = accel::known_not_to_run_linux(&kit.kernel, &kit.initrd) {
                 return Err(format!(
                     "--accel kvm: {why}; the guest would stop in KVM (use --accel auto or tcg)"

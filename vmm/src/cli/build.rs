@@ -16,7 +16,7 @@ use super::run::{
 use crate::accel;
 use crate::exit;
 use crate::qemu::QemuBinary;
-use crate::snapshot::{KIT_INITRD, KIT_KERNEL};
+use crate::snapshot::{access, KIT_INITRD, KIT_KERNEL};
 use crate::workflow::build::{build, snapshot_path, BuildEnd, BuildSpec, ControllerChoice};
 
 #[derive(Args, Debug)]
@@ -198,6 +198,9 @@ impl BuildArgs {
             },
         ];
         guest_mounts::check(&mounts, &protected)?;
+        // What this user may not do, said before anything starts (exit 2).
+        access::check_readable(&snapshot).map_err(Usage)?;
+        access::check_accel(&snapshot).map_err(Usage)?;
         if let Some(log) = &self.log {
             console_log(log)?;
         }

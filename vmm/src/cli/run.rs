@@ -303,6 +303,9 @@ impl RunArgs {
         })
         .map_err(Usage)?;
         if self.accel == AccelChoice::Kvm {
+            if let Err(why) = accel::kvm_access() {
+                usage!("--accel kvm: {why} (or use --accel auto or tcg)");
+            }
             if let Some(why) = accel::known_not_to_run_linux(&kernel, &initrd) {
                 usage!("--accel kvm: {why}; the guest would stop in KVM (use --accel auto or tcg)");
             }

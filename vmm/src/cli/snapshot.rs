@@ -1,4 +1,4 @@
-//! `vmbuild snapshot inspect|verify DIR`.
+//! `vmbuild snapshot inspect|verify|share DIR`.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,28 @@ Exit status:
 
 Environment: VMBUILD_QEMU (the QEMU binary), XDG_CACHE_HOME (verification stamps).")]
     Verify(VerifyArgs),
+    /// Let a group build from a snapshot: every file readable by GROUP (its owner or root)
+    #[command(after_help = "\
+A snapshot is its owner's: bootstrap makes its memory state readable by its owner only.
+Sharing makes every file readable by GROUP, so that its members can `vmbuild build
+--snapshot DIR`; a build only reads the snapshot. The memory state holds the target's
+SSH host key and the controller's key, so the group can read them too: they open nothing
+but VMs revived from this snapshot, inside the builder's own vmbuild process.
+
+Exit status:
+  0    shared
+  2    bad command line, no such group, not a member of it, or not the snapshot's owner
+  120  no snapshot there")]
+    Share(ShareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ShareArgs {
+    /// The snapshot directory
+    dir: PathBuf,
+    /// The group, a name or a number; you must be in it (or root)
+    #[arg(long, value_name = "GROUP")]
+    group: String,
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +76,59 @@ impl SnapshotCommand {
         match self {
             SnapshotCommand::Inspect(a) => inspect(&a.dir, a.json),
             SnapshotCommand::Verify(a) => verify(&a.dir, a.json),
+            SnapshotCommand::Share(a) => Ok(share(&a.dir, &a.group)),
+        }
+    }
+}
+
+/// Whether this user can give `group` a snapshot: it exists, and the user is root or in
+/// it (chown to a group needs both).
+pub fn may_share_with(group: &str) -> Result<(), String> {
+    use nix::unistd::{getegid, geteuid, getgroups, Gid, Group};
+    let gid = match group.parse::<u32>() {
+        Ok(n) => Gid::from_raw(n),
+        Err(_) => Group::from_name(group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid)
+            .ok_or_else(|| format!("no group named '{group}' on this host"))?,
+    };
+    let member = geteuid().is_root()
+        || getegid() == gid
+        || getgroups().is_ok_and(|groups| groups.contains(&gid));
+    if member {
+        Ok(())
+    } else {
+        Err(format!(
+            "you are not in group {group}: only its members (or root) can give it a snapshot"
+        ))
+    }
+}
+
+fn share(dir: &Path, group: &str) -> i32 {
+    if !dir.join(manifest::MANIFEST_FILE).is_file() {
+        eprintln!(
+            "vmbuild snapshot share: no snapshot at {} (no {})",
+            dir.display(),
+            manifest::MANIFEST_FILE
+        );
+        return exit::SNAPSHOT_DAMAGED;
+    }
+    if let Err(msg) = may_share_with(group) {
+        eprintln!("vmbuild snapshot share: {msg}");
+        return exit::USAGE;
+    }
+    match crate::snapshot::access::share_with_group(dir, group) {
+        Ok(n) => {
+            eprintln!(
+                "vmbuild snapshot share: {} is readable by group {group} ({n} entries)",
+                dir.display()
+            );
+            exit::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("vmbuild snapshot share: {msg}");
+            exit::USAGE
         }
     }
 }

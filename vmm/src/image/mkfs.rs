@@ -34,7 +34,7 @@ pub fn host_tools() -> anyhow::Result<String> {
 }
 
 /// `mke2fs -V`'s version, if it reads tars.
-fn mke2fs_reads_tar() -> anyhow::Result<()> {
+pub fn mke2fs_reads_tar() -> anyhow::Result<()> {
     let out = Command::new("mke2fs")
         .arg("-V")
         .output()

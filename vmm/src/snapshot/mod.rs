@@ -3,6 +3,7 @@
 //! [`target`] VM on a private [`segment`], and driven over SSH by a [`controller`].
 //! The workflows that put them together are `workflow::bootstrap` and `workflow::build`.
 
+pub mod access;
 pub mod controller;
 pub mod dropbear;
 pub mod manifest;

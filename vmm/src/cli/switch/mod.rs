@@ -420,7 +420,18 @@ fn serve(plan: Plan) -> i32 {
         }
         Err(e) => {
             eprintln!("{PREFIX}: {e:#}");
-            exit::FAILURE
+            // A tap without CAP_NET_ADMIN, a socket in a directory of someone else's:
+            // what this user may do, not a failure of the switch (exit 2, as the message
+            // says what is missing).
+            let denied = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            });
+            if denied {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            }
         }
     };
     managed.close_all();

@@ -98,10 +98,13 @@ impl Profile for Linux {
         std::fs::create_dir(&root)?;
 
         let step = ctx.progress.step("installing the linux target's files");
-        // The kit's initramfs is the base system: busybox, modules, /etc.
+        // The kit's initramfs is the base system: busybox, modules, /etc. Not its device
+        // nodes: only root may mknod, and the kit's init moves its devtmpfs onto the
+        // target's /dev anyway.
         run(
             Command::new("cpio")
                 .args(["-idm", "--quiet", "--no-absolute-filenames"])
+                .args(["--nonmatching", "dev/*"])
                 .current_dir(&root)
                 .stdin(std::fs::File::open(ctx.kit.initrd.as_path())?),
             "cpio (Debian package cpio)",
@@ -152,10 +155,30 @@ impl Profile for Linux {
             .progress
             .step(&format!("creating the {} MiB ext4 disk", ctx.disk_size_mib));
         let raw = ctx.scratch.join("disk.raw");
+        // Through a tar that says every file is root's: a bootstrap by any user gives a
+        // target whose files are root's (dropbear refuses an authorized_keys that is
+        // not), and mke2fs reads owners from a tar, never from the files.
+        let tar = ctx.scratch.join("root.tar");
+        run(
+            Command::new("tar")
+                .args([
+                    "--create",
+                    "--numeric-owner",
+                    "--owner=0",
+                    "--group=0",
+                    "--file",
+                ])
+                .arg(&tar)
+                .arg("-C")
+                .arg(&root)
+                .arg("."),
+            "tar",
+        )?;
+        crate::image::mkfs::mke2fs_reads_tar()?;
         run(
             Command::new("mke2fs")
                 .args(["-q", "-F", "-t", "ext4", "-L", "vmbuild-target", "-d"])
-                .arg(&root)
+                .arg(&tar)
                 .arg(&raw)
                 .arg(format!("{}M", ctx.disk_size_mib)),
             "mke2fs (Debian package e2fsprogs)",
@@ -168,6 +191,7 @@ impl Profile for Linux {
             "qemu-img (Debian package qemu-utils)",
         )?;
         std::fs::remove_file(&raw)?;
+        std::fs::remove_file(&tar)?;
         step.done();
 
         let n = ctx.network;
