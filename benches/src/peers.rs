@@ -27,6 +27,10 @@ impl Daemon {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until `socket` exists (the daemon is listening), or fails if it died.
     pub fn wait_for_socket(&mut self, socket: &Path) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
