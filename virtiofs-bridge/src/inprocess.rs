@@ -8,6 +8,7 @@ use fuse_backend_rs::api::server::Server;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
+use crate::record::Recorder;
 use crate::share::{ShareConfig, ShareFs};
 use crate::stats::{ShareStats, StatsSnapshot};
 use crate::Error;
@@ -16,6 +17,7 @@ pub struct InProcessShare {
     server: Server<Arc<ShareFs>>,
     stats: Arc<ShareStats>,
     tag: String,
+    recorder: Recorder,
 }
 
 impl InProcessShare {
@@ -27,6 +29,11 @@ impl InProcessShare {
             server: Server::new(Arc::new(fs)),
             stats,
             tag: config.tag.clone(),
+            recorder: Recorder::new(if config.read_only {
+                "fuse-ro"
+            } else {
+                "fuse-rw"
+            }),
         })
     }
 
@@ -41,7 +48,13 @@ impl InProcessShare {
     where
         M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
     {
-        crate::vhost_user::backend::serve_chain(&self.server, &self.stats, mem, chain)
+        crate::vhost_user::backend::serve_chain(
+            &self.server,
+            &self.stats,
+            &self.recorder,
+            mem,
+            chain,
+        )
     }
 
     pub fn stats(&self) -> StatsSnapshot {

@@ -15,6 +15,7 @@
 
 pub mod inprocess;
 pub mod ninep;
+mod record;
 pub mod share;
 pub mod stats;
 pub mod vhost_user;

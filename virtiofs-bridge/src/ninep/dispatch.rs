@@ -13,6 +13,7 @@ impl NinepServer {
     /// carry a tag to answer).
     pub fn handle(&self, msg: &[u8]) -> Option<Vec<u8>> {
         self.requests.fetch_add(1, Relaxed);
+        self.recorder.record(msg);
         let Some(header) = Header::read(msg) else {
             self.malformed.fetch_add(1, Relaxed);
             return None;

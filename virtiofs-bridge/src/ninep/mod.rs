@@ -99,6 +99,7 @@ pub struct NinepServer {
     refused: AtomicU64,
     mutations: AtomicU64,
     written: AtomicU64,
+    recorder: crate::record::Recorder,
 }
 
 impl NinepServer {
@@ -118,6 +119,11 @@ impl NinepServer {
             refused: AtomicU64::new(0),
             mutations: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            recorder: crate::record::Recorder::new(if config.read_only {
+                "ninep-ro"
+            } else {
+                "ninep-rw"
+            }),
         })
     }
 

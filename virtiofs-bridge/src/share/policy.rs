@@ -66,6 +66,10 @@ impl ShareFs {
         self
     }
 
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// Fails with `EROFS` (and counts it) when the share is read-only.
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {

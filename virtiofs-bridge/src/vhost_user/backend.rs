@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::record::Recorder;
 use crate::share::ShareFs;
 use crate::stats::ShareStats;
 use crate::vhost_user::pool::WorkerPool;
@@ -45,6 +46,7 @@ pub struct FsBackend {
     stats: Arc<ShareStats>,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     pool: Option<WorkerPool>,
+    recorder: Arc<Recorder>,
 }
 
 impl FsBackend {
@@ -54,6 +56,11 @@ impl FsBackend {
         thread_pool_size: usize,
     ) -> io::Result<Self> {
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let recorder = Arc::new(Recorder::new(if fs.read_only() {
+            "fuse-ro"
+        } else {
+            "fuse-rw"
+        }));
         let pool = match thread_pool_size {
             0 => None,
             n => Some(WorkerPool::new(n)?),
@@ -67,6 +74,7 @@ impl FsBackend {
             stats,
             exit: Mutex::new(Some(exit)),
             pool,
+            recorder,
         })
     }
 
@@ -98,13 +106,14 @@ impl FsBackend {
                 for chain in chains {
                     let server = self.server.clone();
                     let stats = self.stats.clone();
+                    let recorder = self.recorder.clone();
                     let vring = vring.clone();
                     // The guard keeps this memory map alive for the request even if the
                     // front-end replaces the memory table meanwhile.
                     let mem = mem.clone();
                     pool.execute(move || {
                         let head = chain.head_index();
-                        let used = serve_chain(&server, &stats, &mem, chain);
+                        let used = serve_chain(&server, &stats, &recorder, &mem, chain);
                         complete(&vring, head, used);
                     });
                 }
@@ -112,7 +121,7 @@ impl FsBackend {
             None => {
                 for chain in chains {
                     let head = chain.head_index();
-                    let used = serve_chain(&self.server, &self.stats, &mem, chain);
+                    let used = serve_chain(&self.server, &self.stats, &self.recorder, &mem, chain);
                     if let Err(e) = vring.add_used(head, used) {
                         tracing::warn!("virtio-fs: add_used failed: {e}");
                     }
@@ -133,6 +142,7 @@ impl FsBackend {
 pub(crate) fn serve_chain<M>(
     server: &Server<Arc<ShareFs>>,
     stats: &ShareStats,
+    recorder: &Recorder,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
 ) -> u32
@@ -148,6 +158,11 @@ where
             return 0;
         }
     };
+    if recorder.enabled() {
+        let mut request = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader.clone(), &mut request);
+        recorder.record(&request);
+    }
     let writer = match VirtioFsWriter::new(mem, chain.clone()) {
         Ok(w) => Writer::VirtioFs(w),
         Err(e) => {
