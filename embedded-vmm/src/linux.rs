@@ -639,6 +639,39 @@ impl LinuxVm {
     }
 }
 
+/// The device part of a snapshot's state (as [`snapshot::check`] returns it) taken over
+/// by `devices` as [`LinuxVm::restore`] does, without a VM: the UARTs and the virtio
+/// transports, with no interrupt routed. Public for the fuzz harness (`fuzz-harness`),
+/// which feeds state files to it without `/dev/kvm`.
+#[doc(hidden)]
+pub fn check_device_states(
+    states: serde_json::Value,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    mem: vm_memory::GuestMemoryMmap,
+) -> anyhow::Result<Vec<MmioTransport>> {
+    let states: DeviceStates =
+        serde_json::from_value(states).context("the device state is damaged")?;
+    if states.uarts.len() > SERIAL_PORTS.len() {
+        bail!("the snapshot has {} serial ports", states.uarts.len());
+    }
+    if states.virtio.len() != devices.len() {
+        bail!(
+            "the snapshot had {} virtio devices, {} were given",
+            states.virtio.len(),
+            devices.len()
+        );
+    }
+    for (saved, port) in states.uarts.iter().zip(SERIAL_PORTS) {
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Uart::restore(port.base, irq, Transcript::new(None), saved)?;
+    }
+    devices
+        .into_iter()
+        .zip(&states.virtio)
+        .map(|(device, saved)| MmioTransport::restore(device, mem.clone(), None, saved))
+        .collect()
+}
+
 /// Bytes for a serial port's receive side, fed while the guest runs.
 #[derive(Clone)]
 pub struct SerialInput {

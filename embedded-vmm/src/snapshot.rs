@@ -277,6 +277,28 @@ pub fn restore(dir: &Path) -> anyhow::Result<Vm> {
 
 /// As [`restore`], also returning the device state [`save_with`] kept.
 pub fn restore_with(dir: &Path) -> anyhow::Result<(Vm, Option<serde_json::Value>)> {
+    let (state, ram) = load(dir)?;
+    let vm = Vm::create(ram, state.vcpus.len() as u8, state.pc.is_some())?;
+    if let Some(pc) = &state.pc {
+        for chip in [&pc.pic_master, &pc.pic_slave, &pc.ioapic] {
+            vm.fd().set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
+        }
+        vm.fd().set_pit2(&pc.pit).context("KVM_SET_PIT2")?;
+        let mut clock = pc.clock;
+        // Only the clock value is restored; flags describe the host it was read on.
+        clock.flags = 0;
+        vm.fd().set_clock(&clock).context("KVM_SET_CLOCK")?;
+    }
+    for (vcpu, s) in vm.vcpus().iter().zip(&state.vcpus) {
+        restore_vcpu(vcpu, s)?;
+    }
+    Ok((vm, state.devices))
+}
+
+/// What a restore checks before it asks anything of KVM: the state file is one this
+/// VMM wrote (magic, version, every field), its vCPU states are whole, and the memory
+/// file it names lies in `dir` and has the size it says; the memory is then mapped.
+fn load(dir: &Path) -> anyhow::Result<(StateFile, GuestRam)> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read(&path).with_context(|| {
         format!(
@@ -303,22 +325,27 @@ pub fn restore_with(dir: &Path) -> anyhow::Result<(Vm, Option<serde_json::Value>
     if state.vcpus.is_empty() || state.vcpus.len() > 255 {
         bail!("{} lists {} vCPUs", path.display(), state.vcpus.len());
     }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        let words = kvm_bindings::kvm_xsave::default().region.len();
+        if v.xsave.len() != words {
+            bail!(
+                "{} is damaged: vCPU {i}'s XSAVE area has {} words, not {words}",
+                path.display(),
+                v.xsave.len()
+            );
+        }
+    }
     check_memory_name(&state.memory_file)?;
     let ram = GuestRam::map_private(&dir.join(&state.memory_file), state.memory_bytes as usize)
         .context("mapping the snapshot's memory")?;
-    let vm = Vm::create(ram, state.vcpus.len() as u8, state.pc.is_some())?;
-    if let Some(pc) = &state.pc {
-        for chip in [&pc.pic_master, &pc.pic_slave, &pc.ioapic] {
-            vm.fd().set_irqchip(chip).context("KVM_SET_IRQCHIP")?;
-        }
-        vm.fd().set_pit2(&pc.pit).context("KVM_SET_PIT2")?;
-        let mut clock = pc.clock;
-        // Only the clock value is restored; flags describe the host it was read on.
-        clock.flags = 0;
-        vm.fd().set_clock(&clock).context("KVM_SET_CLOCK")?;
-    }
-    for (vcpu, s) in vm.vcpus().iter().zip(&state.vcpus) {
-        restore_vcpu(vcpu, s)?;
-    }
-    Ok((vm, state.devices))
+    Ok((state, ram))
+}
+
+/// Everything [`restore_with`] checks of the snapshot in `dir` before it creates a VM
+/// (so without `/dev/kvm`): returns the mapped guest memory and the device state.
+/// Public for the fuzz harness (`fuzz-harness`), which feeds state files to it.
+#[doc(hidden)]
+pub fn check(dir: &Path) -> anyhow::Result<(GuestRam, Option<serde_json::Value>)> {
+    let (state, ram) = load(dir)?;
+    Ok((ram, state.devices))
 }
