@@ -213,8 +213,11 @@ impl VhostUserBackend for NetBackend {
         *self.event_idx.write().unwrap() = enabled;
     }
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        self.sink.conn.lock().unwrap().mem = Some(mem);
-        Ok(())
+        // A table with a region past the end of its file is refused, and nothing is
+        // received or sent until a good one comes (the rings now point into it).
+        let checked = regions_within_files(&mem.memory());
+        self.sink.conn.lock().unwrap().mem = checked.is_ok().then_some(mem);
+        checked
     }
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         self.exit.lock().unwrap().take()
@@ -230,6 +233,11 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         }
         let event_idx = *self.event_idx.read().unwrap();
+        if self.sink.conn.lock().unwrap().mem.is_none() {
+            // No memory table, or a refused one the rings may point into: not even the
+            // notification flags in the used ring are touched.
+            return Ok(());
+        }
         match device_event as usize {
             RX => {
                 // The guest posted buffers: remember its rx ring and deliver what waits.
@@ -252,6 +260,32 @@ impl VhostUserBackend for NetBackend {
         }
         Ok(())
     }
+}
+
+/// Every region of a memory table that maps a file lies within that file. The front-end
+/// chooses each region's size and offset; a page mapped past the end of its file is
+/// SIGBUS at the first access, which would take the whole process (the switch and every
+/// port) down with it. (virtiofs-bridge's vhost-user back-end checks the same.)
+fn regions_within_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Some(backing) = region.file_offset() else {
+            continue;
+        };
+        let file_len = backing.file().metadata()?.len();
+        let end = backing.start().checked_add(region.len());
+        if end.is_none_or(|end| end > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a memory region of {} bytes at offset {} of a file of {file_len} bytes",
+                    region.len(),
+                    backing.start()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A vhost-user-net port on `socket`. Dropping it stops serving: it closes the current
@@ -477,5 +511,33 @@ impl Drop for VhostUserNetPort {
         }
         self.switch.remove_port(self.id);
         // `_private_dir` goes next, with nothing left using it.
+    }
+}
+
+#[cfg(test)]
+mod memory_table_tests {
+    use super::regions_within_files;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    fn table(file_len: u64, region_len: usize, offset: u64) -> GuestMemoryMmap {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(file_len).unwrap();
+        GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            region_len,
+            Some(FileOffset::new(file, offset)),
+        )])
+        .unwrap()
+    }
+
+    /// The vhost_user fuzz target's region-past-eof inputs: a 4 KiB file sent as a
+    /// 1 MiB region made the first kick SIGBUS the whole process.
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        assert!(regions_within_files(&table(1 << 20, 1 << 20, 0)).is_ok());
+        assert!(regions_within_files(&table(8192, 4096, 4096)).is_ok());
+        assert!(regions_within_files(&table(4096, 1 << 20, 0)).is_err());
+        assert!(regions_within_files(&table(8192, 8192, 4096)).is_err());
+        assert!(regions_within_files(&table(4096, 4096, 1 << 20)).is_err());
     }
 }

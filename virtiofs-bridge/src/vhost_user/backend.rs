@@ -228,6 +228,34 @@ where
     }
 }
 
+/// Every region of a memory table that maps a file lies within that file. The front-end
+/// chooses each region's size and offset; a page mapped past the end of its file is
+/// SIGBUS at the first access, which would take the whole process (every share, every
+/// VM) down with it. (A front-end that shrinks the file after sending it can still do
+/// that: QEMU's memfd memory is sealed against it by default; vswitch's vhost-user-net
+/// port checks the same.)
+pub(crate) fn regions_within_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Some(backing) = region.file_offset() else {
+            continue;
+        };
+        let file_len = backing.file().metadata()?.len();
+        let end = backing.start().checked_add(region.len());
+        if end.is_none_or(|end| end > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a memory region of {} bytes at offset {} of a file of {file_len} bytes",
+                    region.len(),
+                    backing.start()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn complete(vring: &VringRwLock, head: u16, used: u32) {
     if let Err(e) = vring.add_used(head, used) {
         tracing::warn!("virtio-fs: add_used failed: {e}");
@@ -270,8 +298,11 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
-        self.state.write().unwrap().mem = Some(mem);
-        Ok(())
+        // A table with a region past the end of its file is refused, and no queue is
+        // served until a good one comes (the rings now point into it).
+        let checked = regions_within_files(&mem.memory());
+        self.state.write().unwrap().mem = checked.is_ok().then_some(mem);
+        checked
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -294,7 +325,17 @@ impl VhostUserBackend for FsBackend {
                 "event for unknown queue {device_event}"
             )));
         };
-        let event_idx = self.state.read().unwrap().event_idx;
+        let (event_idx, have_memory) = {
+            let state = self.state.read().unwrap();
+            (state.event_idx, state.mem.is_some())
+        };
+        if !have_memory {
+            // No memory table, or a refused one the rings may point into: not even the
+            // notification flags in the used ring are touched.
+            return Err(io::Error::other(
+                "queue kicked without a usable memory table",
+            ));
+        }
         if event_idx {
             // Re-enable notifications only once the ring looks empty, and go round again if
             // the driver added work in between (virtio spec 2.7.10).
@@ -309,5 +350,33 @@ impl VhostUserBackend for FsBackend {
             self.process_queue(vring)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod memory_table_tests {
+    use super::regions_within_files;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    fn table(file_len: u64, region_len: usize, offset: u64) -> GuestMemoryMmap {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(file_len).unwrap();
+        GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            region_len,
+            Some(FileOffset::new(file, offset)),
+        )])
+        .unwrap()
+    }
+
+    /// The vhost_user fuzz target's region-past-eof inputs: a 4 KiB file sent as a
+    /// 1 MiB region made the first kick SIGBUS the whole process.
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        assert!(regions_within_files(&table(1 << 20, 1 << 20, 0)).is_ok());
+        assert!(regions_within_files(&table(8192, 4096, 4096)).is_ok());
+        assert!(regions_within_files(&table(4096, 1 << 20, 0)).is_err());
+        assert!(regions_within_files(&table(8192, 8192, 4096)).is_err());
+        assert!(regions_within_files(&table(4096, 4096, 1 << 20)).is_err());
     }
 }
