@@ -7,6 +7,8 @@ pub type Mac = [u8; 6];
 
 /// EtherType of an 802.1Q tag.
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
+/// EtherType of an 802.1ad (QinQ) service tag.
+pub const ETHERTYPE_QINQ: u16 = 0x88a8;
 /// Destination + source + EtherType.
 pub const ETHERNET_HEADER: usize = 14;
 /// The largest frame forwarded: 1500 bytes of payload, header and one VLAN tag. Frames
@@ -22,7 +24,9 @@ pub enum DropReason {
     Oversize,
     /// A header etherparse rejects (a truncated VLAN tag, ...).
     Malformed,
-    /// A VLAN the ingress port does not carry, or a tagged frame on an access port.
+    /// A VLAN the ingress port does not carry, a tagged frame on an access port, or a
+    /// frame with a second tag inside the first (this switch carries one tag; a port
+    /// that removes the outer one would pass the inner one into another VLAN).
     VlanFiltered,
     /// A source MAC that is multicast or all zeros cannot be learned or trusted.
     BadSource,
@@ -87,6 +91,11 @@ pub fn inspect(frame: &[u8], max_frame: usize) -> Result<FrameInfo, DropReason> 
     let tag = if eth.ether_type().0 == ETHERTYPE_VLAN {
         let vlan = SingleVlanHeaderSlice::from_slice(&frame[ETHERNET_HEADER..])
             .map_err(|_| DropReason::Malformed)?;
+        // A stacked tag: an access port (or a trunk's native VLAN) would get the frame
+        // with the outer tag removed, the inner one now outermost: VLAN hopping.
+        if matches!(vlan.ether_type().0, ETHERTYPE_VLAN | ETHERTYPE_QINQ) {
+            return Err(DropReason::VlanFiltered);
+        }
         Some(vlan.vlan_identifier().value())
     } else {
         None
@@ -173,6 +182,22 @@ mod tests {
             inspect(&zero_src, DEFAULT_MAX_FRAME),
             Err(DropReason::BadSource)
         );
+        // A tag inside a tag (found by the switch fuzz target: untagged egress passed
+        // the inner tag into another VLAN), 802.1Q or 802.1ad inside.
+        for inner in [ETHERTYPE_VLAN, ETHERTYPE_QINQ] {
+            // Outer tag VLAN 1, then an inner tag for VLAN 10, then IPv4.
+            let mut payload = 1u16.to_be_bytes().to_vec();
+            payload.extend_from_slice(&inner.to_be_bytes());
+            payload.extend_from_slice(&10u16.to_be_bytes());
+            payload.extend_from_slice(&0x0800u16.to_be_bytes());
+            payload.extend_from_slice(&[0; 46]);
+            let stacked = frame(B, A, ETHERTYPE_VLAN, &payload);
+            assert_eq!(
+                inspect(&stacked, DEFAULT_MAX_FRAME),
+                Err(DropReason::VlanFiltered),
+                "inner {inner:#x}"
+            );
+        }
     }
 
     #[test]
