@@ -268,6 +268,35 @@ impl Manifest {
         if !x.starts_with('/') || x.contains(['\'', '"', '\\', '\n']) {
             return Err(format!("mounts.xchg '{x}' is not a plain absolute path"));
         }
+        // Every file the manifest names is read (hashed, given to QEMU, revived) from the
+        // snapshot directory: a name that leaves it (absolute, or through `..`) would have
+        // a build read or hand QEMU any file of the host.
+        let mut names: Vec<(&str, &str)> = self
+            .files
+            .iter()
+            .map(|f| ("files[].name", f.name.as_str()))
+            .collect();
+        names.push(("state.file", &self.state.file));
+        names.push(("ssh.client_key", &self.ssh.client_key));
+        for (what, name) in [
+            ("machine.kernel", &self.machine.kernel),
+            ("machine.initrd", &self.machine.initrd),
+        ] {
+            if let Some(name) = name {
+                names.push((what, name));
+            }
+        }
+        if let Some(c) = &self.controller {
+            names.push(("controller.state", &c.state));
+            names.push(("controller.initrd", &c.initrd));
+        }
+        for (what, name) in names {
+            if !is_snapshot_file_name(name) {
+                return Err(format!(
+                    "{what} '{name}' is not a file inside the snapshot directory"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -340,6 +369,15 @@ impl Manifest {
             .into()),
         }
     }
+}
+
+/// A relative path of plain names (no root, no `.` or `..`, not empty): a file inside the
+/// snapshot directory, as bootstrap names them (`state`, `ssh/client_key`, ...).
+fn is_snapshot_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// The machine type a QEMU migration stream was saved from: its header (`QEVM`, version
@@ -595,6 +633,18 @@ pub fn file_entry(dir: &Path, name: &str, role: &str) -> anyhow::Result<FileEntr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_names_must_stay_inside_the_snapshot() {
+        for ok in ["state", "ssh/client_key", "controller-kvm/vcpus.json"] {
+            assert!(is_snapshot_file_name(ok), "{ok}");
+        }
+        // Manifest::load accepted names like these (the snapshot_files fuzz target's
+        // check, on its seeds that name files outside the directory).
+        for bad in ["", "/etc/shadow", "../outside", "ssh/../../x", "./state"] {
+            assert!(!is_snapshot_file_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn utc_now_looks_like_rfc3339() {
