@@ -86,6 +86,8 @@ pub struct Env {
     store_before: TreeState,
     outside_before: TreeState,
     xchg_serial: AtomicU64,
+    /// The xchg handed out last, and its state when it was new.
+    xchg_last: std::sync::Mutex<Option<(PathBuf, TreeState)>>,
 }
 
 static ENV: OnceLock<Env> = OnceLock::new();
@@ -137,6 +139,7 @@ impl Env {
             outside,
             secret,
             xchg_serial: AtomicU64::new(0),
+            xchg_last: std::sync::Mutex::new(None),
         };
         Ok(env)
     }
@@ -153,9 +156,22 @@ impl Env {
         self.base.path()
     }
 
-    /// A new, populated xchg directory; the previous one is removed first (or, if a test
-    /// made that impossible, moved aside).
+    /// A populated xchg directory as new: the previous one if nothing changed it (making
+    /// files costs more than the rest of a harness), else a new one, the previous one
+    /// removed.
     pub fn fresh_xchg(&self) -> PathBuf {
+        let mut last = self.xchg_last.lock().unwrap();
+        if let Some((dir, state)) = last.as_ref() {
+            if TreeState::of(dir) == *state {
+                return dir.clone();
+            }
+        }
+        let dir = self.new_xchg();
+        *last = Some((dir.clone(), TreeState::of(&dir)));
+        dir
+    }
+
+    fn new_xchg(&self) -> PathBuf {
         let root = self.store.parent().unwrap();
         let n = self.xchg_serial.fetch_add(1, Ordering::Relaxed);
         if n > 0 {
@@ -210,8 +226,22 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Bytes that look like a file's contents, the same for the same `seed`.
+/// Bytes that look like a file's contents, the same for the same `seed` (made once per
+/// process: the harnesses rebuild files from them for every input).
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Made = HashMap<(u64, usize), Vec<u8>>;
+    static MADE: Mutex<Option<Made>> = Mutex::new(None);
+    MADE.lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry((seed, len))
+        .or_insert_with(|| make_content(seed, len))
+        .clone()
+}
+
+fn make_content(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -307,7 +337,7 @@ fn make_removable(dir: &Path) {
 
 /// Everything about a tree that a write could change (not atime): per entry its inode,
 /// type and mode, owner, size, link count, mtime and ctime.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeState(BTreeMap<PathBuf, String>);
 
 impl TreeState {
@@ -381,30 +411,57 @@ fn walk(root: &Path, dir: &Path, map: &mut BTreeMap<PathBuf, String>) {
 
 /// The process's open file descriptors and what they point at, to tell which ones a
 /// server opened since.
-pub struct Fds(HashMap<i32, String>);
+pub struct Fds(HashMap<i32, ((u64, u64), String)>);
+
+fn open_fds() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .collect()
+}
+
+/// The device and inode a descriptor holds (`None` once it is closed).
+fn fd_identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: fstat into a zeroed struct; a closed fd is an error, not UB.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+fn fd_target(fd: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
+}
 
 impl Fds {
     pub fn now() -> Fds {
         let mut map = HashMap::new();
-        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-            for e in entries.flatten() {
-                let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if let Ok(target) = std::fs::read_link(e.path()) {
-                    map.insert(fd, target.to_string_lossy().into_owned());
-                }
+        for fd in open_fds() {
+            if let (Some(id), Some(target)) = (fd_identity(fd), fd_target(fd)) {
+                map.insert(fd, (id, target));
             }
         }
         Fds(map)
     }
 
     /// Every descriptor opened since `self` was taken points inside one of `roots` (or at
-    /// no file at all: a pipe, socket, eventfd, memfd).
+    /// no file at all: a pipe, socket, eventfd, memfd). A descriptor that still holds
+    /// what it held then is not looked at again.
     pub fn check_since(&self, roots: &[&Path]) {
-        let now = Fds::now();
-        for (fd, target) in &now.0 {
-            if self.0.get(fd) == Some(target) || fd_target_allowed(target, roots) {
+        for fd in open_fds() {
+            let Some(id) = fd_identity(fd) else {
+                continue;
+            };
+            if self.0.get(&fd).is_some_and(|(was, _)| *was == id) {
+                continue;
+            }
+            let Some(target) = fd_target(fd) else {
+                continue;
+            };
+            if fd_target_allowed(&target, roots) {
                 continue;
             }
             panic!(
