@@ -2,7 +2,47 @@
 //! the harness its fuzz target runs, with the same invariant checks, on stable and
 //! without fuzzing time: what the fuzzers found once stays found. One test per target.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
+
+/// Any single allocation over this is a finding, as libFuzzer's `-malloc_limit_mb` makes
+/// it under `scripts/fuzz.sh` (an allocation the guest sized, such as a 3 GiB xattr
+/// buffer, succeeds lazily on Linux and would pass unnoticed otherwise).
+const MALLOC_LIMIT: usize = 512 << 20;
+
+struct Limited;
+
+// SAFETY: forwards to the system allocator; only refuses (aborts on) oversized requests.
+unsafe impl GlobalAlloc for Limited {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        check(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        check(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        check(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+fn check(size: usize) {
+    if size > MALLOC_LIMIT {
+        // No allocation (and no panic, which allocates) from inside the allocator.
+        let msg = b"corpus replay: an allocation over the 512 MiB malloc limit\n";
+        // SAFETY: write(2) of a static buffer to stderr.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        std::process::abort();
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Limited = Limited;
 
 fn inputs(target: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
