@@ -36,6 +36,12 @@ for t in "${targets[@]}"; do
   [[ " ${ALL[*]} " == *" $t "* ]] || { echo "fuzz.sh: no target '$t' (${ALL[*]})" >&2; exit 2; }
 done
 
+# The harnesses' shares, in a directory removed at the end even when a crash aborted a
+# target before it could clean up after itself.
+VMBUILD_FUZZ_TMP=$(mktemp -d -t vmbuild-fuzz-run.XXXXXX)
+export VMBUILD_FUZZ_TMP
+trap 'rm -rf "$VMBUILD_FUZZ_TMP"' EXIT
+
 # -a: debug assertions (integer overflow is a crash, as in `cargo test`).
 cargo +nightly fuzz build -a
 mkdir -p logs
