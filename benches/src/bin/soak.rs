@@ -200,13 +200,23 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// One build, watched: (seconds, exit code, stdout, stderr, the most it used).
+/// A watched build's outcome.
+struct Watched {
+    seconds: f64,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    peak: Peak,
+    pid: u32,
+}
+
+/// One build, watched from /proc while it runs.
 fn watched_build(
     vmbuild: &Path,
     snapshot: &Path,
     xchg: &Path,
     script: &str,
-) -> anyhow::Result<(f64, Option<i32>, String, String, Peak)> {
+) -> anyhow::Result<Watched> {
     let t = Instant::now();
     let mut child = Command::new(vmbuild)
         .args(["build", "--snapshot"])
@@ -245,13 +255,14 @@ fn watched_build(
     };
     let stdout = out_reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
-    Ok((
-        t.elapsed().as_secs_f64(),
-        status.code(),
+    Ok(Watched {
+        seconds: t.elapsed().as_secs_f64(),
+        code: status.code(),
         stdout,
         stderr,
         peak,
-    ))
+        pid,
+    })
 }
 
 fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow::Result<()> {
@@ -269,8 +280,13 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
                 let script = format!(
                     "echo {token}; echo {token} > /tmp/xchg/mine; ls /tmp/xchg; exit {code}"
                 );
-                let (secs, got, stdout, stderr, _) =
-                    watched_build(&vmbuild, &snapshot, &xchg, &script)?;
+                let Watched {
+                    seconds: secs,
+                    code: got,
+                    stdout,
+                    stderr,
+                    ..
+                } = watched_build(&vmbuild, &snapshot, &xchg, &script)?;
                 let mut why = Vec::new();
                 if got != Some(code) {
                     why.push(format!("exit {got:?}, expected {code}"));
@@ -328,8 +344,22 @@ fn runtime_base() -> PathBuf {
     std::env::temp_dir().join(format!("vmbuild-{uid}"))
 }
 
-fn count_entries(dir: &Path) -> usize {
-    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+/// Runtime directories (`build-PID-…`) of the builds this soak started: another vmbuild
+/// on the host has its own, which are not this soak's to count.
+fn count_entries(dir: &Path, pids: &std::collections::HashSet<u32>) -> usize {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.split('-')
+                        .nth(1)
+                        .and_then(|p| p.parse::<u32>().ok())
+                        .is_some_and(|p| pids.contains(&p))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// QEMU processes whose command line names `needle` (this soak's snapshot).
@@ -372,13 +402,22 @@ fn soak(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
     let every = args.every.max(1);
     let mut window = Vec::new();
     let mut peak = Peak::default();
+    let mut pids = std::collections::HashSet::new();
     for b in 1..=args.builds {
         let script = if b % 2 == 1 {
             "true"
         } else {
             "mkdir -p /tmp/xchg/o && for i in $(seq 50); do echo $i > /tmp/xchg/o/$i; done"
         };
-        let (secs, code, _, stderr, p) = watched_build(vmbuild, snapshot, &xchg, script)?;
+        let Watched {
+            seconds: secs,
+            code,
+            stderr,
+            peak: p,
+            pid,
+            ..
+        } = watched_build(vmbuild, snapshot, &xchg, script)?;
+        pids.insert(pid);
         if code != Some(0) {
             r.soak_failures.push(format!(
                 "build {b}: exit {code:?}: {}",
@@ -393,7 +432,7 @@ fn soak(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
                 p50_s: median(window.clone()),
                 p99_s: percentile(window.clone(), 0.99),
                 vmbuild_peak: peak,
-                runtime_entries: count_entries(&base),
+                runtime_entries: count_entries(&base, &pids),
                 qemu_processes: qemu_processes(snapshot),
                 host_open_files: host_open_files(),
             };
