@@ -123,6 +123,14 @@ pub fn kvm_access() -> Result<(), String> {
     }
 }
 
+/// Whether QEMU's last words are KVM refusing the guest (its KVM code asserting, or an
+/// ioctl it could not do), not a slow or a killed guest.
+fn kvm_refused(qemu_stderr: &str) -> bool {
+    qemu_stderr.contains("target/i386/kvm/")
+        || qemu_stderr.contains("kvm_buf_set_msrs")
+        || qemu_stderr.contains("failed to set MSR")
+}
+
 pub fn resolve(
     choice: AccelChoice,
     qemu: &Path,
@@ -403,10 +411,21 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
             ),
         );
     }
-    // No failure seen, no init: a guest that was slow (a busy host) or a QEMU that ended
-    // for another reason: a "no" believed for an hour, not a day.
     let errors = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
     let errors = errors.lines().last().unwrap_or("").trim();
+    // QEMU that died of KVM itself before init (some hosts' KVM refuses the guest's MSRs
+    // and QEMU aborts in target/i386/kvm) is KVM's own "no", as an emulation failure is.
+    if start.elapsed() <= PROBE_LIMIT && kvm_refused(errors) {
+        return KvmProbe::answer(
+            false,
+            format!(
+                "this host's KVM stopped a Linux guest after {:.0} s: QEMU: {errors} (nested or paging-emulated KVM)",
+                start.elapsed().as_secs_f64()
+            ),
+        );
+    }
+    // No failure seen, no init: a guest that was slow (a busy host) or a QEMU that ended
+    // for another reason: a "no" believed for an hour, not a day.
     let why = if start.elapsed() > PROBE_LIMIT {
         format!(
             "KVM did not boot a Linux guest to init within {} s",
@@ -418,4 +437,18 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> KvmProbe {
         format!("QEMU ended before the Linux guest's init ran: {errors}")
     };
     KvmProbe::slow(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kvm_refused;
+
+    #[test]
+    fn qemu_aborting_in_its_kvm_code_is_kvm_refusing_the_guest() {
+        assert!(kvm_refused(
+            "qemu-system-x86_64: target/i386/kvm/kvm.c:3849: kvm_buf_set_msrs: Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed."
+        ));
+        assert!(!kvm_refused("qemu-system-x86_64: terminating on signal 15"));
+        assert!(!kvm_refused(""));
+    }
 }
