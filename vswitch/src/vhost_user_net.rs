@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -141,7 +141,11 @@ struct NetBackend {
     id: PortId,
     sink: Arc<NetSink>,
     event_idx: RwLock<bool>,
-    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// The read end of the exit event, owned here for the whole session; the library gets
+    /// an alias of it (see `exit_event`).
+    exit_consumer: EventConsumer,
+    /// The write end, handed to the library, which keeps it in its worker's epoll handler.
+    exit_notifier: Mutex<Option<EventNotifier>>,
 }
 
 impl NetBackend {
@@ -220,7 +224,18 @@ impl VhostUserBackend for NetBackend {
         checked
     }
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit.lock().unwrap().take()
+        let notifier = self.exit_notifier.lock().unwrap().take()?;
+        // vhost-user-backend 0.22 leaks the consumer it is given: VringEpollHandler::new
+        // registers it with `consumer.into_raw_fd()` and never closes that fd, which cost
+        // one eventfd per front-end session. So the consumer stays owned by this backend,
+        // which closes it when dropped, and the library gets a second handle on the same fd
+        // that it only ever turns back into a raw fd (checked by virtiofs-bridge's test
+        // `the_library_never_closes_the_exit_consumer`, same library, same workaround).
+        // SAFETY: the fd is open for as long as this backend lives, and the library's epoll
+        // handler, the only user of the alias, holds an `Arc` of this backend: the fd is
+        // closed, once, by `exit_consumer`, after the handler is gone.
+        let alias = unsafe { EventConsumer::from_raw_fd(self.exit_consumer.as_raw_fd()) };
+        Some((alias, notifier))
     }
     fn handle_event(
         &self,
@@ -419,7 +434,9 @@ fn accept_loop(
         if stopping(control) {
             break;
         }
-        let Ok(exit) = new_event_consumer_and_notifier(EventFlag::NONBLOCK) else {
+        let Ok((exit_consumer, exit_notifier)) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+        else {
             break;
         };
         let backend = Arc::new(NetBackend {
@@ -427,7 +444,8 @@ fn accept_loop(
             id,
             sink: sink.clone(),
             event_idx: RwLock::new(false),
-            exit: Mutex::new(Some(exit)),
+            exit_consumer,
+            exit_notifier: Mutex::new(Some(exit_notifier)),
         });
         let mut daemon = match VhostUserDaemon::new(
             format!("vhost-user-net-{id}"),

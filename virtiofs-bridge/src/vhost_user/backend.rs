@@ -2,6 +2,7 @@
 //! each descriptor chain one FUSE request, answered in place in guest memory.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
@@ -44,7 +45,11 @@ pub struct FsBackend {
     server: Arc<Server<Arc<ShareFs>>>,
     state: RwLock<QueueState>,
     stats: Arc<ShareStats>,
-    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// The read end of the exit event, owned here for the whole session; the library gets
+    /// an alias of it (see [`FsBackend::exit_event`]).
+    exit_consumer: EventConsumer,
+    /// The write end, handed to the library, which keeps it in its worker's epoll handler.
+    exit_notifier: Mutex<Option<EventNotifier>>,
     pool: Option<WorkerPool>,
     recorder: Arc<Recorder>,
 }
@@ -55,7 +60,8 @@ impl FsBackend {
         stats: Arc<ShareStats>,
         thread_pool_size: usize,
     ) -> io::Result<Self> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
         let recorder = Arc::new(Recorder::new(if fs.read_only() {
             "fuse-ro"
         } else {
@@ -72,7 +78,8 @@ impl FsBackend {
                 event_idx: false,
             }),
             stats,
-            exit: Mutex::new(Some(exit)),
+            exit_consumer,
+            exit_notifier: Mutex::new(Some(exit_notifier)),
             pool,
             recorder,
         })
@@ -307,7 +314,18 @@ impl VhostUserBackend for FsBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // One worker thread serves both queues; it gets the one exit event.
-        self.exit.lock().unwrap().take()
+        let notifier = self.exit_notifier.lock().unwrap().take()?;
+        // vhost-user-backend 0.22 leaks the consumer it is given: VringEpollHandler::new
+        // registers it with `consumer.into_raw_fd()` and never closes that fd. Handing it
+        // our consumer cost one eventfd per front-end session, for as long as `fs serve`
+        // ran. So the consumer stays owned by this backend, which closes it when dropped,
+        // and the library gets a second handle on the same fd that it only ever turns back
+        // into a raw fd (checked by the test `the_library_never_closes_the_exit_consumer`).
+        // SAFETY: the fd is open for as long as this backend lives, and the library's epoll
+        // handler, the only user of the alias, holds an `Arc` of this backend: the fd is
+        // closed, once, by `exit_consumer`, after the handler is gone.
+        let alias = unsafe { EventConsumer::from_raw_fd(self.exit_consumer.as_raw_fd()) };
+        Some((alias, notifier))
     }
 
     fn handle_event(
@@ -378,5 +396,52 @@ mod memory_table_tests {
         assert!(regions_within_files(&table(4096, 1 << 20, 0)).is_err());
         assert!(regions_within_files(&table(8192, 8192, 4096)).is_err());
         assert!(regions_within_files(&table(4096, 4096, 1 << 20)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod exit_event_tests {
+    use super::*;
+    use crate::share::ShareConfig;
+    use vhost_user_backend::VhostUserDaemon;
+
+    /// `exit_event` hands vhost-user-backend an alias of the exit consumer's fd and closes
+    /// the fd itself, because the library (0.22) never closes the consumer it is given. If
+    /// a new version closes it, the fd would be closed twice: then drop the alias.
+    #[test]
+    fn the_library_never_closes_the_exit_consumer() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(ShareStats::default());
+        let fs = ShareConfig::xchg(dir.path())
+            .open_fs(stats.clone())
+            .unwrap();
+        let backend = Arc::new(FsBackend::new(fs, stats, 0).unwrap());
+        let fd = backend.exit_consumer.as_raw_fd();
+        let daemon = VhostUserDaemon::new(
+            "leak-test".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        assert!(
+            backend.exit_notifier.lock().unwrap().is_none(),
+            "the library took the exit event"
+        );
+        // Signals the exit event, joins the worker thread and lets go of the backend.
+        drop(daemon);
+        assert_eq!(
+            Arc::strong_count(&backend),
+            1,
+            "the daemon kept the backend"
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap(),
+            std::path::Path::new("anon_inode:[eventfd]")
+        );
+        // Still the very eventfd the library signalled, not a new file at the same number.
+        backend
+            .exit_consumer
+            .consume()
+            .expect("the exit event is still open and was signalled");
     }
 }
