@@ -27,14 +27,20 @@ pub const KEPT_XCHG_PREFIX: &str = "vmbuild-xchg-kept";
 /// Files a bootstrap needs only while it runs (the target's host key before it is pinned).
 pub const BOOTSTRAP_SCRATCH_PREFIX: &str = "vmbuild-bootstrap";
 
-/// Directories younger than this are never swept: a directory is created a moment before
-/// its owner locks it.
+/// A directory being made (`PREFIX-new-XXXXXX`) is locked, then renamed to its final name
+/// (`PREFIX-PID-XXXXXX`): a directory under a final name is locked from the moment it has
+/// that name, so a sweep may remove every unlocked one at once, however young. What a
+/// process killed between the mkdir and the rename leaves under the `new` name is swept
+/// once it is older than this.
 const GRACE: Duration = Duration::from_secs(10);
+/// The middle of the name a directory has while it is made and not yet locked.
+const MAKING: &str = "new";
 
 /// A directory removed on drop and locked while its owner lives.
 pub struct OwnedDir {
-    // Field order: the lock is released only after the directory is gone.
-    dir: Option<tempfile::TempDir>,
+    /// `None` once persisted.
+    path: Option<PathBuf>,
+    // Released only after the directory is gone (Drop removes it first).
     _lock: Flock<File>,
 }
 
@@ -42,22 +48,44 @@ impl OwnedDir {
     /// `parent/PREFIX-PID-XXXXXX`. `prefix` names what the directory is for; the PID is
     /// only there for people looking at the directory.
     pub fn create(parent: &Path, prefix: &str) -> io::Result<OwnedDir> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-{}-", std::process::id()))
-            .tempdir_in(parent)?;
-        let lock = Flock::lock(File::open(dir.path())?, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| io::Error::from(errno))?;
-        Ok(OwnedDir {
-            dir: Some(dir),
-            _lock: lock,
-        })
+        loop {
+            let making = tempfile::Builder::new()
+                .prefix(&format!("{prefix}-{MAKING}-"))
+                .tempdir_in(parent)?;
+            let lock = Flock::lock(File::open(making.path())?, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, errno)| io::Error::from(errno))?;
+            let random = making
+                .path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit_once('-'))
+                .map(|(_, r)| r.to_owned())
+                .unwrap_or_default();
+            let path = parent.join(format!("{prefix}-{}-{random}", std::process::id()));
+            // Never onto an existing directory (rename(2) would replace an empty one).
+            match nix::fcntl::renameat2(
+                None,
+                making.path(),
+                None,
+                &path,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => {
+                    let _ = making.keep();
+                    return Ok(OwnedDir {
+                        path: Some(path),
+                        _lock: lock,
+                    });
+                }
+                // Taken (by a directory of an earlier process with this PID): another name.
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir
-            .as_ref()
-            .expect("present until drop or keep")
-            .path()
+        self.path.as_deref().expect("present until drop or persist")
     }
 
     /// Renames the directory to `to`, where it stays: it is no longer removed on drop, and
@@ -65,18 +93,22 @@ impl OwnedDir {
     /// is still owned, and removed on drop.
     pub fn persist_as(mut self, to: &Path) -> io::Result<()> {
         std::fs::rename(self.path(), to)?;
-        let _ = self
-            .dir
-            .take()
-            .expect("present until drop or persist")
-            .keep();
+        self.path = None;
         Ok(())
     }
 }
 
-/// The directories in `parent` named `PREFIX-PID-…` (PID all digits) that belong to this
-/// user.
-fn ours(parent: &Path, prefix: &str) -> Vec<(PathBuf, std::fs::Metadata)> {
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// The directories in `parent` named `PREFIX-PID-…` (PID all digits), or with `making`
+/// `PREFIX-new-…` (being made), that belong to this user.
+fn ours(parent: &Path, prefix: &str, making: bool) -> Vec<(PathBuf, std::fs::Metadata)> {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Vec::new();
     };
@@ -91,7 +123,12 @@ fn ours(parent: &Path, prefix: &str) -> Vec<(PathBuf, std::fs::Metadata)> {
                 .and_then(|n| n.strip_prefix('-'))
                 .and_then(|n| n.split_once('-'))
                 .map(|(pid, _)| pid);
-            pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            match making {
+                true => pid == Some(MAKING),
+                false => {
+                    pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                }
+            }
         })
         .filter_map(|entry| {
             let meta = std::fs::symlink_metadata(entry.path()).ok()?;
@@ -111,24 +148,31 @@ fn held(dir: &Path) -> bool {
 /// One directory in `parent` named `PREFIX-PID-…` that a living process owns, if any: for
 /// refusing to start work that another vmbuild is already doing.
 pub fn in_use(parent: &Path, prefix: &str) -> Option<PathBuf> {
-    ours(parent, prefix)
+    ours(parent, prefix, false)
         .into_iter()
         .map(|(path, _)| path)
         .find(|path| held(path))
 }
 
 /// Removes the directories in `parent` whose names start with `PREFIX-` followed by a
-/// number (a PID), that belong to this user and that no living process holds locked.
-/// Returns how many were removed. Errors are logged, never fatal: sweeping is a courtesy.
+/// number (a PID), that belong to this user and that no living process holds locked: such
+/// a directory was locked from the moment it had its name, so its owner is gone, however
+/// recently. Directories still being made (`PREFIX-new-…`) are removed only when older
+/// than a grace period. Returns how many were removed. Errors are logged, never fatal:
+/// sweeping is a courtesy.
 pub fn sweep(parent: &Path, prefix: &str) -> usize {
     let mut removed = 0;
-    for (path, meta) in ours(parent, prefix) {
-        let age = meta
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok());
-        let young = !matches!(age, Some(age) if age >= GRACE);
-        if young || held(&path) {
+    let abandoned = ours(parent, prefix, false).into_iter().chain(
+        ours(parent, prefix, true).into_iter().filter(|(_, meta)| {
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok());
+            matches!(age, Some(age) if age >= GRACE)
+        }),
+    );
+    for (path, _) in abandoned {
+        if held(&path) {
             continue;
         }
         match std::fs::remove_dir_all(&path) {
@@ -154,35 +198,52 @@ mod tests {
     }
 
     #[test]
-    fn a_locked_directory_is_kept_and_an_abandoned_one_removed() {
+    fn a_locked_directory_is_kept_and_an_abandoned_one_removed_at_once() {
         let parent = tempfile::tempdir().unwrap();
         let live = OwnedDir::create(parent.path(), "run").unwrap();
         std::fs::write(live.path().join("sock"), "x").unwrap();
-        age(live.path());
+        let name = live
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            name.starts_with(&format!("run-{}-", std::process::id())),
+            "{name}"
+        );
 
-        // What a SIGKILLed vmbuild leaves: a matching name, nobody holding its lock.
+        // What a SIGKILLed vmbuild leaves: a PID name, nobody holding its lock. Removed
+        // however young: the next vmbuild may start a moment after the kill.
         let dead = parent.path().join("run-4242-abcdef");
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("initrd.img"), "x").unwrap();
-        age(&dead);
-        // Too young to judge, and names that are not ours.
-        let fresh = parent.path().join("run-4243-abcdef");
-        std::fs::create_dir(&fresh).unwrap();
+        // Killed between mkdir and rename: swept only once old enough (it may be a
+        // directory another process is making right now).
+        let making_young = parent.path().join("run-new-abcdef");
+        let making_old = parent.path().join("run-new-ghijkl");
+        std::fs::create_dir(&making_young).unwrap();
+        std::fs::create_dir(&making_old).unwrap();
+        age(&making_old);
+        // Names that are not ours.
         for other in ["run-notapid-x", "build-4242-x", "runner-1-x"] {
             std::fs::create_dir(parent.path().join(other)).unwrap();
             age(&parent.path().join(other));
         }
 
-        assert_eq!(sweep(parent.path(), "run"), 1);
+        assert_eq!(sweep(parent.path(), "run"), 2);
         assert!(!dead.exists());
+        assert!(!making_old.exists());
+        assert!(making_young.exists());
         assert!(live.path().join("sock").exists());
-        assert!(fresh.exists());
         for other in ["run-notapid-x", "build-4242-x", "runner-1-x"] {
             assert!(parent.path().join(other).exists(), "{other} was removed");
         }
         let path = live.path().to_owned();
         drop(live);
         assert!(!path.exists());
+        assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 4);
     }
 
     #[test]
