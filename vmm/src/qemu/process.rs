@@ -41,10 +41,17 @@ impl QemuProcess {
         // SIGHUP to wait for them on one thread: unblocked, so that QEMU acts on the
         // SIGTERM that stops it (with them blocked, every stop waited out the grace period
         // and ended in SIGKILL).
+        //
+        // A vmbuild that dies between the fork and the prctl sends no signal: the child
+        // then has another parent already, and must not start QEMU at all.
+        let parent = std::process::id() as libc::pid_t;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(127);
                 }
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
