@@ -6,15 +6,20 @@
 //! it can be migrated (suspended to a file and revived by another QEMU): the snapshot
 //! lifecycle's target VMs are attached this way. The port serves one connection at a time
 //! and accepts the next when it closes, so a restarted or revived QEMU gets the same port.
+//!
+//! Frames to the peer go through a bounded queue that a thread of the connection writes
+//! out: the switch never waits for a peer, and a peer that stops reading loses frames
+//! (counted as egress failures) instead of slowing every other port down.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::port::{PortId, PortSink, VlanMode};
 use crate::switch::Switch;
@@ -22,65 +27,99 @@ use crate::switch::Switch;
 /// Longest frame accepted from a peer: a 64 KiB GSO-less frame plus headers. A longer
 /// length prefix means the stream is out of step, and the connection is dropped.
 const MAX_FRAME: usize = 65_550;
-/// A peer that stops reading loses frames after this long instead of stalling the switch.
-const SEND_TIMEOUT: Duration = Duration::from_millis(100);
-/// How long a frame that is partly out may take to finish before the stream is given up.
-const PARTIAL_FRAME_PATIENCE: Duration = Duration::from_secs(2);
+/// Bytes of frames (with their length prefixes) waiting for a peer that reads slower than
+/// the switch sends. Beyond that, frames for it are dropped (and counted) at once, as on a
+/// wire: a peer that stops reading costs the other ports nothing, and its queue no more
+/// memory than this.
+const MAX_QUEUED_BYTES: usize = 1 << 20;
+
+/// Frames on their way to the connected peer, written by that connection's writer thread.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Queued>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queued {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// The connection is over: the writer leaves.
+    closed: bool,
+}
+
+impl Outbox {
+    /// Queues `frame` with its length prefix; refused when the queue is full or closed.
+    fn push(&self, frame: &[u8]) -> io::Result<()> {
+        let mut q = self.queue.lock().unwrap();
+        if q.closed {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "no peer"));
+        }
+        let len = 4 + frame.len();
+        if q.bytes + len > MAX_QUEUED_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the stream peer is not reading",
+            ));
+        }
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        buf.extend_from_slice(frame);
+        q.frames.push_back(buf);
+        q.bytes += len;
+        drop(q);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.queue.lock().unwrap().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Writes queued frames to `peer` until the outbox is closed or the peer fails.
+    fn write_to(&self, mut peer: UnixStream) {
+        loop {
+            let frame = {
+                let mut q = self.queue.lock().unwrap();
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    if let Some(f) = q.frames.pop_front() {
+                        q.bytes -= f.len();
+                        break f;
+                    }
+                    q = self.ready.wait(q).unwrap();
+                }
+            };
+            // Blocks while the peer does not read; the queue fills meanwhile, and the
+            // connection's end (shutdown) unblocks it.
+            if peer.write_all(&frame).is_err() {
+                // Nothing more can go out on this connection: refuse frames until the
+                // reader sees the hang-up and a peer connects again.
+                self.close();
+                return;
+            }
+        }
+    }
+}
 
 struct StreamSink {
-    peer: Mutex<Option<UnixStream>>,
+    /// The connected peer's outbox, if a peer is connected.
+    peer: Mutex<Option<Arc<Outbox>>>,
     path: PathBuf,
-    /// Connections dropped because a peer sent a bad length or stalled mid-frame.
+    /// Connections dropped because a peer sent a bad length.
     protocol_errors: AtomicU64,
 }
 
 impl PortSink for StreamSink {
     fn transmit(&self, frame: &[u8]) -> io::Result<()> {
-        let mut guard = self.peer.lock().unwrap();
-        let Some(peer) = guard.as_mut() else {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "no peer"));
-        };
-        let mut buf = Vec::with_capacity(4 + frame.len());
-        buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-        buf.extend_from_slice(frame);
-        let started = Instant::now();
-        let mut written = 0;
-        while written < buf.len() {
-            match peer.write(&buf[written..]) {
-                Ok(0) => break,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A peer too busy to take this frame loses it, as on a wire; the stream
-                // is still in step as long as none of it went out.
-                Err(e)
-                    if written == 0
-                        && matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                {
-                    return Err(e)
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) && started.elapsed() < PARTIAL_FRAME_PATIENCE => {}
-                Err(_) => break,
-            }
+        let outbox = self.peer.lock().unwrap().clone();
+        match outbox {
+            Some(outbox) => outbox.push(frame),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "no peer")),
         }
-        if written < buf.len() {
-            // Part of a frame went out: the stream can no longer be framed. Close it;
-            // the reader sees the hang-up and the peer reconnects.
-            let _ = peer.shutdown(std::net::Shutdown::Both);
-            *guard = None;
-            self.protocol_errors.fetch_add(1, Relaxed);
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "stream peer stalled mid-frame",
-            ));
-        }
-        Ok(())
     }
 
     fn kind(&self) -> &'static str {
@@ -155,7 +194,7 @@ impl StreamPort {
         self.sink.peer.lock().unwrap().is_some()
     }
 
-    /// Connections dropped for a bad length prefix or a stalled peer.
+    /// Connections dropped for a bad length prefix.
     pub fn protocol_errors(&self) -> u64 {
         self.sink.protocol_errors.load(Relaxed)
     }
@@ -200,13 +239,26 @@ fn serve(
         let (Ok(writer), Ok(())) = (stream.try_clone(), stream.set_nonblocking(false)) else {
             continue;
         };
-        let _ = writer.set_write_timeout(Some(SEND_TIMEOUT));
         // A peer that stops mid-frame must not hold the thread (and so Drop) forever.
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        *sink.peer.lock().unwrap() = Some(writer);
+        let outbox = Arc::new(Outbox::default());
+        let writing = {
+            let outbox = outbox.clone();
+            std::thread::Builder::new()
+                .name("stream-port-tx".into())
+                .spawn(move || outbox.write_to(writer))
+        };
+        let Ok(writing) = writing else {
+            continue;
+        };
+        *sink.peer.lock().unwrap() = Some(outbox.clone());
         tracing::debug!(port = id, path = %sink.path.display(), "stream peer connected");
         let stopped = read_frames(&switch, id, &stream, &sink, stop, &mut frame);
         *sink.peer.lock().unwrap() = None;
+        // Unblocks a writer stuck on a peer that does not read.
+        outbox.close();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = writing.join();
         tracing::debug!(port = id, "stream peer gone");
         if stopped {
             break;

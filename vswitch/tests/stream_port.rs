@@ -81,3 +81,45 @@ fn frames_cross_a_stream_port_both_ways_and_a_peer_can_reconnect() {
     assert!(!path.exists(), "the socket outlived its port");
     assert_eq!(switch.ports().len(), 1);
 }
+
+/// A peer that connects and never reads: once its socket is full, frames for it are
+/// dropped and counted at once, and the other ports get every frame without waiting for
+/// it (the switch sends from the ingress thread: a port that made it wait would slow
+/// every port's traffic down).
+#[test]
+fn a_peer_that_stops_reading_costs_the_other_ports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stuck.sock");
+    let switch = Switch::new(SwitchConfig::default());
+    let port = StreamPort::listen(&switch, &path, VlanMode::default()).unwrap();
+    let sender = InProcessPort::attach(&switch, "sender", VlanMode::default());
+    let receiver = InProcessPort::attach(&switch, "receiver", VlanMode::default());
+    let _stuck = UnixStream::connect(&path).unwrap();
+    wait_until("the port to accept", || port.connected());
+
+    // 10,000 broadcasts of 1,000 bytes: 10 MB, far more than the socket and the port's
+    // queue hold.
+    let started = Instant::now();
+    for i in 0..10_000u32 {
+        let mut f = frame([0xff; 6], A, 0);
+        f.resize(1000, 0);
+        f[14..18].copy_from_slice(&i.to_be_bytes());
+        sender.send(&f);
+        let got = receiver
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the receiver lost a frame");
+        assert_eq!(&got[14..18], &i.to_be_bytes());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "only {i} frames in 10 s"
+        );
+    }
+    let stuck = switch.counters(port.id()).unwrap();
+    assert!(
+        stuck.dropped(vswitch::frame::DropReason::EgressFailed) > 5_000,
+        "{stuck:?}"
+    );
+    assert!(port.connected(), "a slow reader is not a protocol error");
+    drop(port);
+    assert!(!path.exists());
+}
