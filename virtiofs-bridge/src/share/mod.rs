@@ -129,26 +129,21 @@ impl ShareConfig {
     /// A fresh file system for one front-end connection: a new guest gets a new FUSE
     /// session, so no inode or handle of a previous guest survives into it.
     pub(crate) fn open_fs(&self, stats: Arc<ShareStats>) -> Result<ShareFs, Error> {
-        // The engine opens its root only at the guest's INIT: a directory that went away
-        // (or never was) is reported here, before a front-end is accepted.
+        // The directory is opened here, and the engine (which opens its root only at the
+        // guest's INIT, and takes it as a UTF-8 string) is handed that open directory as
+        // /proc/self/fd/N/. (the final "." keeps the engine's O_NOFOLLOW from stopping at
+        // the magic link): the session serves the directory as it is now, even if its path
+        // is removed or replaced before the guest mounts it, and a path that is not UTF-8
+        // needs nothing else. The descriptor lives as long as the file system.
         check_dir(&self.dir)?;
-        // The FUSE engine takes its root as a UTF-8 string. A directory whose path is not
-        // UTF-8 is opened here instead and handed over as /proc/self/fd/N/. (the final
-        // "." keeps the engine's O_NOFOLLOW from stopping at the magic link); the open
-        // descriptor lives as long as the file system.
-        let (root, root_fd) = match self.dir.to_str() {
-            Some(root) => (root.to_owned(), None),
-            None => {
-                let dir = std::fs::File::open(&self.dir).map_err(|e| {
-                    Error::Io(
-                        format!("opening share '{}' at {}", self.tag, self.dir.display()),
-                        e,
-                    )
-                })?;
-                let root = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&dir));
-                (root, Some(dir))
-            }
-        };
+        let dir = std::fs::File::open(&self.dir).map_err(|e| {
+            Error::Io(
+                format!("opening share '{}' at {}", self.tag, self.dir.display()),
+                e,
+            )
+        })?;
+        let root = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        let root_fd = Some(dir);
         let timeout = self.cache.timeout();
         // An immutable share needs no open handles: with ZERO_MESSAGE_OPEN(DIR) the guest
         // skips the OPEN/RELEASE (and OPENDIR/RELEASEDIR) round trips, which under a VM

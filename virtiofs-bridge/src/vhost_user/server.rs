@@ -208,7 +208,17 @@ fn accept_loop(
     stopping: &AtomicBool,
 ) -> Result<(), Error> {
     while !stopping.load(Ordering::SeqCst) {
-        // Built before accept so that a broken share is reported before a guest waits on it.
+        // Checked before accept so that a broken share is reported before a guest waits on
+        // it.
+        config.validate()?;
+        if !wait_for_frontend(&listener, &mut woken)? || stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        // The share's directory is opened now, as it is when this front-end connects:
+        // this session serves that directory, whatever later happens at its path (a
+        // directory removed while shared is an empty, read-only one to the guest; one
+        // renamed away is still served). A directory replaced between two sessions is
+        // the new one to the next.
         let fs = config.open_fs(stats.clone())?;
         let backend = FsBackend::new(fs, stats.clone(), config.thread_pool_size)
             .map_err(|e| Error::Io("creating the virtio-fs back-end".into(), e))?;
@@ -218,9 +228,6 @@ fn accept_loop(
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| Error::Backend(format!("{e}")))?;
-        if !wait_for_frontend(&listener, &mut woken)? || stopping.load(Ordering::SeqCst) {
-            break;
-        }
         daemon
             .start(&mut listener)
             .map_err(|e| Error::Backend(format!("accepting a front-end: {e}")))?;
