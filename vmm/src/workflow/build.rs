@@ -318,10 +318,12 @@ fn revive_target(
         .context("reviving the target from its memory state")?;
     let revived = Instant::now();
     t.revive = secs(Some(target.spawned), Some(revived));
+    tracing::debug!("build: the target runs again; plugging the shares");
     for (i, server) in resources.servers.iter().enumerate() {
         target.attach_share(&format!("fs{i}"), server.socket(), server.tag())?;
     }
     t.shares_attached = secs(Some(revived), Some(Instant::now()));
+    tracing::debug!("build: shares plugged");
     Ok(target)
 }
 

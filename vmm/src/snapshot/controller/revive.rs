@@ -318,6 +318,7 @@ impl Controller for RevivedController {
             .revive_from_file(&self.state, self.format, Duration::from_secs(60))
             .context("reviving the controller")?;
         marks.vmm_ready = Some(Instant::now());
+        tracing::debug!("build: the controller runs again; handing it the session");
         // The session, as one line on the port the controller waits on. An emulated UART
         // is slow, but never this slow: a stuck controller must not hold the build.
         let mut line = base64(&session_files(plan));
