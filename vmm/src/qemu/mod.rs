@@ -14,5 +14,5 @@ pub use accel::Accel;
 pub use argv::QemuCommand;
 pub use binary::QemuBinary;
 pub use migration::StateFormat;
-pub use process::{accept_all, ChardevListener, QemuProcess};
+pub use process::{accept_all, stopped, ChardevListener, QemuProcess, QemuStopped};
 pub use qmp::{Qmp, QmpEvent, ShutdownReason};

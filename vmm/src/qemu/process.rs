@@ -2,12 +2,25 @@
 //! back to (vmbuild listens, QEMU connects: no race on socket creation, no polling).
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+/// QEMU ended by a signal (killed, or crashed) while vmbuild was working with it: its VM
+/// stopped under vmbuild, which is not vmbuild failing. Errors carry it in their chain
+/// ([`stopped`]), so a workflow can tell a VM that was stopped from QEMU refusing to do
+/// what it was asked (which it says on stderr, and exits with a status).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QemuStopped(pub String);
+
+/// Whether `e` is, or was caused by, a QEMU that a signal ended ([`QemuStopped`]).
+pub fn stopped(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<QemuStopped>())
+}
 
 /// The running QEMU. Dropping it asks QEMU to terminate, then kills it, and reaps it.
 pub struct QemuProcess {
@@ -113,12 +126,24 @@ impl QemuProcess {
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect();
-        if said.is_empty() {
-            return anyhow::anyhow!("{what} ({status}): {e:#}");
+        let message = if said.is_empty() {
+            format!("{what} ({status}): {e:#}")
+        } else {
+            // The last few lines: QEMU often says what it found, then what it gave up on.
+            format!(
+                "{what} ({status}): {}",
+                said[said.len().saturating_sub(3)..].join("; ")
+            )
+        };
+        match status.signal() {
+            Some(_) => QemuStopped(message).into(),
+            None => anyhow::anyhow!(message),
         }
-        // The last few lines: QEMU often says what it found, then what it gave up on.
-        let said = said[said.len().saturating_sub(3)..].join("; ");
-        anyhow::anyhow!("{what} ({status}): {said}")
+    }
+
+    /// How QEMU ended, once it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// What QEMU wrote to stderr (its error messages), trimmed.
@@ -218,7 +243,11 @@ pub fn accept_all(
             break;
         }
         if let Some(status) = qemu.try_wait()? {
-            bail!("QEMU exited ({status}) while starting: {}", qemu.stderr());
+            let message = format!("QEMU exited ({status}) while starting: {}", qemu.stderr());
+            if status.signal().is_some() {
+                return Err(QemuStopped(message).into());
+            }
+            bail!(message);
         }
         if Instant::now() > deadline {
             bail!(

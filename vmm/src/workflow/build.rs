@@ -16,6 +16,7 @@
 //! the guest sees the host directories exactly as they are at build time.
 
 use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -180,7 +181,21 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         spec.ssh_wait,
         target_script,
     )?;
-    let mut target = revive_target(spec, &manifest, &resources, &mut t)?;
+    let mut target = match revive_target(spec, &manifest, &resources, &mut t) {
+        Ok(target) => target,
+        // Its QEMU was killed (or crashed) before the session: the target stopped first.
+        Err(e) if crate::qemu::stopped(&e) => {
+            drop(controller_thread);
+            resources.release();
+            t.controller = Some(controller.kind());
+            let end = BuildEnd::Lost {
+                why: format!("the target VM stopped before the session: {e:#}"),
+                console_tail: String::new(),
+            };
+            return Ok(BuildOutcome { end, timings: t });
+        }
+        Err(e) => return Err(e),
+    };
     let session = wait_for_the_session(spec, start, &signals, &mut target, &mut controller_thread)?;
 
     let target_tail = target.console_tail();
@@ -189,7 +204,17 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
     resources.release();
     let done = Instant::now();
 
-    let controller_outcome = session.controller.transpose()?;
+    let controller_outcome = match session.controller {
+        // Its QEMU was killed (or crashed) while it started or revived: it stopped first.
+        Some(Err(e)) if crate::qemu::stopped(&e) => Some(ControllerOutcome {
+            end: ControllerEnd::Died {
+                why: format!("{e:#}"),
+                console_tail: String::new(),
+            },
+            marks: Default::default(),
+        }),
+        other => other.transpose()?,
+    };
     t.controller = Some(controller.kind());
     t.record_session(
         controller.as_ref(),
@@ -320,7 +345,8 @@ fn revive_target(
     t.revive = secs(Some(target.spawned), Some(revived));
     tracing::debug!("build: the target runs again; plugging the shares");
     for (i, server) in resources.servers.iter().enumerate() {
-        target.attach_share(&format!("fs{i}"), server.socket(), server.tag())?;
+        let attached = target.attach_share(&format!("fs{i}"), server.socket(), server.tag());
+        attached.map_err(|e| target.qemu.explain(e, "QEMU stopped"))?;
     }
     t.shares_attached = secs(Some(revived), Some(Instant::now()));
     tracing::debug!("build: shares plugged");
@@ -375,15 +401,19 @@ fn wait_for_the_session(
             early_end = Some(BuildEnd::Interrupted);
         } else if deadline.is_some_and(|d| Instant::now() >= d) {
             early_end = Some(BuildEnd::TimedOut(spec.timeout.unwrap_or_default()));
-        } else if !target_gone && target.qemu.try_wait()?.is_some() {
+        } else if let Some(status) = (!target_gone).then(|| target.qemu.exit_status()).flatten() {
             // A command that powered the target off after reporting its status has
             // finished: give its last console lines and the controller a moment.
             target_gone = true;
             std::thread::sleep(Duration::from_millis(200));
             drain(&target.events, &mut phases, &mut exit_status);
             if exit_status.is_none() {
+                let how = match status.signal() {
+                    Some(_) => format!(" (its QEMU ended by {status})"),
+                    None => String::new(),
+                };
                 early_end = Some(BuildEnd::Lost {
-                    why: "the target VM stopped during the build".into(),
+                    why: format!("the target VM stopped during the build{how}"),
                     console_tail: target.console_tail(),
                 });
             }

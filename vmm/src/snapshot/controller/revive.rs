@@ -314,8 +314,11 @@ impl Controller for RevivedController {
             start: Some(vm.spawned),
             ..Marks::default()
         };
-        vm.qmp
-            .revive_from_file(&self.state, self.format, Duration::from_secs(60))
+        let revived = vm
+            .qmp
+            .revive_from_file(&self.state, self.format, Duration::from_secs(60));
+        revived
+            .map_err(|e| vm.qemu.explain(e, "QEMU stopped"))
             .context("reviving the controller")?;
         marks.vmm_ready = Some(Instant::now());
         tracing::debug!("build: the controller runs again; handing it the session");
@@ -324,8 +327,9 @@ impl Controller for RevivedController {
         let mut line = base64(&session_files(plan));
         line.push('\n');
         vm.stdout.set_write_timeout(Some(Duration::from_secs(60)))?;
-        vm.stdout
-            .write_all(line.as_bytes())
+        let handed = vm.stdout.write_all(line.as_bytes());
+        handed
+            .map_err(|e| vm.qemu.explain(e.into(), "QEMU stopped"))
             .context("handing the session to the controller")?;
         vm.stdout.set_write_timeout(None)?;
         let out = spawn_copy(vm.stdout.try_clone()?, std::io::stdout())?;
@@ -374,9 +378,12 @@ impl Controller for RevivedController {
             match status {
                 Some(code) => classify(code, &marks),
                 None => ControllerEnd::Died {
-                    why: match vm.qemu.stderr() {
-                        e if e.is_empty() => "the controller VM stopped".into(),
-                        e => format!("the controller's QEMU exited: {e}"),
+                    why: match (vm.qemu.stderr(), vm.qemu.exit_status()) {
+                        (e, Some(status)) if e.is_empty() => {
+                            format!("its QEMU ended ({status})")
+                        }
+                        (e, _) if e.is_empty() => "the controller VM stopped".into(),
+                        (e, _) => format!("the controller's QEMU exited: {e}"),
                     },
                     console_tail: vm.tail.text(),
                 },
