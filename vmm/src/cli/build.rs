@@ -31,7 +31,8 @@ Exit status: the command's own, or
   122  the target never answered SSH (--ssh-wait) or refused the snapshot's key
   123  the target or the controller stopped before the command reported its status
   124  --timeout expired (everything was stopped)
-  125  vmbuild failed (QEMU would not start, a share would not attach or mount)
+  125  vmbuild failed (QEMU would not start, a share would not attach or mount, the
+       target's disk could not be written on the host: a full file system)
   127  the command is not in the target
   130  interrupted (SIGINT, SIGTERM or SIGHUP); everything was stopped and cleaned up
 A command that itself exits one of these codes cannot be told apart from them.
@@ -158,6 +159,10 @@ impl BuildArgs {
                     eprintln!("last console lines:\n{console_tail}");
                 }
                 exit::NO_EXIT_CODE
+            }
+            BuildEnd::HostFailed(why) => {
+                say(format!("{why}; everything was stopped"));
+                exit::VM_FAILED
             }
         })
     }

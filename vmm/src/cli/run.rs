@@ -34,7 +34,8 @@ Exit status: the command's own, or
   2    bad command line or input (nothing was started)
   123  the VM produced no exit code (kernel panic, crash, early power-off)
   124  --timeout expired (the VM was killed)
-  125  vmbuild or the guest's init failed (QEMU would not start, a share would not mount)
+  125  vmbuild or the guest's init failed (QEMU would not start, a share would not mount,
+       the disk could not be written on the host: a full file system)
   127  the command is not in the guest
   130  interrupted (SIGINT, SIGTERM or SIGHUP); the VM was stopped and cleaned up
 A command that itself exits 123, 124, 125 or 127 cannot be told apart from these.
@@ -206,6 +207,10 @@ impl RunArgs {
             RunEnd::Interrupted => {
                 eprintln!("vmbuild run: interrupted; the VM was stopped");
                 exit::INTERRUPTED
+            }
+            RunEnd::HostFailed(why) => {
+                eprintln!("vmbuild run: {why}; the VM was stopped");
+                exit::VM_FAILED
             }
             RunEnd::NoExitCode { why, console_tail } => {
                 eprintln!("vmbuild run: the VM produced no exit code: {why}");

@@ -25,8 +25,16 @@ pub enum ShutdownReason {
 /// Something QEMU said on its own.
 #[derive(Debug, Clone)]
 pub enum QmpEvent {
-    Shutdown { reason: ShutdownReason },
+    Shutdown {
+        reason: ShutdownReason,
+    },
     GuestPanicked,
+    /// A disk's host side failed (`BLOCK_IO_ERROR`); with `stopped` QEMU paused the guest
+    /// (its default for ENOSPC: the guest waits until someone frees space and resumes it).
+    DiskError {
+        stopped: bool,
+        reason: String,
+    },
 }
 
 /// The command side of a QMP connection. Events are read on a thread of their own and
@@ -105,6 +113,13 @@ fn read_messages(reader: BufReader<UnixStream>, replies: Sender<Value>, events: 
             }
             Some("GUEST_PANICKED") => {
                 let _ = events.send(QmpEvent::GuestPanicked);
+            }
+            Some("BLOCK_IO_ERROR") => {
+                let data = |k: &str| msg.pointer(&format!("/data/{k}")).and_then(Value::as_str);
+                let _ = events.send(QmpEvent::DiskError {
+                    stopped: data("action") == Some("stop"),
+                    reason: data("reason").unwrap_or("an I/O error").to_owned(),
+                });
             }
             Some(_) => {}
             None => {

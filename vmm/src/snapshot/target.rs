@@ -8,6 +8,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -48,6 +49,9 @@ pub struct TargetVm {
     tail: ConsoleTail,
     /// The time QEMU was spawned.
     pub spawned: Instant,
+    /// Set when QEMU paused the guest because its disk could not be written on the host.
+    disk_stopped: Arc<Mutex<Option<String>>>,
+    disk: PathBuf,
 }
 
 /// The QEMU options that make the machine: identical for bootstrap and every revive.
@@ -105,8 +109,18 @@ impl TargetVm {
         let (tx, events) = mpsc::channel();
         let (qmp_tx, qmp_rx) = mpsc::channel();
         let forward_tx = tx.clone();
+        let disk_stopped = Arc::new(Mutex::new(None));
+        let stopped = disk_stopped.clone();
         std::thread::spawn(move || {
             for e in qmp_rx {
+                if let QmpEvent::DiskError {
+                    stopped: true,
+                    reason,
+                } = &e
+                {
+                    let mut s = stopped.lock().unwrap_or_else(|p| p.into_inner());
+                    s.get_or_insert_with(|| reason.clone());
+                }
                 if forward_tx.send(TargetEvent::Qmp(e)).is_err() {
                     break;
                 }
@@ -121,7 +135,24 @@ impl TargetVm {
             events,
             tail,
             spawned,
+            disk_stopped,
+            disk: at.disk.to_owned(),
         })
+    }
+
+    /// Why the guest is paused for good, if QEMU paused it because its disk could not be
+    /// written on the host (a full file system: QEMU stops the guest on ENOSPC rather than
+    /// fail its writes, and it would wait forever).
+    pub fn disk_stopped(&self) -> Option<String> {
+        let reason = self
+            .disk_stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(format!(
+            "QEMU stopped the target: its disk {} could not be written on the host ({reason})",
+            self.disk.display()
+        ))
     }
 
     /// The last console lines, for error messages.

@@ -136,6 +136,9 @@ pub enum RunEnd {
         why: String,
         console_tail: String,
     },
+    /// The host failed the VM (QEMU paused it for good: its disk could not be written, a
+    /// full file system); it was stopped.
+    HostFailed(String),
 }
 
 pub struct RunOutcome {
@@ -359,6 +362,19 @@ fn wait_for_the_guest(
             Ok(Event::Console(ev, at)) => note_console_event(marks, &mut console_exit, &ev, at),
             Ok(Event::Qmp(QmpEvent::Shutdown { reason })) => shutdown = Some(reason),
             Ok(Event::Qmp(QmpEvent::GuestPanicked)) => shutdown = Some(ShutdownReason::GuestPanic),
+            // QEMU pauses the guest on ENOSPC and waits for someone to free space and
+            // resume it: nobody will.
+            Ok(Event::Qmp(QmpEvent::DiskError {
+                stopped: true,
+                reason,
+            })) => {
+                end = Some(RunEnd::HostFailed(format!(
+                    "QEMU stopped the guest: its disk could not be written on the host ({reason})"
+                )));
+                let _ = qmp.quit();
+                break;
+            }
+            Ok(Event::Qmp(QmpEvent::DiskError { .. })) => {}
             Ok(Event::Signal) => {
                 end = Some(RunEnd::Interrupted);
                 let _ = qmp.quit();

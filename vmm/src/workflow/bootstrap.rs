@@ -279,6 +279,7 @@ impl<'a> Bootstrap<'a> {
             spec.ssh_wait,
             &self.signals,
             self.state_format,
+            &|| target.disk_stopped(),
         )?;
         let mut target_up = None;
         while let Ok(ev) = target.events.try_recv() {

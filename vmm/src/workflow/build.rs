@@ -101,6 +101,9 @@ pub enum BuildEnd {
         why: String,
         console_tail: String,
     },
+    /// The host failed the build's VMs (the target's disk could not be written: a full
+    /// file system); the build was stopped.
+    HostFailed(String),
 }
 
 /// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
@@ -399,6 +402,10 @@ fn wait_for_the_session(
         }
         if signals.try_recv().is_ok() {
             early_end = Some(BuildEnd::Interrupted);
+        } else if let Some(why) = target.disk_stopped() {
+            // QEMU paused the target for good: nothing will happen until space is freed,
+            // and nobody is there to resume it.
+            early_end = Some(BuildEnd::HostFailed(why));
         } else if deadline.is_some_and(|d| Instant::now() >= d) {
             early_end = Some(BuildEnd::TimedOut(spec.timeout.unwrap_or_default()));
         } else if let Some(status) = (!target_gone).then(|| target.qemu.exit_status()).flatten() {

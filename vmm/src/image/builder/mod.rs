@@ -179,6 +179,7 @@ impl BuilderVm<'_> {
             RunEnd::NoExitCode { why, console_tail } => Err(fail(anyhow::anyhow!(
                 "the builder VM stopped: {why}\n{console_tail}"
             ))),
+            RunEnd::HostFailed(why) => Err(fail(anyhow::anyhow!("the builder VM stopped: {why}"))),
         }
     }
 }

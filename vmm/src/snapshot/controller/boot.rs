@@ -96,6 +96,10 @@ impl Controller for BootedController {
             RunEnd::Exited(code) => classify(code, &outcome.marks),
             RunEnd::Interrupted | RunEnd::TimedOut(_) => ControllerEnd::Interrupted,
             RunEnd::NoExitCode { why, console_tail } => ControllerEnd::Died { why, console_tail },
+            RunEnd::HostFailed(why) => ControllerEnd::Died {
+                why,
+                console_tail: String::new(),
+            },
         };
         Ok(ControllerOutcome {
             end,

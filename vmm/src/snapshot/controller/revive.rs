@@ -164,8 +164,9 @@ exec sh /etc/vmbuild/controller.sh </dev/null >&4 2>&5 4>&- 5>&-
 "#;
 
 /// Boots the controller for a snapshot, lets it log into the running target, and
-/// suspends it to `dir/CONTROLLER_STATE`. `parts` are the kit's initramfs and the
-/// controller archive; the assembled initramfs is kept as `dir/CONTROLLER_INITRD`.
+/// suspends it to `dir/CONTROLLER_STATE`; gives up with `target_stopped`'s reason once it
+/// has one. `parts` are the kit's initramfs and the controller archive; the assembled
+/// initramfs is kept as `dir/CONTROLLER_INITRD`.
 #[allow(clippy::too_many_arguments)]
 pub fn bootstrap_controller(
     machine: &ControllerMachine,
@@ -176,6 +177,7 @@ pub fn bootstrap_controller(
     ssh_wait: Duration,
     signals: &Receiver<()>,
     format: StateFormat,
+    target_stopped: &dyn Fn() -> Option<String>,
 ) -> anyhow::Result<Result<Marks, ControllerEnd>> {
     let known_hosts = format!("{} {}\n", network.target_ip, ssh.host_key);
     let probe = super::controller_script(&SessionPlan {
@@ -223,6 +225,10 @@ pub fn bootstrap_controller(
     loop {
         if signals.try_recv().is_ok() {
             return Ok(Err(ControllerEnd::Interrupted));
+        }
+        // A target QEMU paused (its disk full) would never answer: say why at once.
+        if let Some(why) = target_stopped() {
+            bail!(why);
         }
         match vm.events.recv_timeout(Duration::from_millis(20)) {
             Ok(TargetEvent::Phase(p, at)) => {
