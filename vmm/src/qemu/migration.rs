@@ -28,6 +28,22 @@ pub enum StateFormat {
     MappedRamMultifd(u8),
 }
 
+/// `e`, a failed save to the file `path`, with the reason QEMU does not give when the
+/// file system filled up (it reports what failed, often only as EIO): said when less than
+/// 1 MiB is left there.
+pub fn save_failed(e: anyhow::Error, path: &Path) -> anyhow::Error {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) if s.blocks_available().saturating_mul(s.fragment_size()) < 1 << 20 => {
+            e.context(format!(
+                "the file system of {} is full (No space left on device)",
+                dir.display()
+            ))
+        }
+        _ => e,
+    }
+}
+
 impl Qmp {
     pub fn stop(&mut self) -> anyhow::Result<()> {
         self.execute("stop", json!({})).map(drop)

@@ -193,8 +193,13 @@ impl<'a> Bootstrap<'a> {
     fn install(&mut self, keys: &Keys) -> Result<Boot, Stop> {
         let (spec, dir) = (self.spec, self.staging.path());
         let started = Instant::now();
-        std::fs::copy(&spec.kit.kernel, dir.join(KIT_KERNEL))?;
-        std::fs::copy(&spec.kit.initrd, dir.join(KIT_INITRD))?;
+        for (from, to) in [
+            (&spec.kit.kernel, KIT_KERNEL),
+            (&spec.kit.initrd, KIT_INITRD),
+        ] {
+            std::fs::copy(from, dir.join(to))
+                .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
+        }
         let boot = spec.profile.install(&InstallContext {
             out: dir,
             scratch: self.scratch.path(),
@@ -379,14 +384,15 @@ impl<'a> Bootstrap<'a> {
             .step("suspending the target to its memory state");
         let state = self.dir().join(STATE_FILE);
         let progress = &self.progress;
-        target
-            .qmp
-            .suspend_with_progress(
-                &format!("file:{}", state.display()),
-                self.state_format,
-                Duration::from_secs(600),
-                &mut |done, total| progress.fraction("saving memory", done, total),
-            )
+        let saved = target.qmp.suspend_with_progress(
+            &format!("file:{}", state.display()),
+            self.state_format,
+            Duration::from_secs(600),
+            &mut |done, total| progress.fraction("saving memory", done, total),
+        );
+        saved
+            .map_err(|e| target.qemu.explain(e, "QEMU stopped"))
+            .map_err(|e| crate::qemu::migration::save_failed(e, &state))
             .context("suspending the target")?;
         let suspend = step.done();
         self.timings.insert("suspend".into(), suspend);

@@ -269,12 +269,13 @@ pub fn bootstrap_controller(
             );
         }
     }
-    vm.qmp
-        .suspend_to_file(
-            &dir.join(CONTROLLER_STATE),
-            format,
-            Duration::from_secs(120),
-        )
+    let state = dir.join(CONTROLLER_STATE);
+    let saved = vm
+        .qmp
+        .suspend_to_file(&state, format, Duration::from_secs(120));
+    saved
+        .map_err(|e| vm.qemu.explain(e, "QEMU stopped"))
+        .map_err(|e| crate::qemu::migration::save_failed(e, &state))
         .context("suspending the controller")?;
     let _ = vm.qmp.quit();
     if vm.qemu.wait_timeout(Duration::from_secs(5))?.is_none() {
