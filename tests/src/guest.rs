@@ -231,21 +231,26 @@ impl GuestVm {
         args
     }
 
-    /// Boots, waits for the guest to power off (or the timeout), returns what happened.
-    pub fn run(&self) -> anyhow::Result<GuestOutcome> {
-        let dir = tempfile::tempdir()?;
-        let console = dir.path().join("console.log");
-        let start = Instant::now();
-        let child = Command::new("qemu-system-x86_64")
-            .args(self.qemu_args(&console))
+    /// Starts QEMU with its console in `console` and returns at once: for tests that stop
+    /// the guest themselves (the caller must kill and reap the child).
+    pub fn spawn(&self, console: &Path) -> anyhow::Result<Child> {
+        Command::new("qemu-system-x86_64")
+            .args(self.qemu_args(console))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context(
                 "starting qemu-system-x86_64 (is QEMU installed? scripts/install-host-deps.sh)",
-            )?;
-        let mut qemu = KillOnDrop(child);
+            )
+    }
+
+    /// Boots, waits for the guest to power off (or the timeout), returns what happened.
+    pub fn run(&self) -> anyhow::Result<GuestOutcome> {
+        let dir = tempfile::tempdir()?;
+        let console = dir.path().join("console.log");
+        let start = Instant::now();
+        let mut qemu = KillOnDrop(self.spawn(&console)?);
         let status = loop {
             if let Some(status) = qemu.0.try_wait()? {
                 break status;
