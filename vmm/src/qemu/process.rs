@@ -243,7 +243,10 @@ pub fn accept_all(
             break;
         }
         if let Some(status) = qemu.try_wait()? {
-            let message = format!("QEMU exited ({status}) while starting: {}", qemu.stderr());
+            let message = match qemu.stderr() {
+                said if said.is_empty() => format!("QEMU exited ({status}) while starting"),
+                said => format!("QEMU exited ({status}) while starting: {said}"),
+            };
             if status.signal().is_some() {
                 return Err(QemuStopped(message).into());
             }
