@@ -244,9 +244,20 @@ impl FuseClient {
     }
 
     pub fn mknod(&mut self, parent: u64, name: &str, mode: u32) -> FuseResult<EntryOut> {
+        self.mknod_device(parent, name, mode, 0)
+    }
+
+    /// MKNOD with a device number (`rdev`), for character and block devices.
+    pub fn mknod_device(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+    ) -> FuseResult<EntryOut> {
         let m = MknodIn {
             mode,
-            rdev: 0,
+            rdev,
             umask: 0,
             padding: 0,
         };

@@ -201,6 +201,21 @@ fn directories_links_symlinks_fifos_and_renames() {
         .file_type()
         .is_fifo());
 
+    // Device nodes are refused: one in xchg would be the host's own device (here
+    // /dev/sda, 8:0, and /dev/mem, 1:1) to whoever opens it on the host.
+    for (name, kind, rdev) in [
+        ("disk", libc::S_IFBLK, 8 << 8),
+        ("mem", libc::S_IFCHR, 1 << 8 | 1),
+    ] {
+        assert_eq!(
+            c.mknod_device(d.nodeid, name, kind | 0o666, rdev)
+                .unwrap_err(),
+            Errno(libc::EPERM),
+            "{name}"
+        );
+        assert!(fs::symlink_metadata(share.path(&format!("dir/{name}"))).is_err());
+    }
+
     // RENAME and RENAME2 (NOREPLACE refuses to clobber, EXCHANGE swaps).
     c.rename(d.nodeid, "hardlink", ROOT, "moved").unwrap();
     assert!(share.path("moved").exists() && !share.path("dir/hardlink").exists());

@@ -192,6 +192,14 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
+        // A device node is a door to the host's own device for whoever opens it on the
+        // host (the engine itself refuses to open one for a guest): a guest that is root
+        // in its VM and a server running as root would otherwise make, say, the host's
+        // disk appear in xchg. Builds need FIFOs and sockets, never devices (9p's Tmknod
+        // refuses them too).
+        if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.engine.mknod(ctx, parent, name, mode, rdev, umask)
     }
 
