@@ -62,14 +62,7 @@ impl OwnedDir {
                 .map(|(_, r)| r.to_owned())
                 .unwrap_or_default();
             let path = parent.join(format!("{prefix}-{}-{random}", std::process::id()));
-            // Never onto an existing directory (rename(2) would replace an empty one).
-            match nix::fcntl::renameat2(
-                None,
-                making.path(),
-                None,
-                &path,
-                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-            ) {
+            match rename_noreplace(making.path(), &path) {
                 Ok(()) => {
                     let _ = making.keep();
                     return Ok(OwnedDir {
@@ -103,6 +96,30 @@ impl Drop for OwnedDir {
         if let Some(path) = self.path.take() {
             let _ = std::fs::remove_dir_all(path);
         }
+    }
+}
+
+/// `rename(from, to)` that never replaces `to` (rename(2) would replace an empty
+/// directory). File systems without `RENAME_NOREPLACE` (9p, some FUSE and network file
+/// systems) answer `EINVAL`; there, a name that exists is refused first, and the rename
+/// can then only replace a directory someone made under the same name since: a name with
+/// our PID and the random part of the directory we hold.
+fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
+    use nix::errno::Errno;
+    match nix::fcntl::renameat2(
+        None,
+        from,
+        None,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Err(Errno::EINVAL) => {
+            if to.symlink_metadata().is_ok() {
+                return Err(Errno::EEXIST);
+            }
+            std::fs::rename(from, to).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        }
+        other => other,
     }
 }
 
