@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use virtiofs_bridge::ninep::NinepServer;
-use virtiofs_bridge::InProcessShare;
+use virtiofs_bridge::{InProcessShare, ShareConfig};
 use vswitch::VlanMode;
 
 use crate::guest::cmdline::{KernelCmdline, MountKind};
@@ -89,49 +89,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     let rundir = RuntimeDir::create_in(spec.runtime_dir.as_deref(), "run")?;
     let (xchg, _xchg_temp) = xchg_dir(spec.xchg.as_deref(), spec.keep_xchg)?;
     let shares = guest_shares(spec, &xchg);
-    // No virtio-rng or PCI reset register here (see `KernelCmdline::embedded_vmm`).
-    let mut cmdline = KernelCmdline::command_guest().embedded_vmm();
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    // The image first: the first virtio-blk device is /dev/vda.
-    if let Some(image) = &spec.image {
-        devices.push(Box::new(
-            embedded_vmm::virtio::block::BlockDevice::open(image)
-                .with_context(|| format!("the image {}", image.display()))?,
-        ));
-        cmdline = cmdline.image("/dev/vda");
-    }
-    if let Some(nic) = &spec.nic {
-        let NicLink::InProcess(switch) = &nic.link else {
-            anyhow::bail!("the embedded VMM's NIC is an in-process switch port, not a socket");
-        };
-        let mac = parse_mac(&nic.mac)
-            .with_context(|| format!("{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)", nic.mac))?;
-        devices.push(Box::new(NetDevice::new(
-            switch,
-            "embedded-guest",
-            mac,
-            VlanMode::default(),
-        )));
-    }
-    for (share, mount) in &shares {
-        let serving = || format!("serving share {}", share.tag);
-        let (device, kind): (Box<dyn VirtioDevice>, MountKind) = match spec.share_protocol {
-            ShareProtocol::Virtiofs => (
-                Box::new(FsDevice::new(Arc::new(
-                    InProcessShare::new(share).with_context(serving)?,
-                ))?),
-                MountKind::Virtiofs,
-            ),
-            ShareProtocol::NineP => (
-                Box::new(NinepDevice::new(Arc::new(
-                    NinepServer::new(share).with_context(serving)?,
-                ))),
-                MountKind::NineP,
-            ),
-        };
-        devices.push(device);
-        cmdline = cmdline.mount(kind, &share.tag, mount, share.read_only);
-    }
+    let (devices, cmdline) = devices(spec, &shares)?;
     let cmdline = cmdline
         .command(GUEST_SCRIPT_PATH)
         .extra(spec.append.as_deref())
@@ -178,7 +136,65 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
     drop(vm);
     drop(rundir);
     marks.done = Some(Instant::now());
-    let end = match (status, end) {
+    let end = run_end(status, end, spec, &console);
+    Ok(RunOutcome { end, marks })
+}
+
+/// The guest's virtio devices (the image first, so that it is /dev/vda; the NIC; one per
+/// share, virtio-fs or virtio-9p) and the kernel command line that mounts the shares.
+fn devices(
+    spec: &RunSpec,
+    shares: &[(ShareConfig, String)],
+) -> anyhow::Result<(Vec<Box<dyn VirtioDevice>>, KernelCmdline)> {
+    // No virtio-rng or PCI reset register here (see `KernelCmdline::embedded_vmm`).
+    let mut cmdline = KernelCmdline::command_guest().embedded_vmm();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(image) = &spec.image {
+        devices.push(Box::new(
+            embedded_vmm::virtio::block::BlockDevice::open(image)
+                .with_context(|| format!("the image {}", image.display()))?,
+        ));
+        cmdline = cmdline.image("/dev/vda");
+    }
+    if let Some(nic) = &spec.nic {
+        let NicLink::InProcess(switch) = &nic.link else {
+            anyhow::bail!("the embedded VMM's NIC is an in-process switch port, not a socket");
+        };
+        let mac = parse_mac(&nic.mac)
+            .with_context(|| format!("{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)", nic.mac))?;
+        devices.push(Box::new(NetDevice::new(
+            switch,
+            "embedded-guest",
+            mac,
+            VlanMode::default(),
+        )));
+    }
+    for (share, mount) in shares {
+        let serving = || format!("serving share {}", share.tag);
+        let (device, kind): (Box<dyn VirtioDevice>, MountKind) = match spec.share_protocol {
+            ShareProtocol::Virtiofs => (
+                Box::new(FsDevice::new(Arc::new(
+                    InProcessShare::new(share).with_context(serving)?,
+                ))?),
+                MountKind::Virtiofs,
+            ),
+            ShareProtocol::NineP => (
+                Box::new(NinepDevice::new(Arc::new(
+                    NinepServer::new(share).with_context(serving)?,
+                ))),
+                MountKind::NineP,
+            ),
+        };
+        devices.push(device);
+        cmdline = cmdline.mount(kind, &share.tag, mount, share.read_only);
+    }
+    Ok((devices, cmdline))
+}
+
+/// How the run ended, from the status the guest printed (if any) and how the vCPU loop
+/// stopped.
+fn run_end(status: Option<i32>, end: DriveEnd, spec: &RunSpec, console: &GuestConsole) -> RunEnd {
+    match (status, end) {
         (_, DriveEnd::Stopped) => RunEnd::Interrupted,
         (_, DriveEnd::DeadlinePassed | DriveEnd::Reached) => {
             RunEnd::TimedOut(spec.timeout.unwrap_or_default())
@@ -193,8 +209,7 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
             why: "the guest stopped without a status".into(),
             console_tail: console.tail(40),
         },
-    };
-    Ok(RunOutcome { end, marks })
+    }
 }
 
 pub(crate) fn parse_mac(text: &str) -> Option<[u8; 6]> {

@@ -75,6 +75,132 @@ const APPLETS: &[&str] = &[
     "sh", "mkdir", "mount", "cat", "ip", "hostname", "sync", "env",
 ];
 
+/// What goes into the image's copy, as one debugfs command file: debugfs writes into the
+/// ext4 file with no mount and no root. Host files it copies are staged in `files`.
+struct DebugfsScript {
+    files: PathBuf,
+    commands: String,
+}
+
+impl DebugfsScript {
+    fn new(files: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&files)?;
+        Ok(DebugfsScript {
+            files,
+            commands: String::new(),
+        })
+    }
+
+    /// `DIR` with `lib` and `bin`, and root's `.ssh`.
+    fn directories(&mut self) {
+        for d in [
+            DIR.to_owned(),
+            format!("{DIR}/lib"),
+            format!("{DIR}/bin"),
+            "/root/.ssh".into(),
+        ] {
+            self.commands
+                .push_str(&format!("mkdir {d}\nsif {d} mode 040700\n"));
+        }
+        self.commands.push_str(&format!(
+            "sif {DIR} mode 040755\nsif {DIR}/lib mode 040755\nsif {DIR}/bin mode 040755\n"
+        ));
+    }
+
+    /// The host file `host` as `guest`, owned by root, with `mode`.
+    fn file(&mut self, host: &Path, guest: &str, mode: u32) {
+        // debugfs copies the file a symbolic link names only if given its target.
+        let host = std::fs::canonicalize(host).unwrap_or_else(|_| host.to_owned());
+        self.commands.push_str(&format!(
+            "rm {guest}\nwrite {} {guest}\nsif {guest} mode 0{:o}\nsif {guest} uid 0\nsif {guest} gid 0\n",
+            host.display(),
+            0o100000 | mode
+        ));
+    }
+
+    /// `text` as `guest`, staged on the host as `name`.
+    fn text(&mut self, name: &str, text: &str, guest: &str, mode: u32) -> anyhow::Result<()> {
+        let host = self.files.join(name);
+        std::fs::write(&host, text)?;
+        self.file(&host, guest, mode);
+        Ok(())
+    }
+
+    /// The kit's static busybox as `DIR/init`, with the applets init and the sysinit
+    /// script use linked in `DIR/bin`.
+    fn busybox(&mut self, kit_initrd: &Path) -> anyhow::Result<()> {
+        let busybox = self.files.join("busybox");
+        kit_busybox(kit_initrd, &busybox)?;
+        self.file(&busybox, &format!("{DIR}/busybox"), 0o755);
+        self.commands
+            .push_str(&format!("symlink {DIR}/init busybox\n"));
+        for applet in APPLETS {
+            self.commands
+                .push_str(&format!("symlink {DIR}/bin/{applet} ../busybox\n"));
+        }
+        Ok(())
+    }
+
+    /// dropbear with its interpreter patched to `LOADER`, and its libraries in `DIR/lib`:
+    /// everything it runs with lives in DIR, and the image's libc stays its own.
+    fn dropbear(&mut self) -> anyhow::Result<()> {
+        let runtime = dropbear::runtime_files(Path::new(dropbear::SERVER), "/dropbear")?;
+        for (i, (host, guest)) in runtime.into_iter().enumerate() {
+            if i == 0 {
+                let patched = self.files.join("dropbear");
+                let elf = std::fs::read(&host)?;
+                let elf = with_interpreter(elf, LOADER)
+                    .with_context(|| format!("giving {} its own loader", host.display()))?;
+                std::fs::write(&patched, elf)?;
+                self.file(&patched, &format!("{DIR}/dropbear"), 0o755);
+                continue;
+            }
+            let name = Path::new(&guest)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with("ld-linux") {
+                self.file(&host, LOADER, 0o755);
+            } else {
+                self.file(&host, &format!("{DIR}/lib/{name}"), 0o644);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the commands on the ext4 file `raw`, and checks that they took: debugfs goes
+    /// on after a failed command.
+    fn apply(self, raw: &Path) -> anyhow::Result<()> {
+        let commands = self.files.join("debugfs.cmds");
+        std::fs::write(&commands, &self.commands)?;
+        run(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg("-f")
+                .arg(&commands)
+                .arg(raw),
+            "debugfs (Debian package e2fsprogs)",
+        )?;
+        for must in [
+            format!("{DIR}/dropbear"),
+            format!("{DIR}/lib/ld.so"),
+            "/etc/inittab".into(),
+        ] {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("stat {must}")])
+                .arg(raw)
+                .output()?;
+            if !String::from_utf8_lossy(&out.stdout).contains("Inode:") {
+                bail!(
+                    "writing {must} into the image failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Profile for Image {
     fn name(&self) -> &'static str {
         "image"
@@ -117,109 +243,26 @@ impl Profile for Image {
                 .arg(&raw),
             "cp",
         )?;
-        let files = ctx.scratch.join("image-files");
-        std::fs::create_dir_all(&files)?;
-        let mut script = String::new();
-        let add = |host: &Path, guest: &str, mode: u32, script: &mut String| {
-            // debugfs copies the file a symbolic link names only if given its target.
-            let host = std::fs::canonicalize(host).unwrap_or_else(|_| host.to_owned());
-            script.push_str(&format!(
-                "rm {guest}\nwrite {} {guest}\nsif {guest} mode 0{:o}\nsif {guest} uid 0\nsif {guest} gid 0\n",
-                host.display(),
-                0o100000 | mode
-            ));
-        };
-        for d in [
-            DIR.to_owned(),
-            format!("{DIR}/lib"),
-            format!("{DIR}/bin"),
-            "/root/.ssh".into(),
-        ] {
-            script.push_str(&format!("mkdir {d}\nsif {d} mode 040700\n"));
-        }
-        script.push_str(&format!(
-            "sif {DIR} mode 040755\nsif {DIR}/lib mode 040755\nsif {DIR}/bin mode 040755\n"
-        ));
-        let busybox = files.join("busybox");
-        kit_busybox(&ctx.kit.initrd, &busybox)?;
-        add(&busybox, &format!("{DIR}/busybox"), 0o755, &mut script);
-        script.push_str(&format!("symlink {DIR}/init busybox\n"));
-        for applet in APPLETS {
-            script.push_str(&format!("symlink {DIR}/bin/{applet} ../busybox\n"));
-        }
-        for (i, (host, guest)) in dropbear::runtime_files(Path::new(dropbear::SERVER), "/dropbear")?
-            .into_iter()
-            .enumerate()
-        {
-            // Everything dropbear runs with lives in DIR: the image's libc stays its own.
-            let name = Path::new(&guest)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let (to, mode) = if i == 0 {
-                let patched = files.join("dropbear");
-                let elf = std::fs::read(&host)?;
-                let elf = with_interpreter(elf, LOADER)
-                    .with_context(|| format!("giving {} its own loader", host.display()))?;
-                std::fs::write(&patched, elf)?;
-                add(&patched, &format!("{DIR}/dropbear"), 0o755, &mut script);
-                continue;
-            } else if name.starts_with("ld-linux") {
-                (LOADER.to_owned(), 0o755)
-            } else {
-                (format!("{DIR}/lib/{name}"), 0o644)
-            };
-            add(&host, &to, mode, &mut script);
-        }
-        add(ctx.host_key, HOST_KEY, 0o600, &mut script);
-        let mut text_file =
-            |name: &str, text: &str, guest: &str, mode: u32| -> anyhow::Result<()> {
-                let host = files.join(name);
-                std::fs::write(&host, text)?;
-                add(&host, guest, mode, &mut script);
-                Ok(())
-            };
-        text_file(
+        let mut script = DebugfsScript::new(ctx.scratch.join("image-files"))?;
+        script.directories();
+        script.busybox(&ctx.kit.initrd)?;
+        script.dropbear()?;
+        script.file(ctx.host_key, HOST_KEY, 0o600);
+        script.text(
             "target-init",
             &target_init_in(&format!("{DIR}/bin")),
             &format!("{DIR}/target-init"),
             0o755,
         )?;
-        text_file("inittab", &inittab(), "/etc/inittab", 0o644)?;
-        text_file(
+        script.text("inittab", &inittab(), "/etc/inittab", 0o644)?;
+        script.text(
             "authorized_keys",
             ctx.authorized_key,
             "/root/.ssh/authorized_keys",
             0o600,
         )?;
-        text_file("hostname", "vmbuild-target\n", "/etc/hostname", 0o644)?;
-        let commands = files.join("debugfs.cmds");
-        std::fs::write(&commands, &script)?;
-        run(
-            Command::new("debugfs")
-                .arg("-w")
-                .arg("-f")
-                .arg(&commands)
-                .arg(&raw),
-            "debugfs (Debian package e2fsprogs)",
-        )?;
-        // debugfs goes on after a failed command: check that the files are there.
-        for must in [
-            format!("{DIR}/dropbear"),
-            format!("{DIR}/lib/ld.so"),
-            "/etc/inittab".into(),
-        ] {
-            let out = Command::new("debugfs")
-                .args(["-R", &format!("stat {must}")])
-                .arg(&raw)
-                .output()?;
-            if !String::from_utf8_lossy(&out.stdout).contains("Inode:") {
-                bail!(
-                    "writing {must} into the image failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
+        script.text("hostname", "vmbuild-target\n", "/etc/hostname", 0o644)?;
+        script.apply(&raw)?;
         run(
             Command::new("qemu-img")
                 .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
