@@ -199,6 +199,7 @@ impl BuildArgs {
             offline: self.offline,
             epoch,
             accel: self.accel,
+            unpack_only: false,
         };
         if !distro.tested_here && !self.quiet {
             eprintln!(

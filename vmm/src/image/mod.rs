@@ -92,6 +92,10 @@ pub struct BuildRequest {
     /// SOURCE_DATE_EPOCH; default: the newest package's build time.
     pub epoch: Option<u64>,
     pub accel: AccelChoice,
+    /// Every package's files and nothing configured (no maintainer script runs): a
+    /// builder's own root, whose programs need only their files and libraries. Debian
+    /// only; never what a user asks for.
+    pub unpack_only: bool,
 }
 
 pub struct Built {
@@ -153,6 +157,7 @@ impl BuildRequest {
             "size": self.size_bytes,
             "epoch": self.epoch,
             "recipe": builder::recipe_digest(self.distro.manager),
+            "unpack_only": self.unpack_only,
         });
         hex(&Sha256::digest(text.to_string().as_bytes()))
     }
@@ -243,30 +248,81 @@ pub fn build(
     let key = image_key(req, &plan.packages, plan.epoch);
     let remember = Request {
         key: key.clone(),
-        release_digest: plan.release,
+        release_digest: plan.release.clone(),
     };
     if cache.image_path(&key).is_some() {
         cache.set_request(&request_hash, &remember)?;
         return hit(&cache, key, name);
     }
 
-    let (tar, work) = match req.distro.manager {
+    let (tar, work) = install(req, &archive, &plan, accel, &cache, progress, signals)?;
+    let step = progress.step("making the ext4 image");
+    let fs_uuid = uuid_of(&key);
+    let image = work.path().join(IMAGE_FILE);
+    mkfs::mkfs(&tar, &image, req.size_bytes, plan.epoch, &fs_uuid)?;
+    // The installer's and the scripts' words, with the phases' times, kept with the image.
+    let _ = std::fs::rename(
+        work.path().join("out/build.log"),
+        work.path().join(cache::LOG_FILE),
+    );
+    let _ = std::fs::remove_dir_all(work.path().join("out"));
+    let _ = std::fs::remove_dir_all(work.path().join("build"));
+    step.done();
+    let mut info = image_info(req, &archive, &plan, &key, fs_uuid);
+    info.build_seconds = started.elapsed().as_secs_f64();
+    let json = serde_json::to_vec_pretty(&info).expect("serializable");
+    std::fs::write(work.path().join(INFO_FILE), json).map_err(ImageError::io)?;
+    // Remove what a crashed builder may have left; a concurrent build of the same key may
+    // have finished first, and then its image is as good as this one.
+    let dest = cache.image_dir(&key);
+    if let Err(e) = work.persist_as(&dest) {
+        if cache.image_path(&key).is_none() {
+            return Err(ImageError::Failed(anyhow::anyhow!(
+                "storing the image in {}: {e}",
+                dest.display()
+            )));
+        }
+    }
+    cache.set_name(&name, &key)?;
+    cache.set_request(&request_hash, &remember)?;
+    Ok(Built {
+        path: cache.image_dir(&key).join(IMAGE_FILE),
+        key,
+        name,
+        info,
+        cache_hit: false,
+    })
+}
+
+/// Installs the planned packages into a new root in a builder VM, in an owned building
+/// directory of the cache; returns the root as a tar file and that directory.
+fn install(
+    req: &BuildRequest,
+    archive: &Archive,
+    plan: &Plan,
+    accel: crate::qemu::accel::Accel,
+    cache: &ImageCache,
+    progress: &Progress,
+    signals: Receiver<()>,
+) -> Result<(PathBuf, OwnedDir), ImageError> {
+    match req.distro.manager {
         PackageManager::Dpkg => {
             let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
             let tar = builder::dpkg::run_builder(
                 &builder::dpkg::BuilderInput {
-                    archive: &archive,
+                    archive,
                     debs: &plan.packages,
                     deb_cache: &plan.files,
                     epoch: plan.epoch,
                     size_bytes: req.size_bytes,
                     work: work.path(),
                     accel,
+                    unpack_only: req.unpack_only,
                 },
                 progress,
                 signals,
             )?;
-            (tar, work)
+            Ok((tar, work))
         }
         PackageManager::Rpm => {
             let (builder_image, signals) = relay(signals, |signals| {
@@ -284,7 +340,7 @@ pub fn build(
             let work = OwnedDir::create(cache.root(), BUILDING_PREFIX).map_err(ImageError::io)?;
             let tar = builder::rpm::run_builder(
                 &builder::rpm::RpmInput {
-                    archive: &archive,
+                    archive,
                     packages: &plan.packages,
                     cache: &plan.files,
                     epoch: plan.epoch,
@@ -296,24 +352,23 @@ pub fn build(
                 progress,
                 signals,
             )?;
-            (tar, work)
+            Ok((tar, work))
         }
-    };
-    let step = progress.step("making the ext4 image");
-    let fs_uuid = uuid_of(&key);
-    let image = work.path().join(IMAGE_FILE);
-    mkfs::mkfs(&tar, &image, req.size_bytes, plan.epoch, &fs_uuid)?;
-    // The installer's and the scripts' words, with the phases' times, kept with the image.
-    let _ = std::fs::rename(
-        work.path().join("out/build.log"),
-        work.path().join(cache::LOG_FILE),
-    );
-    let _ = std::fs::remove_dir_all(work.path().join("out"));
-    let _ = std::fs::remove_dir_all(work.path().join("build"));
-    step.done();
-    let info = ImageInfo {
+    }
+}
+
+/// What `image inspect` shows and the cache keeps next to the image (its build time is
+/// the caller's to fill in).
+fn image_info(
+    req: &BuildRequest,
+    archive: &Archive,
+    plan: &Plan,
+    key: &str,
+    fs_uuid: String,
+) -> ImageInfo {
+    ImageInfo {
         format: IMAGE_FORMAT,
-        key: key.clone(),
+        key: key.to_owned(),
         distro: req.distro.name.to_owned(),
         suite: req.distro.suite.to_owned(),
         arch: req.arch.debian().to_owned(),
@@ -337,30 +392,8 @@ pub fn build(
         source_date_epoch: plan.epoch,
         size_bytes: req.size_bytes,
         fs_uuid,
-        build_seconds: started.elapsed().as_secs_f64(),
-    };
-    let json = serde_json::to_vec_pretty(&info).expect("serializable");
-    std::fs::write(work.path().join(INFO_FILE), json).map_err(ImageError::io)?;
-    // Remove what a crashed builder may have left; a concurrent build of the same key may
-    // have finished first, and then its image is as good as this one.
-    let dest = cache.image_dir(&key);
-    if let Err(e) = work.persist_as(&dest) {
-        if cache.image_path(&key).is_none() {
-            return Err(ImageError::Failed(anyhow::anyhow!(
-                "storing the image in {}: {e}",
-                dest.display()
-            )));
-        }
+        build_seconds: 0.0,
     }
-    cache.set_name(&name, &key)?;
-    cache.set_request(&request_hash, &remember)?;
-    Ok(Built {
-        path: cache.image_dir(&key).join(IMAGE_FILE),
-        key,
-        name,
-        info,
-        cache_hit: false,
-    })
 }
 
 /// What resolution hands the builder.
@@ -504,6 +537,10 @@ fn rpm_builder_image(
         offline: req.offline,
         epoch: None,
         accel: req.accel,
+        // rpm and its libraries are all the builder runs (rpm.sh's tools are in the
+        // required set): no dpkg configuration, a few seconds of extraction instead of
+        // minutes of maintainer scripts under TCG.
+        unpack_only: true,
     };
     Ok(build(&builder, progress, signals)?.path)
 }
@@ -631,6 +668,7 @@ fn image_key(req: &BuildRequest, debs: &[PlannedDeb], epoch: u64) -> String {
         "epoch": epoch,
         "size": req.size_bytes,
         "recipe": builder::recipe_digest(req.distro.manager),
+        "unpack_only": req.unpack_only,
     });
     hex(&Sha256::digest(text.to_string().as_bytes()))
 }

@@ -34,6 +34,8 @@ pub struct BuilderInput<'a> {
     /// The build's own directory (removed with it).
     pub work: &'a Path,
     pub accel: Accel,
+    /// Extract every package and configure nothing (`UNPACK_ONLY` in the recipe).
+    pub unpack_only: bool,
 }
 
 /// Runs the builder; returns the path of the root's tar.
@@ -53,7 +55,7 @@ pub fn run_builder(
     let mut stage_list = String::new();
     let mut jobs = Vec::new();
     for (i, deb) in input.debs.iter().enumerate() {
-        let tar = if deb.required {
+        let tar = if deb.required || input.unpack_only {
             let name = format!("{i:03}-{}.tar", deb.name);
             stage_list.push_str(&name);
             stage_list.push('\n');
@@ -63,7 +65,13 @@ pub fn run_builder(
         };
         jobs.push((deb, tar));
     }
-    prepare_packages(&jobs, input.deb_cache, &debs_dir, progress)?;
+    let repack = !input.unpack_only;
+    prepare_packages(
+        &jobs,
+        input.deb_cache,
+        repack.then_some(&*debs_dir),
+        progress,
+    )?;
     let list = |pick: &dyn Fn(&PlannedDeb) -> bool| -> String {
         input
             .debs
@@ -95,6 +103,7 @@ pub fn run_builder(
             ("SUITE", input.archive.distro.suite.to_owned()),
             ("COMPONENTS", input.archive.distro.components.to_owned()),
             ("USR_LINKS", input.archive.arch.merged_usr_links().join(" ")),
+            ("UNPACK_ONLY", u8::from(input.unpack_only).to_string()),
         ],
         packages: input.debs.len(),
         size_bytes: input.size_bytes,
@@ -104,12 +113,13 @@ pub fn run_builder(
     .run(progress, signals)
 }
 
-/// For each job, the package's files as a tar (kept for the first stage, or removed) and
-/// the package again with them uncompressed, in parallel (decompression is most of it).
+/// For each job, the package's files as a tar (kept for the first stage, or removed) and,
+/// for dpkg (`debs_dir`), the package again with them uncompressed, in parallel
+/// (decompression is most of it).
 fn prepare_packages(
     jobs: &[(&PlannedDeb, (PathBuf, bool))],
     cache: &Path,
-    debs_dir: &Path,
+    debs_dir: Option<&Path>,
     progress: &crate::progress::Progress,
 ) -> Result<(), ImageError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,6 +141,9 @@ fn prepare_packages(
                 };
                 let src = cache.join(&deb.file);
                 let result = crate::image::deb::fsys_tarfile(&src, tar).and_then(|()| {
+                    let Some(debs_dir) = debs_dir else {
+                        return Ok(());
+                    };
                     crate::image::deb::repack_uncompressed(&src, tar, &debs_dir.join(&deb.file))
                         .map_err(anyhow::Error::from)
                 });

@@ -12,7 +12,10 @@
 #
 # Environment: EPOCH (SOURCE_DATE_EPOCH: the clock, and every newer mtime in the
 # result), MIRROR, SUITE, COMPONENTS (the image's apt sources), USR_LINKS (the merged-/usr
-# links), TTY=1 when the user's stderr is a terminal, QUIET=1 for no progress lines.
+# links), TTY=1 when the user's stderr is a terminal, QUIET=1 for no progress lines,
+# UNPACK_ONLY=1 for a root with every package's files and nothing configured (stage/
+# then holds every package; no dpkg runs): a builder's own root, whose programs need
+# their files and libraries only.
 #
 # The recipe is debootstrap's second stage (dpkg --unpack, then --configure --pending,
 # with services kept from starting), except that every dpkg error fails the build, and
@@ -95,70 +98,75 @@ mkdir -p "$T/var/lib/dpkg/info" "$T/var/lib/dpkg/updates" "$T/proc" "$T/sys" "$T
 [ -e "$T/var/lib/dpkg/available" ] || : >"$T/var/lib/dpkg/available"
 [ -e "$T/usr/bin/awk" ] || ln -s mawk "$T/usr/bin/awk"
 [ -e "$T/etc/localtime" ] || ln -s /usr/share/zoneinfo/UTC "$T/etc/localtime"
-mount -t proc proc "$T/proc"
-mount -t sysfs sysfs "$T/sys"
-mount -o bind /dev "$T/dev"
-mount -o bind /build/debs "$T$DEBS"
 
-# Services never start while the image is filled: invoke-rc.d asks policy-rc.d (101:
-# forbidden); start-stop-daemon and initctl are diverted to stubs that do nothing.
-say "installing the core packages"
-while read -r f; do
-	case "$f" in mawk_*) rm -f "$T/usr/bin/awk" ;; esac
-	dpkg_run installing 1 --force-depends --install "$DEBS/$f" || step_failed install
-done </build/core.list
+if [ "${UNPACK_ONLY:-0}" != 1 ]; then
+	mount -t proc proc "$T/proc"
+	mount -t sysfs sysfs "$T/sys"
+	mount -o bind /dev "$T/dev"
+	mount -o bind /build/debs "$T$DEBS"
 
-printf '#!/bin/sh\nexit 101\n' >"$T/usr/sbin/policy-rc.d"
-chmod 755 "$T/usr/sbin/policy-rc.d"
-SSD=$(chroot "$T" /usr/bin/dpkg-query -L dpkg </dev/null | grep '/start-stop-daemon$' | head -n 1)
-[ -n "$SSD" ] || fail internal "dpkg has no start-stop-daemon"
-for f in "$SSD" /sbin/initctl; do
-	chroot "$T" /usr/bin/dpkg-divert --quiet --local --rename --add "$f" </dev/null || fail internal "cannot divert $f"
-	printf '#!/bin/sh\necho "vmbuild image build: $0 $* (a stub: no services while building)" >&2\nexit 0\n' >"$T$f"
-	chmod 755 "$T$f"
-done
+	# Services never start while the image is filled: invoke-rc.d asks policy-rc.d (101:
+	# forbidden); start-stop-daemon and initctl are diverted to stubs that do nothing.
+	say "installing the core packages"
+	while read -r f; do
+		case "$f" in mawk_*) rm -f "$T/usr/bin/awk" ;; esac
+		dpkg_run installing 1 --force-depends --install "$DEBS/$f" || step_failed install
+	done </build/core.list
 
-n=$(wc -l </build/required.list)
-say "unpacking the $n required packages"
-dpkg_run unpacking "$n" --force-depends --unpack $(debs required.list) || step_failed unpack
-say "configuring the $n required packages"
-dpkg_run configuring "$n" --configure --pending --force-configure-any --force-depends ||
-	step_failed configure
+	printf '#!/bin/sh\nexit 101\n' >"$T/usr/sbin/policy-rc.d"
+	chmod 755 "$T/usr/sbin/policy-rc.d"
+	SSD=$(chroot "$T" /usr/bin/dpkg-query -L dpkg </dev/null | grep '/start-stop-daemon$' | head -n 1)
+	[ -n "$SSD" ] || fail internal "dpkg has no start-stop-daemon"
+	for f in "$SSD" /sbin/initctl; do
+		chroot "$T" /usr/bin/dpkg-divert --quiet --local --rename --add "$f" </dev/null || fail internal "cannot divert $f"
+		printf '#!/bin/sh\necho "vmbuild image build: $0 $* (a stub: no services while building)" >&2\nexit 0\n' >"$T$f"
+		chmod 755 "$T$f"
+	done
 
-n=$(wc -l </build/extra.list)
-if [ "$n" -gt 0 ]; then
-	say "unpacking $n more packages"
-	dpkg_run unpacking "$n" --unpack $(debs extra.list) || step_failed unpack
-	say "configuring $n more packages"
-	dpkg_run configuring "$n" --configure --pending || step_failed configure
+	n=$(wc -l </build/required.list)
+	say "unpacking the $n required packages"
+	dpkg_run unpacking "$n" --force-depends --unpack $(debs required.list) || step_failed unpack
+	say "configuring the $n required packages"
+	dpkg_run configuring "$n" --configure --pending --force-configure-any --force-depends ||
+		step_failed configure
+
+	n=$(wc -l </build/extra.list)
+	if [ "$n" -gt 0 ]; then
+		say "unpacking $n more packages"
+		dpkg_run unpacking "$n" --unpack $(debs extra.list) || step_failed unpack
+		say "configuring $n more packages"
+		dpkg_run configuring "$n" --configure --pending || step_failed configure
+	fi
+
+	say "checking the package database"
+	: >"$STEP"
+	chroot "$T" /usr/bin/dpkg --audit >"$STEP" 2>&1
+	if [ -s "$STEP" ]; then
+		cat "$STEP"
+		fail audit "dpkg --audit found packages that are not fully installed"
+	fi
+	if ! chroot "$T" /usr/bin/apt-get check -q >"$STEP" 2>&1; then
+		cat "$STEP"
+		fail audit "apt-get check found broken dependencies"
+	fi
+
+	for f in "$SSD" /sbin/initctl; do
+		rm -f "$T$f"
+		chroot "$T" /usr/bin/dpkg-divert --quiet --local --rename --remove "$f" || fail internal "cannot remove the diversion of $f"
+	done
+	rm -f "$T/usr/sbin/policy-rc.d"
+
+	printf 'deb %s %s %s\n' "$MIRROR" "$SUITE" "$COMPONENTS" >"$T/etc/apt/sources.list"
+	# What records when or how the image was built rather than what is in it.
+	rm -f "$T/var/log/dpkg.log" "$T/var/log/alternatives.log" "$T/var/log/apt/"*.log \
+		"$T/var/cache/ldconfig/aux-cache" "$T/var/lib/dpkg/"*-old "$T/var/cache/debconf/"*-old \
+		"$T/var/cache/apt/"*.bin
+	rm -rf "$T/tmp/"* "$T/var/tmp/"* "$T/var/lib/apt/lists/"*_*
+	umount "$T$DEBS" "$T/dev" "$T/sys" "$T/proc"
+	rmdir "$T$DEBS"
+else
+	rmdir "$T$DEBS"
 fi
-
-say "checking the package database"
-: >"$STEP"
-chroot "$T" /usr/bin/dpkg --audit >"$STEP" 2>&1
-if [ -s "$STEP" ]; then
-	cat "$STEP"
-	fail audit "dpkg --audit found packages that are not fully installed"
-fi
-if ! chroot "$T" /usr/bin/apt-get check -q >"$STEP" 2>&1; then
-	cat "$STEP"
-	fail audit "apt-get check found broken dependencies"
-fi
-
-for f in "$SSD" /sbin/initctl; do
-	rm -f "$T$f"
-	chroot "$T" /usr/bin/dpkg-divert --quiet --local --rename --remove "$f" || fail internal "cannot remove the diversion of $f"
-done
-rm -f "$T/usr/sbin/policy-rc.d"
-
-printf 'deb %s %s %s\n' "$MIRROR" "$SUITE" "$COMPONENTS" >"$T/etc/apt/sources.list"
-# What records when or how the image was built rather than what is in it.
-rm -f "$T/var/log/dpkg.log" "$T/var/log/alternatives.log" "$T/var/log/apt/"*.log \
-	"$T/var/cache/ldconfig/aux-cache" "$T/var/lib/dpkg/"*-old "$T/var/cache/debconf/"*-old \
-	"$T/var/cache/apt/"*.bin
-rm -rf "$T/tmp/"* "$T/var/tmp/"* "$T/var/lib/apt/lists/"*_*
-umount "$T$DEBS" "$T/dev" "$T/sys" "$T/proc"
-rmdir "$T$DEBS"
 
 say "packing the file system"
 # Sorted, numeric, times clamped to EPOCH: the same files give the same bytes.

@@ -1,6 +1,7 @@
 //! The rpm recipe: one rpm transaction into an empty database (`rpm.sh`), in a builder
-//! VM whose root is a Debian image with rpm, which vmbuild builds once with its own dpkg
-//! recipe and keeps in the image cache under [`BUILDER_IMAGE_NAME`].
+//! VM whose root is a Debian image with rpm, which vmbuild makes once with its own dpkg
+//! recipe, unpacked only (rpm needs its files and libraries, not Debian's maintainer
+//! scripts), and keeps in the image cache under [`BUILDER_IMAGE_NAME`].
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
