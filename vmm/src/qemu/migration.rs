@@ -55,7 +55,12 @@ impl Qmp {
 
     /// `query-status`'s status ("running", "paused", "inmigrate", "postmigrate", ...).
     pub fn status(&mut self) -> anyhow::Result<String> {
-        let s = self.execute("query-status", json!({}))?;
+        self.status_within(Duration::from_secs(30))
+    }
+
+    /// [`Qmp::status`], waiting up to `patience` for QEMU to answer.
+    fn status_within(&mut self, patience: Duration) -> anyhow::Result<String> {
+        let s = self.execute_within("query-status", json!({}), patience)?;
         Ok(s.get("status")
             .and_then(Value::as_str)
             .unwrap_or("")
@@ -150,7 +155,12 @@ impl Qmp {
         self.execute("migrate-incoming", json!({ "uri": uri }))?;
         let deadline = Instant::now() + timeout;
         loop {
-            match self.status()?.as_str() {
+            // While the state loads, QEMU's main loop answers nothing: as long as the
+            // revive may take, not QMP's usual 30 s (a starved host took longer).
+            let patience = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(30));
+            match self.status_within(patience)?.as_str() {
                 "running" => return Ok(start.elapsed()),
                 // Loaded but not started (QEMU was given -S): start it.
                 "paused" | "prelaunch" if self.migration_status()? == "completed" => self.cont()?,

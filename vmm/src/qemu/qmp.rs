@@ -69,12 +69,24 @@ impl Qmp {
 
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        self.execute_within(command, arguments, std::time::Duration::from_secs(30))
+    }
+
+    /// [`Qmp::execute`], waiting up to `patience` for the reply: QEMU answers only between
+    /// main-loop iterations, and loading a migration stream holds the main loop for as
+    /// long as the load takes.
+    pub fn execute_within(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        patience: std::time::Duration,
+    ) -> anyhow::Result<Value> {
         let msg = json!({ "execute": command, "arguments": arguments });
         writeln!(self.writer, "{msg}").with_context(|| format!("sending QMP {command}"))?;
         let reply = self
             .replies
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .with_context(|| format!("no QMP reply to {command}"))?;
+            .recv_timeout(patience)
+            .with_context(|| format!("no QMP reply to {command} within {patience:?}"))?;
         if let Some(err) = reply.get("error") {
             bail!("QMP {command} failed: {err}");
         }
