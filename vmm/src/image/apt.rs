@@ -57,6 +57,27 @@ struct Stanza {
     sha256: String,
 }
 
+/// The private root of a package manager (apt's, dnf's) for `archive` under `parent`:
+/// one per distribution, architecture and mirror, with `subdirs` made, and locked for as
+/// long as the lock is held (two builds never write one root's lists at once).
+pub(super) fn locked_root(
+    parent: &Path,
+    archive: &Archive,
+    arch: &str,
+    subdirs: &[&str],
+) -> Result<(PathBuf, nix::fcntl::Flock<File>), ImageError> {
+    let tag = hex(&Sha256::digest(archive.mirror.as_bytes()))[..12].to_owned();
+    let dir = parent.join(format!("{}-{arch}-{tag}", archive.distro.name));
+    for sub in subdirs {
+        std::fs::create_dir_all(dir.join(sub))
+            .map_err(|e| ImageError::Failed(anyhow::anyhow!("creating {}: {e}", dir.display())))?;
+    }
+    let lock = File::create(dir.join("lock")).map_err(ImageError::io)?;
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| ImageError::Failed(anyhow::anyhow!("locking {}: {e}", dir.display())))?;
+    Ok((dir, lock))
+}
+
 impl AptRoot {
     /// Creates (or reuses) the apt root for `archive` under `parent`.
     pub fn open(parent: &Path, archive: &Archive) -> Result<AptRoot, ImageError> {
@@ -73,27 +94,18 @@ impl AptRoot {
                 }
             );
         }
-        let tag = hex(&Sha256::digest(archive.mirror.as_bytes()))[..12].to_owned();
-        let dir = parent.join(format!(
-            "{}-{}-{tag}",
-            archive.distro.name,
-            archive.arch.debian()
-        ));
-        for sub in [
-            "etc/apt/apt.conf.d",
-            "etc/apt/preferences.d",
-            "etc/apt/sources.list.d",
-            "var/lib/apt/lists/partial",
-            "var/cache/apt/archives/partial",
-            "var/lib/dpkg",
-        ] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
-                ImageError::Failed(anyhow::anyhow!("creating {}: {e}", dir.display()))
-            })?;
-        }
-        let lock = File::create(dir.join("lock")).map_err(ImageError::io)?;
-        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
-            |(_, e)| ImageError::Failed(anyhow::anyhow!("locking {}: {e}", dir.display())),
+        let (dir, lock) = locked_root(
+            parent,
+            archive,
+            archive.arch.debian(),
+            &[
+                "etc/apt/apt.conf.d",
+                "etc/apt/preferences.d",
+                "etc/apt/sources.list.d",
+                "var/lib/apt/lists/partial",
+                "var/cache/apt/archives/partial",
+                "var/lib/dpkg",
+            ],
         )?;
         let write =
             |rel: &str, text: String| std::fs::write(dir.join(rel), text).map_err(ImageError::io);

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
-use super::apt::{hex, Archive, PlannedDeb};
+use super::apt::{hex, locked_root, Archive, PlannedDeb};
 use super::ImageError;
 use crate::image::usage;
 
@@ -63,20 +63,11 @@ impl DnfRoot {
                 archive.distro.keyring
             );
         }
-        let tag = hex(&Sha256::digest(archive.mirror.as_bytes()))[..12].to_owned();
-        let dir = parent.join(format!(
-            "{}-{}-{tag}",
-            archive.distro.name,
-            archive.arch.rpm()
-        ));
-        for sub in ["repos.d", "cache", "root"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
-                ImageError::Failed(anyhow::anyhow!("creating {}: {e}", dir.display()))
-            })?;
-        }
-        let lock = File::create(dir.join("lock")).map_err(ImageError::io)?;
-        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
-            |(_, e)| ImageError::Failed(anyhow::anyhow!("locking {}: {e}", dir.display())),
+        let (dir, lock) = locked_root(
+            parent,
+            archive,
+            archive.arch.rpm(),
+            &["repos.d", "cache", "root"],
         )?;
         // Signatures are checked on the packages themselves (rpmkeys), not by dnf, which
         // only resolves here and never installs.

@@ -49,15 +49,13 @@ impl ConsoleGuest {
             .serial_socket("con", &con_l)
             .incoming(config.incoming)
             .argv();
-        let (mut qemu, streams) = QemuProcess::start_connected(
+        let (mut qemu, qmp_s, console) = QemuProcess::start_with_qmp_and_console(
             &qemu_bin.path,
             &a,
             &dir.join(format!("{name}.stderr")),
-            false,
-            &[&qmp_l, &con_l],
+            &qmp_l,
+            &con_l,
         )?;
-        let mut streams = streams.into_iter();
-        let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
         let (tx, events) = mpsc::channel();
         let qmp = qemu.qmp_handshake(qmp_s, tx)?;
         Ok(ConsoleGuest {

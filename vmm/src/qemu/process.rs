@@ -215,6 +215,23 @@ impl QemuProcess {
         let streams = accept_all(listeners, &mut qemu, CONNECT_TIMEOUT)?;
         Ok((qemu, streams))
     }
+
+    /// [`QemuProcess::start_connected`] for the usual pair, the QMP monitor and one
+    /// console socket: returns QEMU and the two connections, in that order.
+    pub fn start_with_qmp_and_console(
+        binary: &Path,
+        args: &[String],
+        stderr_path: &Path,
+        qmp: &ChardevListener,
+        console: &ChardevListener,
+    ) -> anyhow::Result<(QemuProcess, UnixStream, UnixStream)> {
+        let (qemu, streams) =
+            Self::start_connected(binary, args, stderr_path, false, &[qmp, console])?;
+        let [qmp, console]: [UnixStream; 2] = streams
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("QEMU made other connections than asked"))?;
+        Ok((qemu, qmp, console))
+    }
 }
 
 /// Accepts QEMU's connection on every listener, in whatever order QEMU makes them; fails

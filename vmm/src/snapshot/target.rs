@@ -97,15 +97,13 @@ impl TargetVm {
             .argv();
         tracing::debug!("target QEMU: {}", args.join(" "));
         let spawned = Instant::now();
-        let (mut qemu, streams) = QemuProcess::start_connected(
+        let (mut qemu, qmp_s, console) = QemuProcess::start_with_qmp_and_console(
             &qemu_bin.path,
             &args,
             &at.rundir.join("target-qemu.stderr"),
-            false,
-            &[&qmp_l, &con_l],
+            &qmp_l,
+            &con_l,
         )?;
-        let mut streams = streams.into_iter();
-        let (qmp_s, console) = (streams.next().unwrap(), streams.next().unwrap());
         let (tx, events) = mpsc::channel();
         let (qmp_tx, qmp_rx) = mpsc::channel();
         let forward_tx = tx.clone();
