@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::exit;
 use crate::qemu::QemuBinary;
-use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
+use crate::snapshot::manifest::{self, Manifest, SnapshotError, SnapshotProblem};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
@@ -133,11 +133,13 @@ fn share(dir: &Path, group: &str) -> i32 {
     }
 }
 
-fn problem_code(e: &anyhow::Error) -> (i32, &'static str) {
-    match e.downcast_ref::<SnapshotProblem>() {
-        Some(SnapshotProblem::Damaged(_)) => (exit::SNAPSHOT_DAMAGED, "damaged"),
-        Some(SnapshotProblem::Incompatible(_)) => (exit::SNAPSHOT_INCOMPATIBLE, "incompatible"),
-        None => (exit::FAILURE, "error"),
+fn problem_code(e: &SnapshotError) -> (i32, &'static str) {
+    match e {
+        SnapshotError::Problem(SnapshotProblem::Damaged(_)) => (exit::SNAPSHOT_DAMAGED, "damaged"),
+        SnapshotError::Problem(SnapshotProblem::Incompatible(_)) => {
+            (exit::SNAPSHOT_INCOMPATIBLE, "incompatible")
+        }
+        SnapshotError::Other(_) => (exit::FAILURE, "error"),
     }
 }
 

@@ -30,6 +30,17 @@ pub enum SnapshotProblem {
     Incompatible(String),
 }
 
+/// What checking a snapshot can end in: a problem with the snapshot, which callers
+/// branch on (each has its exit code), or anything else (an I/O error, QEMU that will
+/// not list its machines), which they pass up.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Problem(#[from] SnapshotProblem),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -172,7 +183,7 @@ pub struct FileEntry {
 
 impl Manifest {
     /// Reads `dir`'s manifest; a missing or unreadable one makes the snapshot damaged.
-    pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
+    pub fn load(dir: &Path) -> Result<Manifest, SnapshotError> {
         if !dir.is_dir() {
             let what = if dir.exists() {
                 "it is not a directory"
@@ -317,7 +328,7 @@ impl Manifest {
     /// migration compatible across versions only for live migration with matching
     /// machine types and devices; a state file made by another build is refused rather
     /// than risked) and the machine type.
-    pub fn check_qemu(&self, qemu: &QemuBinary) -> anyhow::Result<()> {
+    pub fn check_qemu(&self, qemu: &QemuBinary) -> Result<(), SnapshotError> {
         let (a, b, c) = qemu.version;
         let here = format!("{a}.{b}.{c}");
         if here != self.qemu.version {
@@ -351,7 +362,7 @@ impl Manifest {
     /// The state file and the manifest agree on the machine type the target was saved
     /// from. An edited manifest (or files from two snapshots) would pass every checksum,
     /// "can revive" by QEMU's list of machine types, and then fail at every build.
-    pub fn check_state_machine(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn check_state_machine(&self, dir: &Path) -> Result<(), SnapshotError> {
         let path = dir.join(&self.state.file);
         match state_machine_type(&path) {
             Ok(Some(saved)) if saved != self.machine.machine => Err(SnapshotProblem::Damaged(format!(
@@ -416,7 +427,11 @@ pub struct FileCheck {
 /// sha256. `full` hashes every file; otherwise a file whose inode, size, mtime and ctime
 /// are unchanged since it last passed a full check is not hashed again (any write to it
 /// changes its ctime), which keeps a 1 GiB state file from costing every build ~0.5 s.
-pub fn verify_files(dir: &Path, manifest: &Manifest, full: bool) -> anyhow::Result<Vec<FileCheck>> {
+pub fn verify_files(
+    dir: &Path,
+    manifest: &Manifest,
+    full: bool,
+) -> Result<Vec<FileCheck>, SnapshotError> {
     verify_some_files(dir, manifest, full, |_| true)
 }
 
@@ -430,7 +445,7 @@ pub fn verify_some_files(
     manifest: &Manifest,
     full: bool,
     wanted: impl Fn(&str) -> bool,
-) -> anyhow::Result<Vec<FileCheck>> {
+) -> Result<Vec<FileCheck>, SnapshotError> {
     let mut checks = Vec::new();
     for entry in manifest.files.iter().filter(|e| wanted(&e.role)) {
         let path = dir.join(&entry.name);
@@ -636,7 +651,7 @@ mod tests {
 
     #[test]
     fn file_names_must_stay_inside_the_snapshot() {
-        for ok in ["state", "ssh/client_key", "controller-kvm/vcpus.json"] {
+        for ok in ["state", "ssh/client_key", "controller-kvm/vm-state.json"] {
             assert!(is_snapshot_file_name(ok), "{ok}");
         }
         // Manifest::load accepted names like these (the snapshot_files fuzz target's

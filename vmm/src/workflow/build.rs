@@ -35,7 +35,7 @@ use crate::snapshot::controller::{
     BootVmm, BootedController, Controller, ControllerEnd, ControllerOutcome,
     EmbeddedRevivedController, RevivedController, SessionPlan, EMBEDDED_CONTROLLER_DIR,
 };
-use crate::snapshot::manifest::{self, Manifest, SnapshotProblem};
+use crate::snapshot::manifest::{self, Manifest, SnapshotError, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
 use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
@@ -255,11 +255,13 @@ fn check_snapshot(
     });
     match checked {
         Ok(m) => Ok(Ok(m)),
-        Err(e) => match e.downcast::<SnapshotProblem>() {
-            Ok(SnapshotProblem::Damaged(m)) => Ok(Err(BuildEnd::SnapshotDamaged(m))),
-            Ok(SnapshotProblem::Incompatible(m)) => Ok(Err(BuildEnd::SnapshotIncompatible(m))),
-            Err(e) => Err(e),
-        },
+        Err(SnapshotError::Problem(SnapshotProblem::Damaged(m))) => {
+            Ok(Err(BuildEnd::SnapshotDamaged(m)))
+        }
+        Err(SnapshotError::Problem(SnapshotProblem::Incompatible(m))) => {
+            Ok(Err(BuildEnd::SnapshotIncompatible(m)))
+        }
+        Err(SnapshotError::Other(e)) => Err(e),
     }
 }
 
@@ -584,7 +586,7 @@ fn choose_controller(
         })?;
         let state = format!(
             "{EMBEDDED_CONTROLLER_DIR}/{}",
-            embedded_vmm::snapshot::STATE_FILE
+            embedded_vmm::snapshot::VM_STATE_FILE
         );
         anyhow::ensure!(
             checked.iter().any(|f| f.name == state),
