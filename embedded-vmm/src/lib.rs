@@ -23,7 +23,6 @@ pub mod cpuid;
 pub mod linux;
 pub mod memory;
 pub mod random;
-pub mod serial;
 pub mod snapshot;
 pub mod uart;
 pub mod vcpu;

@@ -5,8 +5,8 @@
 //! restore costs an mmap plus a few ioctls per vCPU, and many VMs can restore from one
 //! snapshot at once.
 //!
-//! Layout of `DIR/vcpus.json`: `{"magic": "vmbuild-kvm-snapshot", "version": 1, ...}`;
-//! memory in `DIR/memory` (sparse where the guest never wrote). A state file of another
+//! Layout of `DIR/vm-state.json`: `{"magic": "vmbuild-kvm-snapshot", "version": 7, ...}`;
+//! memory in `DIR/memory-<id>` (sparse where the guest never wrote). A state file of another
 //! version, a wrong magic, a memory file of the wrong size: refused with what is wrong.
 
 use std::path::Path;
@@ -29,8 +29,12 @@ pub const MAGIC: &str = "vmbuild-kvm-snapshot";
 /// registers at 0x600, the VM generation ID. 5: CPUID says "hypervisor" (the guest runs
 /// on kvm-clock and KVM's paravirtual MSRs, which are saved), no CMOS RTC in the FADT.
 /// 6: KVM's structures in kvm-bindings' serde form; no separate FPU state (XSAVE has it).
-pub const VERSION: u32 = 6;
-pub const STATE_FILE: &str = "vcpus.json";
+/// 7: the state file is `vm-state.json` (it was `vcpus.json`, though it holds the whole
+/// VM's state, devices included).
+pub const VERSION: u32 = 7;
+/// The VM's state: every vCPU, the in-kernel devices, the virtio devices, the memory
+/// file's name.
+pub const VM_STATE_FILE: &str = "vm-state.json";
 /// Guest memory is saved as `memory-<id>`, named in the state file: a new snapshot in
 /// the same directory never rewrites a file that restored VMs still map, and a state file
 /// can only ever be paired with the memory written with it.
@@ -238,9 +242,9 @@ pub fn save_with(vm: &Vm, dir: &Path, devices: Option<serde_json::Value>) -> any
         pc,
         devices,
     };
-    let tmp = dir.join(".vcpus.json.tmp");
+    let tmp = dir.join(".vm-state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    std::fs::rename(&tmp, dir.join(VM_STATE_FILE))?;
     // Memory of earlier snapshots here is no longer named by the state file. VMs that
     // still map it keep their pages: unlinking does not take a mapping away.
     for entry in std::fs::read_dir(dir)?.flatten() {
@@ -254,7 +258,8 @@ pub fn save_with(vm: &Vm, dir: &Path, devices: Option<serde_json::Value>) -> any
 
 /// The memory file of the snapshot in `dir`, as its state file names it.
 pub fn memory_file(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE))?)?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(VM_STATE_FILE))?)?;
     let name = state
         .get("memory_file")
         .and_then(|n| n.as_str())
@@ -299,12 +304,12 @@ pub fn restore_with(dir: &Path) -> anyhow::Result<(Vm, Option<serde_json::Value>
 /// VMM wrote (magic, version, every field), its vCPU states are whole, and the memory
 /// file it names lies in `dir` and has the size it says; the memory is then mapped.
 fn load(dir: &Path) -> anyhow::Result<(StateFile, GuestRam)> {
-    let path = dir.join(STATE_FILE);
+    let path = dir.join(VM_STATE_FILE);
     let text = std::fs::read(&path).with_context(|| {
         format!(
             "{} is not a snapshot: cannot read {}",
             dir.display(),
-            STATE_FILE
+            VM_STATE_FILE
         )
     })?;
     let header: serde_json::Value =

@@ -7,11 +7,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The test guests' console: only these tests use a transmit-only UART (Linux guests get
+/// the full one, `embedded_vmm::uart`).
+#[path = "support/serial.rs"]
+mod serial;
+use serial::SerialConsole;
+
 use vm_memory::{Bytes, GuestAddress};
 
 use embedded_vmm::cpu_mode::{enter, CpuMode};
 use embedded_vmm::memory::GuestRam;
-use embedded_vmm::serial::SerialConsole;
 use embedded_vmm::snapshot;
 use embedded_vmm::vcpu::{run, Bus, Stop};
 use embedded_vmm::vm::Vm;
@@ -321,7 +327,7 @@ fn damaged_or_foreign_snapshots_are_refused() {
     count_until(&mut vm, 10);
     snapshot::save(&vm, &snap).unwrap();
 
-    let state = snap.join(snapshot::STATE_FILE);
+    let state = snap.join(snapshot::VM_STATE_FILE);
     let original = std::fs::read_to_string(&state).unwrap();
     std::fs::write(
         &state,

@@ -1,9 +1,9 @@
 //! `snapshot_files`: the files a snapshot directory holds, as a restore or `vmbuild
-//! build` reads them: the embedded VMM's state file (`vcpus.json`: vCPUs, memory file,
+//! build` reads them: the embedded VMM's state file (`vm-state.json`: vCPUs, memory file,
 //! device state) and the lifecycle's `manifest.json`.
 //!
 //! Input: `kind[1]`. Kind bit 0 clear: `devices[1] state-file...`: the rest is
-//! `vcpus.json` in a directory that also holds memory files (`memory-0000000000000001`,
+//! `vm-state.json` in a directory that also holds memory files (`memory-0000000000000001`,
 //! 64 KiB, and `memory-0000000000000002`, 12 KiB); `devices` picks, in this order, the
 //! devices the restoring VM offers: console, net, 9p (the store), fs (the store), block.
 //! Kind bit 0 set: the rest is `manifest.json` in a directory with the files a bootstrap
@@ -57,7 +57,7 @@ pub fn manifest_files() -> Vec<(&'static str, Vec<u8>)> {
         ("initrd.img", content(25, 2000)),
         ("controller-state", content(26, 700)),
         ("controller-initrd.img", content(27, 900)),
-        ("controller-kvm/vcpus.json", b"{}".to_vec()),
+        ("controller-kvm/vm-state.json", b"{}".to_vec()),
     ]
 }
 
@@ -98,7 +98,7 @@ fn state_input(devices: u8, state: &[u8]) {
             std::fs::write(&p, content(len as u64, len)).unwrap();
         }
     }
-    std::fs::write(dir.join(embedded_vmm::snapshot::STATE_FILE), state).unwrap();
+    std::fs::write(dir.join(embedded_vmm::snapshot::VM_STATE_FILE), state).unwrap();
     let fds = Fds::now();
     let Ok((ram, device_state)) = embedded_vmm::snapshot::check(&dir) else {
         return;

@@ -1032,7 +1032,7 @@ fn a_missing_embedded_controller_costs_only_itself() {
         let files = m["files"].as_array_mut().unwrap();
         files.retain(|f| f["role"] != "embedded-controller");
         files.push(serde_json::json!({
-            "name": "controller-kvm/vcpus.json",
+            "name": "controller-kvm/vm-state.json",
             "role": "embedded-controller",
             "bytes": 10,
             "sha256": "00",

@@ -184,9 +184,9 @@ fn a_controller_stops_when_told_and_a_damaged_snapshot_is_caught_early() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    std::fs::write(snapshot.join("vcpus.json"), b"{").unwrap();
+    std::fs::write(snapshot.join("vm-state.json"), b"{").unwrap();
     let e = controller.check(&network.controller_mac).unwrap_err();
-    assert!(format!("{e:#}").contains("vcpus.json"), "{e:#}");
+    assert!(format!("{e:#}").contains("vm-state.json"), "{e:#}");
     let (_tx, rx) = std::sync::mpsc::channel();
     assert!(controller.run_session(&plan, rx).is_err());
 }
