@@ -55,7 +55,7 @@ impl Qmp {
 
     /// `query-status`'s status ("running", "paused", "inmigrate", "postmigrate", ...).
     pub fn status(&mut self) -> anyhow::Result<String> {
-        self.status_within(Duration::from_secs(30))
+        self.status_within(Self::PATIENCE)
     }
 
     /// [`Qmp::status`], waiting up to `patience` for QEMU to answer.
@@ -159,7 +159,7 @@ impl Qmp {
             // revive may take, not QMP's usual 30 s (a starved host took longer).
             let patience = deadline
                 .saturating_duration_since(Instant::now())
-                .max(Duration::from_secs(30));
+                .max(Self::PATIENCE);
             match self.status_within(patience)?.as_str() {
                 "running" => return Ok(start.elapsed()),
                 // Loaded but not started (QEMU was given -S): start it.

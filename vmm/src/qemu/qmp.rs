@@ -67,9 +67,12 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// How long a command's reply may take, unless the caller knows better.
+    pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        self.execute_within(command, arguments, std::time::Duration::from_secs(30))
+        self.execute_within(command, arguments, Self::PATIENCE)
     }
 
     /// [`Qmp::execute`], waiting up to `patience` for the reply: QEMU answers only between
