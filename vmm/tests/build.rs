@@ -382,6 +382,124 @@ fn builds_from_one_snapshot_run_concurrently_with_separate_results() {
     }
 }
 
+/// Builds beyond `--jobs` wait for a slot, say so, and each still gets its own result.
+/// The slots are proven exclusive by the clock: a build's own time (`total`, which starts
+/// when it holds the slot) began only after the build before it had ended.
+#[test]
+fn builds_beyond_jobs_wait_for_a_slot_and_each_gets_its_own_result() {
+    const BUILDS: usize = 4;
+    let runtime = tempfile::tempdir().unwrap();
+    let xchgs: Vec<_> = (0..BUILDS).map(|_| tempfile::tempdir().unwrap()).collect();
+    let started = Instant::now();
+    let waiters: Vec<_> = xchgs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let script = format!(
+                "echo token-{i}; echo token-{i} > /tmp/xchg/mine; exit {}",
+                3 + i
+            );
+            let mut cmd = vmbuild();
+            cmd.arg("build")
+                .arg("--snapshot")
+                .arg(snapshot())
+                .args(["--jobs", "1", "--timings", "--xchg"])
+                .arg(x.path())
+                .args(["--", "sh", "-c", &script])
+                .env("XDG_RUNTIME_DIR", runtime.path());
+            std::thread::spawn(move || {
+                let out = cmd.output().unwrap();
+                (out, started.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut ends = Vec::new();
+    let mut waited = 0;
+    for (i, w) in waiters.into_iter().enumerate() {
+        let (out, ended) = w.join().unwrap();
+        assert_eq!(code(&out), 3 + i as i32, "build {i}: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("token-{i}\n"), "build {i}");
+        assert_eq!(
+            fs::read_to_string(xchgs[i].path().join("mine")).unwrap(),
+            format!("token-{i}\n")
+        );
+        if stderr(&out).contains("waiting for a free build slot: 1 running, --jobs 1") {
+            waited += 1;
+            assert!(
+                stderr(&out).contains("got build slot 0 after"),
+                "{}",
+                stderr(&out)
+            );
+        }
+        let t = timings_of(&out);
+        let total = t["total"].as_f64().expect("total");
+        assert!(t["queued"].as_f64().is_some(), "{t}");
+        ends.push((ended, total));
+    }
+    assert!(
+        waited >= BUILDS - 1,
+        "only {waited} builds waited for the one slot"
+    );
+    ends.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in ends.windows(2) {
+        let (previous_end, _) = pair[0];
+        let (end, total) = pair[1];
+        // The slot is released just before the process exits: allow for that and for
+        // this thread seeing the exit late.
+        assert!(
+            end - total >= previous_end - 1.0,
+            "two builds held the one slot at once: one ran {:.2}..{end:.2} s, the one before ended at {previous_end:.2} s",
+            end - total
+        );
+    }
+    assert_clean(runtime.path());
+}
+
+/// A build waiting for a slot is not timed out by `--timeout` (its deadlines start when
+/// it holds one), and Ctrl-C ends the wait like a build: exit 130, nothing left.
+#[test]
+fn a_build_waiting_for_a_slot_is_not_timed_out_and_ctrl_c_ends_the_wait() {
+    use vmbuild::build_slots::{acquire, Waited};
+    let runtime = tempfile::tempdir().unwrap();
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let Waited::Held { slot, .. } =
+        acquire(&runtime.path().join("vmbuild"), 1, &rx, || {}).unwrap()
+    else {
+        panic!("no slot")
+    };
+    let mut child = vmbuild()
+        .arg("build")
+        .arg("--snapshot")
+        .arg(snapshot())
+        .args(["--jobs", "1", "--timeout", "1", "--", "true"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr_pipe, &mut text).unwrap();
+        text
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a build waiting for a slot ended (its --timeout 1 ran while it waited?)"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(
+        text.contains("waiting for a free build slot: 1 running, --jobs 1"),
+        "{text}"
+    );
+    drop(slot);
+    assert_clean(runtime.path());
+}
+
 /// Revived from one snapshot, two targets would replay one kernel RNG state; the VM
 /// generation ID the revive changes makes each reseed, so their random streams differ.
 #[test]
@@ -804,6 +922,19 @@ fn bad_input_exits_2() {
     assert_eq!(code(&out), 2);
     let out = build(&["--timeout", "1e20", "--", "true"]).output();
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+    for jobs in ["-1", "many", "100000"] {
+        let out = build(&["--jobs", jobs, "--", "true"]).output();
+        assert_eq!(code(&out), 2, "--jobs {jobs}: {}", stderr(&out));
+    }
+    let mut b = build(&["--", "true"]);
+    b.cmd.env("VMBUILD_JOBS", "two");
+    let out = b.output();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("VMBUILD_JOBS=two: not a number of builds"),
+        "{}",
+        stderr(&out)
+    );
     let scratch = tempfile::tempdir().unwrap();
     let never = scratch.path().join("never");
     let out = vmbuild()
@@ -967,6 +1098,7 @@ fn without_a_kvm_that_runs_linux_builds_keep_qemus_controller() {
         console_log: None,
         controller: ControllerChoice::Embedded,
         runtime_dir: Some(runtime.path().to_owned()),
+        jobs: 1,
     };
     let (_tx, rx) = std::sync::mpsc::channel();
     let outcome = run_build(&spec, rx).unwrap();

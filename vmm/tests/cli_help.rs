@@ -50,7 +50,15 @@ fn the_environment_is_named_where_it_is_read() {
                 "RUST_LOG",
             ][..],
         ),
-        (&["build"], &["VMBUILD_QEMU", "XDG_RUNTIME_DIR", "RUST_LOG"]),
+        (
+            &["build"],
+            &[
+                "VMBUILD_QEMU",
+                "VMBUILD_JOBS",
+                "XDG_RUNTIME_DIR",
+                "RUST_LOG",
+            ],
+        ),
         (
             &["bootstrap"],
             &["VMBUILD_QEMU", "VMBUILD_GUEST_KIT", "RUST_LOG"],

@@ -34,6 +34,10 @@ struct Args {
     /// Concurrent builds from one snapshot
     #[arg(long, default_value_t = 16)]
     load: usize,
+    /// `vmbuild build --jobs` for the concurrent builds (default: vmbuild's, one per CPU;
+    /// 0 lets them all run at once)
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Sequential builds
     #[arg(long, default_value_t = 1000)]
     builds: usize,
@@ -129,6 +133,8 @@ struct Results {
     load: usize,
     load_wall_s: f64,
     load_build_s: Vec<f64>,
+    /// How long each concurrent build waited for a build slot (`--timings` `queued`).
+    load_queued_s: Vec<f64>,
     load_failures: Vec<String>,
     snapshot_unchanged: bool,
     checkpoints: Vec<Checkpoint>,
@@ -223,6 +229,7 @@ fn watched_build(
     vmbuild: &Path,
     snapshot: &Path,
     xchg: &Path,
+    options: &[String],
     script: &str,
 ) -> anyhow::Result<Watched> {
     let t = Instant::now();
@@ -231,6 +238,7 @@ fn watched_build(
         .arg(snapshot)
         .arg("--xchg")
         .arg(xchg)
+        .args(options)
         .args(["--", "sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -281,7 +289,11 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
             let xchg = args.workdir.join(format!("load-xchg-{i}"));
             let vmbuild = vmbuild.to_owned();
             let snapshot = snapshot.to_owned();
-            std::thread::spawn(move || -> anyhow::Result<(f64, Option<String>)> {
+            let mut options = vec!["--timings".to_owned()];
+            if let Some(jobs) = args.jobs {
+                options.extend(["--jobs".to_owned(), jobs.to_string()]);
+            }
+            std::thread::spawn(move || -> anyhow::Result<(f64, Option<f64>, Option<String>)> {
                 fs::create_dir_all(&xchg)?;
                 let token = format!("build-{i}-{}", std::process::id());
                 let code = 3 + (i % 100) as i32;
@@ -294,7 +306,12 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
                     stdout,
                     stderr,
                     ..
-                } = watched_build(&vmbuild, &snapshot, &xchg, &script)?;
+                } = watched_build(&vmbuild, &snapshot, &xchg, &options, &script)?;
+                let queued = stderr
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .and_then(|t| t["queued"].as_f64());
                 let mut why = Vec::new();
                 if got != Some(code) {
                     why.push(format!("exit {got:?}, expected {code}"));
@@ -318,17 +335,18 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
                     format!(
                         "build {i}: {}; stderr: {}",
                         why.join(", "),
-                        stderr.lines().last().unwrap_or("")
+                        last_word(&stderr)
                     )
                 });
-                Ok((secs, failure))
+                Ok((secs, queued, failure))
             })
         })
         .collect();
     for h in handles {
         match h.join() {
-            Ok(Ok((secs, failure))) => {
+            Ok(Ok((secs, queued, failure))) => {
                 r.load_build_s.push(secs);
+                r.load_queued_s.extend(queued);
                 r.load_failures.extend(failure);
             }
             Ok(Err(e)) => r.load_failures.push(format!("{e:#}")),
@@ -337,6 +355,16 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
     }
     r.load_wall_s = t.elapsed().as_secs_f64();
     Ok(())
+}
+
+/// vmbuild's own verdict on a build (its last `vmbuild build:` line), else the last line
+/// that is not empty: a console tail may end a message.
+fn last_word(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("vmbuild build:") && !l.contains("build slot"))
+        .or_else(|| stderr.lines().rfind(|l| !l.trim().is_empty()))
+        .unwrap_or("")
 }
 
 /// Where this user's vmbuild keeps its runtime directories (as vmbuild decides it).
@@ -424,12 +452,12 @@ fn soak(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
             peak: p,
             pid,
             ..
-        } = watched_build(vmbuild, snapshot, &xchg, script)?;
+        } = watched_build(vmbuild, snapshot, &xchg, &[], script)?;
         pids.insert(pid);
         if code != Some(0) {
             r.soak_failures.push(format!(
                 "build {b}: exit {code:?}: {}",
-                stderr.lines().last().unwrap_or("")
+                last_word(&stderr)
             ));
         }
         window.push(secs);
@@ -724,12 +752,16 @@ impl Verdict {
 fn report(args: &Args, r: &Results) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "### Load: {} concurrent builds from one snapshot\n\n\
-         wall {:.1} s; per build median {:.1} s, max {:.1} s; failures {}; snapshot unchanged: {}\n\n",
+        "### Load: {} concurrent builds from one snapshot (--jobs {})\n\n\
+         wall {:.1} s; per build median {:.1} s, max {:.1} s; waited for a slot: {} builds, \
+         at most {:.1} s; failures {}; snapshot unchanged: {}\n\n",
         r.load,
+        args.jobs.map_or("default".to_owned(), |j| j.to_string()),
         r.load_wall_s,
         median(r.load_build_s.clone()),
         r.load_build_s.iter().cloned().fold(0.0, f64::max),
+        r.load_queued_s.iter().filter(|&&q| q >= 0.1).count(),
+        r.load_queued_s.iter().cloned().fold(0.0, f64::max),
         r.load_failures.len(),
         r.snapshot_unchanged
     ));

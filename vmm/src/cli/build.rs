@@ -38,9 +38,10 @@ Exit status: the command's own, or
 A command that itself exits one of these codes cannot be told apart from them.
 The snapshot directory is never modified (and cannot be shared as --store or --xchg).
 
-Environment: VMBUILD_QEMU (the QEMU binary), XDG_RUNTIME_DIR (where sockets go),
-XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR
-(the temporary xchg), RUST_LOG (log filter), NO_COLOR (no colours in log lines).")]
+Environment: VMBUILD_QEMU (the QEMU binary), VMBUILD_JOBS (--jobs), XDG_RUNTIME_DIR
+(where sockets and build slots go), XDG_CACHE_HOME (probe answers, verification
+stamps), TMPDIR (the temporary xchg), RUST_LOG (log filter), NO_COLOR (no colours in
+log lines).")]
 pub struct BuildArgs {
     /// The snapshot directory made by `vmbuild bootstrap`
     #[arg(long, value_name = "DIR")]
@@ -60,6 +61,11 @@ pub struct BuildArgs {
         allow_negative_numbers = true
     )]
     ssh_wait: f64,
+    /// How many builds of this user run at once on this host; a build beyond that waits
+    /// for one to end, and its --timeout and --ssh-wait start only then (0: no limit)
+    /// [default: VMBUILD_JOBS, else the number of CPUs]
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
     /// Hash every snapshot file, even those that passed a check unchanged before
     #[arg(long)]
     verify: bool,
@@ -143,8 +149,12 @@ impl BuildArgs {
                 exit::HOST_KEY_CHANGED
             }
             BuildEnd::TargetUnreachable { console_tail } => {
+                let console = match console_tail.trim() {
+                    "" => "its console printed nothing since the revive".to_owned(),
+                    tail => format!("its console ended with:\n{tail}"),
+                };
                 say(format!(
-                    "the target did not answer SSH within {} s; its console ended with:\n{console_tail}",
+                    "the target did not answer SSH within {} s (a host this busy may need a larger --ssh-wait or a smaller --jobs); {console}",
                     spec.ssh_wait.as_secs_f64()
                 ));
                 exit::TARGET_UNREACHABLE
@@ -177,6 +187,7 @@ impl BuildArgs {
             .map(|t| seconds(t, "--timeout", MAX_TIMEOUT))
             .transpose()?;
         let ssh_wait = seconds(self.ssh_wait, "--ssh-wait", 86_400.0)?;
+        let jobs = jobs(self.jobs)?;
         let store = store_and_xchg(
             self.dirs.store,
             self.dirs.store_mount,
@@ -225,8 +236,30 @@ impl BuildArgs {
             console_log: self.log,
             controller,
             runtime_dir: None,
+            jobs,
         })
     }
+}
+
+/// The most builds that may run at once, from `--jobs`, else `VMBUILD_JOBS`, else one per
+/// CPU.
+fn jobs(flag: Option<usize>) -> Result<usize, Usage> {
+    const MAX: usize = 4096;
+    let jobs = match (flag, std::env::var_os("VMBUILD_JOBS")) {
+        (Some(n), _) => n,
+        (None, Some(v)) => match v.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(n) => n,
+            None => usage!(
+                "VMBUILD_JOBS={}: not a number of builds (0 for no limit)",
+                v.to_string_lossy()
+            ),
+        },
+        (None, None) => crate::build_slots::default_jobs(),
+    };
+    if jobs > MAX {
+        usage!("--jobs {jobs}: at most {MAX} (0 for no limit)");
+    }
+    Ok(jobs)
 }
 
 /// `embedded` and `embedded-boot` need the embedded VMM to boot Linux here: a usage error

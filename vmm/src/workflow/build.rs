@@ -27,6 +27,7 @@ use serde::Serialize;
 use virtiofs_bridge::{ShareConfig, ShareServer};
 
 use crate::accel::{self, Accel};
+use crate::build_slots::{self, BuildSlot, Waited};
 use crate::guest::command_script::{CommandIo, GuestCommand};
 use crate::guest::console::{phase, phase_line, EXIT_MARKER};
 use crate::qemu::QemuBinary;
@@ -66,6 +67,10 @@ pub struct BuildSpec {
     ///
     /// [`RunSpec::runtime_dir`]: crate::vm::run::RunSpec::runtime_dir
     pub runtime_dir: Option<PathBuf>,
+    /// How many builds of this user may run at once ([`crate::build_slots`]); 0 for no
+    /// limit. A build waits for a slot before anything else, and its deadlines
+    /// (`timeout`, `ssh_wait`) start when it holds one.
+    pub jobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +114,8 @@ pub enum BuildEnd {
 /// Seconds per phase of a build (`--timings`); a phase not reached is `null`.
 #[derive(Debug, Default, Serialize)]
 pub struct BuildTimings {
+    /// Waiting for a build slot (`--jobs`); every other phase, and `total`, starts after.
+    pub queued: Option<f64>,
     /// Which controller served the build, as `--controller` names it: revive, boot,
     /// embedded or embedded-boot (what `--controller auto` or `embedded` came down to).
     pub controller: Option<&'static str>,
@@ -152,8 +159,16 @@ fn secs(from: Option<Instant>, to: Option<Instant>) -> Option<f64> {
 }
 
 pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOutcome> {
-    let start = Instant::now();
     let mut t = BuildTimings::default();
+    // Declared first, so dropped last: the slot is free only once everything is stopped.
+    let _slot = match take_slot(spec, &signals)? {
+        Ok((slot, waited)) => {
+            t.queued = Some(waited.as_secs_f64());
+            slot
+        }
+        Err(end) => return Ok(BuildOutcome { end, timings: t }),
+    };
+    let start = Instant::now();
     let dir = spec.snapshot.as_path();
     let manifest = match check_snapshot(spec, &mut t)? {
         Ok(m) => m,
@@ -235,6 +250,43 @@ pub fn build(spec: &BuildSpec, signals: Receiver<()>) -> anyhow::Result<BuildOut
         target_tail,
     );
     Ok(BuildOutcome { end, timings: t })
+}
+
+/// A build slot, waited for while all are taken (none with `jobs` 0); an interrupted wait
+/// is the build's end.
+fn take_slot(
+    spec: &BuildSpec,
+    signals: &Receiver<()>,
+) -> anyhow::Result<Result<(Option<BuildSlot>, Duration), BuildEnd>> {
+    if spec.jobs == 0 {
+        return Ok(Ok((None, Duration::ZERO)));
+    }
+    let dir = spec
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(crate::runtime_dir::base_dir);
+    let say_waiting = || {
+        eprintln!(
+            "vmbuild build: waiting for a free build slot: {} running, --jobs {}",
+            build_slots::held(&dir),
+            spec.jobs
+        )
+    };
+    let waited = build_slots::acquire(&dir, spec.jobs, signals, say_waiting)
+        .context("taking a build slot")?;
+    Ok(match waited {
+        Waited::Held { slot, waited } => {
+            if waited >= Duration::from_millis(100) {
+                eprintln!(
+                    "vmbuild build: got build slot {} after {:.1} s",
+                    slot.index(),
+                    waited.as_secs_f64()
+                );
+            }
+            Ok((Some(slot), waited))
+        }
+        Waited::Interrupted => Err(BuildEnd::Interrupted),
+    })
 }
 
 /// The manifest, QEMU and every file checked; a damaged or incompatible snapshot is the
