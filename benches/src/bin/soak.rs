@@ -293,53 +293,55 @@ fn load(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
             if let Some(jobs) = args.jobs {
                 options.extend(["--jobs".to_owned(), jobs.to_string()]);
             }
-            std::thread::spawn(move || -> anyhow::Result<(f64, Option<f64>, Option<String>)> {
-                fs::create_dir_all(&xchg)?;
-                let token = format!("build-{i}-{}", std::process::id());
-                let code = 3 + (i % 100) as i32;
-                let script = format!(
-                    "echo {token}; echo {token} > /tmp/xchg/mine; ls /tmp/xchg; exit {code}"
-                );
-                let Watched {
-                    seconds: secs,
-                    code: got,
-                    stdout,
-                    stderr,
-                    ..
-                } = watched_build(&vmbuild, &snapshot, &xchg, &options, &script)?;
-                let queued = stderr
-                    .lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .and_then(|t| t["queued"].as_f64());
-                let mut why = Vec::new();
-                if got != Some(code) {
-                    why.push(format!("exit {got:?}, expected {code}"));
-                }
-                // Its own token, and only its own file in its xchg.
-                if stdout != format!("{token}\nmine\n") {
-                    why.push(format!("stdout {stdout:?}"));
-                }
-                let mine = fs::read_to_string(xchg.join("mine")).unwrap_or_default();
-                if mine.trim() != token {
-                    why.push(format!("xchg/mine holds {mine:?}"));
-                }
-                let names: Vec<_> = fs::read_dir(&xchg)?
-                    .flatten()
-                    .map(|e| e.file_name())
-                    .collect();
-                if names.len() != 1 {
-                    why.push(format!("xchg holds {names:?}"));
-                }
-                let failure = (!why.is_empty()).then(|| {
-                    format!(
-                        "build {i}: {}; stderr: {}",
-                        why.join(", "),
-                        last_word(&stderr)
-                    )
-                });
-                Ok((secs, queued, failure))
-            })
+            std::thread::spawn(
+                move || -> anyhow::Result<(f64, Option<f64>, Option<String>)> {
+                    fs::create_dir_all(&xchg)?;
+                    let token = format!("build-{i}-{}", std::process::id());
+                    let code = 3 + (i % 100) as i32;
+                    let script = format!(
+                        "echo {token}; echo {token} > /tmp/xchg/mine; ls /tmp/xchg; exit {code}"
+                    );
+                    let Watched {
+                        seconds: secs,
+                        code: got,
+                        stdout,
+                        stderr,
+                        ..
+                    } = watched_build(&vmbuild, &snapshot, &xchg, &options, &script)?;
+                    let queued = stderr
+                        .lines()
+                        .rev()
+                        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .and_then(|t| t["queued"].as_f64());
+                    let mut why = Vec::new();
+                    if got != Some(code) {
+                        why.push(format!("exit {got:?}, expected {code}"));
+                    }
+                    // Its own token, and only its own file in its xchg.
+                    if stdout != format!("{token}\nmine\n") {
+                        why.push(format!("stdout {stdout:?}"));
+                    }
+                    let mine = fs::read_to_string(xchg.join("mine")).unwrap_or_default();
+                    if mine.trim() != token {
+                        why.push(format!("xchg/mine holds {mine:?}"));
+                    }
+                    let names: Vec<_> = fs::read_dir(&xchg)?
+                        .flatten()
+                        .map(|e| e.file_name())
+                        .collect();
+                    if names.len() != 1 {
+                        why.push(format!("xchg holds {names:?}"));
+                    }
+                    let failure = (!why.is_empty()).then(|| {
+                        format!(
+                            "build {i}: {}; stderr: {}",
+                            why.join(", "),
+                            last_word(&stderr)
+                        )
+                    });
+                    Ok((secs, queued, failure))
+                },
+            )
         })
         .collect();
     for h in handles {
@@ -455,10 +457,8 @@ fn soak(args: &Args, vmbuild: &Path, snapshot: &Path, r: &mut Results) -> anyhow
         } = watched_build(vmbuild, snapshot, &xchg, &[], script)?;
         pids.insert(pid);
         if code != Some(0) {
-            r.soak_failures.push(format!(
-                "build {b}: exit {code:?}: {}",
-                last_word(&stderr)
-            ));
+            r.soak_failures
+                .push(format!("build {b}: exit {code:?}: {}", last_word(&stderr)));
         }
         window.push(secs);
         peak = peak.max(p);
