@@ -31,7 +31,7 @@ pub struct FuseClient {
     pub gid: u32,
 }
 
-fn obj<T: ByteValued + Default>(bytes: &[u8]) -> T {
+pub fn obj<T: ByteValued + Default>(bytes: &[u8]) -> T {
     let mut t = T::default();
     let n = std::mem::size_of::<T>().min(bytes.len());
     t.as_mut_slice()[..n].copy_from_slice(&bytes[..n]);
@@ -165,11 +165,22 @@ impl FuseClient {
     }
 
     pub fn init(&mut self) -> FuseResult<InitOut> {
+        self.init_with(FsOptions::empty())
+    }
+
+    /// INIT as a Linux guest's virtiofs driver sends it: it can also do without OPEN and
+    /// OPENDIR where the server answers them ENOSYS (`FUSE_NO_OPEN(DIR)_SUPPORT`).
+    pub fn init_like_linux(&mut self) -> FuseResult<InitOut> {
+        self.init_with(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR)
+    }
+
+    fn init_with(&mut self, extra: FsOptions) -> FuseResult<InitOut> {
         let init = InitIn {
             major: 7,
             minor: 31,
             max_readahead: 128 << 10,
-            flags: (FsOptions::ASYNC_READ
+            flags: (extra
+                | FsOptions::ASYNC_READ
                 | FsOptions::DO_READDIRPLUS
                 | FsOptions::READDIRPLUS_AUTO
                 | FsOptions::PARALLEL_DIROPS

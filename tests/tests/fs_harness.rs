@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{AttrOut, Opcode, OutHeader, SetattrIn};
 use virtiofs_bridge::{ShareConfig, ShareServer, StatsSnapshot};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmbuild_tests::fuse_client::{encode, Errno, FuseClient, ROOT};
 use vmbuild_tests::vhost_frontend::{FsFrontend, RawDesc, MEM_SIZE, REQUEST};
 
@@ -501,6 +501,100 @@ fn a_directory_swapped_for_a_symlink_does_not_redirect_requests() {
         .create(again.nodeid, "planted2", libc::O_WRONLY, 0o644)
         .is_err());
     assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+}
+
+/// Files of `share` this process holds open for reading (not the engine's O_PATH fds).
+fn open_for_reading(share: &Share) -> usize {
+    const O_PATH_OCTAL: u32 = 0o10000000;
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            // Files in the share, not the share's directory (which the server holds open).
+            fs::read_link(fd.path()).is_ok_and(|target| {
+                target.starts_with(share.dir.path()) && target != share.dir.path()
+            })
+        })
+        .filter(|fd| {
+            let info = fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(0);
+            flags & O_PATH_OCTAL == 0
+        })
+        .count()
+}
+
+/// A Linux guest opens nothing on the store (OPEN is answered ENOSYS and never sent
+/// again): its READs come with no handle. The share opens each file it reads once and
+/// keeps it until the guest forgets the inode, never more than a bounded number at once.
+#[test]
+fn store_reads_without_guest_opens_keep_one_file_per_inode() {
+    let share = store();
+    fs::create_dir(share.path("many")).unwrap();
+    for i in 0..300 {
+        fs::write(share.path(&format!("many/{i}")), format!("file {i}")).unwrap();
+    }
+    fs::write(share.path("f"), vec![7u8; 64 << 10]).unwrap();
+    nix::unistd::mkfifo(&share.path("fifo"), nix::sys::stat::Mode::S_IRUSR).unwrap();
+    let mut c = FuseClient::new(FsFrontend::connect(share.server.socket()).unwrap());
+    c.init_like_linux().unwrap();
+    let f = c.lookup(ROOT, "f").unwrap();
+    assert_eq!(
+        c.open(f.nodeid, libc::O_RDONLY).unwrap_err(),
+        Errno(libc::ENOSYS)
+    );
+    // Many READs at once, none with a handle: one file opened for all of them.
+    let reads: Vec<_> = (0..64u64)
+        .map(|i| {
+            let r = vmbuild_tests::fuse_client::read_in(0, (i % 16) * 4096, 4096);
+            (Opcode::Read, f.nodeid, r.as_slice().to_vec())
+        })
+        .collect();
+    for reply in c.batch(&reads) {
+        assert_eq!(reply.unwrap(), vec![7u8; 4096]);
+    }
+    assert_eq!(open_for_reading(&share), 1);
+    // fstat (GETATTR with the handle the guest has: 0) and SEEK_DATA work too.
+    let getattr_fh = fuse_backend_rs::abi::fuse_abi::GetattrIn {
+        flags: 1, // FUSE_GETATTR_FH
+        dummy: 0,
+        fh: 0,
+    };
+    let attr: AttrOut = {
+        let b = c
+            .request(Opcode::Getattr, f.nodeid, &[getattr_fh.as_slice()])
+            .unwrap();
+        vmbuild_tests::fuse_client::obj(&b)
+    };
+    assert_eq!(attr.attr.size, 64 << 10);
+    assert_eq!(c.lseek(f.nodeid, 0, 4096, libc::SEEK_DATA).unwrap(), 4096);
+    c.forget(f.nodeid, 1);
+    // FORGET has no reply: give the server a round trip to have handled it.
+    c.statfs(ROOT).unwrap();
+    assert_eq!(open_for_reading(&share), 0, "the file outlived its inode");
+
+    // A FIFO is not waited on: the READ is answered (opened non-blocking).
+    let fifo = c.lookup(ROOT, "fifo").unwrap();
+    let _ = c.read(fifo.nodeid, 0, 0, 10);
+
+    // Reading 300 files keeps a bounded number open, and every one reads right.
+    let many = c.lookup(ROOT, "many").unwrap();
+    for i in 0..300 {
+        let e = c.lookup(many.nodeid, &i.to_string()).unwrap();
+        assert_eq!(
+            c.read(e.nodeid, 0, 0, 100).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+    }
+    let open = open_for_reading(&share);
+    assert!((1..=256).contains(&open), "{open} files open");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! or read-write) and cache mode that fit what the directory holds.
 
 mod policy;
+mod read_handles;
 
 pub use policy::ShareFs;
 
@@ -145,10 +146,11 @@ impl ShareConfig {
         let root = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&dir));
         let root_fd = Some(dir);
         let timeout = self.cache.timeout();
-        // An immutable share needs no open handles: with ZERO_MESSAGE_OPEN(DIR) the guest
+        // An immutable share needs no guest handles: with ZERO_MESSAGE_OPEN(DIR) the guest
         // skips the OPEN/RELEASE (and OPENDIR/RELEASEDIR) round trips, which under a VM
-        // cost far more than the host-side open each READ then does. Its page cache never
-        // goes stale either, so it may keep it across opens.
+        // cost far more than the host-side work that replaces them (a file opened at its
+        // first READ and kept; a directory opened per READDIR). Its page cache never goes
+        // stale either, so it may keep it across opens.
         let immutable = self.read_only && self.cache == CacheMode::Always;
         let cfg = Config {
             root_dir: root.clone(),
@@ -158,7 +160,9 @@ impl ShareConfig {
             xattr: self.xattr,
             do_import: true,
             writeback: false,
-            no_open: immutable,
+            // The guest opens no file (ShareFs::without_guest_opens), but the engine does:
+            // READs are served from handles kept open per inode, not reopened each time.
+            no_open: false,
             no_opendir: immutable,
             ..Config::default()
         };
@@ -169,7 +173,12 @@ impl ShareConfig {
             )
         })?;
         let keep_cache = immutable;
-        Ok(ShareFs::new(engine, self.read_only, keep_cache, stats).with_root_fd(root_fd))
+        let fs = ShareFs::new(engine, self.read_only, keep_cache, stats).with_root_fd(root_fd);
+        Ok(if immutable {
+            fs.without_guest_opens()
+        } else {
+            fs
+        })
     }
 }
 

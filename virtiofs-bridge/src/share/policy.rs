@@ -9,6 +9,7 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -18,6 +19,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::read_handles::ReadHandles;
 use crate::stats::ShareStats;
 
 type Inode = u64;
@@ -47,6 +49,12 @@ pub struct ShareFs {
     stats: std::sync::Arc<ShareStats>,
     /// The share directory, open, when the engine reaches it through /proc/self/fd.
     _root_fd: Option<std::fs::File>,
+    /// An immutable share's open files for READ (the guest opens none: see
+    /// [`ReadHandles`]); `None` where the guest opens files itself.
+    read_handles: Option<ReadHandles>,
+    /// The guest said at INIT that it can do without OPEN (`ZERO_MESSAGE_OPEN`); only
+    /// then are `read_handles` used (another front-end opens files as usual).
+    guest_opens_nothing: AtomicBool,
 }
 
 impl ShareFs {
@@ -62,6 +70,38 @@ impl ShareFs {
             keep_cache,
             stats,
             _root_fd: None,
+            read_handles: None,
+            guest_opens_nothing: AtomicBool::new(false),
+        }
+    }
+
+    /// The guest opens no file on this share (it cannot change): OPEN and RELEASE are
+    /// answered ENOSYS, which the guest kernel takes as "never send them again", and
+    /// READs are served from handles kept per inode. The engine must be one that opens
+    /// files (no `no_open`).
+    pub(crate) fn without_guest_opens(mut self) -> Self {
+        self.read_handles = Some(ReadHandles::default());
+        self
+    }
+
+    /// Files held open for READs without a guest handle (for tests and statistics).
+    pub fn read_handles_open(&self) -> usize {
+        self.read_handles.as_ref().map_or(0, ReadHandles::len)
+    }
+
+    /// The kept handles, where the guest opens nothing on this share.
+    fn no_guest_opens(&self) -> Option<&ReadHandles> {
+        self.read_handles
+            .as_ref()
+            .filter(|_| self.guest_opens_nothing.load(Ordering::Relaxed))
+    }
+
+    /// The handle a request without one (handle 0 from a guest that opens nothing) is
+    /// served with; any other handle is the engine's to check.
+    fn read_handle(&self, inode: Inode, handle: Handle) -> io::Result<Handle> {
+        match self.no_guest_opens() {
+            Some(cache) if handle == 0 => cache.get(&self.engine, inode),
+            _ => Ok(handle),
         }
     }
 
@@ -102,6 +142,10 @@ impl FileSystem for ShareFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let mut opts = self.engine.init(capable)?;
+        if self.read_handles.is_some() && capable.contains(FsOptions::ZERO_MESSAGE_OPEN) {
+            opts |= FsOptions::ZERO_MESSAGE_OPEN;
+            self.guest_opens_nothing.store(true, Ordering::Relaxed);
+        }
         // The FUSE server only enables what the file system asks for, and the passthrough
         // engine asks for little: without BIG_WRITES/MAX_PAGES the guest would split I/O
         // into 8 KiB requests. These are what a Linux guest and a passthrough share both
@@ -139,10 +183,18 @@ impl FileSystem for ShareFs {
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        if let Some(cache) = self.no_guest_opens() {
+            cache.forget(&self.engine, inode);
+        }
         self.engine.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        if let Some(cache) = self.no_guest_opens() {
+            for (inode, _) in &requests {
+                cache.forget(&self.engine, *inode);
+            }
+        }
         self.engine.batch_forget(ctx, requests)
     }
 
@@ -152,6 +204,9 @@ impl FileSystem for ShareFs {
         inode: Inode,
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
+        // A guest that opens nothing sends handle 0 with an fstat: the inode's own
+        // attributes are the file's (nothing changes on such a share).
+        let handle = handle.filter(|&h| !(self.no_guest_opens().is_some() && h == 0));
         self.engine.getattr(ctx, inode, handle)
     }
 
@@ -260,6 +315,9 @@ impl FileSystem for ShareFs {
         if open_flags_mutate(flags) {
             self.check_writable()?;
         }
+        if self.no_guest_opens().is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
         let (handle, opts, passthrough) = self.engine.open(ctx, inode, flags, fuse_flags)?;
         Ok((handle, self.with_keep_cache(opts), passthrough))
     }
@@ -286,8 +344,20 @@ impl FileSystem for ShareFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.engine
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        let served = self.read_handle(inode, handle)?;
+        match self
+            .engine
+            .read(ctx, inode, served, w, size, offset, lock_owner, flags)
+        {
+            // Closed by another thread between our lookup and the read (too many open):
+            // open it again. Nothing was written to the guest's buffer.
+            Err(e) if served != handle && e.raw_os_error() == Some(libc::EBADF) => {
+                let served = self.read_handle(inode, handle)?;
+                self.engine
+                    .read(ctx, inode, served, w, size, offset, lock_owner, flags)
+            }
+            other => other,
+        }
     }
 
     fn write(
@@ -334,6 +404,10 @@ impl FileSystem for ShareFs {
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        if self.no_guest_opens().is_some() {
+            // Nothing was written to a share that cannot change.
+            return Ok(());
+        }
         self.engine.fsync(ctx, inode, datasync, handle)
     }
 
@@ -361,6 +435,9 @@ impl FileSystem for ShareFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        if self.no_guest_opens().is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
         self.engine
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -477,6 +554,7 @@ impl FileSystem for ShareFs {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
+        let handle = self.read_handle(inode, handle)?;
         self.engine.lseek(ctx, inode, handle, offset, whence)
     }
 
