@@ -4,10 +4,13 @@
 //! own in-process switch port (`vswitch`) and shares (`virtiofs-bridge`), so the devices
 //! do not depend on how those work and can be tested against anything that answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
+
+use crate::virtio::shm::{DaxMapper, ShmRegion};
 
 /// An Ethernet port: frames the guest transmits go in, frames for the guest come out.
 pub trait FramePort: Send + Sync {
@@ -22,8 +25,15 @@ pub trait FuseServer: Send + Sync {
     /// The mount tag the guest mounts the share by.
     fn tag(&self) -> &str;
     /// Serves one request and returns how many bytes it wrote into the chain. A
-    /// malformed request is answered with an error or dropped, never a panic.
-    fn serve(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32;
+    /// malformed request is answered with an error or dropped, never a panic. `dax` is
+    /// the device's DAX window, where FUSE_SETUPMAPPING maps file ranges (`None`: the
+    /// device has none, and such requests fail).
+    fn serve(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        dax: Option<&Arc<ShmRegion>>,
+    ) -> u32;
 }
 
 /// A 9P2000.L server for one session, whose open fids a snapshot keeps.
@@ -55,8 +65,19 @@ impl FuseServer for virtiofs_bridge::InProcessShare {
         virtiofs_bridge::InProcessShare::tag(self)
     }
 
-    fn serve(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        virtiofs_bridge::InProcessShare::serve(self, mem, chain)
+    fn serve(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        dax: Option<&Arc<ShmRegion>>,
+    ) -> u32 {
+        match dax {
+            Some(window) => {
+                let mut mapper = DaxMapper(window.clone());
+                virtiofs_bridge::InProcessShare::serve_mapping(self, mem, chain, &mut mapper)
+            }
+            None => virtiofs_bridge::InProcessShare::serve(self, mem, chain),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvm_bindings::kvm_userspace_memory_region;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -745,16 +746,22 @@ fn build_bus(
         });
     }
     let mut virtio = Vec::new();
+    let mut shared_memory = SharedMemoryLayout::default();
     for (i, (device, w)) in devices.into_iter().zip(windows).enumerate() {
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         vm.fd()
             .register_irqfd(&irq, w.gsi)
             .with_context(|| format!("routing GSI {} (KVM_IRQFD)", w.gsi))?;
         let mem = vm.ram().memory().clone();
-        let transport = match saved {
+        let region = device.shared_memory();
+        let mut transport = match saved {
             Some(s) => MmioTransport::restore(device, mem, Some(irq), &s.virtio[i])?,
             None => MmioTransport::new(device, mem, Some(irq)),
         };
+        if let Some(region) = region {
+            let guest_base = shared_memory.map(vm, &region)?;
+            transport.set_shared_memory(guest_base, region.len());
+        }
         virtio.push((u64::from(w.base), std::sync::Mutex::new(transport)));
     }
     Ok(Arc::new(PcBus {
@@ -765,6 +772,42 @@ fn build_bus(
         generation_irq,
         virtio,
     }))
+}
+
+/// Where devices' shared memory regions (virtio-fs DAX windows) go in the guest: above
+/// 4 GiB, clear of RAM (at most 3 GiB) and the devices below 4 GiB, each in a KVM memory
+/// slot of its own after RAM's (slot 0).
+#[derive(Default)]
+struct SharedMemoryLayout {
+    mapped: u32,
+    next: u64,
+}
+
+impl SharedMemoryLayout {
+    const BASE: u64 = 1 << 32;
+    /// Regions start on 1 GiB boundaries: aligned for the huge pages the guest's DAX code
+    /// maps them with.
+    const ALIGN: u64 = 1 << 30;
+
+    /// Maps `region` into the guest and returns its guest-physical address.
+    fn map(&mut self, vm: &Vm, region: &crate::virtio::shm::ShmRegion) -> anyhow::Result<u64> {
+        let guest_base = Self::BASE.max(self.next);
+        self.mapped += 1;
+        self.next = (guest_base + region.len()).next_multiple_of(Self::ALIGN);
+        let slot = kvm_userspace_memory_region {
+            slot: self.mapped,
+            flags: 0,
+            guest_phys_addr: guest_base,
+            memory_size: region.len(),
+            userspace_addr: region.host_address(),
+        };
+        // SAFETY: the region is a mapping its device keeps for as long as the device
+        // lives, which the bus holds until the VM is gone; its contents may change under
+        // the guest (files mapped in and out), which is what the guest asked for.
+        unsafe { vm.fd().set_user_memory_region(slot) }
+            .context("mapping a shared memory region (KVM_SET_USER_MEMORY_REGION)")?;
+        Ok(guest_base)
+    }
 }
 
 /// Whether `path` is a kernel this VMM boots: an ELF vmlinux (PVH) or a bzImage. Checked

@@ -57,6 +57,27 @@ impl InProcessShare {
         )
     }
 
+    /// [`InProcessShare::serve`] for a device with a DAX window: FUSE_SETUPMAPPING and
+    /// FUSE_REMOVEMAPPING are handed to `window`.
+    pub fn serve_mapping<M>(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<M>,
+        window: &mut dyn fuse_backend_rs::transport::FsCacheReqHandler,
+    ) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+    {
+        crate::vhost_user::backend::serve_chain_mapping(
+            &self.server,
+            &self.stats,
+            &self.recorder,
+            mem,
+            chain,
+            Some(window),
+        )
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }

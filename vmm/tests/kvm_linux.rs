@@ -240,6 +240,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         log: None,
         vmm: Vmm::Embedded,
         share_protocol: Default::default(),
+        dax: false,
         runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();
@@ -607,5 +608,121 @@ fn the_embedded_vmm_runs_a_command_in_an_image() {
     assert!(
         std::fs::read(&image).unwrap() == before,
         "the run changed the image"
+    );
+}
+
+/// FUSE requests one share's session received, in order, as `VMBUILD_RECORD_DIR`
+/// recorded them (debug builds): (opcode, body).
+fn recorded_sessions(dir: &std::path::Path) -> Vec<Vec<(u32, Vec<u8>)>> {
+    const IN_HEADER: usize = 40;
+    let mut sessions = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("fuse-") {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path()).unwrap();
+        let mut requests = Vec::new();
+        let mut at = 0;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let request = &bytes[at + 4..(at + 4 + len).min(bytes.len())];
+            at += 4 + len;
+            if request.len() >= IN_HEADER {
+                let opcode = u32::from_le_bytes(request[4..8].try_into().unwrap());
+                requests.push((opcode, request[IN_HEADER..].to_vec()));
+            }
+        }
+        sessions.push(requests);
+    }
+    sessions
+}
+
+/// `vmbuild run --dax`: the store is mounted `dax=always` over the virtio-fs device's
+/// DAX window, files read through it match the host's, and once a range is mapped the
+/// guest reads it again with no request at all, even after dropping its page cache.
+/// The same run without `--dax` sends READs again: the count tells the two apart.
+#[test]
+#[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
+fn a_dax_window_serves_the_store_with_no_request_after_the_first_mapping() {
+    use sha2::Digest;
+    const LOOKUP: u32 = 1;
+    const READ: u32 = 15;
+    const SETUPMAPPING: u32 = 48;
+    let store = tempfile::tempdir().unwrap();
+    // 6 MiB and a bit: several of the guest's 2 MiB mapping ranges, the last one partial.
+    let big: Vec<u8> = (0..(6 << 20) + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(store.path().join("big"), &big).unwrap();
+    std::fs::write(store.path().join("small"), "a small file\n").unwrap();
+    let hex = |data: &[u8]| {
+        sha2::Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let sums = format!("{}\n{}\n", hex(&big), hex(b"a small file\n"));
+    let script = "grep -o 'dax=always' /proc/mounts | head -n 1; \
+        sha256sum /store/big /store/small | cut -d' ' -f1; ls /store/marker-one 2>/dev/null; \
+        echo 1 > /proc/sys/vm/drop_caches; \
+        sha256sum /store/big /store/small | cut -d' ' -f1; ls /store/marker-two 2>/dev/null; true";
+    let run = |dax: bool| {
+        let record = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vmbuild"));
+        cmd.args(["run", "--quiet", "--vmm", "embedded", "--store"])
+            .arg(store.path())
+            .args(["--store-mount", "/store"])
+            .env("VMBUILD_RECORD_DIR", record.path());
+        if dax {
+            cmd.arg("--dax");
+        }
+        let out = cmd.args(["--", "sh", "-c", script]).output().unwrap();
+        let text = format!(
+            "{:?}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        let sessions = recorded_sessions(record.path());
+        let is_marker = |name: &'static str| {
+            move |(op, body): &(u32, Vec<u8>)| *op == LOOKUP && body.starts_with(name.as_bytes())
+        };
+        let store_session = sessions
+            .into_iter()
+            .find(|s| s.iter().any(is_marker("marker-one")))
+            .unwrap_or_else(|| panic!("no session of the store was recorded\n{text}"));
+        let first = store_session
+            .iter()
+            .position(is_marker("marker-one"))
+            .unwrap();
+        let second = store_session
+            .iter()
+            .position(is_marker("marker-two"))
+            .unwrap();
+        let count = |ops: &[(u32, Vec<u8>)], opcode: u32| {
+            ops.iter().filter(|(op, _)| *op == opcode).count()
+        };
+        let before = &store_session[..first];
+        let between = &store_session[first + 1..second];
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            [count(before, READ), count(before, SETUPMAPPING)],
+            [count(between, READ), count(between, SETUPMAPPING)],
+            text,
+        )
+    };
+
+    let (stdout, before, between, text) = run(true);
+    assert_eq!(stdout, format!("dax=always\n{sums}{sums}"), "{text}");
+    assert_eq!(before[0], 0, "READs on a DAX mount: {text}");
+    assert!(before[1] >= 1, "no FUSE_SETUPMAPPING: {text}");
+    assert_eq!(between, [0, 0], "the second read sent requests: {text}");
+
+    let (stdout, _, between, text) = run(false);
+    assert_eq!(stdout, format!("{sums}{sums}"), "{text}");
+    assert!(
+        between[0] > 0,
+        "without DAX the second read should READ again: {text}"
     );
 }

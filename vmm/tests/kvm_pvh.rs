@@ -143,6 +143,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         log: None,
         vmm: Vmm::Embedded,
         share_protocol: Default::default(),
+        dax: false,
         runtime_dir: Some(runtime.path().to_owned()),
     };
     let (_tx, rx) = std::sync::mpsc::channel();

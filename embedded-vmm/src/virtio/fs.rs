@@ -14,6 +14,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::backend::FuseServer;
 
+use super::shm::ShmRegion;
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const TAG_LEN: usize = 36;
@@ -26,6 +27,8 @@ struct Active {
 
 pub struct FsDevice {
     share: Arc<dyn FuseServer>,
+    /// The DAX window (shared memory region 0), if the guest gets one.
+    dax: Option<Arc<ShmRegion>>,
     config: [u8; TAG_LEN + 4],
     active: Option<Active>,
     /// Requests served since creation: any means a FUSE session the guest relies on.
@@ -47,10 +50,21 @@ impl FsDevice {
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(FsDevice {
             share,
+            dax: None,
             config,
             active: None,
             served: 0,
         })
+    }
+}
+
+impl FsDevice {
+    /// Gives the guest a DAX window of `window`'s size: with `mount -o dax=always` it
+    /// maps the share's files there (FUSE_SETUPMAPPING) and reads them with no request.
+    /// For read-only shares: the window maps files privately, so writes never reach them.
+    pub fn with_dax(mut self, window: ShmRegion) -> FsDevice {
+        self.dax = Some(Arc::new(window));
+        self
     }
 }
 
@@ -92,7 +106,7 @@ impl VirtioDevice for FsDevice {
         let mut returned = false;
         while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            let used = self.share.serve(&a.mem, chain);
+            let used = self.share.serve(&a.mem, chain, self.dax.as_ref());
             self.served += 1;
             if q.add_used(&a.mem, head, used).is_err() {
                 tracing::debug!("virtio-fs: add_used failed");
@@ -115,6 +129,10 @@ impl VirtioDevice for FsDevice {
         (self.served > 0).then(|| {
             "a virtio-fs share is in use: its FUSE session (node ids, open files) cannot be saved; snapshot before mounting it, or share it over 9p, whose session is saved".into()
         })
+    }
+
+    fn shared_memory(&self) -> Option<Arc<ShmRegion>> {
+        self.dax.clone()
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

@@ -56,6 +56,11 @@ pub struct MmioTransport {
     config_generation: u32,
     /// Accesses ignored because they made no sense.
     bad_accesses: AtomicU64,
+    /// The shared memory region selected (SHMSel).
+    shm_sel: u32,
+    /// Where the device's shared memory region 0 is in the guest and how long, once the
+    /// VM has mapped it ([`MmioTransport::set_shared_memory`]).
+    shm: Option<(u64, u64)>,
 }
 
 impl MmioTransport {
@@ -78,6 +83,22 @@ impl MmioTransport {
             irqfd,
             config_generation: 0,
             bad_accesses: AtomicU64::new(0),
+            shm_sel: 0,
+            shm: None,
+        }
+    }
+
+    /// The device's shared memory region 0 is mapped at `guest_base` for `len` bytes;
+    /// the driver finds it through SHMSel/SHMLen/SHMBase.
+    pub fn set_shared_memory(&mut self, guest_base: u64, len: u64) {
+        self.shm = Some((guest_base, len));
+    }
+
+    /// The selected region's (base, length), or "none": length all ones.
+    fn selected_shm(&self) -> (u64, u64) {
+        match self.shm {
+            Some(region) if self.shm_sel == 0 => region,
+            _ => (u64::MAX, u64::MAX),
         }
     }
 
@@ -216,9 +237,12 @@ impl MmioTransport {
                 u32::from((self.queue_sel as usize) < self.queues.len())
             }
             0x044 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            // Shared memory regions: none ("length ~0" is how the spec says so; a zero
-            // length would announce a region at address 0, e.g. a virtio-fs DAX window).
-            0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => u32::MAX,
+            // Shared memory regions: the selected one, or none ("length ~0" is how the
+            // spec says so; a zero length would announce a region at address 0).
+            0x0b0 => self.selected_shm().1 as u32,
+            0x0b4 => (self.selected_shm().1 >> 32) as u32,
+            0x0b8 => self.selected_shm().0 as u32,
+            0x0bc => (self.selected_shm().0 >> 32) as u32,
             0x060 => self.interrupt_status.load(Ordering::Acquire),
             0x070 => self.status,
             0x0fc => self.config_generation,
@@ -259,7 +283,7 @@ impl MmioTransport {
                 }
             }
             0x024 => self.driver_features_sel = v,
-            0x0ac => {} // SHMSel: there are no regions to select
+            0x0ac => self.shm_sel = v,
             0x030 => self.queue_sel = v,
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
                 self.write_queue_register(offset, v)

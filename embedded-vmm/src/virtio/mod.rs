@@ -18,6 +18,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod ninep;
+pub mod shm;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -105,6 +106,11 @@ pub trait VirtioDevice: Send {
     /// Why the device cannot be snapshotted as it is now, if so (a snapshot would not
     /// restore what the guest relies on).
     fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
+    /// The device's shared memory region 0 (a virtio-fs DAX window), which the VM maps
+    /// into the guest's physical address space; `None` for devices without one.
+    fn shared_memory(&self) -> Option<Arc<shm::ShmRegion>> {
         None
     }
 }

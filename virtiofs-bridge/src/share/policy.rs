@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
     ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
+use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::read_handles::ReadHandles;
 use crate::stats::ShareStats;
@@ -544,6 +546,35 @@ impl FileSystem for ShareFs {
             return Err(erofs());
         }
         self.engine.access(ctx, inode, mask)
+    }
+
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if self.read_only && flags & SetupmappingFlags::WRITE.bits() != 0 {
+            self.stats.count_erofs();
+            return Err(erofs());
+        }
+        self.engine
+            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.engine.removemapping(ctx, inode, requests, vu_req)
     }
 
     fn lseek(

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter, Writer};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -156,6 +156,21 @@ pub(crate) fn serve_chain<M>(
 where
     M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
 {
+    serve_chain_mapping(server, stats, recorder, mem, chain, None)
+}
+
+/// [`serve_chain`] with a DAX window for FUSE_SETUPMAPPING and FUSE_REMOVEMAPPING.
+pub(crate) fn serve_chain_mapping<M>(
+    server: &Server<Arc<ShareFs>>,
+    stats: &ShareStats,
+    recorder: &Recorder,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    window: Option<&mut dyn FsCacheReqHandler>,
+) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
     stats.count_request();
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
@@ -193,7 +208,7 @@ where
             return reply_einval(mem, chain);
         }
     }
-    match server.handle_message(reader, writer, None, None) {
+    match server.handle_message(reader, writer, window, None) {
         Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
         Err(e) => {
             stats.count_malformed();

@@ -18,6 +18,8 @@ pub enum VmmChoice {
 pub struct VmmRequest<'a> {
     pub choice: VmmChoice,
     pub share_protocol: ShareProtocol,
+    /// `--dax`: DAX windows, which only the embedded VMM has.
+    pub dax: bool,
     pub shell: bool,
     pub disk: bool,
     pub cpus: u32,
@@ -36,10 +38,18 @@ pub struct VmmRequest<'a> {
 pub fn choose(request: &VmmRequest) -> Result<Vmm, String> {
     // 9p is served by the embedded VMM's virtio-9p device; QEMU's 9p would be its own
     // server, not ours, with none of our share policies.
-    let needs_embedded = request.share_protocol == ShareProtocol::NineP;
-    if needs_embedded && request.choice == VmmChoice::Qemu {
+    let nine_p = request.share_protocol == ShareProtocol::NineP;
+    if nine_p && request.choice == VmmChoice::Qemu {
         return Err("--share-protocol 9p needs the embedded VMM (--vmm embedded or auto); under QEMU use virtiofs".into());
     }
+    // QEMU's vhost-user-fs has no DAX window (upstream never merged one).
+    if request.dax && nine_p {
+        return Err("--dax maps virtio-fs shares; 9p has no DAX window".into());
+    }
+    if request.dax && request.choice == VmmChoice::Qemu {
+        return Err("--dax needs the embedded VMM (--vmm embedded or auto): QEMU's vhost-user-fs has no DAX window".into());
+    }
+    let needs_embedded = nine_p || request.dax;
     if request.choice == VmmChoice::Qemu {
         return Ok(Vmm::Qemu);
     }
@@ -54,16 +64,17 @@ pub fn choose(request: &VmmRequest) -> Result<Vmm, String> {
     if request.choice == VmmChoice::Embedded || needs_embedded {
         let what = match request.choice {
             VmmChoice::Embedded => "--vmm embedded",
+            _ if request.dax => "--dax (a DAX window of the embedded VMM)",
             _ => "--share-protocol 9p (served by the embedded VMM)",
         };
         fits(request).map_err(|why| format!("{what}: {why}"))?;
         usable().map_err(|why| {
             format!(
                 "{what}: {why}; the embedded VMM needs a KVM that runs Linux (use --vmm qemu{})",
-                if needs_embedded {
-                    " with --share-protocol virtiofs"
-                } else {
-                    ""
+                match (nine_p, request.dax) {
+                    (true, _) => " with --share-protocol virtiofs",
+                    (_, true) => " without --dax",
+                    _ => "",
                 }
             )
         })?;

@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// (served in-process; needs the embedded VMM)
     #[arg(long, value_name = "PROTOCOL", value_enum, default_value = "virtiofs")]
     share_protocol: ShareProtocol,
+    /// Map read-only shares (the store) into the guest through a DAX window: after a
+    /// file range's first mapping the guest reads it with no request, from the host's
+    /// page cache (virtio-fs on the embedded VMM only)
+    #[arg(long)]
+    dax: bool,
     /// An interactive shell in the same VM setup instead of a command (needs a terminal)
     #[arg(long)]
     shell: bool,
@@ -295,6 +300,7 @@ impl RunArgs {
         let vmm = accel::vmm_choice::choose(&VmmRequest {
             choice: self.vmm,
             share_protocol: self.share_protocol,
+            dax: self.dax,
             shell: self.shell,
             disk: disk.is_some(),
             cpus: self.cpus,
@@ -343,6 +349,7 @@ impl RunArgs {
             log: self.log,
             vmm,
             share_protocol: self.share_protocol,
+            dax: self.dax,
             runtime_dir: None,
         })
     }

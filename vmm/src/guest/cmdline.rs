@@ -36,6 +36,8 @@ struct Mount {
     tag: String,
     mountpoint: String,
     read_only: bool,
+    /// More `mount -o` options (after `ro`), comma-separated.
+    options: String,
 }
 
 /// What the init does once the shares are mounted.
@@ -148,12 +150,27 @@ impl KernelCmdline {
 
     /// The init mounts share `tag` at `mountpoint` (in the order given); a read-only
     /// share is mounted read-only, so the guest refuses writes itself.
-    pub fn mount(mut self, kind: MountKind, tag: &str, mountpoint: &str, read_only: bool) -> Self {
+    pub fn mount(self, kind: MountKind, tag: &str, mountpoint: &str, read_only: bool) -> Self {
+        self.mount_with(kind, tag, mountpoint, read_only, "")
+    }
+
+    /// [`KernelCmdline::mount`] with more `mount -o` options (comma-separated, no `:` or
+    /// space), such as `dax=always`.
+    pub fn mount_with(
+        mut self,
+        kind: MountKind,
+        tag: &str,
+        mountpoint: &str,
+        read_only: bool,
+        options: &str,
+    ) -> Self {
+        debug_assert!(!options.contains([':', ' ']), "{options}");
         self.mounts.push(Mount {
             kind,
             tag: tag.to_owned(),
             mountpoint: mountpoint.to_owned(),
             read_only,
+            options: options.to_owned(),
         });
         self
     }
@@ -211,9 +228,18 @@ impl KernelCmdline {
             p.push(format!("vmbuild.ip={ip}"));
         }
         for m in &self.mounts {
-            let ro = if m.read_only { ":ro" } else { "" };
+            let options: Vec<&str> = m
+                .read_only
+                .then_some("ro")
+                .into_iter()
+                .chain((!m.options.is_empty()).then_some(m.options.as_str()))
+                .collect();
+            let options = match options.join(",") {
+                o if o.is_empty() => o,
+                o => format!(":{o}"),
+            };
             p.push(format!(
-                "vmbuild.mount={}:{}:{}{ro}",
+                "vmbuild.mount={}:{}:{}{options}",
                 m.kind.name(),
                 m.tag,
                 m.mountpoint
@@ -341,6 +367,25 @@ mod tests {
             assert!(!valid_mount_point(bad), "{bad}");
         }
         assert!(fits("fuse,virtiofs") && !fits("a b"));
+    }
+
+    #[test]
+    fn mount_options_follow_ro() {
+        let line = KernelCmdline::command_guest()
+            .mount_with(MountKind::Virtiofs, "store", "/s", true, "dax=always")
+            .mount_with(MountKind::Virtiofs, "w", "/w", false, "dax=always")
+            .mount_with(MountKind::Virtiofs, "plain", "/p", false, "")
+            .to_string();
+        assert!(
+            line.contains(" vmbuild.mount=virtiofs:store:/s:ro,dax=always"),
+            "{line}"
+        );
+        assert!(
+            line.contains(" vmbuild.mount=virtiofs:w:/w:dax=always"),
+            "{line}"
+        );
+        assert!(line.contains(" vmbuild.mount=virtiofs:plain:/p"), "{line}");
+        assert!(!line.contains("/p:"), "{line}");
     }
 
     /// The kit's init reads the parameters this module writes.

@@ -102,6 +102,8 @@ pub struct RunSpec {
     pub vmm: Vmm,
     /// How the guest mounts its shares.
     pub share_protocol: ShareProtocol,
+    /// Read-only virtio-fs shares get a DAX window (the embedded VMM only).
+    pub dax: bool,
     /// Where this run's sockets and control files go (a directory is made inside it);
     /// `None`: `$XDG_RUNTIME_DIR/vmbuild`, `/run/vmbuild` for root, else the temp dir.
     pub runtime_dir: Option<PathBuf>,

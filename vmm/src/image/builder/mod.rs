@@ -157,6 +157,7 @@ impl BuilderVm<'_> {
             log: Some(self.work.join("console.log")),
             vmm: Vmm::Qemu,
             share_protocol: ShareProtocol::Virtiofs,
+            dax: false,
             runtime_dir: None,
         };
         let step = progress.step(&format!(

@@ -86,6 +86,7 @@ impl Controller for BootedController {
                 BootVmm::Embedded(_) => run::Vmm::Embedded,
             },
             share_protocol: run::ShareProtocol::Virtiofs,
+            dax: false,
             runtime_dir: None,
         };
         let outcome = match spec.vmm {
