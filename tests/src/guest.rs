@@ -79,6 +79,8 @@ pub struct GuestVm {
     pub user_net: bool,
     /// Firmware (`-bios`); QEMU's default (SeaBIOS) when `None`.
     pub bios: Option<PathBuf>,
+    /// QEMU's accelerator: `tcg` (the default), or `kvm` where KVM runs Linux.
+    pub accel: &'static str,
 }
 
 /// What a boot produced.
@@ -114,6 +116,7 @@ impl GuestVm {
             vde_nics: Vec::new(),
             user_net: false,
             bios: None,
+            accel: "tcg",
         }
     }
 
@@ -137,7 +140,7 @@ impl GuestVm {
         .collect();
         let mut args: Vec<String> = [
             "-accel",
-            "tcg",
+            self.accel,
             "-M",
             "q35",
             "-nodefaults",

@@ -42,6 +42,11 @@ struct Args {
     /// Skip the harness-level measurements
     #[arg(long)]
     vm_only: bool,
+    /// The guests on KVM, for the DAX window (run it in the nested KVM host where this
+    /// host's KVM cannot run Linux): vmbuild's embedded VMM with `--dax` and without,
+    /// against QEMU+KVM with virtiofsd
+    #[arg(long)]
+    kvm: bool,
     /// Small files in the store tree
     #[arg(long, default_value_t = 2400)]
     files: usize,
@@ -74,11 +79,23 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.harness_only {
         let rows = in_guest(&args, &store, &mut raw)?;
-        out.push_str("### In a guest (QEMU TCG, 1 vCPU, 1 GiB), seconds, median of rounds\n\n");
-        out.push_str(&markdown(
-            &["vmbuild", "virtiofsd", "9p cache=loose"],
-            &rows,
-        ));
+        if args.kvm {
+            out.push_str("### In a guest on KVM (1 vCPU, 1 GiB), seconds, median of rounds\n\n");
+            out.push_str(&markdown(
+                &[
+                    "vmbuild embedded --dax",
+                    "vmbuild embedded",
+                    "QEMU+KVM virtiofsd",
+                ],
+                &rows,
+            ));
+        } else {
+            out.push_str("### In a guest (QEMU TCG, 1 vCPU, 1 GiB), seconds, median of rounds\n\n");
+            out.push_str(&markdown(
+                &["vmbuild", "virtiofsd", "9p cache=loose"],
+                &rows,
+            ));
+        }
     }
     println!("{out}");
     if let Some(path) = &args.json {
@@ -261,6 +278,60 @@ fn start_share(
 
 // ---------------------------------------------------------------- in guest ---------
 
+/// The guest's `results.txt` (one `workload seconds` line each) and the run's wall time.
+fn collect_results(
+    results: &mut BTreeMap<(String, String), Vec<f64>>,
+    contender: &str,
+    xchg: &Path,
+    wall: f64,
+) -> anyhow::Result<()> {
+    let text = fs::read_to_string(xchg.join("results.txt"))?;
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(name), Some(secs)) = (parts.next(), parts.next()) {
+            results
+                .entry((contender.to_owned(), name.to_owned()))
+                .or_default()
+                .push(secs.parse()?);
+        }
+    }
+    results
+        .entry((contender.to_owned(), "boot_to_exit".into()))
+        .or_default()
+        .push(wall);
+    Ok(())
+}
+
+/// The same guest workload under `vmbuild run` in the embedded VMM (on KVM), the store
+/// read-only at /nix/store, with or without its DAX window; the wall time of the run.
+fn embedded_run(store: &Path, xchg: &Path, dax: bool) -> anyhow::Result<f64> {
+    let started = std::time::Instant::now();
+    let mut cmd = Command::new(peers::vmbuild_binary()?);
+    cmd.args([
+        "run", "--quiet", "--vmm", "embedded", "--memory", "1024", "--store",
+    ])
+    .arg(store)
+    .args(["--store-mount", "/nix/store", "--xchg"])
+    .arg(xchg);
+    if dax {
+        cmd.arg("--dax");
+    }
+    let out = cmd
+        .args(["--", "sh", "/tmp/xchg/run.sh"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running vmbuild run")?;
+    if !out.status.success() {
+        bail!(
+            "vmbuild run{} failed ({}): {}",
+            if dax { " --dax" } else { "" },
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 const WORKLOADS: [(&str, &str); 5] = [
     ("metadata", "cold find + stat, store tree"),
     ("small_read", "read every small file"),
@@ -275,10 +346,14 @@ fn in_guest(
     raw: &mut serde_json::Map<String, serde_json::Value>,
 ) -> anyhow::Result<Vec<Row>> {
     let kit = GuestKit::locate()?;
-    let contenders = ["vmbuild", "virtiofsd", "9p"];
+    let contenders: &[&str] = if args.kvm {
+        &["embedded-dax", "embedded", "virtiofsd"]
+    } else {
+        &["vmbuild", "virtiofsd", "9p"]
+    };
     let mut results: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
-        for contender in contenders {
+        for &contender in contenders {
             eprintln!("[fs-bench] guest round {} {contender}", round + 1);
             let xchg = args.workdir.join(format!("xchg-{contender}"));
             let _ = fs::remove_dir_all(&xchg);
@@ -287,6 +362,15 @@ fn in_guest(
                 xchg.join("run.sh"),
                 "/nix/store/bin/fsbench /nix/store/tree /nix/store/big /tmp/xchg > /tmp/xchg/results.txt\n",
             )?;
+            if let Some(dax) = match contender {
+                "embedded-dax" => Some(true),
+                "embedded" => Some(false),
+                _ => None,
+            } {
+                let wall = embedded_run(store, &xchg, dax)?;
+                collect_results(&mut results, contender, &xchg, wall)?;
+                continue;
+            }
             let mut daemons = Vec::new();
             let (store_share, xchg_share) = match contender {
                 "9p" => {
@@ -332,6 +416,9 @@ fn in_guest(
                 .share(xchg_share);
             vm.memory_mib = 1024;
             vm.timeout = Duration::from_secs(900);
+            if args.kvm {
+                vm.accel = "kvm";
+            }
             let outcome = vm.run()?;
             if outcome.exit != Some(0) {
                 bail!(
@@ -339,20 +426,7 @@ fn in_guest(
                     vmbuild_tests::guest::tail(&outcome.console, 20)
                 );
             }
-            let text = fs::read_to_string(xchg.join("results.txt"))?;
-            for line in text.lines() {
-                let mut parts = line.split_whitespace();
-                if let (Some(name), Some(secs)) = (parts.next(), parts.next()) {
-                    results
-                        .entry((contender.to_owned(), name.to_owned()))
-                        .or_default()
-                        .push(secs.parse()?);
-                }
-            }
-            results
-                .entry((contender.to_owned(), "boot_to_exit".into()))
-                .or_default()
-                .push(outcome.wall.as_secs_f64());
+            collect_results(&mut results, contender, &xchg, outcome.wall.as_secs_f64())?;
             drop(daemons);
         }
     }
@@ -379,7 +453,7 @@ fn in_guest(
         })
         .collect();
     rows.push(Row {
-        workload: "whole guest run, QEMU start to exit".into(),
+        workload: "whole guest run, start to exit".into(),
         unit: "s",
         higher_is_better: false,
         values: contenders
