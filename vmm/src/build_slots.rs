@@ -140,6 +140,42 @@ fn try_slot(dir: &Path, index: usize) -> io::Result<Option<BuildSlot>> {
     }
 }
 
+/// Removes the slot files in `dir` that nobody holds: those of builds that were killed
+/// (the kernel released their locks, but the files stay). Each is locked before it is
+/// removed, as a holder removes its own, so that a build taking it meanwhile is never
+/// left holding a removed file. Returns how many were removed.
+pub fn sweep(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let index = name
+                .to_str()?
+                .strip_prefix("slot-")?
+                .parse::<usize>()
+                .ok()?;
+            let path = e.path();
+            // Not created: a file that is already gone is nobody's to sweep.
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&path)
+                .ok()?;
+            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+            let held = lock.metadata().ok()?;
+            let now = std::fs::symlink_metadata(&path).ok()?;
+            (now.ino() == held.ino() && now.dev() == held.dev()).then(|| {
+                tracing::debug!(slot = index, "removing a build slot left by a killed build");
+                std::fs::remove_file(&path).is_ok()
+            })
+        })
+        .filter(|&removed| removed)
+        .count()
+}
+
 /// How many slots in `dir` are held right now (by builds with any `--jobs`).
 pub fn held(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -227,6 +263,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         drop(tx);
+    }
+
+    #[test]
+    fn a_sweep_removes_only_the_slots_nobody_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = take(dir.path(), 1).unwrap();
+        // Killed builds' slots: files with nobody's lock on them.
+        std::fs::write(dir.path().join("slot-1"), "").unwrap();
+        std::fs::write(dir.path().join("slot-7"), "").unwrap();
+        std::fs::write(dir.path().join("not-a-slot"), "").unwrap();
+        assert_eq!(sweep(dir.path()), 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["not-a-slot", "slot-0"]);
+        drop(held);
     }
 
     #[test]

@@ -52,12 +52,15 @@ pub fn sweep_abandoned(base: &Path) {
     for purpose in PURPOSES {
         removed += owned_dir::sweep(base, purpose);
     }
+    removed += crate::build_slots::sweep(base);
     let tmp = std::env::temp_dir();
     for prefix in crate::owned_dir::TEMP_PREFIXES {
         removed += owned_dir::sweep(&tmp, prefix);
     }
     if removed > 0 {
-        tracing::debug!("removed {removed} directories left by vmbuilds that were killed");
+        tracing::debug!(
+            "removed {removed} directories and slots left by vmbuilds that were killed"
+        );
     }
 }
 

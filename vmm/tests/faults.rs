@@ -914,11 +914,14 @@ fn try_kill_qemu_during(phase: Phase, vm: Vm) -> Option<Killed> {
     );
     cmd.env("RUST_LOG", "vmbuild=debug");
     let mut run = Running::spawn(cmd);
+    // The build's own directory (the runtime base also holds its build slot).
     let controller_log = || {
         fs::read_dir(places.base())
             .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
+            .and_then(|d| {
+                d.flatten()
+                    .find(|e| e.file_name().to_string_lossy().starts_with("build-"))
+            })
             .map(|e| e.path().join("controller-console.log"))
             .unwrap_or_default()
     };
@@ -1055,9 +1058,13 @@ fn vmbuild_killed_mid_build_takes_its_qemus_along_and_the_next_build_sweeps() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // What a killed vmbuild cannot remove.
-    let stale = entries(&places.base());
-    assert_eq!(stale.len(), 1, "{stale:?}");
+    // What a killed vmbuild cannot remove: its directory and its build slot's file.
+    let mut stale = entries(&places.base());
+    stale.sort();
+    assert!(
+        stale.len() == 2 && stale[0].starts_with("build-") && stale[1] == "slot-0",
+        "{stale:?}"
+    );
     let stale_dir = places.base().join(&stale[0]);
     assert!(
         entries(&stale_dir).iter().any(|n| n.ends_with(".sock")),
