@@ -7,6 +7,7 @@ pub mod build_slots;
 pub mod cache_dir;
 pub mod cli;
 pub mod exit;
+pub mod fd_limit;
 pub mod guest;
 pub mod image;
 pub mod logging;

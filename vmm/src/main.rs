@@ -7,6 +7,7 @@ use clap::Parser;
 fn main() {
     let cli = cli::Cli::parse();
     vmbuild::logging::init();
+    vmbuild::fd_limit::raise();
     let prefix = cli.prefix();
     let code = match cli.run() {
         Ok(code) => code,

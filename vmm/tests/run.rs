@@ -946,3 +946,65 @@ fn a_missing_command_is_named() {
     );
     assert!(!stderr(&out).contains("cmd.sh"), "{}", stderr(&out));
 }
+
+/// A guest that walks more files than the soft open-file limit vmbuild was started with:
+/// each file it looks up holds a descriptor in the share, so vmbuild raises its limit to
+/// the hard one (as virtiofsd does). Before, a store of a few thousand files failed with
+/// "Too many open files" under the common soft limit of 1,024; here the soft limit is
+/// 256 and the store has 600 files.
+#[test]
+fn a_store_with_more_files_than_the_soft_fd_limit_is_served() {
+    use std::os::unix::process::CommandExt;
+    let store = tempfile::tempdir().unwrap();
+    let mut bytes = 0;
+    for i in 0..600 {
+        let dir = store.path().join(format!("d{}", i % 30));
+        fs::create_dir_all(&dir).unwrap();
+        let body = format!("file {i}\n");
+        bytes += body.len();
+        fs::write(dir.join(format!("f{i}")), body).unwrap();
+    }
+    let mut run = vmbuild_run(
+        &[],
+        &[
+            "--store",
+            store.path().to_str().unwrap(),
+            "--store-mount",
+            "/store",
+            "--",
+            "sh",
+            "-c",
+            "find /store -type f | xargs cat | wc -c",
+        ],
+    );
+    // SAFETY: setrlimit(2) in the child before exec, on a struct it owns.
+    unsafe {
+        run.cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            let mut hard = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard);
+            let limit = libc::rlimit {
+                rlim_max: hard.rlim_max,
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run.output();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        bytes.to_string(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
