@@ -637,10 +637,11 @@ fn recorded_sessions(dir: &std::path::Path) -> Vec<Vec<(u32, Vec<u8>)>> {
     sessions
 }
 
-/// `vmbuild run --dax`: the store is mounted `dax=always` over the virtio-fs device's
-/// DAX window, files read through it match the host's, and once a range is mapped the
-/// guest reads it again with no request at all, even after dropping its page cache.
-/// The same run without `--dax` sends READs again: the count tells the two apart.
+/// `vmbuild run --dax`: the store is mounted `dax=inode` over the virtio-fs device's DAX
+/// window, a large file is read through it (a small one with READ), both match the
+/// host's, and once its ranges are mapped the guest reads the large file again with no
+/// request at all, even after dropping its page cache. The same run without `--dax`
+/// sends READs again: the count tells the two apart.
 #[test]
 #[ignore = "needs a KVM that runs Linux (scripts/test.sh runs it in a nested KVM host)"]
 fn a_dax_window_serves_the_store_with_no_request_after_the_first_mapping() {
@@ -661,11 +662,11 @@ fn a_dax_window_serves_the_store_with_no_request_after_the_first_mapping() {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let sums = format!("{}\n{}\n", hex(&big), hex(b"a small file\n"));
-    let script = "grep -o 'dax=always' /proc/mounts | head -n 1; \
+    let sums = format!("{}\n{}\n{}\n", hex(&big), hex(b"a small file\n"), hex(&big));
+    let script = "grep -o 'dax=inode' /proc/mounts | head -n 1; \
         sha256sum /store/big /store/small | cut -d' ' -f1; ls /store/marker-one 2>/dev/null; \
         echo 1 > /proc/sys/vm/drop_caches; \
-        sha256sum /store/big /store/small | cut -d' ' -f1; ls /store/marker-two 2>/dev/null; true";
+        sha256sum /store/big | cut -d' ' -f1; ls /store/marker-two 2>/dev/null; true";
     let run = |dax: bool| {
         let record = tempfile::tempdir().unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vmbuild"));
@@ -714,13 +715,18 @@ fn a_dax_window_serves_the_store_with_no_request_after_the_first_mapping() {
     };
 
     let (stdout, before, between, text) = run(true);
-    assert_eq!(stdout, format!("dax=always\n{sums}{sums}"), "{text}");
-    assert_eq!(before[0], 0, "READs on a DAX mount: {text}");
+    assert_eq!(stdout, format!("dax=inode\n{sums}"), "{text}");
+    // The small file (13 bytes) is read with READ; the large one only through the window.
+    assert!(
+        before[0] <= 2,
+        "{} READs before the marker: {text}",
+        before[0]
+    );
     assert!(before[1] >= 1, "no FUSE_SETUPMAPPING: {text}");
     assert_eq!(between, [0, 0], "the second read sent requests: {text}");
 
     let (stdout, _, between, text) = run(false);
-    assert_eq!(stdout, format!("{sums}{sums}"), "{text}");
+    assert_eq!(stdout, sums, "{text}");
     assert!(
         between[0] > 0,
         "without DAX the second read should READ again: {text}"

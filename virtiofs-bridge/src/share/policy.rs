@@ -57,6 +57,8 @@ pub struct ShareFs {
     /// The guest said at INIT that it can do without OPEN (`ZERO_MESSAGE_OPEN`); only
     /// then are `read_handles` used (another front-end opens files as usual).
     guest_opens_nothing: AtomicBool,
+    /// Offer per-file DAX (the device has a DAX window; see `ShareConfig::dax_file_size`).
+    per_file_dax: bool,
 }
 
 impl ShareFs {
@@ -74,7 +76,14 @@ impl ShareFs {
             _root_fd: None,
             read_handles: None,
             guest_opens_nothing: AtomicBool::new(false),
+            per_file_dax: false,
         }
+    }
+
+    /// Offers per-file DAX at INIT, where the device has a DAX window.
+    pub(crate) fn with_per_file_dax(mut self, on: bool) -> Self {
+        self.per_file_dax = on;
+        self
     }
 
     /// The guest opens no file on this share (it cannot change): OPEN and RELEASE are
@@ -159,8 +168,16 @@ impl FileSystem for ShareFs {
             | FsOptions::ASYNC_DIO
             | FsOptions::AUTO_INVAL_DATA
             | FsOptions::EXPORT_SUPPORT;
-        // No DAX window: QEMU's vhost-user-fs has none to map files into.
-        opts.remove(FsOptions::PERFILE_DAX);
+        // Per-file DAX only where the device has a window to map files into (the
+        // embedded VMM's, `run --dax`); QEMU's vhost-user-fs has none.
+        if !self.per_file_dax {
+            opts.remove(FsOptions::PERFILE_DAX);
+        } else if capable.contains(FsOptions::INIT_EXT) {
+            // PERFILE_DAX (FUSE_HAS_INODE_DAX) is a bit of the second flags word, which
+            // the kernel reads only when the reply says it is there (INIT_EXT); the FUSE
+            // layer does not add that itself.
+            opts |= FsOptions::INIT_EXT;
+        }
         if !self.read_only {
             // open(O_TRUNC) arrives as one OPEN with O_TRUNC instead of OPEN + SETATTR.
             opts |= FsOptions::ATOMIC_O_TRUNC;

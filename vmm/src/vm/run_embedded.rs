@@ -146,6 +146,12 @@ pub fn run_embedded(spec: &RunSpec, signals: Receiver<()>) -> anyhow::Result<Run
 /// guest 1/64 of the window (4 MiB here), so it stays modest.
 const DAX_WINDOW: u64 = 256 << 20;
 
+/// The smallest file read through the DAX window (`dax=inode`: the share marks each file
+/// at lookup). The guest maps DAX in 2 MiB ranges per file; a window of them spent on
+/// small files is reclaimed over and over (BENCHMARKS.md: 2,400 small files read 0.61×
+/// as fast with every file on DAX), and a small file costs one READ either way.
+const DAX_MIN_FILE: u64 = 1 << 20;
+
 /// The guest's virtio devices (the image first, so that it is /dev/vda; the NIC; one per
 /// share, virtio-fs or virtio-9p) and the kernel command line that mounts the shares.
 fn devices(
@@ -180,8 +186,12 @@ fn devices(
         let dax = spec.dax && share.read_only && spec.share_protocol == ShareProtocol::Virtiofs;
         let (device, kind): (Box<dyn VirtioDevice>, MountKind) = match spec.share_protocol {
             ShareProtocol::Virtiofs => {
+                let share = ShareConfig {
+                    dax_file_size: dax.then_some(DAX_MIN_FILE),
+                    ..share.clone()
+                };
                 let device =
-                    FsDevice::new(Arc::new(InProcessShare::new(share).with_context(serving)?))?;
+                    FsDevice::new(Arc::new(InProcessShare::new(&share).with_context(serving)?))?;
                 let device = match dax {
                     true => device.with_dax(
                         ShmRegion::new(DAX_WINDOW)
@@ -199,7 +209,7 @@ fn devices(
             ),
         };
         devices.push(device);
-        let options = if dax { "dax=always" } else { "" };
+        let options = if dax { "dax=inode" } else { "" };
         cmdline = cmdline.mount_with(kind, &share.tag, mount, share.read_only, options);
     }
     Ok((devices, cmdline))
