@@ -7,6 +7,7 @@
 //!   and the management console ([`mgmt`]).
 //! * Frames are checked with etherparse; what cannot be forwarded is dropped and counted.
 
+mod fast_hash;
 pub mod frame;
 pub mod inproc;
 pub mod mac_table;

@@ -7,8 +7,10 @@
 //! learning and eviction are O(1) amortised, not a scan.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::fast_hash::KeyedState;
 use crate::frame::Mac;
 use crate::port::PortId;
 
@@ -18,10 +20,30 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 pub const MAX_CAPACITY: usize = 1 << 20;
 pub const DEFAULT_AGING: Duration = Duration::from_secs(300);
 
+/// A moment as the table keeps it: nanoseconds since the process's first table. Comparing
+/// two is an integer compare; comparing two `Instant`s normalises a timespec, and the
+/// forwarding path compares one per frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tick(u64);
+
+impl Tick {
+    fn since(self, earlier: Tick) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl From<Instant> for Tick {
+    fn from(now: Instant) -> Tick {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        Tick(now.saturating_duration_since(epoch).as_nanos() as u64)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     port: PortId,
-    last_seen: Instant,
+    last_seen: Tick,
     /// Generation of the queue slot that speaks for this entry.
     generation: u64,
 }
@@ -35,9 +57,26 @@ pub struct MacRow {
     pub age_secs: f64,
 }
 
+/// A VLAN and a MAC address in one word: what the table is keyed by.
+type Key = u64;
+
+fn key(vlan: u16, mac: &Mac) -> Key {
+    let mut word = [0u8; 8];
+    word[..2].copy_from_slice(&vlan.to_be_bytes());
+    word[2..].copy_from_slice(mac);
+    u64::from_be_bytes(word)
+}
+
+fn unkey(key: Key) -> (u16, Mac) {
+    let word = key.to_be_bytes();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&word[2..]);
+    (u16::from_be_bytes([word[0], word[1]]), mac)
+}
+
 pub struct MacTable {
-    entries: HashMap<(u16, Mac), Entry>,
-    order: VecDeque<((u16, Mac), u64)>,
+    entries: HashMap<Key, Entry, KeyedState>,
+    order: VecDeque<(Key, u64)>,
     next_generation: u64,
     capacity: usize,
     aging: Duration,
@@ -57,8 +96,10 @@ pub enum Learned {
 
 impl MacTable {
     pub fn new(capacity: usize, aging: Duration) -> Self {
+        // Fixes the epoch of [`Tick`] before any moment this table is given.
+        let _ = Tick::from(Instant::now());
         MacTable {
-            entries: HashMap::with_capacity(capacity.min(1 << 16)),
+            entries: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), KeyedState::new()),
             order: VecDeque::new(),
             next_generation: 0,
             capacity: capacity.max(1),
@@ -67,8 +108,9 @@ impl MacTable {
         }
     }
 
-    pub fn learn(&mut self, vlan: u16, mac: Mac, port: PortId, now: Instant) -> Learned {
-        let key = (vlan, mac);
+    pub fn learn(&mut self, vlan: u16, mac: Mac, port: PortId, now: impl Into<Tick>) -> Learned {
+        let now = now.into();
+        let key = key(vlan, &mac);
         let generation = self.next_generation;
         self.next_generation += 1;
         let result = match self.entries.get_mut(&key) {
@@ -79,7 +121,7 @@ impl MacTable {
                 // learning order (half a table of addresses learned since its slot). The
                 // second keeps a host that talks from becoming the oldest when a flood of
                 // new addresses fills the table faster than the clock moves.
-                let stale = now.duration_since(e.last_seen) > self.aging / 8
+                let stale = now.since(e.last_seen) > self.aging / 8
                     || generation - e.generation > self.capacity as u64 / 2;
                 e.last_seen = now;
                 e.port = port;
@@ -114,17 +156,17 @@ impl MacTable {
     }
 
     /// The port a (VLAN, MAC) lives on, unless unknown or aged out.
-    pub fn lookup(&self, vlan: u16, mac: &Mac, now: Instant) -> Option<PortId> {
-        let e = self.entries.get(&(vlan, *mac))?;
-        (now.duration_since(e.last_seen) <= self.aging).then_some(e.port)
+    pub fn lookup(&self, vlan: u16, mac: &Mac, now: impl Into<Tick>) -> Option<PortId> {
+        let e = self.entries.get(&key(vlan, mac))?;
+        (now.into().since(e.last_seen) <= self.aging).then_some(e.port)
     }
 
     /// Forgets entries older than the aging time; returns how many.
     pub fn age(&mut self, now: Instant) -> usize {
+        let now = Tick::from(now);
         let before = self.entries.len();
         let aging = self.aging;
-        self.entries
-            .retain(|_, e| now.duration_since(e.last_seen) <= aging);
+        self.entries.retain(|_, e| now.since(e.last_seen) <= aging);
         self.compact_queue();
         before - self.entries.len()
     }
@@ -147,14 +189,18 @@ impl MacTable {
     }
 
     pub fn rows(&self, now: Instant) -> Vec<MacRow> {
+        let now = Tick::from(now);
         let mut rows: Vec<MacRow> = self
             .entries
             .iter()
-            .map(|((vlan, mac), e)| MacRow {
-                vlan: *vlan,
-                mac: crate::frame::format_mac(mac),
-                port: e.port,
-                age_secs: now.duration_since(e.last_seen).as_secs_f64(),
+            .map(|(key, e)| {
+                let (vlan, mac) = unkey(*key);
+                MacRow {
+                    vlan,
+                    mac: crate::frame::format_mac(&mac),
+                    port: e.port,
+                    age_secs: now.since(e.last_seen).as_secs_f64(),
+                }
             })
             .collect();
         rows.sort_by(|a, b| (a.vlan, &a.mac).cmp(&(b.vlan, &b.mac)));
@@ -266,6 +312,23 @@ mod tests {
         }
         assert_eq!(t.len(), 4096);
         assert!(t.order.len() <= 4 * 4096 + 64 + 1);
+    }
+
+    #[test]
+    fn rows_give_back_the_vlan_and_address_learned() {
+        let mut t = MacTable::new(16, DEFAULT_AGING);
+        let now = Instant::now();
+        t.learn(4094, [0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54], 9, now);
+        t.learn(1, mac(1), 2, now);
+        let rows = t.rows(now);
+        assert_eq!(
+            (rows[0].vlan, rows[0].mac.as_str(), rows[0].port),
+            (1, "02:00:00:00:00:01", 2)
+        );
+        assert_eq!(
+            (rows[1].vlan, rows[1].mac.as_str(), rows[1].port),
+            (4094, "fe:dc:ba:98:76:54", 9)
+        );
     }
 
     #[test]

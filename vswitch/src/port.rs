@@ -129,8 +129,8 @@ pub struct PortCounters {
 }
 
 impl PortCounters {
-    pub(crate) fn rx(&self, bytes: usize) {
-        self.rx_frames.fetch_add(1, Relaxed);
+    pub(crate) fn rx_many(&self, frames: usize, bytes: usize) {
+        self.rx_frames.fetch_add(frames as u64, Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Relaxed);
     }
     pub(crate) fn tx(&self, bytes: usize) {

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::fast_hash::KeyedState;
 use crate::frame::{self, DropReason, FrameInfo};
-use crate::mac_table::{Learned, MacRow, MacTable, DEFAULT_AGING, DEFAULT_CAPACITY};
+use crate::mac_table::{Learned, MacRow, MacTable, Tick, DEFAULT_AGING, DEFAULT_CAPACITY};
 use crate::offload::{self, VnetHdr};
 use crate::port::{CountersSnapshot, Egress, PortCounters, PortId, PortSink, VlanMode};
 
@@ -74,7 +75,7 @@ pub struct PortInfo {
 
 pub struct Switch {
     config: SwitchConfig,
-    ports: RwLock<HashMap<PortId, Arc<Port>>>,
+    ports: RwLock<HashMap<PortId, Arc<Port>, KeyedState>>,
     table: Mutex<MacTable>,
     next_id: AtomicU32,
 }
@@ -84,7 +85,7 @@ impl Switch {
         Arc::new(Switch {
             table: Mutex::new(MacTable::new(config.mac_table_size, config.aging)),
             config,
-            ports: RwLock::new(HashMap::new()),
+            ports: RwLock::new(HashMap::with_hasher(KeyedState::new())),
             next_id: AtomicU32::new(1),
         })
     }
@@ -134,7 +135,7 @@ impl Switch {
     }
 
     /// The next number not in use (numbers asked for explicitly are skipped).
-    fn free_id(&self, ports: &HashMap<PortId, Arc<Port>>) -> PortId {
+    fn free_id(&self, ports: &HashMap<PortId, Arc<Port>, KeyedState>) -> PortId {
         loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if id != 0 && !ports.contains_key(&id) {
@@ -170,7 +171,20 @@ impl Switch {
     /// One frame arriving on `ingress`. Never fails: what cannot be forwarded is dropped
     /// and counted on the port it came from (or went to).
     pub fn ingress(&self, ingress: PortId, frame: &[u8]) {
-        self.forward(ingress, None, frame)
+        self.forward(ingress, &[(None, frame)])
+    }
+
+    /// Frames arriving together on `ingress` (a virtqueue's worth, a sender's burst):
+    /// forwarded as [`Switch::ingress`] would, one after the other, but deciding up to
+    /// [`BATCH`] of them under one hold of the locks and one reading of the clock.
+    pub fn ingress_batch<F: AsRef<[u8]>>(&self, ingress: PortId, frames: &[F]) {
+        for chunk in frames.chunks(BATCH) {
+            let mut batch: [(Option<&VnetHdr>, &[u8]); BATCH] = [(None, &[]); BATCH];
+            for (slot, frame) in batch.iter_mut().zip(chunk) {
+                slot.1 = frame.as_ref();
+            }
+            self.forward(ingress, &batch[..chunk.len()]);
+        }
     }
 
     /// A frame with a virtio-net header (from a tap in vnet-header mode): GSO and partial
@@ -179,54 +193,78 @@ impl Switch {
     /// counted).
     pub fn ingress_offloaded(&self, ingress: PortId, hdr: &VnetHdr, frame: &[u8]) {
         let hdr = (!hdr.is_plain()).then_some(hdr);
-        self.forward(ingress, hdr, frame)
+        self.forward(ingress, &[(hdr, frame)])
     }
 
-    fn forward(&self, ingress: PortId, hdr: Option<&VnetHdr>, frame: &[u8]) {
+    /// Forwards at most [`BATCH`] frames in three passes: check each frame and find its
+    /// VLAN (no lock), learn and look up every one under one hold of the table's lock,
+    /// then hand each to its ports with the table unlocked (a sink may block in a
+    /// syscall, and other ingress threads must not wait on it).
+    fn forward(&self, ingress: PortId, frames: &[(Option<&VnetHdr>, &[u8])]) {
+        debug_assert!(frames.len() <= BATCH);
         let ports = self.ports.read().unwrap();
         let Some(in_port) = ports.get(&ingress) else {
             return;
         };
-        in_port.counters.rx(frame.len());
-        let max_frame = match hdr {
-            Some(h) if h.is_gso() => offload::MAX_GSO_FRAME,
-            _ => self.config.max_frame,
-        };
-        let info = match frame::inspect(frame, max_frame) {
-            Ok(i) => i,
-            Err(why) => return in_port.counters.count_drop(why),
-        };
-        let Some(vlan) = in_port.vlan.classify(info.tag) else {
-            return in_port.counters.count_drop(DropReason::VlanFiltered);
-        };
-        let now = Instant::now();
-        let known = if self.config.hub {
-            None
-        } else {
+        let bytes: usize = frames.iter().map(|(_, f)| f.len()).sum();
+        in_port.counters.rx_many(frames.len(), bytes);
+
+        let mut decided: [Option<Decided>; BATCH] = [None; BATCH];
+        for ((hdr, frame), slot) in frames.iter().zip(decided.iter_mut()) {
+            let max_frame = match hdr {
+                Some(h) if h.is_gso() => offload::MAX_GSO_FRAME,
+                _ => self.config.max_frame,
+            };
+            let info = match frame::inspect(frame, max_frame) {
+                Ok(i) => i,
+                Err(why) => {
+                    in_port.counters.count_drop(why);
+                    continue;
+                }
+            };
+            let Some(vlan) = in_port.vlan.classify(info.tag) else {
+                in_port.counters.count_drop(DropReason::VlanFiltered);
+                continue;
+            };
+            *slot = Some(Decided {
+                info,
+                vlan,
+                route: Route::Flood,
+            });
+        }
+
+        if !self.config.hub {
+            let now = Tick::from(Instant::now());
             let mut table = self.table.lock().unwrap();
-            if let Learned::Moved { from } = table.learn(vlan, info.src, ingress, now) {
-                tracing::debug!(vlan, mac = %frame::format_mac(&info.src), from, to = ingress, "MAC moved");
-            }
-            if info.is_multicast_dst() {
-                None
-            } else {
-                table.lookup(vlan, &info.dst, now)
-            }
-        };
-        let mut copies = Copies::new(frame, &info, hdr);
-        match known {
-            // Known unicast: one port, or none if it lives where it came from.
-            Some(out) if out == ingress => {}
-            Some(out) => {
-                if let Some(port) = ports.get(&out) {
-                    send(port, vlan, &mut copies);
+            for d in decided[..frames.len()].iter_mut().flatten() {
+                if let Learned::Moved { from } = table.learn(d.vlan, d.info.src, ingress, now) {
+                    tracing::debug!(vlan = d.vlan, mac = %frame::format_mac(&d.info.src), from, to = ingress, "MAC moved");
+                }
+                if !d.info.is_multicast_dst() {
+                    if let Some(out) = table.lookup(d.vlan, &d.info.dst, now) {
+                        d.route = Route::To(out);
+                    }
                 }
             }
-            // Unknown unicast, broadcast, multicast: every other port in the VLAN.
-            None => {
-                for (id, port) in ports.iter() {
-                    if *id != ingress {
-                        send(port, vlan, &mut copies);
+        }
+
+        for ((hdr, frame), d) in frames.iter().zip(&decided) {
+            let Some(d) = d else { continue };
+            let mut copies = Copies::new(frame, &d.info, *hdr);
+            match d.route {
+                // Known unicast: one port, or none if it lives where it came from.
+                Route::To(out) if out == ingress => {}
+                Route::To(out) => {
+                    if let Some(port) = ports.get(&out) {
+                        send(port, d.vlan, &mut copies);
+                    }
+                }
+                // Unknown unicast, broadcast, multicast: every other port in the VLAN.
+                Route::Flood => {
+                    for (id, port) in ports.iter() {
+                        if *id != ingress {
+                            send(port, d.vlan, &mut copies);
+                        }
                     }
                 }
             }
@@ -269,6 +307,24 @@ impl Switch {
             .get(&id)
             .map(|p| p.counters.snapshot())
     }
+}
+
+/// The most frames [`Switch::forward`] decides under one hold of the table's lock.
+pub const BATCH: usize = 64;
+
+/// Where a checked frame goes.
+#[derive(Clone, Copy)]
+enum Route {
+    To(PortId),
+    /// Unknown unicast, broadcast, multicast.
+    Flood,
+}
+
+#[derive(Clone, Copy)]
+struct Decided {
+    info: FrameInfo,
+    vlan: u16,
+    route: Route,
 }
 
 /// The frame as received, and (made at most once) with its tag added or removed.

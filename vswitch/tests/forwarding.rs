@@ -299,3 +299,106 @@ fn ports_come_and_go_under_traffic() {
     assert!(last.recv_timeout(Duration::from_secs(1)).is_some());
     assert_eq!(sw.ports().len(), 2);
 }
+
+/// `send_batch` decides up to 64 frames under one lock: what each port receives, in
+/// which order, and every counter must be what the same frames sent one by one give,
+/// across batch boundaries, with learning inside a batch, floods, VLAN tags and drops.
+#[test]
+fn a_batch_is_forwarded_exactly_as_the_same_frames_sent_one_by_one() {
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for i in 0..150u8 {
+        let from: Mac = [2, 0, 0, 1, 0, i % 7];
+        frames.push(match i % 9 {
+            0 => frame(B, from),                              // learned unicast
+            1 => push_tag(&frame(C, from), 10),               // learned in VLAN 10
+            2 => frame(BROADCAST, from),                      // flood
+            3 => frame([2, 0, 0, 9, 9, i], from),             // unknown unicast
+            4 => frame([2, 0, 0, 1, 0, (i + 1) % 7], from),   // learned earlier in the batch
+            5 => vec![0u8; 9],                                // runt
+            6 => push_tag(&push_tag(&frame(B, from), 10), 1), // stacked tags
+            7 => frame(B, [1, 0, 0x5e, 0, 0, 1]),             // multicast source
+            _ => push_tag(&frame(B, from), 30),               // a VLAN the trunk does not carry
+        });
+    }
+    let run = |batched: bool| {
+        let sw = Switch::new(SwitchConfig::default());
+        let trunk =
+            InProcessPort::attach(&sw, "t", VlanMode::parse("trunk:native=1:1,10").unwrap());
+        let b = InProcessPort::attach(&sw, "b", access(1));
+        let c = InProcessPort::attach(&sw, "c", access(10));
+        let d = InProcessPort::attach(&sw, "d", VlanMode::parse("trunk").unwrap());
+        b.send(&frame(BROADCAST, B));
+        c.send(&frame(BROADCAST, C));
+        for p in [&trunk, &b, &c, &d] {
+            drain(p);
+        }
+        if batched {
+            trunk.send_batch(&frames);
+        } else {
+            for f in &frames {
+                trunk.send(f);
+            }
+        }
+        let received: Vec<Vec<Vec<u8>>> = [&trunk, &b, &c, &d].iter().map(|p| drain(p)).collect();
+        let counters: Vec<_> = [&trunk, &b, &c, &d]
+            .iter()
+            .map(|p| sw.counters(p.id()).unwrap())
+            .collect();
+        (received, counters, sw.mac_table_len())
+    };
+    let (one_by_one, batched) = (run(false), run(true));
+    assert!(
+        one_by_one.0[1].len() > 10 && one_by_one.0[2].len() > 10,
+        "the case reaches the ports"
+    );
+    assert_eq!(batched.0, one_by_one.0, "frames received per port");
+    assert_eq!(batched.1, one_by_one.1, "counters per port");
+    assert_eq!(batched.2, one_by_one.2, "MAC table entries");
+}
+
+/// A reader asleep in `recv_timeout` is woken by the next frame, not by its timeout
+/// (senders skip the wake-up when nobody sleeps).
+#[test]
+fn a_sleeping_reader_is_woken_by_the_next_frame() {
+    let sw = Switch::new(SwitchConfig::default());
+    let a = InProcessPort::attach(&sw, "a", access(1));
+    let b = Arc::new(InProcessPort::attach(&sw, "b", access(1)));
+    for round in 0..20 {
+        let reader = b.clone();
+        let waiting = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let got = reader.recv_timeout(Duration::from_secs(30));
+            (got, start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(if round % 2 == 0 { 20 } else { 0 }));
+        a.send(&frame(BROADCAST, A));
+        let (got, waited) = waiting.join().unwrap();
+        assert_eq!(got, Some(frame(BROADCAST, A)), "round {round}");
+        assert!(
+            waited < Duration::from_secs(5),
+            "round {round}: woken after {waited:?}"
+        );
+    }
+}
+
+/// Buffers handed back are refilled with exactly the next frame, whatever they held.
+#[test]
+fn recycled_buffers_hold_exactly_the_next_frames() {
+    let sw = Switch::new(SwitchConfig::default());
+    let a = InProcessPort::attach(&sw, "a", access(1));
+    let b = InProcessPort::attach(&sw, "b", access(1));
+    let long = {
+        let mut f = frame(BROADCAST, A);
+        f.resize(1400, 0xee);
+        f
+    };
+    a.send_batch(&[long.clone(), long.clone()]);
+    let mut got = Vec::new();
+    b.drain(&mut got);
+    assert_eq!(got, vec![long.clone(), long]);
+    b.recycle(&mut got);
+    assert!(got.is_empty(), "recycle takes the buffers");
+    let short = frame(BROADCAST, A);
+    a.send_batch(&[short.clone(), short.clone(), short.clone()]);
+    assert_eq!(drain(&b), vec![short.clone(), short.clone(), short]);
+}
