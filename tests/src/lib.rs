@@ -27,3 +27,29 @@ pub fn skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// The FUSE requests each share's session received, in order, as `VMBUILD_RECORD_DIR`
+/// recorded them (debug builds of vmbuild): one list of (opcode, body) per session.
+pub fn recorded_fuse_sessions(dir: &std::path::Path) -> Vec<Vec<(u32, Vec<u8>)>> {
+    const IN_HEADER: usize = 40;
+    let mut sessions = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("fuse-") {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path()).unwrap();
+        let mut requests = Vec::new();
+        let mut at = 0;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let request = &bytes[at + 4..(at + 4 + len).min(bytes.len())];
+            at += 4 + len;
+            if request.len() >= IN_HEADER {
+                let opcode = u32::from_le_bytes(request[4..8].try_into().unwrap());
+                requests.push((opcode, request[IN_HEADER..].to_vec()));
+            }
+        }
+        sessions.push(requests);
+    }
+    sessions
+}

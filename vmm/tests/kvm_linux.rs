@@ -611,32 +611,6 @@ fn the_embedded_vmm_runs_a_command_in_an_image() {
     );
 }
 
-/// FUSE requests one share's session received, in order, as `VMBUILD_RECORD_DIR`
-/// recorded them (debug builds): (opcode, body).
-fn recorded_sessions(dir: &std::path::Path) -> Vec<Vec<(u32, Vec<u8>)>> {
-    const IN_HEADER: usize = 40;
-    let mut sessions = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        if !entry.file_name().to_string_lossy().starts_with("fuse-") {
-            continue;
-        }
-        let bytes = std::fs::read(entry.path()).unwrap();
-        let mut requests = Vec::new();
-        let mut at = 0;
-        while at + 4 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            let request = &bytes[at + 4..(at + 4 + len).min(bytes.len())];
-            at += 4 + len;
-            if request.len() >= IN_HEADER {
-                let opcode = u32::from_le_bytes(request[4..8].try_into().unwrap());
-                requests.push((opcode, request[IN_HEADER..].to_vec()));
-            }
-        }
-        sessions.push(requests);
-    }
-    sessions
-}
-
 /// `vmbuild run --dax`: the store is mounted `dax=inode` over the virtio-fs device's DAX
 /// window, a large file is read through it (a small one with READ), both match the
 /// host's, and once its ranges are mapped the guest reads the large file again with no
@@ -685,7 +659,7 @@ fn a_dax_window_serves_the_store_with_no_request_after_the_first_mapping() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(out.status.code(), Some(0), "{text}");
-        let sessions = recorded_sessions(record.path());
+        let sessions = vmbuild_tests::recorded_fuse_sessions(record.path());
         let is_marker = |name: &'static str| {
             move |(op, body): &(u32, Vec<u8>)| *op == LOOKUP && body.starts_with(name.as_bytes())
         };

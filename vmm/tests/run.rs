@@ -835,6 +835,60 @@ fn images_that_are_not_qcow2_or_raw_are_refused() {
 /// KVM host where this host's own KVM cannot.
 /// `$ignore` is a cfg predicate: `all()` (always true) marks the tests ignored,
 /// `not(all())` (never true) leaves them to run everywhere.
+/// xchg is served with the guest's writeback cache: 2,000 small appends by a shell reach
+/// the host as a handful of WRITE requests (without it: one per append), appended to
+/// what the host put there (the kernel reads the partial page first), complete when the
+/// run returns, and the guest sends no FLUSH after the first (answered ENOSYS).
+fn small_writes_to_xchg_are_written_back_in_few_requests(vmm: &[&str]) {
+    const WRITE: u32 = 16;
+    const FLUSH: u32 = 25;
+    let xchg = tempfile::tempdir().unwrap();
+    let record = tempfile::tempdir().unwrap();
+    fs::write(xchg.path().join("log"), "host line\n").unwrap();
+    let script = "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done >> /tmp/xchg/log \
+                  && echo written > /tmp/xchg/marker";
+    let mut run = vmbuild_run(
+        vmm,
+        &[
+            "--xchg",
+            &xchg.path().display().to_string(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    run.cmd.env("VMBUILD_RECORD_DIR", record.path());
+    let out = run.output();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut expected = String::from("host line\n");
+    for i in 0..2000 {
+        expected.push_str(&format!("line-{i}\n"));
+    }
+    assert_eq!(
+        fs::read_to_string(xchg.path().join("log")).unwrap(),
+        expected
+    );
+    let xchg_session = vmbuild_tests::recorded_fuse_sessions(record.path())
+        .into_iter()
+        .find(|s| {
+            s.iter()
+                .any(|(_, body)| body.windows(7).any(|w| w == b"marker\0"))
+        })
+        .expect("no session of xchg was recorded (VMBUILD_RECORD_DIR needs a debug build)");
+    let count = |opcode| xchg_session.iter().filter(|(op, _)| *op == opcode).count();
+    assert!(
+        count(WRITE) <= 50,
+        "{} WRITE requests for 2,000 appends: not written back",
+        count(WRITE)
+    );
+    assert!(
+        count(FLUSH) <= 1,
+        "{} FLUSH requests after ENOSYS",
+        count(FLUSH)
+    );
+}
+
 macro_rules! parity {
     ($module:ident, $vmm:expr, $ignore:meta, $($test:ident),+ $(,)?) => {
         mod $module {
@@ -874,6 +928,13 @@ macro_rules! every_behaviour_test {
 }
 
 every_behaviour_test!(default_vmm, [], not(all()));
+
+parity!(
+    writeback,
+    [],
+    not(all()),
+    small_writes_to_xchg_are_written_back_in_few_requests,
+);
 every_behaviour_test!(embedded, ["--vmm", "embedded"], all());
 
 parity!(

@@ -94,6 +94,11 @@ pub struct ShareConfig {
     /// read with READ. A Linux guest maps DAX in 2 MiB ranges per file, so small files
     /// would waste the window. `None`: no per-file DAX.
     pub dax_file_size: Option<u64>,
+    /// Offer the guest a writeback cache (FUSE_WRITEBACK_CACHE) on a read-write share:
+    /// its small writes gather in its page cache and reach the host in page-sized or
+    /// larger WRITEs when a file is closed, synced or the pages are reclaimed. What the
+    /// host sees of a file still open in the guest may lag behind it.
+    pub writeback: bool,
 }
 
 impl ShareConfig {
@@ -107,10 +112,13 @@ impl ShareConfig {
             xattr: true,
             thread_pool_size: 0,
             dax_file_size: None,
+            writeback: false,
         }
     }
 
     /// The exchange directory: read-write, and the host's changes must show in the guest.
+    /// Written back from the guest's page cache: the host reads xchg after the command,
+    /// whose files are closed (and so written back) by then.
     pub fn xchg(dir: impl Into<PathBuf>) -> Self {
         ShareConfig {
             tag: "xchg".into(),
@@ -120,6 +128,7 @@ impl ShareConfig {
             xattr: true,
             thread_pool_size: 0,
             dax_file_size: None,
+            writeback: true,
         }
     }
 
@@ -166,7 +175,7 @@ impl ShareConfig {
             attr_timeout: timeout,
             xattr: self.xattr,
             do_import: true,
-            writeback: false,
+            writeback: self.writeback && !self.read_only,
             // The guest opens no file (ShareFs::without_guest_opens), but the engine does:
             // READs are served from handles kept open per inode, not reopened each time.
             no_open: false,

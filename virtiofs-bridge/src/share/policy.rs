@@ -59,6 +59,8 @@ pub struct ShareFs {
     guest_opens_nothing: AtomicBool,
     /// Offer per-file DAX (the device has a DAX window; see `ShareConfig::dax_file_size`).
     per_file_dax: bool,
+    /// The guest took the writeback cache at INIT (see `ShareConfig::writeback`).
+    written_back: AtomicBool,
 }
 
 impl ShareFs {
@@ -77,6 +79,7 @@ impl ShareFs {
             read_handles: None,
             guest_opens_nothing: AtomicBool::new(false),
             per_file_dax: false,
+            written_back: AtomicBool::new(false),
         }
     }
 
@@ -190,6 +193,8 @@ impl FileSystem for ShareFs {
             // Writeback caching would let the guest buffer writes that can only fail later.
             opts.remove(FsOptions::WRITEBACK_CACHE);
         }
+        self.written_back
+            .store(opts.contains(FsOptions::WRITEBACK_CACHE), Ordering::Relaxed);
         Ok(opts)
     }
 
@@ -414,9 +419,12 @@ impl FileSystem for ShareFs {
         handle: Handle,
         lock_owner: u64,
     ) -> io::Result<()> {
-        if self.read_only {
-            // Nothing to flush in a file nobody can write; ENOSYS tells the guest kernel
-            // to stop sending FLUSH on every close.
+        // ENOSYS tells the guest kernel to stop sending FLUSH on every close. Nothing to
+        // flush in a file nobody can write; and under the writeback cache the kernel
+        // writes a file's dirty pages back before it would send FLUSH, so all FLUSH would
+        // add is the engine's dup + close of the host descriptor (POSIX locks stay in the
+        // guest here): a request per close for nothing.
+        if self.read_only || self.written_back.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
         self.engine.flush(ctx, inode, handle, lock_owner)

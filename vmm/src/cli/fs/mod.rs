@@ -43,14 +43,14 @@ pub enum FsCommand {
     ///   done:     --shared-dir, --socket-path (--socket), --fd, --readonly, --cache,
     ///             --xattr, --thread-pool-size, --socket-group, --rlimit-nofile,
     ///             --log-level, -d, --print-capabilities, -o source=,cache=,sandbox=none,
-    ///             log_level=,debug,xattr,no_xattr
+    ///             log_level=,debug,xattr,no_xattr,writeback,no_writeback, --writeback
     ///   accepted, being what vmbuild does: -f, --sandbox none, --seccomp none,
     ///             --no-announce-submounts, --inode-file-handles=never,
     ///             --posix-acl=never, --security-label=never, --no-killpriv-v2,
     ///             --allow-direct-io, -o no_flock,no_posix_lock and the other defaults
     ///   refused (exit 2, saying what to use): --sandbox chroot|namespace,
     ///             --announce-submounts, --modcaps, --seccomp kill|log|trap, --xattrmap,
-    ///             --posix-acl, --security-label, --killpriv-v2, --writeback, --syslog,
+    ///             --posix-acl, --security-label, --killpriv-v2, --syslog,
     ///             --uid-map, --gid-map, --translate-uid, --translate-gid,
     ///             -o flock,posix_lock
     ///   not taken (clap's "unexpected argument", exit 2): --allow-mmap, --no-readdirplus,
@@ -278,6 +278,9 @@ impl ServeArgs {
         }
         for (config, _) in &mut shares {
             config.thread_pool_size = usize::from(self.thread_pool_size);
+            // virtiofsd's default: the guest's writes reach the host as they are made.
+            // (vmbuild's own xchg, in run and build, is written back.)
+            config.writeback = compat.writeback;
             config.xattr = match compat.xattr {
                 Some(x) => x,
                 None => self.xattr || config.xattr,

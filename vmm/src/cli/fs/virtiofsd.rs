@@ -104,7 +104,8 @@ pub struct VirtiofsdArgs {
     #[arg(long)]
     pub no_killpriv_v2: bool,
 
-    /// Refused: the guest's writeback cache is never offered
+    /// Offer the guest a writeback cache on read-write shares (its writes reach the host
+    /// when a file is closed or synced, not as they are made)
     #[arg(long)]
     pub writeback: bool,
 
@@ -151,6 +152,9 @@ pub struct Compat {
     pub socket_group: Option<libc::gid_t>,
     /// `--rlimit-nofile N` with N > 0.
     pub rlimit_nofile: Option<u64>,
+    /// `--writeback`, `-o writeback`: the guest's writeback cache on read-write shares
+    /// (off by default, as in virtiofsd).
+    pub writeback: bool,
 }
 
 /// One line for a virtiofsd flag vmbuild does not do.
@@ -233,12 +237,7 @@ impl VirtiofsdArgs {
                 "the guest clears setuid/setgid bits itself (--no-killpriv-v2, the default)",
             ));
         }
-        if self.writeback {
-            return Err(refuse(
-                "--writeback",
-                "the guest's writes reach the host as they are made (drop --writeback)",
-            ));
-        }
+        c.writeback = self.writeback;
         if self.syslog {
             return Err(refuse(
                 "--syslog",
@@ -353,9 +352,11 @@ fn legacy_option(opt: &str, c: &mut Compat) -> Result<(), String> {
         ("no_xattr", None) => c.xattr = Some(false),
         // What vmbuild does anyway: locks stay in the guest (the lock requests are
         // answered ENOSYS, so the guest kernel keeps them local), READDIRPLUS is used,
-        // no writeback cache, O_DIRECT honoured, no KILLPRIV_V2, no ACLs or labels,
-        // mount points not announced.
-        ("no_flock" | "no_posix_lock" | "readdirplus" | "no_writeback" | "allow_direct_io"
+        // O_DIRECT honoured, no KILLPRIV_V2, no ACLs or labels, mount points not
+        // announced.
+        ("writeback", None) => c.writeback = true,
+        ("no_writeback", None) => c.writeback = false,
+        ("no_flock" | "no_posix_lock" | "readdirplus" | "allow_direct_io"
         | "no_killpriv_v2" | "no_posix_acl" | "no_security_label" | "no_announce_submounts", None) => {}
         ("flock" | "posix_lock", None) => {
             return Err(refuse(
@@ -363,7 +364,7 @@ fn legacy_option(opt: &str, c: &mut Compat) -> Result<(), String> {
                 "locks stay inside the guest and are not taken on the host (drop it, or say no_flock / no_posix_lock)",
             ))
         }
-        ("no_readdirplus" | "writeback" | "no_allow_direct_io" | "killpriv_v2" | "posix_acl"
+        ("no_readdirplus" | "no_allow_direct_io" | "killpriv_v2" | "posix_acl"
         | "security_label" | "announce_submounts", None) => {
             return Err(refuse(
                 &format!("-o {key}"),
@@ -469,5 +470,24 @@ mod tests {
             let e = refused.check().unwrap_err();
             assert!(!e.contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn writeback_is_off_unless_asked_for_and_the_last_word_wins() {
+        let check = |writeback: bool, options: &[&str]| {
+            VirtiofsdArgs {
+                writeback,
+                compat: options.iter().map(|o| o.to_string()).collect(),
+                ..Default::default()
+            }
+            .check()
+            .unwrap()
+            .writeback
+        };
+        assert!(!check(false, &[]), "virtiofsd's default");
+        assert!(check(true, &[]));
+        assert!(check(false, &["writeback"]));
+        assert!(!check(true, &["no_writeback"]));
+        assert!(check(false, &["no_writeback,writeback"]));
     }
 }
