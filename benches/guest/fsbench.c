@@ -80,6 +80,19 @@ static void write_big(const char *path, long size) {
     close(fd);
 }
 
+/* A build log: many small appends to one file, as make and compilers write their output. */
+static void append_lines(const char *path, int count, int size) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_TRUNC, 0644);
+    if (fd < 0) { perror(path); exit(1); }
+    memset(buf, 'l', size - 1);
+    buf[size - 1] = '\n';
+    for (int i = 0; i < count; i++) {
+        if (write(fd, buf, size) != size) { perror("append"); exit(1); }
+        bytes += size;
+    }
+    close(fd);
+}
+
 /* fsbench STORE_TREE STORE_BIG XCHG_DIR */
 int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: fsbench TREE BIGFILE XCHGDIR\n"); return 2; }
@@ -99,6 +112,10 @@ int main(int argc, char **argv) {
     mkdir(dir, 0755);
     files = bytes = 0; t = now(); write_files(dir, 500, 4096); sync();
     printf("small_write %.6f files=%ld bytes=%ld\n", now() - t, files, bytes);
+
+    snprintf(dir, sizeof dir, "%s/bench-out/build.log", argv[3]);
+    files = bytes = 0; t = now(); append_lines(dir, 20000, 64); sync();
+    printf("append %.6f bytes=%ld\n", now() - t, bytes);
 
     snprintf(dir, sizeof dir, "%s/bench-out/big", argv[3]);
     files = bytes = 0; t = now(); write_big(dir, 64L << 20);

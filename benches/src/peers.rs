@@ -103,6 +103,17 @@ pub fn virtiofsd_binary() -> anyhow::Result<PathBuf> {
 
 /// `vmbuild fs serve` for one share.
 pub fn vmbuild_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Result<Daemon> {
+    vmbuild_share_with(dir, socket, readonly, false)
+}
+
+/// [`vmbuild_share`], with the guest's writeback cache offered on a read-write share
+/// when `writeback` (`--writeback`, as virtiofsd takes it).
+pub fn vmbuild_share_with(
+    dir: &Path,
+    socket: &Path,
+    readonly: bool,
+    writeback: bool,
+) -> anyhow::Result<Daemon> {
     let mut cmd = Command::new(vmbuild_binary()?);
     cmd.args(["fs", "serve", "--shared-dir"])
         .arg(dir)
@@ -111,17 +122,29 @@ pub fn vmbuild_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Resul
         .env("RUST_LOG", "warn");
     if readonly {
         cmd.arg("--readonly");
+    } else if writeback {
+        cmd.arg("--writeback");
     }
     let mut d = Daemon::spawn("vmbuild fs serve", &mut cmd)?;
     d.wait_for_socket(socket)?;
     Ok(d)
 }
 
-/// virtiofsd for one share, with the cache policy `vmbuild fs serve` takes by default for
-/// the same share: `always` for a read-only one (its content cannot change under the
+/// virtiofsd for one share, serving xattrs as `vmbuild fs serve` does, and with the cache
+/// policy `vmbuild fs serve` takes by default for the same share: `always` for a read-only one (its content cannot change under the
 /// guest), virtiofsd's own default (`auto`) otherwise. Equal settings, so that neither
 /// side is measured serving what the other's guest has cached.
 pub fn virtiofsd_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Result<Daemon> {
+    virtiofsd_share_with(dir, socket, readonly, false)
+}
+
+/// [`virtiofsd_share`], with `--writeback` on a read-write share when `writeback`.
+pub fn virtiofsd_share_with(
+    dir: &Path,
+    socket: &Path,
+    readonly: bool,
+    writeback: bool,
+) -> anyhow::Result<Daemon> {
     let mut cmd = Command::new(virtiofsd_binary()?);
     cmd.arg("--shared-dir")
         .arg(dir)
@@ -134,9 +157,14 @@ pub fn virtiofsd_share(dir: &Path, socket: &Path, readonly: bool) -> anyhow::Res
             "none",
             "--log-level",
             "error",
+            // vmbuild fs serve serves xattrs by default; virtiofsd only when asked. With
+            // them, a guest asks for security.capability before every write.
+            "--xattr",
         ]);
     if readonly {
         cmd.args(["--readonly", "--cache", "always"]);
+    } else if writeback {
+        cmd.arg("--writeback");
     }
     let mut d = Daemon::spawn("virtiofsd", &mut cmd)?;
     d.wait_for_socket(socket)?;

@@ -1092,6 +1092,7 @@ fn without_a_kvm_that_runs_linux_builds_keep_qemus_controller() {
         store: None,
         xchg: None,
         keep_xchg: false,
+        xchg_writeback: false,
         timeout: Some(Duration::from_secs(120)),
         ssh_wait: Duration::from_secs(60),
         verify_full: false,

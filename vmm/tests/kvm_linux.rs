@@ -231,6 +231,7 @@ fn a_run_in_the_embedded_vmm_serves_its_shares_and_cleans_up() {
         store: None,
         xchg: Some(xchg.path().to_owned()),
         keep_xchg: false,
+        xchg_writeback: false,
         no_xchg: false,
         nic: None,
         extra_shares: Vec::new(),

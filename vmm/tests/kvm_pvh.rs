@@ -134,6 +134,7 @@ fn a_guest_that_reports_and_halts_ends_the_run() {
         store: None,
         xchg: None,
         keep_xchg: false,
+        xchg_writeback: false,
         no_xchg: false,
         nic: None,
         extra_shares: Vec::new(),

@@ -47,6 +47,10 @@ struct Args {
     /// against QEMU+KVM with virtiofsd
     #[arg(long)]
     kvm: bool,
+    /// Serve xchg with the guest's writeback cache on both virtio-fs servers (`--writeback`
+    /// to vmbuild fs serve and to virtiofsd), as `vmbuild run` serves its xchg
+    #[arg(long)]
+    writeback: bool,
     /// Small files in the store tree
     #[arg(long, default_value_t = 2400)]
     files: usize,
@@ -163,7 +167,7 @@ fn harness(
         for contender in ["vmbuild", "virtiofsd"] {
             eprintln!("[fs-bench] harness round {} {contender}", round + 1);
             let sock = args.workdir.join(format!("harness-{contender}.sock"));
-            let _daemon = start_share(contender, store, &sock, true)?;
+            let _daemon = start_share(contender, store, &sock, true, false)?;
             let mut client = FuseClient::new(FsFrontend::connect(&sock)?);
             // As a Linux guest's driver: each server then serves READs as it serves a
             // guest's (with or without OPEN).
@@ -268,10 +272,11 @@ fn start_share(
     dir: &Path,
     socket: &Path,
     readonly: bool,
+    writeback: bool,
 ) -> anyhow::Result<Daemon> {
     match contender {
-        "vmbuild" => peers::vmbuild_share(dir, socket, readonly),
-        "virtiofsd" => peers::virtiofsd_share(dir, socket, readonly),
+        "vmbuild" => peers::vmbuild_share_with(dir, socket, readonly, writeback),
+        "virtiofsd" => peers::virtiofsd_share_with(dir, socket, readonly, writeback),
         other => bail!("unknown contender {other}"),
     }
 }
@@ -332,11 +337,12 @@ fn embedded_run(store: &Path, xchg: &Path, dax: bool) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-const WORKLOADS: [(&str, &str); 5] = [
+const WORKLOADS: [(&str, &str); 6] = [
     ("metadata", "cold find + stat, store tree"),
     ("small_read", "read every small file"),
     ("seq_read", "sequential read, big file"),
     ("small_write", "write 500 × 4 KiB to xchg"),
+    ("append", "append 20,000 × 64 B to one file in xchg"),
     ("seq_write", "write 64 MiB to xchg + fsync"),
 ];
 
@@ -393,8 +399,8 @@ fn in_guest(
                 _ => {
                     let s = args.workdir.join(format!("{contender}-store.sock"));
                     let x = args.workdir.join(format!("{contender}-xchg.sock"));
-                    daemons.push(start_share(contender, store, &s, true)?);
-                    daemons.push(start_share(contender, &xchg, &x, false)?);
+                    daemons.push(start_share(contender, store, &s, true, false)?);
+                    daemons.push(start_share(contender, &xchg, &x, false, args.writeback)?);
                     (
                         GuestShare::VirtioFs {
                             socket: s,

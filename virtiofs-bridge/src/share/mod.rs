@@ -117,8 +117,6 @@ impl ShareConfig {
     }
 
     /// The exchange directory: read-write, and the host's changes must show in the guest.
-    /// Written back from the guest's page cache: the host reads xchg after the command,
-    /// whose files are closed (and so written back) by then.
     pub fn xchg(dir: impl Into<PathBuf>) -> Self {
         ShareConfig {
             tag: "xchg".into(),
@@ -128,7 +126,7 @@ impl ShareConfig {
             xattr: true,
             thread_pool_size: 0,
             dax_file_size: None,
-            writeback: true,
+            writeback: false,
         }
     }
 

@@ -230,6 +230,7 @@ impl BuildArgs {
             store,
             xchg: self.dirs.xchg,
             keep_xchg: self.dirs.keep_xchg,
+            xchg_writeback: self.dirs.xchg_writeback,
             timeout,
             ssh_wait,
             verify_full: self.verify,

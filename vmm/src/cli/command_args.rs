@@ -21,6 +21,11 @@ pub(super) struct SharedDirs {
     /// Keep the temporary xchg directory and print its path (not with --xchg)
     #[arg(long, conflicts_with = "xchg")]
     pub keep_xchg: bool,
+    /// Serve xchg with the guest's writeback cache: small writes reach the host in
+    /// page-sized or larger WRITEs when the guest closes or syncs a file (a file still
+    /// open in the guest may lag behind on the host)
+    #[arg(long)]
+    pub xchg_writeback: bool,
 }
 
 /// The command's environment and working directory.

@@ -340,6 +340,7 @@ impl RunArgs {
             store,
             xchg: self.dirs.xchg,
             keep_xchg: self.dirs.keep_xchg,
+            xchg_writeback: self.dirs.xchg_writeback,
             no_xchg: false,
             nic: None,
             extra_shares,

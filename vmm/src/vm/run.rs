@@ -87,6 +87,8 @@ pub struct RunSpec {
     pub store: Option<(PathBuf, String)>,
     pub xchg: Option<PathBuf>,
     pub keep_xchg: bool,
+    /// xchg with the guest's writeback cache (`--xchg-writeback`).
+    pub xchg_writeback: bool,
     /// No xchg share at all (a guest that only talks over the network).
     pub no_xchg: bool,
     pub nic: Option<Nic>,
@@ -465,7 +467,9 @@ pub(crate) fn guest_shares(spec: &RunSpec, xchg: &Path) -> Vec<(ShareConfig, Str
         shares.push((ShareConfig::store(dir), mount.clone()));
     }
     if !spec.no_xchg {
-        shares.push((ShareConfig::xchg(xchg), "/tmp/xchg".into()));
+        let mut share = ShareConfig::xchg(xchg);
+        share.writeback = spec.xchg_writeback;
+        shares.push((share, "/tmp/xchg".into()));
     }
     for (i, extra) in spec.extra_shares.iter().enumerate() {
         let mut share = if extra.read_only {

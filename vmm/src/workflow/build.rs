@@ -56,6 +56,8 @@ pub struct BuildSpec {
     pub store: Option<(PathBuf, String)>,
     pub xchg: Option<PathBuf>,
     pub keep_xchg: bool,
+    /// xchg with the guest's writeback cache (`--xchg-writeback`).
+    pub xchg_writeback: bool,
     pub timeout: Option<Duration>,
     pub ssh_wait: Duration,
     /// Hash every snapshot file even if it passed a check unchanged before.
@@ -345,6 +347,7 @@ impl Resources {
         }
         let mut share = ShareConfig::xchg(&xchg);
         share.tag = XCHG_TAG.into();
+        share.writeback = spec.xchg_writeback;
         servers.push(ShareServer::spawn(share, rundir.join("xchg.sock")).context("serving xchg")?);
         let segment = Segment::create(rundir.path())?;
         Ok(Resources {

@@ -141,6 +141,7 @@ impl BuilderVm<'_> {
             xchg: Some(out.clone()),
             keep_xchg: true,
             no_xchg: false,
+            xchg_writeback: false,
             nic: None,
             extra_shares: vec![ExtraShare {
                 host: build.clone(),

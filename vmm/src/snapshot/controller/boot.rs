@@ -69,6 +69,7 @@ impl Controller for BootedController {
             xchg: None,
             keep_xchg: false,
             no_xchg: true,
+            xchg_writeback: false,
             nic: Some(Nic {
                 link: match &self.vmm {
                     BootVmm::Qemu => NicLink::Stream(plan.net_socket.to_owned()),
