@@ -16,6 +16,12 @@ use crate::virtio::shm::{DaxMapper, ShmRegion};
 pub trait FramePort: Send + Sync {
     /// Forwards one frame the guest sent (without the virtio-net header).
     fn send(&self, frame: &[u8]);
+    /// Forwards frames the guest sent together, in order (one notify's worth).
+    fn send_batch(&self, frames: &[&[u8]]) {
+        for frame in frames {
+            self.send(frame);
+        }
+    }
     /// The next frame for the guest, waiting at most `timeout`.
     fn recv_timeout(&self, timeout: Duration) -> Option<Vec<u8>>;
 }
@@ -53,6 +59,10 @@ pub trait NinepSession: Send + Sync {
 impl FramePort for vswitch::InProcessPort {
     fn send(&self, frame: &[u8]) {
         vswitch::InProcessPort::send(self, frame)
+    }
+
+    fn send_batch(&self, frames: &[&[u8]]) {
+        vswitch::InProcessPort::send_batch(self, frames)
     }
 
     fn recv_timeout(&self, timeout: Duration) -> Option<Vec<u8>> {

@@ -93,6 +93,42 @@ fn frames_cross_between_the_guest_and_a_switch_port() {
     );
 }
 
+/// A full ring made available before one notify reaches the switch as one batch: every
+/// frame, in order, with a malformed chain among them returned and counted, not sent.
+#[test]
+fn a_ring_of_frames_sent_in_one_notify_arrives_whole_and_in_order() {
+    let (mut d, peer, counters) = setup();
+    let mut sent = Vec::new();
+    for i in 0..support::QSIZE {
+        let at = 0x100000 + 0x1000 * u64::from(i);
+        if i == 7 {
+            // Shorter than a header and an Ethernet header: malformed.
+            d.desc(1, i, at, 8, 0, 0);
+        } else {
+            let f = frame(PEER_MAC, VM_MAC, i as u8);
+            let mut buf = vec![0u8; 12];
+            buf.extend_from_slice(&f);
+            d.ram.write_slice(&buf, GuestAddress(at)).unwrap();
+            d.desc(1, i, at, buf.len() as u32, 0, 0);
+            sent.push(f);
+        }
+        d.post_quietly(1, i);
+    }
+    d.w(0x50, 1);
+    d.wait_used(1, support::QSIZE);
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        match peer.recv_timeout(Duration::from_secs(5)) {
+            Some(f) => got.push(f),
+            None => break,
+        }
+    }
+    assert_eq!(got, sent);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&counters.tx_frames), u64::from(support::QSIZE) - 1);
+    assert_eq!(load(&counters.bad_chains), 1);
+}
+
 #[test]
 fn a_live_nic_is_saved_and_restored_where_its_queues_were() {
     let (mut d, peer, _) = setup();

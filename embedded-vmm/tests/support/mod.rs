@@ -53,6 +53,13 @@ impl Driver {
 
     /// Makes descriptor `head` available and notifies the queue.
     pub fn post(&mut self, q: usize, head: u16) {
+        self.post_quietly(q, head);
+        self.w(0x50, q as u32);
+    }
+
+    /// Makes `head` available without notifying the device (a driver filling the ring
+    /// before one notify).
+    pub fn post_quietly(&mut self, q: usize, head: u16) {
         let dq = &mut self.queues[q];
         let slot = dq.avail + 4 + 2 * u64::from(dq.next_avail % QSIZE);
         self.ram
@@ -64,7 +71,6 @@ impl Driver {
         self.ram
             .write_slice(&idx.to_le_bytes(), GuestAddress(avail + 2))
             .unwrap();
-        self.w(0x50, q as u32);
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {
