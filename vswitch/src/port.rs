@@ -25,6 +25,10 @@ pub trait PortSink: Send + Sync {
         let _ = hdr;
         self.transmit(frame)
     }
+    /// The switch has handed this port every frame of one ingress batch: a sink that
+    /// queues frames delivers them now (one ring update and one interrupt for the lot,
+    /// not one per frame). Called after any `transmit` of a batch.
+    fn end_burst(&self) {}
     /// "tap", "vhost-user", "in-process".
     fn kind(&self) -> &'static str;
     /// What a person recognises the port by (interface name, socket path, ...).

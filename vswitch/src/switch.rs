@@ -248,6 +248,7 @@ impl Switch {
             }
         }
 
+        let mut touched = Touched::default();
         for ((hdr, frame), d) in frames.iter().zip(&decided) {
             let Some(d) = d else { continue };
             let mut copies = Copies::new(frame, &d.info, *hdr);
@@ -257,6 +258,7 @@ impl Switch {
                 Route::To(out) => {
                     if let Some(port) = ports.get(&out) {
                         send(port, d.vlan, &mut copies);
+                        touched.add(port);
                     }
                 }
                 // Unknown unicast, broadcast, multicast: every other port in the VLAN.
@@ -264,10 +266,18 @@ impl Switch {
                     for (id, port) in ports.iter() {
                         if *id != ingress {
                             send(port, d.vlan, &mut copies);
+                            touched.add(port);
                         }
                     }
                 }
             }
+        }
+        match touched {
+            Touched::Few(n, list) => list[..n].iter().flatten().for_each(|p| p.sink.end_burst()),
+            Touched::Many => ports
+                .iter()
+                .filter(|(id, _)| **id != ingress)
+                .for_each(|(_, p)| p.sink.end_burst()),
         }
     }
 
@@ -306,6 +316,35 @@ impl Switch {
             .unwrap()
             .get(&id)
             .map(|p| p.counters.snapshot())
+    }
+}
+
+/// The ports one batch was sent to, for their [`PortSink::end_burst`]; past a few,
+/// every port gets it (a flood reaches them all anyway).
+enum Touched<'p> {
+    Few(usize, [Option<&'p Port>; 8]),
+    Many,
+}
+
+impl Default for Touched<'_> {
+    fn default() -> Self {
+        Touched::Few(0, [None; 8])
+    }
+}
+
+impl<'p> Touched<'p> {
+    fn add(&mut self, port: &'p Port) {
+        if let Touched::Few(n, list) = self {
+            if list[..*n].iter().flatten().any(|p| std::ptr::eq(*p, port)) {
+                return;
+            }
+            if *n == list.len() {
+                *self = Touched::Many;
+            } else {
+                list[*n] = Some(port);
+                *n += 1;
+            }
+        }
     }
 }
 
