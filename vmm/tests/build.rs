@@ -18,8 +18,11 @@ fn vmbuild() -> Command {
     cmd
 }
 
+/// Where the tests make their snapshots (created here, so that any test runs alone).
 fn tmp_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("build-tests")
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("build-tests");
+    fs::create_dir_all(&root).unwrap();
+    root
 }
 
 /// The snapshot every test builds from: bootstrapped once per test run.
@@ -834,19 +837,31 @@ fn bootstrap_shows_progress_refuses_to_overwrite_and_leaves_nothing_when_interru
     // QEMU acts on the SIGTERM that stops it: vmbuild's own mask (it waits for SIGINT,
     // SIGTERM and SIGHUP on one thread) is not inherited. It was, and every stop waited
     // two seconds per QEMU before SIGKILL.
+    // QEMU itself blocks every signal for the instant it creates a thread
+    // (qemu_thread_create), so one reading can catch that; an inherited mask stays.
+    let stops = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM]
+        .iter()
+        .fold(0u64, |m, s| m | 1 << (s - 1));
     for (pid, _) in qemu_pids(runtime.path()) {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let Some(blocked) = status.lines().find_map(|l| l.strip_prefix("SigBlk:")) else {
-            continue; // Already gone.
-        };
-        let blocked = u64::from_str_radix(blocked.trim(), 16).unwrap();
-        for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
-            assert_eq!(
-                blocked & (1 << (signal - 1)),
-                0,
-                "QEMU {pid} blocks signal {signal}"
-            );
+        let mut blocked_every_time = None;
+        for _ in 0..40 {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let Some(mask) = status.lines().find_map(|l| l.strip_prefix("SigBlk:")) else {
+                blocked_every_time = None; // Already gone.
+                break;
+            };
+            let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+            if mask & stops == 0 {
+                blocked_every_time = None;
+                break;
+            }
+            blocked_every_time = Some(mask);
+            std::thread::sleep(Duration::from_millis(50));
         }
+        assert_eq!(
+            blocked_every_time, None,
+            "QEMU {pid} blocks SIGHUP, SIGINT or SIGTERM in 40 readings over 2 s (SigBlk)"
+        );
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
