@@ -278,8 +278,8 @@ impl ServeArgs {
         }
         for (config, _) in &mut shares {
             config.thread_pool_size = usize::from(self.thread_pool_size);
-            // virtiofsd's default: the guest's writes reach the host as they are made.
-            // (vmbuild's own xchg, in run and build, is written back.)
+            // virtiofsd's default: the guest's writes reach the host as they are made,
+            // unless --writeback / -o writeback asks for the guest's writeback cache.
             config.writeback = compat.writeback;
             config.xattr = match compat.xattr {
                 Some(x) => x,
