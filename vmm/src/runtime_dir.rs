@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::owned_dir::{self, OwnedDir};
 
 /// What runtime directories are for; the sweep looks for each of these prefixes.
-const PURPOSES: [&str; 3] = ["run", "build", "bootstrap"];
+const PURPOSES: [&str; 4] = ["run", "build", "bootstrap", "migrate"];
 
 pub struct RuntimeDir(OwnedDir);
 

@@ -75,7 +75,11 @@ fn next_tick(g: &Guest, within: Duration) -> u64 {
 
 #[test]
 fn a_suspended_guest_revives_where_it_stopped() {
-    for format in [StateFormat::Stream, StateFormat::MappedRam] {
+    for format in [
+        StateFormat::Stream,
+        StateFormat::MappedRam,
+        StateFormat::ZstdChannels(2),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let kit = GuestKit::locate().unwrap();
         let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, COUNTER)];
@@ -116,4 +120,41 @@ fn a_suspended_guest_revives_where_it_stopped() {
         assert!(started.elapsed() < Duration::from_secs(30));
         second.qemu.kill();
     }
+}
+
+/// A recorded channel cut short (a copy that stopped half way, a disk error): the revive
+/// fails with QEMU's reason within its time, instead of waiting for bytes that never come.
+#[test]
+fn a_truncated_recorded_channel_fails_the_revive_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = GuestKit::locate().unwrap();
+    let files: [(&str, u32, &[u8]); 1] = [(GUEST_SCRIPT_PATH, 0o755, COUNTER)];
+    let initrd = initrd::with_files(&kit.initrd, dir.path(), &files).unwrap();
+    let state = dir.path().join("state");
+    let format = StateFormat::ZstdChannels(2);
+
+    let mut first = start(dir.path(), "a", &initrd, false);
+    next_tick(&first, Duration::from_secs(60));
+    first
+        .qmp
+        .suspend_to_file(&state, format, Duration::from_secs(60))
+        .unwrap();
+    first.qemu.kill();
+    let channel = vmbuild::qemu::recorded_channels::channel_files(&state, 2)[2].clone();
+    let len = std::fs::metadata(&channel).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&channel)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let mut second = start(dir.path(), "b", &initrd, true);
+    let started = Instant::now();
+    let err = second
+        .qmp
+        .revive_from_file(&state, format, Duration::from_secs(30))
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(40), "{err:#}");
+    second.qemu.kill();
 }

@@ -21,6 +21,7 @@ use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
 use vmbuild::qemu::migration::StateFormat;
+use vmbuild::qemu::recorded_channels::channel_files;
 use vmbuild::qemu::{QemuProcess, Qmp};
 
 #[derive(Parser, Debug)]
@@ -34,6 +35,20 @@ struct Args {
     /// Suspend/revive cycles per method (medians are reported)
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// What the guest fills half its memory with: `text` (`yes` output, which every
+    /// codec shrinks to almost nothing) or `random` (base64 of /dev/urandom: a codec
+    /// saves a quarter at best)
+    #[arg(long, value_enum, default_value = "text")]
+    fill: Fill,
+    /// Only these methods (gzip, file, mapped-ram, multifd, zstd); all by default
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Fill {
+    Text,
+    Random,
 }
 
 #[derive(Clone, Copy)]
@@ -42,6 +57,7 @@ enum Method {
     File,
     MappedRam,
     MappedRamMultifd,
+    ZstdChannels,
 }
 
 impl Method {
@@ -51,12 +67,23 @@ impl Method {
             Method::File => "file:",
             Method::MappedRam => "file: + mapped-ram",
             Method::MappedRamMultifd => "file: + mapped-ram + multifd ×2",
+            Method::ZstdChannels => "multifd ×2 + zstd, recorded channels (vmbuild)",
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Method::Gzip => "gzip",
+            Method::File => "file",
+            Method::MappedRam => "mapped-ram",
+            Method::MappedRamMultifd => "multifd",
+            Method::ZstdChannels => "zstd",
         }
     }
     fn format(self) -> StateFormat {
         match self {
             Method::MappedRam => StateFormat::MappedRam,
             Method::MappedRamMultifd => StateFormat::MappedRamMultifd(2),
+            Method::ZstdChannels => StateFormat::ZstdChannels(2),
             _ => StateFormat::Stream,
         }
     }
@@ -66,6 +93,14 @@ impl Method {
             Method::File => dir.join("state"),
             Method::MappedRam => dir.join("state.mapped"),
             Method::MappedRamMultifd => dir.join("state.multifd"),
+            Method::ZstdChannels => dir.join("state.zst"),
+        }
+    }
+    /// Every file the state occupies.
+    fn files(self, dir: &Path) -> Vec<PathBuf> {
+        match self.format() {
+            StateFormat::ZstdChannels(n) => channel_files(&self.path(dir), n),
+            _ => vec![self.path(dir)],
         }
     }
     fn out_uri(self, dir: &Path) -> String {
@@ -95,16 +130,35 @@ fn main() -> anyhow::Result<()> {
     let kit = GuestKit::locate()?;
     println!("| guest | method | suspend (s) | state on disk (MiB) | warm: revive → running (s) | warm: → next output (s) | cold: revive → running (s) | cold: → next output (s) |");
     println!("|---|---|---|---|---|---|---|---|");
+    let methods: Vec<Method> = [
+        Method::Gzip,
+        Method::File,
+        Method::MappedRam,
+        Method::MappedRamMultifd,
+        Method::ZstdChannels,
+    ]
+    .into_iter()
+    .filter(|m| args.methods.is_empty() || args.methods.iter().any(|k| k == m.key()))
+    .collect();
+    anyhow::ensure!(
+        methods.first().is_some_and(|m| matches!(m, Method::Gzip)) && methods.len() > 1,
+        "--methods must name gzip and at least one other: every ratio is against gzip"
+    );
     let mut ratios = Vec::new();
+    let mut tails = Vec::new();
     for &mib in &args.sizes {
         // Fill half of memory with non-zero data (zero pages would migrate for free),
         // then count: each revive must carry on counting.
         // Two tmpfs mounts, each capped at half the memory by default.
         let fill = mib / 2;
         let half = fill / 2;
+        let source = match args.fill {
+            Fill::Text => "yes vmbuild-snapshot-bench",
+            Fill::Random => "base64 /dev/urandom",
+        };
         let script = format!(
-            "yes vmbuild-snapshot-bench | head -c $(({half} * 1048576)) > /dev/shm/fill\n\
-             yes vmbuild-snapshot-bench | head -c $(({half} * 1048576)) > /tmp/fill\n\
+            "{source} | head -c $(({half} * 1048576)) > /dev/shm/fill\n\
+             {source} | head -c $(({half} * 1048576)) > /tmp/fill\n\
              i=0\nwhile true; do i=$((i+1)); echo tick=$i; sleep 0.05; done\n"
         );
         let dir = args.workdir.join(format!("{mib}"));
@@ -117,42 +171,55 @@ fn main() -> anyhow::Result<()> {
             .ticks
             .recv_timeout(Duration::from_secs(600))
             .context("the guest never started counting")?;
-        let methods = [
-            Method::Gzip,
-            Method::File,
-            Method::MappedRam,
-            Method::MappedRamMultifd,
-        ];
         let mut samples: Vec<[Vec<f64>; 6]> = methods.iter().map(|_| Default::default()).collect();
         let mut cycle = 0;
         for _ in 0..args.rounds {
-            for (m, method) in methods.into_iter().enumerate() {
+            for (m, &method) in methods.iter().enumerate() {
                 for cold in [false, true] {
                     let t = Instant::now();
-                    guest.qmp.suspend_to_uri(
-                        &method.out_uri(&dir),
-                        method.format(),
-                        Duration::from_secs(600),
-                    )?;
+                    if let StateFormat::ZstdChannels(_) = method.format() {
+                        guest.qmp.save_state(
+                            &method.path(&dir),
+                            method.format(),
+                            Duration::from_secs(600),
+                            &mut |_, _| {},
+                        )?;
+                    } else {
+                        guest.qmp.suspend_to_uri(
+                            &method.out_uri(&dir),
+                            method.format(),
+                            Duration::from_secs(600),
+                        )?;
+                    }
                     let suspend = t.elapsed().as_secs_f64();
                     // Blocks on disk: a mapped-ram file is sparse (zero pages are not written).
-                    let size = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(
-                        method.path(&dir),
-                    )?) as f64
-                        * 512.0
-                        / (1 << 20) as f64;
+                    let mut size = 0.0;
+                    for f in method.files(&dir) {
+                        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(f)?);
+                        size += blocks as f64 * 512.0 / (1 << 20) as f64;
+                    }
                     guest.qemu.kill();
                     if cold {
-                        evict_from_page_cache(&method.path(&dir))?;
+                        for f in method.files(&dir) {
+                            evict_from_page_cache(&f)?;
+                        }
                     }
                     cycle += 1;
                     let mut next = start(&dir, &format!("r{cycle}"), &kit, &initrd, mib, true)?;
                     let t = Instant::now();
-                    next.qmp.revive_from_uri(
-                        &method.in_uri(&dir),
-                        method.format(),
-                        Duration::from_secs(600),
-                    )?;
+                    if let StateFormat::ZstdChannels(_) = method.format() {
+                        next.qmp.revive_from_file(
+                            &method.path(&dir),
+                            method.format(),
+                            Duration::from_secs(600),
+                        )?;
+                    } else {
+                        next.qmp.revive_from_uri(
+                            &method.in_uri(&dir),
+                            method.format(),
+                            Duration::from_secs(600),
+                        )?;
+                    }
                     let running = t.elapsed().as_secs_f64();
                     next.ticks
                         .recv_timeout(Duration::from_secs(60))
@@ -170,7 +237,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        for (m, method) in methods.into_iter().enumerate() {
+        for (m, method) in methods.iter().enumerate() {
             let med = |i: usize| vmbuild_benches::report::median(samples[m][i].clone());
             println!(
                 "| {mib} MiB | {} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
@@ -184,27 +251,67 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let med = |m: usize, i: usize| vmbuild_benches::report::median(samples[m][i].clone());
-        ratios.push(format!(
-            "| {mib} MiB | {:.1}× | {:.1}× | {:.1}× | {:.1}× | {:.1}× | {:.1}× |",
-            med(0, 2) / med(1, 2),
-            med(0, 4) / med(1, 4),
-            med(0, 2) / med(2, 2),
-            med(0, 4) / med(2, 4),
-            med(0, 2) / med(3, 2),
-            med(0, 4) / med(3, 4)
-        ));
+        let mut row = format!("| {mib} MiB |");
+        for m in 1..methods.len() {
+            row += &format!(
+                " {:.1}× | {:.1}× |",
+                med(0, 2) / med(m, 2),
+                med(0, 4) / med(m, 4)
+            );
+        }
+        ratios.push(row);
+        for (m, method) in methods.iter().enumerate() {
+            for (i, what) in [(2, "warm"), (4, "cold")] {
+                let pct = |p: f64, i: usize| percentile(&samples[m][i], p);
+                tails.push(format!(
+                    "| {mib} MiB | {} | {what} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                    method.name(),
+                    samples[m][i].len(),
+                    pct(50.0, i),
+                    pct(99.0, i),
+                    pct(50.0, i + 1),
+                    pct(99.0, i + 1)
+                ));
+            }
+        }
         guest.qemu.kill();
     }
     println!();
     println!("Revive → running, how many times faster than the gzip method:");
     println!();
-    println!("| guest | file: warm | file: cold | mapped-ram warm | mapped-ram cold | + multifd warm | + multifd cold |");
-    println!("|---|---|---|---|---|---|---|");
+    let mut head = "| guest |".to_string();
+    let mut rule = "|---|".to_string();
+    for m in &methods[1..] {
+        head += &format!(" {} warm | {} cold |", m.name(), m.name());
+        rule += "---|---|";
+    }
+    println!("{head}\n{rule}");
     for r in ratios {
         println!("{r}");
     }
+    println!();
+    println!(
+        "Percentiles over every revive (nearest rank: below 100 revives, p99 is the slowest):"
+    );
+    println!();
+    println!("| guest | method | cache | revives | → running p50 (s) | → running p99 (s) | → next output p50 (s) | → next output p99 (s) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for t in tails {
+        println!("{t}");
+    }
     let _ = std::fs::remove_dir_all(&args.workdir);
     Ok(())
+}
+
+/// The `p`th percentile of `v` by the nearest-rank method.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
 }
 
 /// Writes back and drops `path`'s pages from the page cache, so that the next reader

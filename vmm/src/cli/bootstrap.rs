@@ -74,6 +74,17 @@ pub struct BootstrapArgs {
     /// by the group, so its members can build from it (see `vmbuild snapshot share`)
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// How the target's memory is written: zstd (QEMU's multifd channels compressed, a
+    /// fraction of the RAM on disk: the fastest cold revive) or mapped-ram (uncompressed,
+    /// read in place: the fastest warm revive of memory that does not compress)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value = "zstd")]
+    state_format: StateFormatChoice,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StateFormatChoice {
+    Zstd,
+    MappedRam,
 }
 
 impl BootstrapArgs {
@@ -215,6 +226,12 @@ impl BootstrapArgs {
             disk_size_mib,
             ssh_wait,
             progress: !self.quiet,
+            state_format: match self.state_format {
+                StateFormatChoice::Zstd => crate::snapshot::manifest::snapshot_state_format(),
+                StateFormatChoice::MappedRam => crate::qemu::StateFormat::MappedRamMultifd(
+                    crate::snapshot::manifest::default_channels(),
+                ),
+            },
         })
     }
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use crate::qemu::recorded_channels::{Player, Recorder};
 use crate::qemu::Qmp;
+use crate::runtime_dir::RuntimeDir;
 
 /// What a suspend cost.
 #[derive(Debug, Clone)]
@@ -26,6 +28,37 @@ pub enum StateFormat {
     MappedRam,
     /// `mapped-ram` written and read by this many multifd channels (threads) in parallel.
     MappedRamMultifd(u8),
+    /// This many multifd channels, each zstd-compressed by QEMU, recorded to one file per
+    /// channel (`recorded_channels`): smaller on disk, decompressed in parallel.
+    ZstdChannels(u8),
+}
+
+impl StateFormat {
+    /// The name a manifest records (`StateInfo::format`).
+    pub fn manifest_name(self) -> &'static str {
+        match self {
+            StateFormat::Stream => "stream",
+            StateFormat::MappedRam | StateFormat::MappedRamMultifd(_) => "mapped-ram",
+            StateFormat::ZstdChannels(_) => "multifd-zstd",
+        }
+    }
+
+    /// Its multifd channels, if it has any.
+    pub fn channels(self) -> Option<u8> {
+        match self {
+            StateFormat::MappedRamMultifd(n) | StateFormat::ZstdChannels(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The nearest format that keeps the state in one file (for small guests such as the
+    /// controller, where a second layout would buy nothing).
+    pub fn single_file(self) -> StateFormat {
+        match self {
+            StateFormat::ZstdChannels(n) => StateFormat::MappedRamMultifd(n),
+            other => other,
+        }
+    }
 }
 
 /// `e`, a failed save to the file `path`, with the reason QEMU does not give when the
@@ -70,14 +103,18 @@ impl Qmp {
     /// Sets mapped-ram on or off explicitly: a QEMU revived from a mapped-ram file keeps
     /// the capability, and a later stream migration (to `exec:`) would then be refused.
     fn set_format(&mut self, format: StateFormat) -> anyhow::Result<()> {
-        let (mapped, channels) = match format {
-            StateFormat::Stream => (false, None),
-            StateFormat::MappedRam => (true, None),
-            StateFormat::MappedRamMultifd(n) => (true, Some(n.max(1))),
+        let (mapped, channels, compression) = match format {
+            StateFormat::Stream => (false, None, "none"),
+            StateFormat::MappedRam => (true, None, "none"),
+            StateFormat::MappedRamMultifd(n) => (true, Some(n.max(1)), "none"),
+            StateFormat::ZstdChannels(n) => (false, Some(n.max(1)), "zstd"),
         };
+        // Compression too is set either way: it stays from a revive and mapped-ram refuses it.
+        let mut parameters = json!({ "multifd-compression": compression });
         if let Some(n) = channels {
-            self.execute("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+            parameters["multifd-channels"] = json!(n);
         }
+        self.execute("migrate-set-parameters", parameters)?;
         self.execute(
             "migrate-set-capabilities",
             json!({ "capabilities": [
@@ -95,11 +132,32 @@ impl Qmp {
         format: StateFormat,
         timeout: Duration,
     ) -> anyhow::Result<SuspendStats> {
+        self.save_state(path, format, timeout, &mut |_, _| {})
+    }
+
+    /// Stops the guest and writes its state to `path` (for [`StateFormat::ZstdChannels`],
+    /// `path` and one file per channel beside it), calling `progress(bytes written, guest
+    /// RAM bytes)` meanwhile. The guest stays stopped.
+    pub fn save_state(
+        &mut self,
+        path: &Path,
+        format: StateFormat,
+        timeout: Duration,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> anyhow::Result<SuspendStats> {
         let start = Instant::now();
-        self.suspend_to_uri(&format!("file:{}", path.display()), format, timeout)?;
-        let state_bytes = std::fs::metadata(path)
-            .with_context(|| format!("the state file {} was not written", path.display()))?
-            .len();
+        let state_bytes = if let StateFormat::ZstdChannels(n) = format {
+            let socket_dir = RuntimeDir::create("migrate")?;
+            let recorder = Recorder::listen(&socket_dir.join("migrate.sock"), path, n)?;
+            self.suspend_with_progress(&recorder.uri(), format, timeout, progress)?;
+            recorder.finish(Duration::from_secs(30))?
+        } else {
+            let uri = format!("file:{}", path.display());
+            self.suspend_with_progress(&uri, format, timeout, progress)?;
+            std::fs::metadata(path)
+                .with_context(|| format!("the state file {} was not written", path.display()))?
+                .len()
+        };
         Ok(SuspendStats {
             duration: start.elapsed(),
             state_bytes,
@@ -114,7 +172,21 @@ impl Qmp {
         format: StateFormat,
         timeout: Duration,
     ) -> anyhow::Result<Duration> {
-        self.revive_from_uri(&format!("file:{}", path.display()), format, timeout)
+        let StateFormat::ZstdChannels(n) = format else {
+            return self.revive_from_uri(&format!("file:{}", path.display()), format, timeout);
+        };
+        let start = Instant::now();
+        let socket_dir = RuntimeDir::create("migrate")?;
+        let socket = socket_dir.join("migrate.sock");
+        self.set_format(format)?;
+        self.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("unix:{}", socket.display()) }),
+        )?;
+        let player = Player::start(&socket, path, n)?;
+        self.wait_until_running(start, timeout, &path.display().to_string())?;
+        player.finish()?;
+        Ok(start.elapsed())
     }
 
     /// Stops the guest and migrates it to any migration URI (`file:`, `exec:`, ...); waits
@@ -153,6 +225,17 @@ impl Qmp {
         let start = Instant::now();
         self.set_format(format)?;
         self.execute("migrate-incoming", json!({ "uri": uri }))?;
+        self.wait_until_running(start, timeout, uri)
+    }
+
+    /// Waits, after `migrate-incoming`, until the loaded guest runs (starting it if QEMU
+    /// was given `-S`); the time since `start`.
+    fn wait_until_running(
+        &mut self,
+        start: Instant,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<Duration> {
         let deadline = Instant::now() + timeout;
         loop {
             // While the state loads, QEMU's main loop answers nothing: as long as the
@@ -167,7 +250,7 @@ impl Qmp {
                 _ => {}
             }
             if Instant::now() > deadline {
-                bail!("the guest did not run again within {timeout:?} after loading {uri}");
+                bail!("the guest did not run again within {timeout:?} after loading {what}");
             }
             std::thread::sleep(Duration::from_millis(2));
         }

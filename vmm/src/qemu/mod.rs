@@ -9,6 +9,7 @@ pub mod console_guest;
 pub mod migration;
 pub mod process;
 pub mod qmp;
+pub mod recorded_channels;
 
 pub use accel::Accel;
 pub use argv::QemuCommand;

@@ -94,7 +94,8 @@ pub struct MachinePlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateInfo {
     pub file: String,
-    /// `mapped-ram` or `stream`.
+    /// `multifd-zstd` (the main channel in `file`, channel N in `file.N`), `mapped-ram`
+    /// or `stream`.
     pub format: String,
     pub bytes: u64,
     /// Written (and to be read) by this many multifd channels in parallel.
@@ -106,19 +107,26 @@ impl StateInfo {
     pub fn state_format(&self) -> StateFormat {
         match (self.format.as_str(), self.multifd_channels) {
             ("stream", _) => StateFormat::Stream,
+            ("multifd-zstd", n) => StateFormat::ZstdChannels(n.unwrap_or(1)),
             (_, Some(n)) => StateFormat::MappedRamMultifd(n),
             (_, None) => StateFormat::MappedRam,
         }
     }
 }
 
-/// How snapshots are written: `mapped-ram` (pages at fixed offsets, read in place on
-/// revive) with multifd channels reading and writing in parallel. Measured
-/// (`snapshot-bench`): with 2 channels a cold-cache revive of a 256 MiB guest takes
-/// 0.14 s instead of 0.37 s, a warm one 0.06 s instead of 0.07 s.
+/// How snapshots are written by default: QEMU's multifd channels, zstd-compressed, one
+/// thread per core (2 to 4), recorded to files (`recorded_channels`). Measured
+/// (`snapshot-bench`, BENCHMARKS.md): a cold revive reads a fraction of what mapped-ram
+/// reads, and the channels decompress in parallel; mapped-ram, read in place, stays the
+/// faster warm revive for incompressible memory (`bootstrap --state-format mapped-ram`).
 pub fn snapshot_state_format() -> StateFormat {
+    StateFormat::ZstdChannels(default_channels())
+}
+
+/// One multifd channel per core, 2 to 4.
+pub fn default_channels() -> u8 {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    StateFormat::MappedRamMultifd(cores.clamp(2, 4) as u8)
+    cores.clamp(2, 4) as u8
 }
 
 /// The private segment every build gets a copy of: the same addresses each time, since

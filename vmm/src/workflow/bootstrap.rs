@@ -49,6 +49,8 @@ pub struct BootstrapSpec {
     pub disk_size_mib: u64,
     pub ssh_wait: Duration,
     pub progress: bool,
+    /// How the target's memory is written (`manifest::snapshot_state_format` by default).
+    pub state_format: StateFormat,
 }
 
 /// Why a bootstrap did not produce a snapshot (errors aside).
@@ -162,7 +164,7 @@ impl<'a> Bootstrap<'a> {
             scratch,
             rundir: RuntimeDir::create("bootstrap")?,
             network: NetworkPlan::default(),
-            state_format: manifest::snapshot_state_format(),
+            state_format: spec.state_format,
         })
     }
 
@@ -283,7 +285,7 @@ impl<'a> Bootstrap<'a> {
             ssh,
             spec.ssh_wait,
             &self.signals,
-            self.state_format,
+            self.state_format.single_file(),
             &|| target.disk_stopped(),
         )?;
         let mut target_up = None;
@@ -384,8 +386,8 @@ impl<'a> Bootstrap<'a> {
             .step("suspending the target to its memory state");
         let state = self.dir().join(STATE_FILE);
         let progress = &self.progress;
-        let saved = target.qmp.suspend_with_progress(
-            &format!("file:{}", state.display()),
+        let saved = target.qmp.save_state(
+            &state,
             self.state_format,
             Duration::from_secs(600),
             &mut |done, total| progress.fraction("saving memory", done, total),
@@ -416,7 +418,6 @@ impl<'a> Bootstrap<'a> {
         let step = self.progress.step("writing checksums and the manifest");
         let mut files = vec![
             manifest::file_entry(dir, DISK_FILE, "disk")?,
-            manifest::file_entry(dir, STATE_FILE, "state")?,
             manifest::file_entry(dir, CONTROLLER_CPIO, "controller")?,
             manifest::file_entry(dir, CLIENT_KEY, "key")?,
             manifest::file_entry(dir, KIT_KERNEL, "kernel")?,
@@ -424,6 +425,13 @@ impl<'a> Bootstrap<'a> {
             manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
             manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
         ];
+        let mut state_bytes = 0;
+        for path in state_files(dir, self.state_format) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let entry = manifest::file_entry(dir, &name, "state")?;
+            state_bytes += entry.bytes;
+            files.push(entry);
+        }
         if embedded_controller {
             let sub = dir.join(EMBEDDED_CONTROLLER_DIR);
             let mut names: Vec<String> = std::fs::read_dir(&sub)?
@@ -438,7 +446,6 @@ impl<'a> Bootstrap<'a> {
                 )?);
             }
         }
-        let state_bytes = std::fs::metadata(dir.join(STATE_FILE))?.len();
         let (a, b, c) = spec.qemu.version;
         self.timings.insert("total".into(), self.progress.elapsed());
         let qemu_args = machine_args(
@@ -465,12 +472,9 @@ impl<'a> Bootstrap<'a> {
             qemu_args,
             state: StateInfo {
                 file: STATE_FILE.into(),
-                format: "mapped-ram".into(),
+                format: self.state_format.manifest_name().into(),
                 bytes: state_bytes,
-                multifd_channels: match self.state_format {
-                    StateFormat::MappedRamMultifd(n) => Some(n),
-                    _ => None,
-                },
+                multifd_channels: self.state_format.channels(),
             },
             network: self.network.clone(),
             ssh,
@@ -632,4 +636,13 @@ fn write_controller_cpio(path: &Path, client_key: &Path) -> anyhow::Result<()> {
         .collect();
     std::fs::write(path, initrd::newc_archive(&entries))?;
     Ok(())
+}
+
+/// The files the target's memory state occupies in the snapshot directory `dir`.
+fn state_files(dir: &Path, format: StateFormat) -> Vec<PathBuf> {
+    let state = dir.join(STATE_FILE);
+    match format {
+        StateFormat::ZstdChannels(n) => crate::qemu::recorded_channels::channel_files(&state, n),
+        _ => vec![state],
+    }
 }

@@ -622,7 +622,7 @@ fn choose_controller(
             accel,
             state: dir.join(&c.state),
             initrd: dir.join(&c.initrd),
-            format: manifest.state.state_format(),
+            format: manifest.state.state_format().single_file(),
         })
     });
     let embedded_revive =

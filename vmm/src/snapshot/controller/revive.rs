@@ -290,7 +290,7 @@ pub struct RevivedController {
     pub accel: Accel,
     pub state: PathBuf,
     pub initrd: PathBuf,
-    /// As the target's state (the manifest records one format for both).
+    /// The target's format kept to one file (`StateFormat::single_file`).
     pub format: StateFormat,
 }
 
