@@ -42,14 +42,14 @@ need=()
 # vde2, vdeplug: vde_switch, vde_plug and dpipe, the peers of vmbuild switch -s in its tests.
 # apt, curl, dpkg-dev, debian-archive-keyring: `vmbuild image build` resolves with apt,
 # downloads with curl, reads packages with dpkg-deb (the tests build one with dpkg-deb).
-# mmdebstrap: the peer of the image benchmark.
+# mmdebstrap: the peer of the image benchmark; iperf3: the switch benchmark's traffic.
 # dnf, dnf-plugins-core, rpm: images of rpm distributions resolve with `dnf download`
 # and check packages with rpmkeys; createrepo-c: the tests make an rpm repository of
 # packages they build with rpmbuild.
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
          acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap \
-         dnf dnf-plugins-core rpm createrepo-c; do
+         dnf dnf-plugins-core rpm createrepo-c iperf3; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

@@ -2,14 +2,25 @@
 # One command from a fresh Debian 12 machine (as root) to a working vmbuild: installs the
 # host dependencies (QEMU 10 from bookworm-backports, ...), builds vmbuild, installs it to
 # /usr/local/bin, builds the guest kit, and runs the main jobs on built-in defaults
-# (vmbuild run; vmbuild bootstrap + vmbuild build).
+# (vmbuild run; vmbuild bootstrap + vmbuild build). `vmbuild bench all` then reproduces
+# BENCHMARKS.md's tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-host-deps.sh
-echo "[install] building vmbuild (release)" >&2
-cargo build --release --locked -p vmbuild
+echo "[install] building vmbuild and its benchmark engines (release)" >&2
+cargo build --release --locked -p vmbuild -p vmbuild-benches
 install -m 755 target/release/vmbuild /usr/local/bin/vmbuild
+# `vmbuild bench` runs these from beside itself.
+for engine in fs-bench switch-bench snapshot-bench; do
+  install -m 755 "target/release/$engine" "/usr/local/bin/$engine"
+done
+# The peers `vmbuild bench` compares against: virtiofsd at the version BENCHMARKS.md
+# measured (vde_switch, iperf3 and QEMU's 9p come with the host dependencies).
+if ! command -v virtiofsd >/dev/null && [[ ! -x ${HOME:-/root}/.cargo/bin/virtiofsd ]]; then
+  echo "[install] building virtiofsd 1.14.0, the file-sharing benchmark's peer" >&2
+  cargo install --locked virtiofsd --version 1.14.0
+fi
 kit=$(scripts/guest-kit.sh)
 echo "[install] vmbuild installed to /usr/local/bin/vmbuild; guest kit in $kit" >&2
 

@@ -3,6 +3,7 @@
 //! later workflows use the same parts.
 
 pub mod accel;
+pub mod bench;
 pub mod build_slots;
 pub mod cache_dir;
 pub mod cli;

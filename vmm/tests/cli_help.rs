@@ -25,6 +25,7 @@ fn every_subcommand_documents_its_exit_status() {
         &["fs", "serve"],
         &["switch"],
         &["switch", "ctl"],
+        &["bench"],
     ] {
         let text = help(args);
         assert!(text.contains("Exit status"), "{args:?}:\n{text}");
@@ -66,6 +67,7 @@ fn the_environment_is_named_where_it_is_read() {
         (&["doctor"], &["VMBUILD_QEMU", "VMBUILD_GUEST_KIT"]),
         (&["fs", "serve"], &["RUST_LOG"]),
         (&["switch"], &["RUST_LOG"]),
+        (&["bench"], &["VMBUILD_QEMU", "VMBUILD_GUEST_KIT", "PATH"]),
     ] {
         let text = help(args);
         for var in vars {

@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fuse_backend_rs::abi::fuse_abi::{GetattrIn, Opcode};
 use vm_memory::ByteValued;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::host;
 use vmbuild_benches::peers::{self, Daemon};
 use vmbuild_benches::report::{markdown, median, Row};
@@ -63,6 +64,18 @@ struct Args {
     /// Also write the raw figures as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write every sample to FILE as JSON (`vmbuild bench` reads it)
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
+    /// The peers to run beside vmbuild: virtiofsd, 9p (the harness needs virtiofsd)
+    #[arg(long, value_delimiter = ',', default_value = "virtiofsd,9p")]
+    peers: Vec<String>,
+}
+
+impl Args {
+    fn peer(&self, name: &str) -> bool {
+        self.peers.iter().any(|p| p == name)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,14 +88,15 @@ fn main() -> anyhow::Result<()> {
     let mut out = String::new();
     out.push_str(&format!("{}\n\n", host::machine()));
 
-    if !args.vm_only {
-        let rows = harness(&args, &store, &mut raw)?;
+    let mut samples = Vec::new();
+    if !args.vm_only && args.peer("virtiofsd") {
+        let rows = harness(&args, &store, &mut raw, &mut samples)?;
         out.push_str("### Harness (no VM), requests/s, one front-end, 64 requests in flight\n\n");
         out.push_str(&markdown(&["vmbuild", "virtiofsd"], &rows));
         out.push('\n');
     }
     if !args.harness_only {
-        let rows = in_guest(&args, &store, &mut raw)?;
+        let (names, rows) = in_guest(&args, &store, &mut raw, &mut samples)?;
         if args.kvm {
             out.push_str("### In a guest on KVM (1 vCPU, 1 GiB), seconds, median of rounds\n\n");
             out.push_str(&markdown(
@@ -95,15 +109,15 @@ fn main() -> anyhow::Result<()> {
             ));
         } else {
             out.push_str("### In a guest (QEMU TCG, 1 vCPU, 1 GiB), seconds, median of rounds\n\n");
-            out.push_str(&markdown(
-                &["vmbuild", "virtiofsd", "9p cache=loose"],
-                &rows,
-            ));
+            out.push_str(&markdown(&names, &rows));
         }
     }
     println!("{out}");
     if let Some(path) = &args.json {
         fs::write(path, serde_json::to_string_pretty(&raw)?)?;
+    }
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
     }
     let _ = fs::remove_dir_all(&args.workdir);
     Ok(())
@@ -161,6 +175,7 @@ fn harness(
     args: &Args,
     store: &Path,
     raw: &mut serde_json::Map<String, serde_json::Value>,
+    samples: &mut Vec<Sample>,
 ) -> anyhow::Result<Vec<Row>> {
     let mut results: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
@@ -194,6 +209,14 @@ fn harness(
     let rows = vec![row("LOOKUP+GETATTR", "lookup"), row("READ 4 KiB", "read")];
     for ((c, k), v) in &results {
         raw.insert(format!("harness.{c}.{k}"), serde_json::json!(v));
+        let workload = if *k == "lookup" {
+            "harness LOOKUP+GETATTR"
+        } else {
+            "harness READ 4 KiB"
+        };
+        for (round, value) in v.iter().enumerate() {
+            samples.push(Sample::new(workload, *c, "req/s", true, round + 1, *value));
+        }
     }
     Ok(rows)
 }
@@ -350,16 +373,33 @@ fn in_guest(
     args: &Args,
     store: &Path,
     raw: &mut serde_json::Map<String, serde_json::Value>,
-) -> anyhow::Result<Vec<Row>> {
+    samples: &mut Vec<Sample>,
+) -> anyhow::Result<(Vec<&'static str>, Vec<Row>)> {
     let kit = GuestKit::locate()?;
-    let contenders: &[&str] = if args.kvm {
+    let all: &[&str] = if args.kvm {
         &["embedded-dax", "embedded", "virtiofsd"]
     } else {
         &["vmbuild", "virtiofsd", "9p"]
     };
+    let contenders: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|c| !matches!(*c, "virtiofsd" | "9p") || args.peer(c))
+        .collect();
+    let names: Vec<&'static str> = contenders
+        .iter()
+        .map(|c| match *c {
+            "embedded-dax" => "vmbuild embedded --dax",
+            "embedded" => "vmbuild embedded",
+            "virtiofsd" if args.kvm => "QEMU+KVM virtiofsd",
+            "9p" => "9p cache=loose",
+            "virtiofsd" => "virtiofsd",
+            _ => "vmbuild",
+        })
+        .collect();
     let mut results: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
-        for &contender in contenders {
+        for &contender in &contenders {
             eprintln!("[fs-bench] guest round {} {contender}", round + 1);
             let xchg = args.workdir.join(format!("xchg-{contender}"));
             let _ = fs::remove_dir_all(&xchg);
@@ -438,6 +478,17 @@ fn in_guest(
     }
     for ((c, k), v) in &results {
         raw.insert(format!("guest.{c}.{k}"), serde_json::json!(v));
+        let workload = WORKLOADS
+            .iter()
+            .find(|(key, _)| key == k)
+            .map_or("whole guest run, start to exit", |(_, label)| label);
+        let name = contenders
+            .iter()
+            .position(|x| x == c)
+            .map_or(c.as_str(), |i| names[i]);
+        for (round, value) in v.iter().enumerate() {
+            samples.push(Sample::new(workload, name, "s", false, round + 1, *value));
+        }
     }
     let mut rows: Vec<Row> = WORKLOADS
         .iter()
@@ -467,5 +518,5 @@ fn in_guest(
             .map(|c| median(results[&(c.to_string(), "boot_to_exit".to_string())].clone()))
             .collect(),
     });
-    Ok(rows)
+    Ok((names, rows))
 }

@@ -7,11 +7,13 @@
 //! && target/release/switch-bench`
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::peers::{self, Daemon};
 use vmbuild_benches::report::{markdown, median, Row};
 use vmbuild_tests::netns::{ip, Netns};
@@ -28,6 +30,13 @@ struct Args {
     /// Only the in-process and vhost-user figures (no namespaces, no iperf3)
     #[arg(long)]
     local_only: bool,
+    /// The peers to run beside vmbuild: vde (vde_switch), bridge (the Linux bridge); the
+    /// veth pair, the kernel's limit, always runs
+    #[arg(long, value_delimiter = ',', default_value = "vde,bridge")]
+    peers: Vec<String>,
+    /// Write every sample to FILE as JSON (`vmbuild bench` reads it)
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
 
 const CONTENDERS: [&str; 4] = [
@@ -65,11 +74,22 @@ impl Drop for Topology {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let peers: &[&str] = if args.local_only {
-        &[]
-    } else {
-        &["iperf3", "vde_switch"]
-    };
+    let contenders: Vec<&str> = CONTENDERS
+        .into_iter()
+        .filter(|c| match *c {
+            "vde_switch" => args.peers.iter().any(|p| p == "vde"),
+            "Linux bridge" => args.peers.iter().any(|p| p == "bridge"),
+            _ => true,
+        })
+        .collect();
+    let mut needed = vec![];
+    if !args.local_only {
+        needed.push("iperf3");
+        if contenders.contains(&"vde_switch") {
+            needed.push("vde_switch");
+        }
+    }
+    let peers = &needed;
     for tool in peers {
         if Command::new("sh")
             .arg("-c")
@@ -82,8 +102,9 @@ fn main() -> anyhow::Result<()> {
         }
         bail!("{tool} not found: apt-get install iperf3 vde2");
     }
+    let mut samples = Vec::new();
     if !args.local_only {
-        namespaces(&args)?;
+        namespaces(&args, &contenders, &mut samples)?;
     }
     let single = in_process_pps(Duration::from_secs(2), Sending::OneByOne);
     let batched = in_process_pps(Duration::from_secs(2), Sending::Batches);
@@ -97,19 +118,42 @@ fn main() -> anyhow::Result<()> {
         batched / 1e6,
         vhost / 1e6
     );
+    for (workload, value) in [
+        (
+            "in-process ports, 64-byte frames, one send per frame",
+            single,
+        ),
+        ("in-process ports, 64-byte frames, send_batch", batched),
+        (
+            "vhost-user-net ports, 64-byte frames, front-end harness",
+            vhost,
+        ),
+    ] {
+        samples.push(Sample::new(
+            workload,
+            "vmbuild switch",
+            "Mpps",
+            true,
+            1,
+            value / 1e6,
+        ));
+    }
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     Ok(())
 }
 
-fn namespaces(args: &Args) -> anyhow::Result<()> {
+fn namespaces(args: &Args, contenders: &[&str], samples: &mut Vec<Sample>) -> anyhow::Result<()> {
     let mut tcp: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut udp: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
         // Each round starts with the next contender, so that none always goes first.
-        let order = CONTENDERS
+        let order = contenders
             .iter()
             .cycle()
-            .skip(round % CONTENDERS.len())
-            .take(CONTENDERS.len());
+            .skip(round % contenders.len())
+            .take(contenders.len());
         for &contender in order {
             eprintln!("[switch-bench] round {} {contender}", round + 1);
             let ns1 = Netns::create("s1")?;
@@ -117,12 +161,26 @@ fn namespaces(args: &Args) -> anyhow::Result<()> {
             let topo = connect(contender, &ns1, &ns2)?;
             ns1.exec(&["busybox", "ping", "-c", "1", "-W", "5", "10.78.0.2"])
                 .with_context(|| format!("{contender}: no connectivity"))?;
-            tcp.entry(contender)
-                .or_default()
-                .push(iperf(&ns1, &ns2, args.seconds, false)?);
-            udp.entry(contender)
-                .or_default()
-                .push(iperf(&ns1, &ns2, args.seconds, true)?);
+            let bits = iperf(&ns1, &ns2, args.seconds, false)?;
+            let packets = iperf(&ns1, &ns2, args.seconds, true)?;
+            tcp.entry(contender).or_default().push(bits);
+            udp.entry(contender).or_default().push(packets);
+            samples.push(Sample::new(
+                "TCP throughput",
+                contender,
+                "Gbit/s",
+                true,
+                round + 1,
+                bits / 1e9,
+            ));
+            samples.push(Sample::new(
+                "UDP 64-byte packets received",
+                contender,
+                "kpps",
+                true,
+                round + 1,
+                packets / 1e3,
+            ));
             drop(topo);
         }
     }
@@ -131,7 +189,7 @@ fn namespaces(args: &Args) -> anyhow::Result<()> {
             workload: "TCP throughput".into(),
             unit: "Gbit/s",
             higher_is_better: true,
-            values: CONTENDERS
+            values: contenders
                 .iter()
                 .map(|c| median(tcp[c].clone()) / 1e9)
                 .collect(),
@@ -140,7 +198,7 @@ fn namespaces(args: &Args) -> anyhow::Result<()> {
             workload: "UDP 64-byte packets received".into(),
             unit: "kpps",
             higher_is_better: true,
-            values: CONTENDERS
+            values: contenders
                 .iter()
                 .map(|c| median(udp[c].clone()) / 1e3)
                 .collect(),
@@ -150,7 +208,7 @@ fn namespaces(args: &Args) -> anyhow::Result<()> {
         "### Between two network namespaces (iperf3, median of {} rounds)\n",
         args.rounds
     );
-    println!("{}", markdown(&CONTENDERS, &rows));
+    println!("{}", markdown(contenders, &rows));
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The command line: one subcommand per capability.
 
+mod bench;
 mod bootstrap;
 mod build;
 mod command_args;
@@ -50,6 +51,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// An L2 learning switch over taps, with a management console (replaces vde_switch)
     Switch(switch::SwitchArgs),
+    /// Measure vmbuild against its peers (virtiofsd, 9p, vde_switch, the bridge, gzip)
+    Bench(Box<bench::BenchArgs>),
 }
 
 impl Cli {
@@ -64,6 +67,7 @@ impl Cli {
             Command::Build(_) => "vmbuild build",
             Command::Snapshot(_) => "vmbuild snapshot",
             Command::Image(_) => "vmbuild image",
+            Command::Bench(_) => "vmbuild bench",
         }
     }
 
@@ -78,6 +82,7 @@ impl Cli {
             Command::Build(args) => args.run(),
             Command::Snapshot(cmd) => cmd.run(),
             Command::Image(cmd) => cmd.run(),
+            Command::Bench(args) => args.run(),
         }
     }
 }

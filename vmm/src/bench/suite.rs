@@ -1,0 +1,179 @@
+//! The benchmark suites `vmbuild bench` runs, the engine binary behind each, and the
+//! peers each compares vmbuild against: which are installed, and how to install the rest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    /// virtio-fs: vmbuild's server against virtiofsd and QEMU's 9p
+    Fs,
+    /// switching: vmbuild switch against vde_switch and the Linux bridge
+    Switch,
+    /// suspend and revive: vmbuild's snapshot formats against the gzip method
+    Snapshot,
+}
+
+impl Suite {
+    pub const ALL: [Suite; 3] = [Suite::Fs, Suite::Switch, Suite::Snapshot];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Fs => "fs",
+            Suite::Switch => "switch",
+            Suite::Snapshot => "snapshot",
+        }
+    }
+
+    /// The binary (from the `vmbuild-benches` package) that measures this suite.
+    pub fn engine(self) -> &'static str {
+        match self {
+            Suite::Fs => "fs-bench",
+            Suite::Switch => "switch-bench",
+            Suite::Snapshot => "snapshot-bench",
+        }
+    }
+
+    /// The peers this suite can run beside vmbuild.
+    pub fn peers(self) -> &'static [Peer] {
+        match self {
+            Suite::Fs => &[Peer::Virtiofsd, Peer::NineP],
+            Suite::Switch => &[Peer::Vde, Peer::Bridge],
+            Suite::Snapshot => &[Peer::Gzip],
+        }
+    }
+
+    /// Whether the suite's engine needs a work directory on a disk file system.
+    pub fn takes_workdir(self) -> bool {
+        matches!(self, Suite::Fs | Suite::Snapshot)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Peer {
+    Virtiofsd,
+    NineP,
+    Vde,
+    Bridge,
+    Gzip,
+}
+
+impl Peer {
+    pub const ALL: [Peer; 5] = [
+        Peer::Virtiofsd,
+        Peer::NineP,
+        Peer::Vde,
+        Peer::Bridge,
+        Peer::Gzip,
+    ];
+
+    /// The name `--peers` takes and the engines understand.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Virtiofsd => "virtiofsd",
+            Peer::NineP => "9p",
+            Peer::Vde => "vde",
+            Peer::Bridge => "bridge",
+            Peer::Gzip => "gzip",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Peer> {
+        Peer::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Why this peer cannot run here and how to make it run, or `None` when it can.
+    pub fn missing(self, qemu: &Path) -> Option<String> {
+        match self {
+            // Where the fs engine looks: PATH, then cargo's bin directory.
+            Peer::Virtiofsd => (!on_path("virtiofsd")
+                && !std::env::var_os("HOME")
+                    .is_some_and(|h| Path::new(&h).join(".cargo/bin/virtiofsd").is_file()))
+            .then(|| {
+                "virtiofsd is not installed: cargo install --locked virtiofsd --version 1.14.0 \
+                 (needs libseccomp-dev libcap-ng-dev; the README's install command does it)"
+                    .into()
+            }),
+            Peer::NineP => {
+                let devices = Command::new(qemu).args(["-device", "help"]).output();
+                match devices {
+                    Ok(o) if String::from_utf8_lossy(&o.stdout).contains("virtio-9p") => None,
+                    _ => Some(format!(
+                        "{} has no virtio-9p device: apt-get install qemu-system-x86",
+                        qemu.display()
+                    )),
+                }
+            }
+            Peer::Vde => (!on_path("vde_switch"))
+                .then(|| "vde_switch is not installed: apt-get install vde2".into()),
+            Peer::Bridge => (!nix::unistd::geteuid().is_root()).then(|| {
+                "the Linux bridge needs root (network namespaces and links): run as root".into()
+            }),
+            Peer::Gzip => {
+                (!on_path("gzip")).then(|| "gzip is not installed: apt-get install gzip".into())
+            }
+        }
+    }
+}
+
+/// What a suite needs beyond its peers, or `None` when it has it.
+pub fn suite_missing(suite: Suite) -> Option<String> {
+    match suite {
+        Suite::Switch if !nix::unistd::geteuid().is_root() => Some(
+            "the switch suite makes network namespaces and taps: run it as root".into(),
+        ),
+        Suite::Switch if !on_path("iperf3") => {
+            Some("iperf3 is not installed: apt-get install iperf3".into())
+        }
+        Suite::Fs if !on_path("gcc") => Some(
+            "gcc (which builds the guest's benchmark program) is not installed: apt-get install gcc libc6-dev".into(),
+        ),
+        _ => None,
+    }
+}
+
+/// The engine binary: next to this vmbuild (as `cargo build --release` leaves them), or on
+/// PATH.
+pub fn find_engine(suite: Suite) -> Result<PathBuf, String> {
+    let name = suite.engine();
+    if let Ok(exe) = std::env::current_exe() {
+        let beside = exe.with_file_name(name);
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    which(name).ok_or_else(|| {
+        format!(
+            "the {} suite's engine {name} was found neither next to vmbuild nor on PATH: \
+             build it with `cargo build --release -p vmbuild-benches` (the README's install \
+             command does)",
+            suite.name()
+        )
+    })
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn on_path(program: &str) -> bool {
+    which(program).is_some()
+}
+
+/// The first line a program prints for `--version` (or `-V`), if it runs.
+pub fn version_of(program: &str, flag: &str) -> Option<String> {
+    let out = Command::new(program)
+        .arg(flag)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+}
