@@ -34,6 +34,8 @@ const LAYERS: &[&[&str]] = &[
     &["snapshot"],
     // bootstrap and build.
     &["workflow"],
+    // `vmbuild bench`: the suites' engines, their samples, the report and plots.
+    &["bench"],
     // The command line.
     &["cli"],
 ];
