@@ -1,4 +1,5 @@
-//! QEMU's `-netdev vde` through `vmbuild switch -s DIR` vs through `vde_switch -s DIR`:
+//! A QEMU guest's NIC on vmbuild switch's vhost-user-net port, and on QEMU's `-netdev vde`
+//! through `vmbuild switch -s DIR` and through `vde_switch -s DIR`:
 //! the same guest (the guest kit under TCG, virtio-net on `-netdev vde,sock=DIR`), the same
 //! traffic, to the same peer (a tap of the switch in a network namespace of its own):
 //! TCP from the guest (`dd | nc`, counted by a receiver in the namespace from its first
@@ -36,7 +37,13 @@ struct Args {
     pings: u32,
 }
 
-const CONTENDERS: [&str; 2] = ["vmbuild switch -s", "vde_switch -s"];
+/// vmbuild's own port for QEMU guests first (what `run` and `build` give a guest's NIC
+/// when it is not migrated), then the same switch and vde_switch over `-netdev vde`.
+const CONTENDERS: [&str; 3] = [
+    "vmbuild switch, vhost-user-net",
+    "vmbuild switch -s",
+    "vde_switch -s",
+];
 const PEER: &str = "10.86.0.1";
 
 /// A switch process, killed (SIGTERM, then SIGKILL) on drop; its stdin stays open because
@@ -120,7 +127,9 @@ fn one_run(
 ) -> anyhow::Result<(f64, f64, f64)> {
     let top = tempfile::tempdir()?;
     let dir = top.path().join("switch.vde");
+    let vhost = top.path().join("net.sock");
     let tap = format!("vdeb{}", std::process::id() % 100_000);
+    let vhost_user = contender.ends_with("vhost-user-net");
     let mut cmd = if contender.starts_with("vmbuild") {
         let mut c = Command::new(vmbuild);
         c.arg("switch").env("RUST_LOG", "warn");
@@ -128,7 +137,16 @@ fn one_run(
     } else {
         Command::new("vde_switch")
     };
-    cmd.arg("-s").arg(&dir).args(["-t", &tap]);
+    if vhost_user {
+        cmd.arg("--vhost-user").arg(&vhost).args(["-t", &tap]);
+    } else {
+        cmd.arg("-s").arg(&dir).args(["-t", &tap]);
+    }
+    let ready = if vhost_user {
+        vhost.clone()
+    } else {
+        dir.join("ctl")
+    };
     let switch = Proc(
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -137,9 +155,9 @@ fn one_run(
             .with_context(|| format!("starting {contender}"))?,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("ctl").exists() || !Path::new("/sys/class/net").join(&tap).exists() {
+    while !ready.exists() || !Path::new("/sys/class/net").join(&tap).exists() {
         if Instant::now() > deadline {
-            bail!("{contender} made no {}/ctl and tap {tap}", dir.display());
+            bail!("{contender} made no {} and tap {tap}", ready.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -203,7 +221,11 @@ fn one_run(
         mount: "/tmp/xchg".into(),
         options: String::new(),
     });
-    vm.vde_nics.push((dir.clone(), "52:54:00:00:86:02".into()));
+    if vhost_user {
+        vm.nics.push((vhost.clone(), "52:54:00:00:86:02".into()));
+    } else {
+        vm.vde_nics.push((dir.clone(), "52:54:00:00:86:02".into()));
+    }
     vm.timeout = Duration::from_secs(600);
     let outcome = vm.run()?;
     let (mbps, mbps_in) = receiver

@@ -5,7 +5,7 @@
 
 mod image;
 mod linux;
-mod windows_cygwin;
+pub mod windows;
 
 use std::path::Path;
 
@@ -15,7 +15,7 @@ use crate::snapshot::manifest::NetworkPlan;
 
 pub use image::Image;
 pub use linux::Linux;
-pub use windows_cygwin::WindowsCygwin;
+pub use windows::WindowsCygwin;
 
 /// The target's disk in the snapshot directory (qcow2; builds put an overlay on it).
 pub const DISK_FILE: &str = "disk.qcow2";

@@ -1,8 +1,17 @@
-//! The `windows-cygwin` profile's place in the interface. Installing Windows needs install
-//! media (an ISO the user supplies), an unattended answer file (autounattend.xml on a
-//! second drive), a first-boot script that installs Cygwin's sshd and the virtio-fs
-//! service, and a machine with OVMF or SeaBIOS and a SATA/virtio disk: all specified by a
-//! later issue. Until then `install` says so instead of pretending.
+//! The `windows-cygwin` profile (issue 18), being built in parts:
+//! - `media`: the Windows ISO (editions and version read from its install.wim in place)
+//!   and the virtio-win ISO (the drivers each version needs) are checked;
+//! - `answer_file`: autounattend.xml for Windows 10, 11 and Server 2022;
+//! - `config_iso`: the ISO that carries it and the first-logon files (xorriso).
+//!
+//! Still to come: the first-logon script (Cygwin offline, sshd with the pinned keys, the
+//! virtio-fs service, readiness on a virtio-serial port), the machine (q35, OVMF, swtpm,
+//! vmgenid), the install run and suspend, and builds. Until then `install` says so
+//! instead of pretending.
+
+pub mod answer_file;
+pub mod config_iso;
+pub mod media;
 
 use super::{Boot, InstallContext, Profile};
 
@@ -21,7 +30,8 @@ impl Profile for WindowsCygwin {
     }
 
     fn ssh_user(&self) -> &'static str {
-        "Administrator"
+        // The local administrator the answer file creates (`answer_file::Answers::user`).
+        "vmbuild"
     }
 
     fn xchg_mount(&self) -> &'static str {

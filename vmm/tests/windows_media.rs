@@ -1,0 +1,261 @@
+//! The windows-cygwin profile's media checks and generated ISO, without Windows: the
+//! "Windows ISO" here is a stand-in built by the test (a real WIM made with Debian's
+//! wimtools, holding a few bytes and the image metadata of real editions, in a real ISO
+//! made with xorriso), and wiminfo is the oracle for what vmbuild reads from it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vmbuild::snapshot::profile::windows::answer_file::{answer_file, Answers};
+use vmbuild::snapshot::profile::windows::config_iso::{self, Source};
+use vmbuild::snapshot::profile::windows::media::{
+    inspect_virtio_win, inspect_windows_iso, required_virtio_win_paths, WindowsVersion,
+};
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A stand-in Windows ISO: `sources/install.wim` with one image per (name, product type,
+/// build), made by wimcapture/wimappend and labelled with wiminfo --image-property.
+fn stand_in_windows_iso(dir: &Path, editions: &[(&str, &str, u32)]) -> PathBuf {
+    let root = dir.join("wimroot/Windows/System32");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("ntoskrnl.exe"), b"stand-in").unwrap();
+    let tree = dir.join("iso");
+    std::fs::create_dir_all(tree.join("sources")).unwrap();
+    let wim = tree.join("sources/install.wim");
+    for (i, (name, product, build)) in editions.iter().enumerate() {
+        let verb = if i == 0 { "wimcapture" } else { "wimappend" };
+        run(Command::new(verb)
+            .arg(dir.join("wimroot"))
+            .arg(&wim)
+            .arg(name));
+        run(Command::new("wiminfo")
+            .arg(&wim)
+            .arg((i + 1).to_string())
+            .arg("--image-property")
+            .arg(format!("WINDOWS/PRODUCTTYPE={product}"))
+            .arg("--image-property")
+            .arg(format!("WINDOWS/VERSION/BUILD={build}")));
+    }
+    let iso = dir.join("win.iso");
+    run(Command::new("xorriso")
+        .args([
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-J",
+            "-R",
+            "-V",
+            "CCCOMA_X64FRE",
+            "-o",
+        ])
+        .arg(&iso)
+        .arg(&tree));
+    iso
+}
+
+#[test]
+fn a_windows_iso_is_read_in_place_for_its_editions_as_wiminfo_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = stand_in_windows_iso(
+        dir.path(),
+        &[
+            ("Windows 11 Home", "WinNT", 22631),
+            ("Windows 11 Pro", "WinNT", 22631),
+            ("Windows 10 Pro", "WinNT", 19045),
+        ],
+    );
+    let media = inspect_windows_iso(&iso).unwrap();
+    assert_eq!(media.image_path, "/sources/install.wim");
+    // wiminfo on the WIM itself is the oracle.
+    let listing = Command::new("wiminfo")
+        .arg(dir.path().join("iso/sources/install.wim"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.strip_prefix("Name:"))
+        .map(str::trim)
+        .collect();
+    let ours: Vec<&str> = media.images.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(ours, names);
+    assert_eq!(media.images[1].build, Some(22631));
+    assert_eq!(
+        media.pick(Some("windows 11 pro")).unwrap().version(),
+        Some(WindowsVersion::Windows11)
+    );
+    assert_eq!(
+        media.pick(Some("3")).unwrap().version(),
+        Some(WindowsVersion::Windows10)
+    );
+    let err = media.pick(Some("Windows 11 Enterprise")).unwrap_err();
+    assert!(
+        err.contains("Windows 11 Home (1), Windows 11 Pro (2), Windows 10 Pro (3)"),
+        "{err}"
+    );
+    assert!(media.pick(None).unwrap_err().contains("pass --edition"));
+}
+
+#[test]
+fn an_edition_this_profile_cannot_install_is_refused_by_its_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = stand_in_windows_iso(
+        dir.path(),
+        &[("Windows Server 2019 Standard", "ServerNT", 17763)],
+    );
+    let err = inspect_windows_iso(&iso).unwrap().pick(None).unwrap_err();
+    assert!(
+        err.contains("build 17763") && err.contains("Windows Server 2022"),
+        "{err}"
+    );
+}
+
+#[test]
+fn isos_that_are_not_windows_media_and_files_that_are_not_isos_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("casper")).unwrap();
+    std::fs::write(tree.join("casper/vmlinuz"), b"linux").unwrap();
+    let ubuntu = dir.path().join("ubuntu.iso");
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-o"])
+        .arg(&ubuntu)
+        .arg(&tree));
+    let err = inspect_windows_iso(&ubuntu).unwrap_err();
+    assert!(
+        err.contains("not Windows install media") && err.contains("sources/install.wim"),
+        "{err}"
+    );
+
+    let text = dir.path().join("notes.iso");
+    std::fs::write(&text, b"not an image at all").unwrap();
+    let err = inspect_windows_iso(&text).unwrap_err();
+    assert!(err.contains("not an ISO 9660 image"), "{err}");
+
+    let err = inspect_windows_iso(&dir.path().join("missing.iso")).unwrap_err();
+    assert!(
+        err.contains("--iso") && err.contains("No such file"),
+        "{err}"
+    );
+
+    // A WIM whose header is damaged.
+    let tree = dir.path().join("bad");
+    std::fs::create_dir_all(tree.join("sources")).unwrap();
+    std::fs::write(tree.join("sources/install.wim"), vec![0u8; 4096]).unwrap();
+    let bad = dir.path().join("bad.iso");
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-o"])
+        .arg(&bad)
+        .arg(&tree));
+    let err = inspect_windows_iso(&bad).unwrap_err();
+    assert!(
+        err.contains("cannot be read as a WIM") && err.contains("no WIM magic"),
+        "{err}"
+    );
+}
+
+/// A stand-in virtio-win ISO with the driver directories of `versions`.
+fn stand_in_virtio_win(dir: &Path, versions: &[WindowsVersion]) -> PathBuf {
+    let tree = dir.join("virtio-win");
+    for v in versions {
+        for p in required_virtio_win_paths(*v) {
+            let path = tree.join(p.trim_start_matches('/'));
+            if p.ends_with(".msi") {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, b"msi").unwrap();
+            } else {
+                std::fs::create_dir_all(&path).unwrap();
+                std::fs::write(path.join("driver.inf"), b"[Version]").unwrap();
+            }
+        }
+    }
+    let iso = dir.join("virtio-win.iso");
+    run(Command::new("xorriso")
+        .args([
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-J",
+            "-R",
+            "-V",
+            "virtio-win",
+            "-o",
+        ])
+        .arg(&iso)
+        .arg(&tree));
+    iso
+}
+
+#[test]
+fn a_virtio_win_iso_must_hold_the_drivers_of_the_version_being_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = stand_in_virtio_win(dir.path(), &[WindowsVersion::Windows10]);
+    inspect_virtio_win(&iso, WindowsVersion::Windows10).unwrap();
+    let err = inspect_virtio_win(&iso, WindowsVersion::Windows11).unwrap_err();
+    assert!(
+        err.contains("not a virtio-win ISO for Windows 11")
+            && err.contains("/viostor/w11/amd64")
+            && err.contains("/viofs/w11/amd64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_config_iso_carries_the_answer_file_at_its_root_and_the_first_logon_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let packages = dir.path().join("cygwin-packages");
+    std::fs::create_dir_all(packages.join("x86_64/release/openssh")).unwrap();
+    std::fs::write(packages.join("x86_64/setup.ini"), b"release: cygwin").unwrap();
+    let xml = answer_file(&Answers {
+        version: WindowsVersion::Windows11,
+        image_index: 2,
+        computer_name: "VMBUILD",
+        user: "vmbuild",
+        password: "secret",
+        first_logon_script: "vmbuild\\setup.ps1",
+    });
+    let iso = dir.path().join("config.iso");
+    config_iso::build(
+        &iso,
+        &[
+            ("autounattend.xml", Source::Bytes(xml.clone().into_bytes())),
+            (
+                "vmbuild/setup.ps1",
+                Source::Bytes(b"Write-Output ready".to_vec()),
+            ),
+            ("vmbuild/cygwin-packages", Source::Host(packages.clone())),
+        ],
+        dir.path(),
+    )
+    .unwrap();
+    let listing = config_iso::list(&iso).unwrap();
+    for want in [
+        "/autounattend.xml",
+        "/vmbuild/setup.ps1",
+        "/vmbuild/cygwin-packages/x86_64/setup.ini",
+        "/vmbuild/cygwin-packages/x86_64/release/openssh",
+    ] {
+        assert!(
+            listing.iter().any(|l| l == want),
+            "{want} not in {listing:?}"
+        );
+    }
+    assert_eq!(
+        config_iso::read(&iso, "/autounattend.xml", dir.path()).unwrap(),
+        xml.as_bytes()
+    );
+    let err =
+        config_iso::build(&iso, &[("../escape", Source::Bytes(vec![]))], dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("not a plain relative path"),
+        "{err}"
+    );
+}
