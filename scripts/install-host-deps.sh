@@ -45,13 +45,14 @@ need=()
 # mmdebstrap: the peer of the image benchmark; iperf3: the switch benchmark's traffic.
 # xorriso, wimtools, swtpm, ovmf: the windows-cygwin profile reads the install ISOs and the
 # WIM's editions, writes the answer-file ISO, and gives Windows 11 a TPM and UEFI.
+# shellcheck: the tests check the first-logon shell script with it.
 # dnf, dnf-plugins-core, rpm: images of rpm distributions resolve with `dnf download`
 # and check packages with rpmkeys; createrepo-c: the tests make an rpm repository of
 # packages they build with rpmbuild.
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
          acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap \
-         dnf dnf-plugins-core rpm createrepo-c iperf3 xorriso wimtools swtpm swtpm-tools; do
+         dnf dnf-plugins-core rpm createrepo-c iperf3 xorriso wimtools swtpm swtpm-tools shellcheck; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

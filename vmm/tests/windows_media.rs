@@ -220,17 +220,14 @@ fn the_config_iso_carries_the_answer_file_at_its_root_and_the_first_logon_files(
         computer_name: "VMBUILD",
         user: "vmbuild",
         password: "secret",
-        first_logon_script: "vmbuild\\setup.ps1",
+        first_logon_script: "vmbuild\\setup.cmd",
     });
     let iso = dir.path().join("config.iso");
     config_iso::build(
         &iso,
         &[
             ("autounattend.xml", Source::Bytes(xml.clone().into_bytes())),
-            (
-                "vmbuild/setup.ps1",
-                Source::Bytes(b"Write-Output ready".to_vec()),
-            ),
+            ("vmbuild/setup.cmd", Source::Bytes(b"@echo off".to_vec())),
             ("vmbuild/cygwin-packages", Source::Host(packages.clone())),
         ],
         dir.path(),
@@ -239,7 +236,7 @@ fn the_config_iso_carries_the_answer_file_at_its_root_and_the_first_logon_files(
     let listing = config_iso::list(&iso).unwrap();
     for want in [
         "/autounattend.xml",
-        "/vmbuild/setup.ps1",
+        "/vmbuild/setup.cmd",
         "/vmbuild/cygwin-packages/x86_64/setup.ini",
         "/vmbuild/cygwin-packages/x86_64/release/openssh",
     ] {
@@ -258,4 +255,29 @@ fn the_config_iso_carries_the_answer_file_at_its_root_and_the_first_logon_files(
         err.to_string().contains("not a plain relative path"),
         "{err}"
     );
+}
+
+/// The bash half of the first logon passes `bash -n` and shellcheck (the cmd half has no
+/// checker here: its golden lines are tested in the crate and read in review).
+#[test]
+fn the_first_logon_shell_script_passes_bash_n_and_shellcheck() {
+    use vmbuild::snapshot::profile::windows::first_logon::{setup_sh, CygwinSource, FirstLogon};
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("setup.sh");
+    std::fs::write(
+        &script,
+        setup_sh(&FirstLogon {
+            user: "vmbuild",
+            packages: &[],
+            cygwin: CygwinSource::Local,
+            target_ip: "10.77.0.2",
+            prefix_len: 24,
+            ssh_port: 22,
+        }),
+    )
+    .unwrap();
+    run(Command::new("bash").arg("-n").arg(&script));
+    run(Command::new("shellcheck")
+        .args(["-s", "bash", "-S", "warning"])
+        .arg(&script));
 }

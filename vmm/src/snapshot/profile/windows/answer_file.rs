@@ -22,7 +22,7 @@ pub struct Answers<'a> {
     /// The local administrator that logs on by itself and that SSH logs in as.
     pub user: &'a str,
     pub password: &'a str,
-    /// The script on the configuration ISO the first logon runs, e.g. `vmbuild\setup.ps1`.
+    /// The script on the configuration ISO the first logon runs (`first_logon::SETUP_CMD`).
     pub first_logon_script: &'a str,
 }
 
@@ -70,7 +70,7 @@ pub fn answer_file(a: &Answers) -> String {
     };
     // The configuration ISO's letter is not known in advance: look on each.
     let first_logon = format!(
-        "cmd /c for %d in (D E F G H I J K L M N O P Q R S T U V W Y Z) do @if exist %d:\\{script} (powershell -NoProfile -ExecutionPolicy Bypass -File %d:\\{script} -Media %d: &amp; exit /b)",
+        "cmd /c for %d in (D E F G H I J K L M N O P Q R S T U V W Y Z) do @if exist %d:\\{script} (call %d:\\{script} %d: &amp; exit /b)",
         script = escape(a.first_logon_script)
     );
     format!(
@@ -198,7 +198,7 @@ mod tests {
             computer_name: "VMBUILD",
             user: "vmbuild",
             password: "p<&>\"'w",
-            first_logon_script: "vmbuild\\setup.ps1",
+            first_logon_script: "vmbuild\\setup.cmd",
         }
     }
 
@@ -291,7 +291,7 @@ mod tests {
             let commands = texts(oobe, "CommandLine");
             assert_eq!(commands.len(), 1);
             assert!(
-                commands[0].contains("vmbuild\\setup.ps1 (powershell"),
+                commands[0].contains("(call %d:\\vmbuild\\setup.cmd %d:"),
                 "{}",
                 commands[0]
             );

@@ -2,15 +2,18 @@
 //! - `media`: the Windows ISO (editions and version read from its install.wim in place)
 //!   and the virtio-win ISO (the drivers each version needs) are checked;
 //! - `answer_file`: autounattend.xml for Windows 10, 11 and Server 2022;
-//! - `config_iso`: the ISO that carries it and the first-logon files (xorriso).
+//! - `config_iso`: the ISO that carries it and the first-logon files (xorriso);
+//! - `first_logon`: setup.cmd (drivers, WinFsp, Cygwin offline or from a mirror) and
+//!   setup.sh (sshd with the pinned keys, the address, the firewall), announcing each
+//!   phase and readiness on a virtio-serial port.
 //!
-//! Still to come: the first-logon script (Cygwin offline, sshd with the pinned keys, the
-//! virtio-fs service, readiness on a virtio-serial port), the machine (q35, OVMF, swtpm,
-//! vmgenid), the install run and suspend, and builds. Until then `install` says so
+//! Still to come: the machine (q35, OVMF, swtpm, vmgenid, the readiness port), the
+//! install run with per-phase timeouts and screendumps, the suspend, and builds. Until then `install` says so
 //! instead of pretending.
 
 pub mod answer_file;
 pub mod config_iso;
+pub mod first_logon;
 pub mod media;
 
 use super::{Boot, InstallContext, Profile};
