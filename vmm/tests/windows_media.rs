@@ -281,3 +281,143 @@ fn the_first_logon_shell_script_passes_bash_n_and_shellcheck() {
         .args(["-s", "bash", "-S", "warning"])
         .arg(&script));
 }
+
+/// This host's QEMU accepts the Windows machines as vmbuild spells them: Windows 11 with
+/// Secure Boot firmware and a TPM served by a real swtpm, Windows 10 without; every disk,
+/// CD-ROM, the TPM and the readiness port are there when QEMU is asked over QMP.
+#[test]
+fn qemu_accepts_the_windows_machines_with_real_ovmf_and_swtpm() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use vmbuild::snapshot::profile::windows::machine::{
+        find_firmware, InstallIsos, WindowsMachine, WindowsPlacement,
+    };
+    for version in [WindowsVersion::Windows11, WindowsVersion::Windows10] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let win = stand_in_windows_iso(d, &[("Windows 11 Pro", "WinNT", 22631)]);
+        let virtio = stand_in_virtio_win(d, &[version]);
+        let config = d.join("config.iso");
+        config_iso::build(
+            &config,
+            &[("autounattend.xml", Source::Bytes(b"<unattend/>".to_vec()))],
+            d,
+        )
+        .unwrap();
+        let disk = d.join("disk.qcow2");
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("1G"));
+        let fw = find_firmware(version).unwrap();
+        let vars = d.join("vars.fd");
+        std::fs::copy(&fw.vars_template, &vars).unwrap();
+        let ready = d.join("ready.sock");
+        let _ready = UnixListener::bind(&ready).unwrap();
+        let tpm_sock = d.join("tpm.sock");
+        let mut swtpm = version.needs_tpm().then(|| {
+            std::fs::create_dir_all(d.join("tpm")).unwrap();
+            let child = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--tpmstate"])
+                .arg(format!("dir={}", d.join("tpm").display()))
+                .arg("--ctrl")
+                .arg(format!("type=unixio,path={}", tpm_sock.display()))
+                .arg("--terminate")
+                .spawn()
+                .unwrap();
+            for _ in 0..200 {
+                if tpm_sock.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            child
+        });
+        let machine = WindowsMachine {
+            version,
+            accel: "tcg".into(),
+            machine_type: "q35".into(),
+            memory_mib: 1024,
+            cpus: 1,
+            mac: "52:54:00:77:00:02".into(),
+        };
+        let mut args = machine
+            .command(
+                &fw,
+                &WindowsPlacement {
+                    disk: &disk,
+                    vars: &vars,
+                    net_socket: &d.join("net.sock"),
+                    ready_socket: &ready,
+                    tpm_socket: version.needs_tpm().then_some(tpm_sock.as_path()),
+                    install: Some(InstallIsos {
+                        windows: &win,
+                        virtio_win: &virtio,
+                        config: &config,
+                    }),
+                },
+            )
+            .argv();
+        let qmp = d.join("qmp.sock");
+        args.extend([
+            "-S".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+        let mut qemu = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stream = None;
+        for _ in 0..500 {
+            if let Ok(s) = UnixStream::connect(&qmp) {
+                stream = Some(s);
+                break;
+            }
+            if let Some(status) = qemu.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                qemu.stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("{version:?}: QEMU refused the machine ({status}): {err}\n{args:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut qmp = vmbuild::qemu::Qmp::handshake(stream.expect("QMP socket"), tx).unwrap();
+        let blocks = qmp.execute("query-block", serde_json::json!({})).unwrap();
+        let devices: Vec<&str> = blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["device"].as_str().or(b["qdev"].as_str()))
+            .collect();
+        for want in ["disk0", "cd0", "cd1", "cd2"] {
+            assert!(
+                devices.contains(&want),
+                "{version:?}: {want} not in {devices:?}"
+            );
+        }
+        let tpms = qmp.execute("query-tpm", serde_json::json!({})).unwrap();
+        assert_eq!(
+            tpms.as_array().unwrap().len(),
+            usize::from(version.needs_tpm()),
+            "{version:?}: {tpms}"
+        );
+        let chardevs = qmp
+            .execute("query-chardev", serde_json::json!({}))
+            .unwrap()
+            .to_string();
+        assert!(chardevs.contains("port-org.vmbuild.ready"), "{chardevs}");
+        qmp.quit().unwrap();
+        let status = qemu.wait().unwrap();
+        assert!(status.success(), "{version:?}: {status}");
+        if let Some(mut s) = swtpm.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}

@@ -30,6 +30,16 @@ pub struct QemuCommand {
     serials: Vec<Serial>,
     devices: Vec<Device>,
     incoming: bool,
+    uefi: Option<Uefi>,
+}
+
+/// UEFI firmware as two flash drives: OVMF's code (read-only) and this machine's own
+/// copy of its variables. With Secure Boot the flash is reachable only from SMM.
+#[derive(Debug, Clone)]
+struct Uefi {
+    code: PathBuf,
+    vars: PathBuf,
+    secure_boot: bool,
 }
 
 /// Where a serial port's bytes go, in the order the guest numbers them (ttyS0, …).
@@ -67,6 +77,20 @@ enum Device {
     },
     /// The target's disk: a qcow2 overlay on virtio-blk with an id, discards passed down.
     TargetDisk(PathBuf),
+    /// A read-only CD-ROM on the q35 AHCI controller's port `index` (install media).
+    Cdrom {
+        path: PathBuf,
+        index: u8,
+    },
+    /// A TPM 2.0 (CRB interface) backed by swtpm listening on `socket`.
+    Tpm {
+        socket: PathBuf,
+    },
+    /// A named virtio-serial port, connected to a socket vmbuild listens on.
+    SerialPort {
+        name: String,
+        socket: PathBuf,
+    },
 }
 
 impl QemuCommand {
@@ -89,7 +113,42 @@ impl QemuCommand {
             serials: Vec::new(),
             devices: Vec::new(),
             incoming: false,
+            uefi: None,
         }
+    }
+
+    /// Boots UEFI firmware (`code`) with this machine's variable store (`vars`, a copy
+    /// the machine may write); `secure_boot` also puts the flash behind SMM.
+    pub fn uefi(mut self, code: &Path, vars: &Path, secure_boot: bool) -> Self {
+        self.uefi = Some(Uefi {
+            code: code.to_owned(),
+            vars: vars.to_owned(),
+            secure_boot,
+        });
+        self
+    }
+
+    pub fn cdrom(mut self, path: &Path, index: u8) -> Self {
+        self.devices.push(Device::Cdrom {
+            path: path.to_owned(),
+            index,
+        });
+        self
+    }
+
+    pub fn tpm(mut self, socket: &Path) -> Self {
+        self.devices.push(Device::Tpm {
+            socket: socket.to_owned(),
+        });
+        self
+    }
+
+    pub fn serial_port(mut self, name: &str, socket: &Path) -> Self {
+        self.devices.push(Device::SerialPort {
+            name: name.to_owned(),
+            socket: socket.to_owned(),
+        });
+        self
     }
 
     pub fn cpu(mut self, model: Option<&str>) -> Self {
@@ -229,6 +288,25 @@ impl QemuCommand {
         if let Some(rom) = &self.firmware {
             push(&["-bios", &rom.display().to_string()]);
         }
+        if let Some(uefi) = &self.uefi {
+            if uefi.secure_boot {
+                push(&[
+                    "-machine",
+                    "smm=on",
+                    "-global",
+                    "driver=cfi.pflash01,property=secure,value=on",
+                ]);
+            }
+            push(&[
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    uefi.code.display()
+                ),
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", uefi.vars.display()),
+            ]);
+        }
         push(&["-nodefaults"]);
         if self.no_user_config {
             push(&["-no-user-config"]);
@@ -320,6 +398,31 @@ impl QemuCommand {
                     ),
                     "-device",
                     "virtio-blk-pci,drive=disk0,id=blk0",
+                ]),
+                Device::Cdrom { path, index } => push(&[
+                    "-drive",
+                    &format!(
+                        "file={},if=none,id=cd{index},media=cdrom,readonly=on",
+                        path.display()
+                    ),
+                    "-device",
+                    &format!("ide-cd,drive=cd{index},bus=ide.{index},id=cdrom{index}"),
+                ]),
+                Device::Tpm { socket } => push(&[
+                    "-chardev",
+                    &format!("socket,id=chrtpm,path={}", socket.display()),
+                    "-tpmdev",
+                    "emulator,id=tpm0,chardev=chrtpm",
+                    "-device",
+                    "tpm-crb,tpmdev=tpm0",
+                ]),
+                Device::SerialPort { name, socket } => push(&[
+                    "-device",
+                    "virtio-serial-pci,id=vser0",
+                    "-chardev",
+                    &format!("socket,id=port-{name},path={}", socket.display()),
+                    "-device",
+                    &format!("virtserialport,bus=vser0.0,chardev=port-{name},name={name}"),
                 ]),
             }
         }

@@ -7,13 +7,17 @@
 //!   setup.sh (sshd with the pinned keys, the address, the firewall), announcing each
 //!   phase and readiness on a virtio-serial port.
 //!
-//! Still to come: the machine (q35, OVMF, swtpm, vmgenid, the readiness port), the
-//! install run with per-phase timeouts and screendumps, the suspend, and builds. Until then `install` says so
+//! - `machine`: q35, OVMF (Secure Boot and a swtpm TPM for Windows 11), virtio disk and
+//!   NIC, the readiness port, shared memory, vmgenid, the install media as CD-ROMs.
+//!
+//! Still to come: the install run with per-phase timeouts and screendumps, the suspend,
+//! `bootstrap --profile windows-cygwin` itself, and builds. Until then `install` says so
 //! instead of pretending.
 
 pub mod answer_file;
 pub mod config_iso;
 pub mod first_logon;
+pub mod machine;
 pub mod media;
 
 use super::{Boot, InstallContext, Profile};
