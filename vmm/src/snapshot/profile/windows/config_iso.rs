@@ -53,7 +53,8 @@ pub fn build(out: &Path, entries: &[(&str, Source)], scratch: &Path) -> anyhow::
             }
         }
     }
-    let status = Command::new("xorriso")
+    // xorriso prints its banner even with -quiet: shown only if it fails.
+    let done = Command::new("xorriso")
         .args([
             "-as",
             "mkisofs",
@@ -68,10 +69,15 @@ pub fn build(out: &Path, entries: &[(&str, Source)], scratch: &Path) -> anyhow::
         .arg(out)
         .arg("-graft-points")
         .args(&grafts)
-        .status()
+        .output()
         .context("cannot run xorriso: apt-get install xorriso")?;
-    if !status.success() {
-        bail!("xorriso could not write {} ({status})", out.display());
+    if !done.status.success() {
+        bail!(
+            "xorriso could not write {} ({}): {}",
+            out.display(),
+            done.status,
+            String::from_utf8_lossy(&done.stderr).trim()
+        );
     }
     Ok(())
 }
