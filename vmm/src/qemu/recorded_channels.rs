@@ -99,7 +99,16 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
+            // A failed migration's QEMU closes its channels as it cleans up; one that
+            // does not (stopped, hung) must not hold vmbuild here: the threads are left
+            // to end with its sockets.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !a.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if a.is_finished() {
+                let _ = a.join();
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
     }

@@ -107,7 +107,7 @@ impl StateInfo {
     pub fn state_format(&self) -> StateFormat {
         match (self.format.as_str(), self.multifd_channels) {
             ("stream", _) => StateFormat::Stream,
-            ("multifd-zstd", n) => StateFormat::ZstdChannels(n.unwrap_or(1)),
+            ("multifd-zstd", n) => StateFormat::ZstdChannels(n.unwrap_or(1).max(1)),
             (_, Some(n)) => StateFormat::MappedRamMultifd(n),
             (_, None) => StateFormat::MappedRam,
         }
