@@ -225,7 +225,25 @@ fn bootstrap_writes_a_complete_verifiable_snapshot() {
         .unwrap();
     assert_eq!(code(&out), 0);
     let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(inspected["state"]["format"], "mapped-ram");
+    // The default format: QEMU's zstd multifd channels, each recorded to its own file,
+    // every one of them listed (and so checksummed) in the manifest.
+    assert_eq!(inspected["state"]["format"], "multifd-zstd");
+    let channels = inspected["state"]["multifd_channels"].as_u64().unwrap();
+    assert!(channels >= 2, "{inspected}");
+    let state_files: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["role"] == "state")
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["state".to_owned()];
+    expected.extend((1..=channels).map(|i| format!("state.{i}")));
+    assert_eq!(state_files, expected);
+    for name in &state_files {
+        let mode = fs::metadata(dir.join(name)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{name}: guest memory readable by others");
+    }
 }
 
 #[test]
