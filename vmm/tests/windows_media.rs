@@ -21,6 +21,14 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// An ISO 9660 image (Joliet, Rock Ridge) of `tree`, labelled `volume`.
+fn make_iso(tree: &Path, iso: &Path, volume: &str) {
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-V", volume, "-o"])
+        .arg(iso)
+        .arg(tree));
+}
+
 /// A stand-in Windows ISO: `sources/install.wim` with one image per (name, product type,
 /// build), made by wimcapture/wimappend and labelled with wiminfo --image-property.
 fn stand_in_windows_iso(dir: &Path, editions: &[(&str, &str, u32)]) -> PathBuf {
@@ -45,19 +53,7 @@ fn stand_in_windows_iso(dir: &Path, editions: &[(&str, &str, u32)]) -> PathBuf {
             .arg(format!("WINDOWS/VERSION/BUILD={build}")));
     }
     let iso = dir.join("win.iso");
-    run(Command::new("xorriso")
-        .args([
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-J",
-            "-R",
-            "-V",
-            "CCCOMA_X64FRE",
-            "-o",
-        ])
-        .arg(&iso)
-        .arg(&tree));
+    make_iso(&tree, &iso, "CCCOMA_X64FRE");
     iso
 }
 
@@ -125,10 +121,7 @@ fn isos_that_are_not_windows_media_and_files_that_are_not_isos_are_refused_with_
     std::fs::create_dir_all(tree.join("casper")).unwrap();
     std::fs::write(tree.join("casper/vmlinuz"), b"linux").unwrap();
     let ubuntu = dir.path().join("ubuntu.iso");
-    run(Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-o"])
-        .arg(&ubuntu)
-        .arg(&tree));
+    make_iso(&tree, &ubuntu, "CDROM");
     let err = inspect_windows_iso(&ubuntu).unwrap_err();
     assert!(
         err.contains("not Windows install media") && err.contains("sources/install.wim"),
@@ -151,10 +144,7 @@ fn isos_that_are_not_windows_media_and_files_that_are_not_isos_are_refused_with_
     std::fs::create_dir_all(tree.join("sources")).unwrap();
     std::fs::write(tree.join("sources/install.wim"), vec![0u8; 4096]).unwrap();
     let bad = dir.path().join("bad.iso");
-    run(Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-o"])
-        .arg(&bad)
-        .arg(&tree));
+    make_iso(&tree, &bad, "CDROM");
     let err = inspect_windows_iso(&bad).unwrap_err();
     assert!(
         err.contains("cannot be read as a WIM") && err.contains("no WIM magic"),
@@ -178,19 +168,7 @@ fn stand_in_virtio_win(dir: &Path, versions: &[WindowsVersion]) -> PathBuf {
         }
     }
     let iso = dir.join("virtio-win.iso");
-    run(Command::new("xorriso")
-        .args([
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-J",
-            "-R",
-            "-V",
-            "virtio-win",
-            "-o",
-        ])
-        .arg(&iso)
-        .arg(&tree));
+    make_iso(&tree, &iso, "virtio-win");
     iso
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use vmbuild::bench::plot::percentile;
 use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest::kit::GuestKit;
@@ -332,17 +333,6 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&args.workdir);
     Ok(())
-}
-
-/// The `p`th percentile of `v` by the nearest-rank method.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1]
 }
 
 /// Writes back and drops `path`'s pages from the page cache, so that the next reader
