@@ -25,7 +25,13 @@ fn text(out: &Output) -> String {
 /// The engines must be built: a test that cannot find them says how to build them.
 fn engines_built() {
     let dir = Path::new(env!("CARGO_BIN_EXE_vmbuild")).parent().unwrap();
-    for e in ["fs-bench", "switch-bench", "snapshot-bench"] {
+    for e in [
+        "fs-bench",
+        "switch-bench",
+        "snapshot-bench",
+        "vde-bench",
+        "image-bench",
+    ] {
         assert!(
             dir.join(e).is_file(),
             "{e} is not built beside vmbuild in {}: run `cargo build --workspace --bins` first",

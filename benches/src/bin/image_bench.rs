@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
+use vmbuild::bench::sample::{write_samples, Sample as BenchSample};
 use vmbuild_benches::host::{self, fresh_dir, ForeignLoad, LoopMount};
 use vmbuild_benches::peers::{self, Daemon};
 use vmbuild_benches::report::{markdown, median, Row};
@@ -74,6 +75,33 @@ struct Args {
     /// Also write the raw figures as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write every build's figures as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
+    /// The peers to run beside vmbuild: virtiofsd (and the floor, whose copy into RAM
+    /// goes through it), 9p, mmdebstrap; "none" for none; all by default
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    peers: Option<Vec<String>>,
+}
+
+impl Args {
+    fn peer(&self, name: &str) -> bool {
+        self.peers
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|n| n == name))
+    }
+
+    /// vmbuild always; the others as --peers asks.
+    fn contenders(&self) -> Vec<Contender> {
+        CONTENDERS
+            .into_iter()
+            .filter(|c| match c {
+                Contender::Vmbuild => true,
+                Contender::Virtiofsd | Contender::Floor => self.peer("virtiofsd"),
+                Contender::NineP => self.peer("9p"),
+            })
+            .collect()
+    }
 }
 
 const DISTRO: &str = "debian-12";
@@ -228,6 +256,7 @@ impl Findings {
 /// Every build's figures and the /proc/mounts line of each contender's build root.
 #[derive(Default)]
 struct Builds {
+    contenders: Vec<Contender>,
     samples: BTreeMap<&'static str, Vec<Sample>>,
     roots: BTreeMap<&'static str, String>,
 }
@@ -241,7 +270,15 @@ fn main() -> anyhow::Result<()> {
     fs::create_dir_all(&args.workdir)?;
     let work = fs::canonicalize(&args.workdir)?;
     let vmbuild = peers::vmbuild_binary()?;
-    peers::virtiofsd_binary()?;
+    if args.peer("virtiofsd") {
+        peers::virtiofsd_binary()?;
+    }
+    let image_rounds = if args.peer("mmdebstrap") {
+        args.image_rounds
+    } else {
+        0
+    };
+    let mut bench_samples = Vec::new();
     let mut found = Findings::default();
     let image = toolchain_image(&vmbuild, &args.image, &mut found)?;
 
@@ -253,12 +290,20 @@ fn main() -> anyhow::Result<()> {
     if args.rounds > 0 {
         let builds = measure_builds(&args, &work, &vmbuild, &image, &mut found)?;
         out.push_str(&builds_report(&builds, args.rounds, &mut found));
+        bench_samples.extend(builds.bench_samples());
     }
-    if args.image_rounds > 0 {
+    if image_rounds > 0 {
         if args.rounds > 0 {
             out.push('\n');
         }
-        out.push_str(&images_vs_mmdebstrap(&args, &work, &vmbuild, &mut found)?);
+        out.push_str(&images_vs_mmdebstrap(
+            &args,
+            image_rounds,
+            &work,
+            &vmbuild,
+            &mut found,
+            &mut bench_samples,
+        )?);
     }
     if !found.repeated.is_empty() {
         found.notes.push(format!(
@@ -275,6 +320,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         fs::write(path, serde_json::to_string_pretty(&found.raw)?)?;
     }
+    if let Some(path) = &args.samples {
+        write_samples(path, &bench_samples)?;
+    }
     // Keep the tarball and the guests' consoles (logs/); the rest is scratch.
     for c in CONTENDERS {
         let _ = fs::remove_dir_all(work.join(format!("xchg-{}", c.name())));
@@ -288,6 +336,7 @@ fn main() -> anyhow::Result<()> {
 /// The toolchain image in root's cache (built if missing, with the bench's own vmbuild),
 /// and the cache hit a second identical call is; returns the image file.
 fn toolchain_image(vmbuild: &Path, name: &str, found: &mut Findings) -> anyhow::Result<PathBuf> {
+    eprintln!("[image-bench] the toolchain image `{name}` (built if root's image cache has none)");
     let first = image_build(vmbuild, name, None)?;
     let again = image_build(vmbuild, name, None)?;
     ensure!(
@@ -335,10 +384,14 @@ fn measure_builds(
         max_wait: Duration::from_secs(args.max_wait),
     };
     warm_host_cache(image, &ctx.root)?;
-    let mut builds = Builds::default();
+    let mut builds = Builds {
+        contenders: args.contenders(),
+        ..Builds::default()
+    };
+    let contenders = builds.contenders.clone();
     for round in 0..args.rounds {
-        for i in 0..CONTENDERS.len() {
-            let c = CONTENDERS[(i + round) % CONTENDERS.len()];
+        for i in 0..contenders.len() {
+            let c = contenders[(i + round) % contenders.len()];
             let mut attempt = 0;
             let (s, root) = loop {
                 eprintln!("[image-bench] round {} {}", round + 1, c.name());
@@ -360,10 +413,40 @@ fn measure_builds(
     Ok(builds)
 }
 
+impl Builds {
+    /// Every build as `vmbuild bench` samples: configure + make, each part, the wall clock.
+    fn bench_samples(&self) -> Vec<BenchSample> {
+        let mut out = Vec::new();
+        for c in &self.contenders {
+            for (round, s) in self.samples[c.name()].iter().enumerate() {
+                for (workload, value) in [
+                    ("GNU Hello, configure + make", s.configure + s.make),
+                    ("GNU Hello, configure", s.configure),
+                    ("GNU Hello, make", s.make),
+                    ("GNU Hello, whole run (wall clock)", s.wall),
+                ] {
+                    // The rest of the host's load is in the engine's notes and --json; as
+                    // a sample parameter it would split every plot by its value.
+                    out.push(BenchSample::new(
+                        workload,
+                        c.name(),
+                        "s",
+                        false,
+                        round + 1,
+                        value,
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The builds' table (medians, ratios against vmbuild) and what each root was.
 fn builds_report(builds: &Builds, rounds: usize, found: &mut Findings) -> String {
     let column = |f: fn(&Sample) -> f64| -> Vec<f64> {
-        CONTENDERS
+        builds
+            .contenders
             .iter()
             .map(|c| median(builds.samples[c.name()].iter().map(f).collect()))
             .collect()
@@ -385,13 +468,13 @@ fn builds_report(builds: &Builds, rounds: usize, found: &mut Findings) -> String
             |s| s.wall,
         ),
     ];
-    let names: Vec<&str> = CONTENDERS.iter().map(|c| c.column()).collect();
+    let names: Vec<&str> = builds.contenders.iter().map(|c| c.column()).collect();
     let mut out = format!(
         "### GNU Hello 2.10, `./configure && make` in the Debian 12 toolchain (seconds, median of {rounds} rounds)\n\n"
     );
     out.push_str(&markdown(&names, &rows));
     out.push('\n');
-    for c in CONTENDERS {
+    for c in &builds.contenders {
         let foreign: Vec<f64> = builds.samples[c.name()].iter().map(|s| s.foreign).collect();
         out.push_str(&format!(
             "- {}: the build's root: `{}`; other processes on the host used {:.2} cores (median; max {:.2})\n",
@@ -401,11 +484,13 @@ fn builds_report(builds: &Builds, rounds: usize, found: &mut Findings) -> String
             foreign.iter().cloned().fold(0.0, f64::max)
         ));
     }
-    let copy: Vec<f64> = builds.samples["floor"].iter().map(|s| s.copy).collect();
-    out.push_str(&format!(
-        "- floor: copying the toolchain tree into guest RAM over virtiofsd (untimed, in its wall clock) took {:.1} s (median)\n",
-        median(copy)
-    ));
+    if let Some(floor) = builds.samples.get("floor") {
+        let copy: Vec<f64> = floor.iter().map(|s| s.copy).collect();
+        out.push_str(&format!(
+            "- floor: copying the toolchain tree into guest RAM over virtiofsd (untimed, in its wall clock) took {:.1} s (median)\n",
+            median(copy)
+        ));
+    }
     for (c, v) in &builds.samples {
         let runs: Vec<_> = v
             .iter()
@@ -733,9 +818,11 @@ struct ImageRounds {
 
 fn images_vs_mmdebstrap(
     args: &Args,
+    image_rounds: usize,
     work: &Path,
     vmbuild: &Path,
     found: &mut Findings,
+    bench_samples: &mut Vec<BenchSample>,
 ) -> anyhow::Result<String> {
     let debs = vmbuild::cache_dir::cache_dir().join("debs");
     ensure!(
@@ -746,7 +833,7 @@ fn images_vs_mmdebstrap(
     let apt_debs = work.join("apt-archives");
     apt_archive(&debs, &apt_debs)?;
     let mut r = ImageRounds::default();
-    for round in 0..args.image_rounds {
+    for round in 0..image_rounds {
         let mut order = ["vmbuild", "mmdebstrap"];
         if round % 2 == 1 {
             order.reverse();
@@ -770,12 +857,39 @@ fn images_vs_mmdebstrap(
                     attempt += 1;
                     continue;
                 }
+                const WORKLOAD: &str = "image from downloaded packages";
                 match hit {
                     Some(hit) => {
                         r.cold.push(secs);
                         r.hit.push(hit);
+                        bench_samples.push(BenchSample::new(
+                            WORKLOAD,
+                            "vmbuild",
+                            "s",
+                            false,
+                            round + 1,
+                            secs,
+                        ));
+                        bench_samples.push(BenchSample::new(
+                            "the same image again (cache hit)",
+                            "vmbuild",
+                            "s",
+                            false,
+                            round + 1,
+                            hit,
+                        ));
                     }
-                    None => r.mmdebstrap.push(secs),
+                    None => {
+                        r.mmdebstrap.push(secs);
+                        bench_samples.push(BenchSample::new(
+                            WORKLOAD,
+                            "mmdebstrap",
+                            "s",
+                            false,
+                            round + 1,
+                            secs,
+                        ));
+                    }
                 }
                 r.packages.insert(who, packages);
                 r.foreign.entry(who).or_default().push(foreign);
@@ -812,8 +926,7 @@ fn images_vs_mmdebstrap(
         },
     ];
     let mut out = format!(
-        "### `{DISTRO}` + {PACKAGES}: vmbuild image build vs mmdebstrap (seconds, wall clock, median of {} rounds)\n\n",
-        args.image_rounds
+        "### `{DISTRO}` + {PACKAGES}: vmbuild image build vs mmdebstrap (seconds, wall clock, median of {image_rounds} rounds)\n\n"
     );
     out.push_str(&markdown(
         &[

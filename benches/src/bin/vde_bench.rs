@@ -13,12 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::peers;
 use vmbuild_benches::report::{markdown, median, Row};
 use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
@@ -35,6 +36,12 @@ struct Args {
     /// Pings per run (0.2 s apart)
     #[arg(long, default_value_t = 20)]
     pings: u32,
+    /// Write every run's figures as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
+    /// The peers to run beside vmbuild: vde (vde_switch -s); "none" for none; all by default
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    peers: Option<Vec<String>>,
 }
 
 /// vmbuild's own port for QEMU guests first (what `run` and `build` give a guest's NIC
@@ -73,9 +80,21 @@ fn main() -> anyhow::Result<()> {
     let mut tcp: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut tcp_in: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut rtt: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let with_vde = args
+        .peers
+        .as_ref()
+        .is_none_or(|p| p.iter().any(|n| n == "vde"));
+    let contenders: Vec<&str> = CONTENDERS
+        .into_iter()
+        .filter(|c| with_vde || c.starts_with("vmbuild"))
+        .collect();
+    let mut samples = Vec::new();
+    let out_workload = format!("TCP guest → peer, {} MiB", args.mib);
+    let in_workload = format!("TCP peer → guest, {} MiB", args.mib);
+    const PING: &str = "ping guest → peer, average round trip";
     for round in 0..args.rounds {
-        for i in 0..CONTENDERS.len() {
-            let contender = CONTENDERS[(round + i) % CONTENDERS.len()];
+        for i in 0..contenders.len() {
+            let contender = contenders[(round + i) % contenders.len()];
             eprintln!("[vde-bench] round {} {contender}", round + 1);
             let (mbps, mbps_in, ms) = one_run(&args, &kit, &vmbuild, contender)
                 .with_context(|| format!("{contender}, round {}", round + 1))?;
@@ -85,36 +104,56 @@ fn main() -> anyhow::Result<()> {
             tcp.entry(contender).or_default().push(mbps);
             tcp_in.entry(contender).or_default().push(mbps_in);
             rtt.entry(contender).or_default().push(ms);
+            samples.push(Sample::new(
+                &out_workload,
+                contender,
+                "Mbit/s",
+                true,
+                round + 1,
+                mbps,
+            ));
+            samples.push(Sample::new(
+                &in_workload,
+                contender,
+                "Mbit/s",
+                true,
+                round + 1,
+                mbps_in,
+            ));
+            samples.push(Sample::new(PING, contender, "ms", false, round + 1, ms));
         }
     }
     let rows = vec![
         Row {
-            workload: format!("TCP guest → peer, {} MiB", args.mib),
+            workload: out_workload,
             unit: "Mbit/s",
             higher_is_better: true,
-            values: CONTENDERS.iter().map(|c| median(tcp[c].clone())).collect(),
+            values: contenders.iter().map(|c| median(tcp[c].clone())).collect(),
         },
         Row {
-            workload: format!("TCP peer → guest, {} MiB", args.mib),
+            workload: in_workload,
             unit: "Mbit/s",
             higher_is_better: true,
-            values: CONTENDERS
+            values: contenders
                 .iter()
                 .map(|c| median(tcp_in[c].clone()))
                 .collect(),
         },
         Row {
-            workload: "ping guest → peer, average round trip".into(),
+            workload: PING.into(),
             unit: "ms",
             higher_is_better: false,
-            values: CONTENDERS.iter().map(|c| median(rtt[c].clone())).collect(),
+            values: contenders.iter().map(|c| median(rtt[c].clone())).collect(),
         },
     ];
     println!(
         "### QEMU -netdev vde (TCG guest) to a tap peer, median of {} rounds\n",
         args.rounds
     );
-    println!("{}", markdown(&CONTENDERS, &rows));
+    println!("{}", markdown(&contenders, &rows));
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     Ok(())
 }
 

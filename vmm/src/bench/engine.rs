@@ -177,14 +177,28 @@ fn stop_group(pid: u32, child: &mut std::process::Child) {
 }
 
 /// Removes what an engine stopped mid-run leaves outside its work directory. The switch
-/// engine names its namespaces `vmbt-*-PID`, its links `sb{a,b,r}N` with N = PID % 10000,
+/// and nic engines name its namespaces `vmbt-*-PID`, its links `sb{a,b,r}N` with N = PID % 10000,
 /// and starts vde_switch as a daemon (outside its group) with a pid file and control
 /// directory named after N.
 pub fn clean_up_after(suite: Suite, pid: u32) {
-    if suite != Suite::Switch {
+    if suite == Suite::Build {
+        // image-bench loop-mounts the toolchain image for its peers; keeps the rest of its
+        // work directory (the source tarball) for the next run.
+        let root = Path::new(super::suite::BUILD_WORKDIR).join("root");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(&*root.to_string_lossy()))
+        {
+            quiet(Command::new("umount").arg("-l").arg(&root));
+        }
         return;
     }
-    let n = pid % 10_000;
+    // The nic engine (vde-bench) names its namespace the same way; its switches and taps
+    // are in its process group and go with it.
+    if !matches!(suite, Suite::Switch | Suite::Nic) {
+        return;
+    }
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for ns in String::from_utf8_lossy(&out.stdout).lines() {
             let name = ns.split_whitespace().next().unwrap_or("");
@@ -193,6 +207,10 @@ pub fn clean_up_after(suite: Suite, pid: u32) {
             }
         }
     }
+    if suite != Suite::Switch {
+        return;
+    }
+    let n = pid % 10_000;
     for link in [
         format!("sba{n}"),
         format!("sbb{n}"),

@@ -41,6 +41,7 @@ impl Report {
         versions.insert("virtiofsd", suite::version_of("virtiofsd", "--version"));
         versions.insert("vde_switch", vde_version());
         versions.insert("iperf3", suite::version_of("iperf3", "--version"));
+        versions.insert("mmdebstrap", suite::version_of("mmdebstrap", "--version"));
         versions.insert(
             "guest_kernel",
             crate::guest::kit::GuestKit::locate()

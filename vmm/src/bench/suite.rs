@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// The build suite's work directory: kept between runs for the GNU Hello tarball; its
+/// `root` is where the toolchain image is loop-mounted during a run.
+pub const BUILD_WORKDIR: &str = "/var/tmp/vmbuild-image-bench";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Suite {
@@ -13,16 +17,29 @@ pub enum Suite {
     Switch,
     /// suspend and revive: vmbuild's snapshot formats against the gzip method
     Snapshot,
+    /// a QEMU guest's NIC: vhost-user-net on vmbuild switch against `-netdev vde`
+    Nic,
+    /// a real build (GNU Hello) in vmbuild's image against virtiofsd, 9p and RAM; the
+    /// image build against mmdebstrap
+    Build,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 3] = [Suite::Fs, Suite::Switch, Suite::Snapshot];
+    pub const ALL: [Suite; 5] = [
+        Suite::Fs,
+        Suite::Switch,
+        Suite::Snapshot,
+        Suite::Nic,
+        Suite::Build,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Suite::Fs => "fs",
             Suite::Switch => "switch",
             Suite::Snapshot => "snapshot",
+            Suite::Nic => "nic",
+            Suite::Build => "build",
         }
     }
 
@@ -32,6 +49,8 @@ impl Suite {
             Suite::Fs => "fs-bench",
             Suite::Switch => "switch-bench",
             Suite::Snapshot => "snapshot-bench",
+            Suite::Nic => "vde-bench",
+            Suite::Build => "image-bench",
         }
     }
 
@@ -41,6 +60,8 @@ impl Suite {
             Suite::Fs => &[Peer::Virtiofsd, Peer::NineP],
             Suite::Switch => &[Peer::Vde, Peer::Bridge],
             Suite::Snapshot => &[Peer::Gzip],
+            Suite::Nic => &[Peer::Vde],
+            Suite::Build => &[Peer::Virtiofsd, Peer::NineP, Peer::Mmdebstrap],
         }
     }
 
@@ -57,15 +78,17 @@ pub enum Peer {
     Vde,
     Bridge,
     Gzip,
+    Mmdebstrap,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 5] = [
+    pub const ALL: [Peer; 6] = [
         Peer::Virtiofsd,
         Peer::NineP,
         Peer::Vde,
         Peer::Bridge,
         Peer::Gzip,
+        Peer::Mmdebstrap,
     ];
 
     /// The name `--peers` takes and the engines understand.
@@ -76,6 +99,7 @@ impl Peer {
             Peer::Vde => "vde",
             Peer::Bridge => "bridge",
             Peer::Gzip => "gzip",
+            Peer::Mmdebstrap => "mmdebstrap",
         }
     }
 
@@ -113,6 +137,8 @@ impl Peer {
             Peer::Gzip => {
                 (!on_path("gzip")).then(|| "gzip is not installed: apt-get install gzip".into())
             }
+            Peer::Mmdebstrap => (!on_path("mmdebstrap"))
+                .then(|| "mmdebstrap is not installed: apt-get install mmdebstrap".into()),
         }
     }
 }
@@ -122,6 +148,13 @@ pub fn suite_missing(suite: Suite) -> Option<String> {
     match suite {
         Suite::Switch if !nix::unistd::geteuid().is_root() => Some(
             "the switch suite makes network namespaces and taps: run it as root".into(),
+        ),
+        Suite::Nic if !nix::unistd::geteuid().is_root() => Some(
+            "the nic suite gives the switch a tap in a network namespace: run it as root".into(),
+        ),
+        Suite::Build if !nix::unistd::geteuid().is_root() => Some(
+            "the build suite loop-mounts the toolchain image for its peers: run it as root"
+                .into(),
         ),
         Suite::Switch if !on_path("iperf3") => {
             Some("iperf3 is not installed: apt-get install iperf3".into())

@@ -18,7 +18,8 @@ pub const INCOMPLETE: i32 = 3;
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
-Each suite runs its engine (fs-bench, switch-bench, snapshot-bench, built with
+Each suite runs its engine (fs-bench, switch-bench, snapshot-bench, vde-bench,
+image-bench, built with
 `cargo build --release -p vmbuild-benches`) with the contenders alternating round by round,
 and prints the ratio tables of BENCHMARKS.md.
 
@@ -26,6 +27,10 @@ Suites and their peers:
   fs        virtiofsd, 9p     (store and xchg in a QEMU guest; a vhost-user harness)
   switch    vde, bridge       (iperf3 between two network namespaces; needs root)
   snapshot  gzip              (suspend and revive, warm and cold, 256/512/1024 MiB)
+  nic       vde               (a QEMU guest's NIC: vhost-user-net vs -netdev vde; root)
+  build     virtiofsd, 9p,    (GNU Hello's configure + make in the Debian 12 toolchain
+            mmdebstrap         image vs the tree shared by virtiofsd or 9p vs RAM; the
+                               image build vs mmdebstrap; root, downloads packages once)
 
 Exit status:
     0  every suite ran with every peer asked for
@@ -44,10 +49,10 @@ Examples:
   vmbuild bench snapshot --rounds 20 --sizes 256,1024 --plot plots/
   vmbuild bench fs --peers virtiofsd --rounds 5")]
 pub struct BenchArgs {
-    /// What to measure: fs, switch, snapshot or all
+    /// What to measure: fs, switch, snapshot, nic, build or all
     #[arg(value_name = "SUITE")]
     suite: String,
-    /// The peers to compare against (virtiofsd, 9p, vde, bridge, gzip); all that are
+    /// The peers to compare against (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap); all that are
     /// installed by default. A peer named here that is not installed is an error
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     peers: Option<Vec<String>>,
@@ -107,8 +112,12 @@ impl BenchArgs {
                 args.push("--workdir".into());
                 args.push(work.path().join(suite.name()).display().to_string());
             }
+            if *suite == Suite::Build {
+                args.push("--workdir".into());
+                args.push(suite::BUILD_WORKDIR.into());
+            }
             match suite {
-                Suite::Fs | Suite::Switch => {
+                Suite::Fs | Suite::Switch | Suite::Nic | Suite::Build => {
                     args.push("--peers".into());
                     // An empty list still must be a value: "none" matches no peer.
                     args.push(if peers.is_empty() {
@@ -191,7 +200,9 @@ impl BenchArgs {
             name => vec![Suite::ALL
                 .into_iter()
                 .find(|s| s.name() == name)
-                .ok_or_else(|| format!("no suite '{name}': fs, switch, snapshot or all"))?],
+                .ok_or_else(|| {
+                    format!("no suite '{name}': fs, switch, snapshot, nic, build or all")
+                })?],
         };
         let asked: Option<Vec<Peer>> = match &self.peers {
             None => None,
@@ -201,7 +212,7 @@ impl BenchArgs {
                     .filter(|n| !n.is_empty())
                     .map(|n| {
                         Peer::parse(n).ok_or_else(|| {
-                            format!("--peers: no peer '{n}' (virtiofsd, 9p, vde, bridge, gzip)")
+                            format!("--peers: no peer '{n}' (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap)")
                         })
                     })
                     .collect::<Result<_, _>>()?,
