@@ -1032,7 +1032,7 @@ fn bad_input_exits_2() {
     };
     let out = bootstrap(&["--profile", "windows-cygwin"], &never);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("not available"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs --iso"), "{}", stderr(&out));
     assert!(!never.exists());
     // A typo in the parent is not a directory tree to create.
     let typo = scratch.path().join("no-such-parent/snap");

@@ -3,59 +3,17 @@
 //! wimtools, holding a few bytes and the image metadata of real editions, in a real ISO
 //! made with xorriso), and wiminfo is the oracle for what vmbuild reads from it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use vmbuild::snapshot::profile::windows::answer_file::{answer_file, Answers};
 use vmbuild::snapshot::profile::windows::config_iso::{self, Source};
 use vmbuild::snapshot::profile::windows::media::{
-    inspect_virtio_win, inspect_windows_iso, required_virtio_win_paths, WindowsVersion,
+    inspect_virtio_win, inspect_windows_iso, WindowsVersion,
 };
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An ISO 9660 image (Joliet, Rock Ridge) of `tree`, labelled `volume`.
-fn make_iso(tree: &Path, iso: &Path, volume: &str) {
-    run(Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-J", "-R", "-V", volume, "-o"])
-        .arg(iso)
-        .arg(tree));
-}
-
-/// A stand-in Windows ISO: `sources/install.wim` with one image per (name, product type,
-/// build), made by wimcapture/wimappend and labelled with wiminfo --image-property.
-fn stand_in_windows_iso(dir: &Path, editions: &[(&str, &str, u32)]) -> PathBuf {
-    let root = dir.join("wimroot/Windows/System32");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("ntoskrnl.exe"), b"stand-in").unwrap();
-    let tree = dir.join("iso");
-    std::fs::create_dir_all(tree.join("sources")).unwrap();
-    let wim = tree.join("sources/install.wim");
-    for (i, (name, product, build)) in editions.iter().enumerate() {
-        let verb = if i == 0 { "wimcapture" } else { "wimappend" };
-        run(Command::new(verb)
-            .arg(dir.join("wimroot"))
-            .arg(&wim)
-            .arg(name));
-        run(Command::new("wiminfo")
-            .arg(&wim)
-            .arg((i + 1).to_string())
-            .arg("--image-property")
-            .arg(format!("WINDOWS/PRODUCTTYPE={product}"))
-            .arg("--image-property")
-            .arg(format!("WINDOWS/VERSION/BUILD={build}")));
-    }
-    let iso = dir.join("win.iso");
-    make_iso(&tree, &iso, "CCCOMA_X64FRE");
-    iso
-}
+mod windows_support;
+use windows_support::*;
 
 #[test]
 fn a_windows_iso_is_read_in_place_for_its_editions_as_wiminfo_reads_them() {
@@ -150,26 +108,6 @@ fn isos_that_are_not_windows_media_and_files_that_are_not_isos_are_refused_with_
         err.contains("cannot be read as a WIM") && err.contains("no WIM magic"),
         "{err}"
     );
-}
-
-/// A stand-in virtio-win ISO with the driver directories of `versions`.
-fn stand_in_virtio_win(dir: &Path, versions: &[WindowsVersion]) -> PathBuf {
-    let tree = dir.join("virtio-win");
-    for v in versions {
-        for p in required_virtio_win_paths(*v) {
-            let path = tree.join(p.trim_start_matches('/'));
-            if p.ends_with(".msi") {
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                std::fs::write(&path, b"msi").unwrap();
-            } else {
-                std::fs::create_dir_all(&path).unwrap();
-                std::fs::write(path.join("driver.inf"), b"[Version]").unwrap();
-            }
-        }
-    }
-    let iso = dir.join("virtio-win.iso");
-    make_iso(&tree, &iso, "virtio-win");
-    iso
 }
 
 #[test]
@@ -398,4 +336,189 @@ fn qemu_accepts_the_windows_machines_with_real_ovmf_and_swtpm() {
             let _ = s.wait();
         }
     }
+}
+
+/// `vmbuild bootstrap --profile windows-cygwin` as a user runs it: every bad input is
+/// exit 2 with one line naming the flag and the file, before anything starts or anything
+/// is written at --out; inputs that are all in order are accepted as such, and the
+/// refusal then is only that this vmbuild cannot run the Windows install itself yet.
+#[test]
+fn bootstrap_windows_cygwin_checks_every_input_and_refuses_each_bad_one_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let win = stand_in_windows_iso(
+        &d.join("w"),
+        &[
+            ("Windows 11 Pro", "WinNT", 22631),
+            ("Windows 10 Pro", "WinNT", 19045),
+            ("Windows 8.1 Pro", "WinNT", 9600),
+        ],
+    );
+    std::fs::create_dir_all(d.join("v10")).unwrap();
+    let virtio10 = stand_in_virtio_win(&d.join("v10"), &[WindowsVersion::Windows10]);
+    std::fs::create_dir_all(d.join("v11")).unwrap();
+    let virtio11 = stand_in_virtio_win(
+        &d.join("v11"),
+        &[WindowsVersion::Windows10, WindowsVersion::Windows11],
+    );
+    let msi = stand_in_msi(d);
+    let mirror = stand_in_cygwin_mirror(d);
+    let empty_mirror = d.join("empty-mirror");
+    std::fs::create_dir_all(&empty_mirror).unwrap();
+    let out = d.join("snap");
+
+    let s = |p: &Path| p.display().to_string();
+    let good: Vec<String> = [
+        "--iso",
+        &s(&win),
+        "--virtio-win",
+        &s(&virtio11),
+        "--edition",
+        "Windows 11 Pro",
+        "--winfsp",
+        &s(&msi),
+        "--cygwin-mirror",
+        &s(&mirror),
+        "--cygwin-packages",
+        "gcc-core,make",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    // `good` with the value of `flag` replaced (or the flag dropped, for None).
+    let with = |flag: &str, value: Option<&str>| -> Vec<String> {
+        let mut args = Vec::new();
+        let mut i = 0;
+        while i < good.len() {
+            if good[i] == flag {
+                if let Some(v) = value {
+                    args.push(flag.to_owned());
+                    args.push(v.to_owned());
+                }
+            } else {
+                args.push(good[i].clone());
+                args.push(good[i + 1].clone());
+            }
+            i += 2;
+        }
+        args
+    };
+    let bootstrap = |args: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+            .args(["bootstrap", "--profile", "windows-cygwin", "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let missing_iso = s(&d.join("missing.iso"));
+    let not_an_iso = s(&msi);
+    let cases: Vec<(Vec<String>, &[&str])> = vec![
+        (
+            vec![],
+            &[
+                "needs",
+                "--iso",
+                "--virtio-win",
+                "--winfsp",
+                "--cygwin-mirror",
+            ],
+        ),
+        (
+            with("--iso", Some(&missing_iso)),
+            &["--iso", "missing.iso", "No such file"],
+        ),
+        (
+            with("--iso", Some(&not_an_iso)),
+            &["--iso", "not an ISO 9660 image"],
+        ),
+        (
+            // virtio-win is an ISO, but no Windows media.
+            with("--iso", Some(&s(&virtio10))),
+            &["--iso", "not Windows install media", "sources/install.wim"],
+        ),
+        (
+            with("--edition", Some("Windows 11 Enterprise")),
+            &[
+                "--edition 'Windows 11 Enterprise'",
+                "Windows 11 Pro (1)",
+                "Windows 10 Pro (2)",
+            ],
+        ),
+        (with("--edition", None), &["3 editions", "pass --edition"]),
+        (
+            with("--edition", Some("3")),
+            &[
+                "Windows 8.1 Pro",
+                "build 9600",
+                "installs Windows 10, Windows 11",
+            ],
+        ),
+        (
+            with("--virtio-win", Some(&s(&virtio10))),
+            &[
+                "--virtio-win",
+                "not a virtio-win ISO for Windows 11",
+                "/viofs/w11/amd64",
+            ],
+        ),
+        (
+            with("--winfsp", Some(&s(&win))),
+            &["--winfsp", "not a Windows Installer package"],
+        ),
+        (
+            with("--cygwin-mirror", Some(&s(&empty_mirror))),
+            &["--cygwin-mirror", "no x86_64/setup.ini"],
+        ),
+        (
+            with(
+                "--cygwin-mirror",
+                Some("https://mirrors.kernel.org/sourceware/cygwin/"),
+            ),
+            &["is a URL", "--cygwin-setup"],
+        ),
+        (
+            with("--cygwin-packages", Some("gcc-core,make&calc")),
+            &["--cygwin-packages", "'make&calc'"],
+        ),
+    ];
+    for (args, says) in &cases {
+        let o = bootstrap(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+        for s in *says {
+            assert!(err.contains(s), "{args:?} should say {s:?}: {err}");
+        }
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+
+    // All in order: the edition and version are named, and the one refusal left is that
+    // the install run is not in this vmbuild.
+    let o = bootstrap(&good);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("inputs are in order")
+            && err.contains("Windows 11 edition 'Windows 11 Pro', index 1, build 22631")
+            && err.contains("cannot yet run the Windows install"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // The Windows flags belong to the Windows profile.
+    let o = Command::new(env!("CARGO_BIN_EXE_vmbuild"))
+        .args(["bootstrap", "--profile", "linux", "--out"])
+        .arg(&out)
+        .arg("--iso")
+        .arg(&win)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("are for --profile windows-cygwin"), "{err}");
 }

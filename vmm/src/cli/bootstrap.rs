@@ -9,6 +9,7 @@ use crate::exit;
 use crate::guest::kit::GuestKit;
 use crate::qemu::QemuBinary;
 use crate::snapshot::profile;
+use crate::snapshot::profile::windows::inputs::WindowsInputs;
 use crate::workflow::bootstrap::{bootstrap, BootstrapFailure, BootstrapSpec};
 
 #[derive(Args, Debug)]
@@ -29,10 +30,64 @@ XDG_RUNTIME_DIR (where sockets go),
 XDG_CACHE_HOME (probe answers, verification stamps), TMPDIR (scratch files), RUST_LOG (log filter),
 NO_COLOR (no colours in log lines).")]
 pub struct BootstrapArgs {
-    /// What to install: linux (the kit's busybox and sshd), or image (a distribution image
-    /// from `vmbuild image build`, with --image); windows-cygwin comes with a later release
+    /// What to install: linux (the kit's busybox and sshd), image (a distribution image
+    /// from `vmbuild image build`, with --image), or windows-cygwin (Windows and Cygwin's
+    /// sshd from the ISOs you bring: --iso, --virtio-win, --winfsp, --cygwin-mirror; its
+    /// inputs are checked, the install run itself is not in this release)
     #[arg(long, default_value = "linux")]
     profile: String,
+    /// windows-cygwin: the Windows install ISO (Windows 10, 11 or Server 2022)
+    #[arg(
+        long,
+        value_name = "WIN.iso",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    iso: Option<PathBuf>,
+    /// windows-cygwin: the virtio-win driver ISO (viostor, NetKVM, vioserial, viofs)
+    #[arg(
+        long,
+        value_name = "VIRTIO.iso",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    virtio_win: Option<PathBuf>,
+    /// windows-cygwin: the edition to install, by name or index in install.wim (needed
+    /// when the ISO holds more than one; a wrong one lists them)
+    #[arg(
+        long,
+        value_name = "NAME|INDEX",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    edition: Option<String>,
+    /// windows-cygwin: where Cygwin's packages come from: a local package directory (made
+    /// by `setup-x86_64.exe --download`; no network needed) or a mirror URL
+    #[arg(
+        long,
+        value_name = "DIR|URL",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    cygwin_mirror: Option<String>,
+    /// windows-cygwin: Cygwin's installer (default: setup-x86_64.exe in the local mirror)
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    cygwin_setup: Option<PathBuf>,
+    /// windows-cygwin: Cygwin packages beyond openssh and cygrunsrv (comma-separated)
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    cygwin_packages: Vec<String>,
+    /// windows-cygwin: WinFsp's installer (winfsp-*.msi), which the virtio-fs service needs
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Windows (--profile windows-cygwin)"
+    )]
+    winfsp: Option<PathBuf>,
     /// The distribution image for --profile image: a cached image's name or key, or a file
     #[arg(long, value_name = "IMAGE|NAME")]
     image: Option<String>,
@@ -144,12 +199,34 @@ impl BootstrapArgs {
         }
     }
 
+    fn windows_inputs(&self) -> WindowsInputs {
+        WindowsInputs {
+            iso: self.iso.clone(),
+            virtio_win: self.virtio_win.clone(),
+            edition: self.edition.clone(),
+            cygwin_mirror: self.cygwin_mirror.clone(),
+            cygwin_setup: self.cygwin_setup.clone(),
+            cygwin_packages: self.cygwin_packages.clone(),
+            winfsp: self.winfsp.clone(),
+        }
+    }
+
     fn spec(&self) -> Result<BootstrapSpec, String> {
+        let windows = self.windows_inputs();
         let profile: Box<dyn profile::Profile> = match (self.profile.as_str(), &self.image) {
             ("image", Some(what)) => Box::new(profile::Image {
                 image: Some(super::image::locate(what)?),
             }),
             (_, Some(_)) => return Err("--image needs --profile image".into()),
+            ("windows-cygwin", None) => Box::new(profile::WindowsCygwin {
+                inputs: Some(windows.check()?),
+            }),
+            (_, None) if windows.any() => {
+                return Err(format!(
+                    "--iso, --virtio-win, --edition, --cygwin-* and --winfsp are for --profile windows-cygwin, not {}",
+                    self.profile
+                ))
+            }
             (name, None) => profile::by_name(name).map_err(|e| e.to_string())?,
         };
         profile.available()?;

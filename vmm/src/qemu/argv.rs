@@ -91,6 +91,9 @@ enum Device {
         name: String,
         socket: PathBuf,
     },
+    /// A standard VGA adapter: a screen to take screendumps of (QMP `screendump`) while
+    /// nothing displays it (`-display none`); Windows draws its Setup and desktop there.
+    Vga,
 }
 
 impl QemuCommand {
@@ -255,6 +258,12 @@ impl QemuCommand {
     /// changes, so machines revived from one snapshot do not share random streams.
     pub fn vmgenid(mut self) -> Self {
         self.devices.push(Device::VmGenId);
+        self
+    }
+
+    /// A VGA adapter, so that the screen can be dumped (see [`Device::Vga`]).
+    pub fn vga(mut self) -> Self {
+        self.devices.push(Device::Vga);
         self
     }
 
@@ -424,6 +433,7 @@ impl QemuCommand {
                     "-device",
                     &format!("virtserialport,bus=vser0.0,chardev=port-{name},name={name}"),
                 ]),
+                Device::Vga => push(&["-device", "VGA"]),
             }
         }
         if self.incoming {

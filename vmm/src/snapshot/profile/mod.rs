@@ -70,7 +70,7 @@ pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Profile>> {
         "linux" => Ok(Box::new(Linux)),
         // A build needs no image file: the snapshot's disk holds it.
         "image" => Ok(Box::new(Image { image: None })),
-        "windows-cygwin" => Ok(Box::new(WindowsCygwin)),
+        "windows-cygwin" => Ok(Box::new(WindowsCygwin::default())),
         other => anyhow::bail!(
             "unknown profile '{other}': this vmbuild installs linux and image (windows-cygwin is not available yet)"
         ),

@@ -99,6 +99,7 @@ impl WindowsMachine {
             .target_disk(at.disk)
             .nic_stream(at.net_socket, &self.mac, Some("nic0"))
             .serial_port(READY_PORT, at.ready_socket)
+            .vga()
             .vmgenid();
         if let Some(tpm) = at.tpm_socket {
             cmd = cmd.tpm(tpm);
@@ -178,6 +179,8 @@ mod tests {
             assert!(has(&a, "-device", "virtio-net-pci,netdev=net0"));
             assert!(has(&a, "-device", &format!("name={READY_PORT}")));
             assert!(has(&a, "-device", "vmgenid,guid=auto"));
+            // A screen for Windows and for the screendump taken when an install fails.
+            assert!(has(&a, "-device", "VGA"));
             assert!(has(
                 &a,
                 "-object",
