@@ -12,9 +12,11 @@ echo "[install] building vmbuild and its benchmark engines (release)" >&2
 cargo build --release --locked -p vmbuild -p vmbuild-benches
 install -m 755 target/release/vmbuild /usr/local/bin/vmbuild
 # `vmbuild bench` runs these from beside itself.
-for engine in fs-bench switch-bench snapshot-bench vde-bench image-bench; do
+for engine in fs-bench switch-bench snapshot-bench vde-bench image-bench run-bench; do
   install -m 755 "target/release/$engine" "/usr/local/bin/$engine"
 done
+# The dax suite runs its KVM guests in a nested KVM host (a TCG guest with SVM).
+install -m 755 scripts/nested-kvm-host.sh /usr/local/bin/vmbuild-nested-kvm-host
 # The peers `vmbuild bench` compares against: virtiofsd at the version BENCHMARKS.md
 # measured (vde_switch, iperf3 and QEMU's 9p come with the host dependencies).
 if ! command -v virtiofsd >/dev/null && [[ ! -x ${HOME:-/root}/.cargo/bin/virtiofsd ]]; then

@@ -31,6 +31,7 @@ fn engines_built() {
         "snapshot-bench",
         "vde-bench",
         "image-bench",
+        "run-bench",
     ] {
         assert!(
             dir.join(e).is_file(),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild::bench::sample::{write_samples, Sample as BenchSample};
 use vmbuild_benches::host::fresh_dir;
 use vmbuild_benches::peers;
 use vmbuild_benches::report::{markdown, median, Row};
@@ -24,7 +25,13 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "/var/tmp/vmbuild-run-bench")]
     workdir: PathBuf,
+    /// Write every run as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
+
+const OURS: &str = "vmbuild run (1 process + QEMU)";
+const RECIPE: &str = "recipe (QEMU + 2 virtiofsd)";
 
 const SMALL_FILES: &str =
     "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
@@ -49,12 +56,25 @@ fn main() -> anyhow::Result<()> {
     let workloads = [("true", "true"), ("small files", SMALL_FILES)];
     let mut rows = Vec::new();
     let mut phase_notes = String::new();
+    let mut samples = Vec::new();
     for (name, script) in workloads {
         let (mut ours, mut recipe) = (Vec::new(), Vec::new());
+        let workload = format!("`{name}`: wall time");
         for round in 0..args.rounds {
             eprintln!("[run-bench] {name}: round {}", round + 1);
             ours.push(vmbuild_run(&args.workdir, &store, script)?);
             recipe.push(nix_recipe(&args.workdir, &store, &kit, script)?);
+            for (contender, s) in [(OURS, ours.last()), (RECIPE, recipe.last())] {
+                let wall = s.map_or(f64::NAN, |s| s.wall);
+                samples.push(BenchSample::new(
+                    &workload,
+                    contender,
+                    "s",
+                    false,
+                    round + 1,
+                    wall,
+                ));
+            }
         }
         if let Some(p) = ours.iter().rev().find_map(|s| s.phases.clone()) {
             phase_notes.push_str(&format!(
@@ -62,7 +82,7 @@ fn main() -> anyhow::Result<()> {
             ));
         }
         rows.push(Row {
-            workload: format!("`{name}`: wall time"),
+            workload,
             unit: "s",
             higher_is_better: false,
             values: vec![
@@ -75,17 +95,11 @@ fn main() -> anyhow::Result<()> {
         "### vmbuild run vs QEMU + 2 × virtiofsd by hand (TCG, 512 MiB, median of {} rounds)\n",
         args.rounds
     );
-    println!(
-        "{}",
-        markdown(
-            &[
-                "vmbuild run (1 process + QEMU)",
-                "recipe (QEMU + 2 virtiofsd)"
-            ],
-            &rows
-        )
-    );
+    println!("{}", markdown(&[OURS, RECIPE], &rows));
     println!("{phase_notes}");
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     let _ = fs::remove_dir_all(&args.workdir);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! samples collected, and on Ctrl-C its whole process group stopped and everything it made
 //! (work directory, namespaces, links, a daemonized vde_switch) removed.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,13 +72,24 @@ pub fn run(
         .spawn()
         .with_context(|| format!("starting {}", engine.display()))?;
     let pid = child.id();
-    let mut stdout = child.stdout.take().expect("piped");
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    let progress = tx.clone();
     let tables = std::thread::spawn(move || {
+        // Engines print tables on stdout and progress (`[engine] …`) on stderr; an engine
+        // inside the nested KVM host has both on stdout (its console), so progress lines
+        // there count as progress too.
         let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with('[') && line.contains("] ") {
+                let _ = progress.send(line.clone());
+            }
+            s.push_str(&line);
+            s.push('\n');
+        }
         s
     });
-    let (tx, lines) = mpsc::channel();
     let stderr = child.stderr.take().expect("piped");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {

@@ -22,15 +22,22 @@ pub enum Suite {
     /// a real build (GNU Hello) in vmbuild's image against virtiofsd, 9p and RAM; the
     /// image build against mmdebstrap
     Build,
+    /// the store through a DAX window: Linux guests on KVM (the embedded VMM with and
+    /// without DAX, QEMU+KVM with virtiofsd), inside a nested KVM host
+    Dax,
+    /// `vmbuild run` against the recipe it replaces: QEMU and two virtiofsd by hand
+    Run,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 5] = [
+    pub const ALL: [Suite; 7] = [
         Suite::Fs,
         Suite::Switch,
         Suite::Snapshot,
         Suite::Nic,
         Suite::Build,
+        Suite::Dax,
+        Suite::Run,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +47,8 @@ impl Suite {
             Suite::Snapshot => "snapshot",
             Suite::Nic => "nic",
             Suite::Build => "build",
+            Suite::Dax => "dax",
+            Suite::Run => "run",
         }
     }
 
@@ -51,6 +60,9 @@ impl Suite {
             Suite::Snapshot => "snapshot-bench",
             Suite::Nic => "vde-bench",
             Suite::Build => "image-bench",
+            // fs-bench --kvm, run by the nested KVM host script (see `nested_host`).
+            Suite::Dax => "fs-bench",
+            Suite::Run => "run-bench",
         }
     }
 
@@ -62,12 +74,25 @@ impl Suite {
             Suite::Snapshot => &[Peer::Gzip],
             Suite::Nic => &[Peer::Vde],
             Suite::Build => &[Peer::Virtiofsd, Peer::NineP, Peer::Mmdebstrap],
+            Suite::Dax => &[Peer::Virtiofsd],
+            Suite::Run => &[Peer::Virtiofsd],
         }
     }
 
     /// Whether the suite's engine needs a work directory on a disk file system.
     pub fn takes_workdir(self) -> bool {
-        matches!(self, Suite::Fs | Suite::Snapshot)
+        matches!(self, Suite::Fs | Suite::Snapshot | Suite::Run)
+    }
+
+    /// The peer every ratio of the suite is against: it runs even when `--peers` leaves
+    /// it out.
+    pub fn baseline(self) -> Option<Peer> {
+        match self {
+            Suite::Snapshot => Some(Peer::Gzip),
+            // The recipe `vmbuild run` replaces is QEMU with virtiofsd.
+            Suite::Run => Some(Peer::Virtiofsd),
+            _ => None,
+        }
     }
 }
 
@@ -156,6 +181,11 @@ pub fn suite_missing(suite: Suite) -> Option<String> {
             "the build suite loop-mounts the toolchain image for its peers: run it as root"
                 .into(),
         ),
+        Suite::Dax if !nix::unistd::geteuid().is_root() => Some(
+            "the dax suite's nested KVM host shares this host's root file system: run it as root"
+                .into(),
+        ),
+        Suite::Dax => nested_host().err(),
         Suite::Switch if !on_path("iperf3") => {
             Some("iperf3 is not installed: apt-get install iperf3".into())
         }
@@ -164,6 +194,28 @@ pub fn suite_missing(suite: Suite) -> Option<String> {
         ),
         _ => None,
     }
+}
+
+/// The script that runs a command in a nested KVM host (a TCG guest with SVM whose KVM
+/// runs Linux): `vmbuild-nested-kvm-host` beside vmbuild or on PATH (scripts/install.sh
+/// installs it), or `scripts/nested-kvm-host.sh` of the source tree vmbuild was built in.
+pub fn nested_host() -> Result<PathBuf, String> {
+    const NAME: &str = "vmbuild-nested-kvm-host";
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.with_file_name(NAME).is_file() {
+            return Ok(exe.with_file_name(NAME));
+        }
+    }
+    if let Some(p) = which(NAME) {
+        return Ok(p);
+    }
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested-kvm-host.sh");
+    if tree.is_file() {
+        return Ok(tree);
+    }
+    Err(format!(
+        "the dax suite runs its guests in a nested KVM host, and {NAME} was found neither next to vmbuild nor on PATH: scripts/install.sh installs it"
+    ))
 }
 
 /// The engine binary: next to this vmbuild (as `cargo build --release` leaves them), or on

@@ -31,6 +31,11 @@ Suites and their peers:
   build     virtiofsd, 9p,    (GNU Hello's configure + make in the Debian 12 toolchain
             mmdebstrap         image vs the tree shared by virtiofsd or 9p vs RAM; the
                                image build vs mmdebstrap; root, downloads packages once)
+  run       virtiofsd         (`vmbuild run` vs QEMU + two virtiofsd by hand, the recipe it
+                               replaces: `true` and a small-files workload)
+  dax       virtiofsd         (the store through a DAX window: the embedded VMM with and
+                               without --dax vs QEMU+KVM with virtiofsd, on KVM inside a
+                               nested KVM host (a TCG guest with SVM); root)
 
 Exit status:
     0  every suite ran with every peer asked for
@@ -49,7 +54,7 @@ Examples:
   vmbuild bench snapshot --rounds 20 --sizes 256,1024 --plot plots/
   vmbuild bench fs --peers virtiofsd --rounds 5")]
 pub struct BenchArgs {
-    /// What to measure: fs, switch, snapshot, nic, build or all
+    /// What to measure: fs, switch, snapshot, nic, build, dax, run or all
     #[arg(value_name = "SUITE")]
     suite: String,
     /// The peers to compare against (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap); all that are
@@ -102,12 +107,43 @@ impl BenchArgs {
         let mut failed = false;
         for (suite, engine_path, peers) in &plan.suites {
             let samples = work.path().join(format!("{}-samples.json", suite.name()));
-            let mut args = vec![
+            let args = vec![
                 "--rounds".to_string(),
                 self.rounds.to_string(),
                 "--samples".into(),
                 samples.display().to_string(),
             ];
+            // The dax suite's engine runs inside the nested KVM host, which shares the
+            // work directory at the same path (the samples come back through it).
+            let (engine_path, args) = if *suite == Suite::Dax {
+                let nested = suite::nested_host().map_err(|e| anyhow::anyhow!(e))?;
+                let mut outer = vec![
+                    "--work".to_string(),
+                    work.path().display().to_string(),
+                    "--timeout".into(),
+                    "7200".into(),
+                    "--".into(),
+                    engine_path.display().to_string(),
+                    "--kvm".into(),
+                    "--vm-only".into(),
+                    "--big-mib".into(),
+                    "64".into(),
+                    "--workdir".into(),
+                    work.path().join("dax").display().to_string(),
+                    "--peers".into(),
+                    if peers.is_empty() {
+                        "none".into()
+                    } else {
+                        peers.join(",")
+                    },
+                ];
+                outer.extend(args);
+                (nested, outer)
+            } else {
+                (engine_path.clone(), args)
+            };
+            let engine_path = &engine_path;
+            let mut args = args;
             if suite.takes_workdir() {
                 args.push("--workdir".into());
                 args.push(work.path().join(suite.name()).display().to_string());
@@ -117,6 +153,7 @@ impl BenchArgs {
                 args.push(suite::BUILD_WORKDIR.into());
             }
             match suite {
+                Suite::Dax | Suite::Run => {}
                 Suite::Fs | Suite::Switch | Suite::Nic | Suite::Build => {
                     args.push("--peers".into());
                     // An empty list still must be a value: "none" matches no peer.
@@ -158,11 +195,25 @@ impl BenchArgs {
                     failed = true;
                 }
                 Outcome::Done(run) => {
+                    let tables = if *suite == Suite::Dax {
+                        // Its stdout is the nested host's console: only the tables.
+                        run.tables
+                            .lines()
+                            .filter(|l| {
+                                l.starts_with('|')
+                                    || l.starts_with("###")
+                                    || l.starts_with("machine:")
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    } else {
+                        run.tables.clone()
+                    };
                     println!(
                         "## {} ({:.0} s)\n\n{}",
                         suite.name(),
                         run.seconds,
-                        run.tables.trim_end()
+                        tables.trim_end()
                     );
                     println!();
                     if let Some(dir) = &self.plot {
@@ -201,7 +252,7 @@ impl BenchArgs {
                 .into_iter()
                 .find(|s| s.name() == name)
                 .ok_or_else(|| {
-                    format!("no suite '{name}': fs, switch, snapshot, nic, build or all")
+                    format!("no suite '{name}': fs, switch, snapshot, nic, build, dax, run or all")
                 })?],
         };
         let asked: Option<Vec<Peer>> = match &self.peers {
@@ -260,11 +311,23 @@ impl BenchArgs {
                 });
                 continue;
             }
+            // Without its baseline a suite has nothing to compare against.
+            if let Some(why) = suite.baseline().and_then(|b| b.missing(&plan.qemu.path)) {
+                if self.suite != "all" {
+                    return Err(why);
+                }
+                plan.skipped.push(Skipped {
+                    what: format!("the {} suite", suite.name()),
+                    why,
+                });
+                continue;
+            }
             let mut peers = Vec::new();
             for &peer in suite.peers() {
                 let named = asked.as_ref().map(|a| a.contains(&peer));
-                // gzip is the snapshot suite's baseline: every ratio is against it.
-                if named == Some(false) && peer != Peer::Gzip {
+                // A suite's baseline (gzip for snapshots, virtiofsd for run) runs always:
+                // every ratio is against it.
+                if named == Some(false) && suite.baseline() != Some(peer) {
                     continue;
                 }
                 match peer.missing(&plan.qemu.path) {
