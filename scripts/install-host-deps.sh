@@ -42,7 +42,8 @@ need=()
 # vde2, vdeplug: vde_switch, vde_plug and dpipe, the peers of vmbuild switch -s in its tests.
 # apt, curl, dpkg-dev, debian-archive-keyring: `vmbuild image build` resolves with apt,
 # downloads with curl, reads packages with dpkg-deb (the tests build one with dpkg-deb).
-# mmdebstrap: the peer of the image benchmark; iperf3: the switch benchmark's traffic.
+# mmdebstrap: the peer of the image benchmark; iperf3: the switch benchmark's traffic;
+# diod: the 9P2000.L server benchmark's peer.
 # xorriso, wimtools, swtpm, ovmf: the windows-cygwin profile reads the install ISOs and the
 # WIM's editions, writes the answer-file ISO, and gives Windows 11 a TPM and UEFI.
 # shellcheck: the tests check the first-logon shell script with it.
@@ -52,7 +53,7 @@ need=()
 for p in busybox-static cpio xz-utils zstd kmod iproute2 socat procps qemu-utils \
          gcc libc6-dev libseccomp-dev libcap-ng-dev pkg-config dropbear-bin e2fsprogs \
          acpica-tools vde2 vdeplug apt curl dpkg-dev debian-archive-keyring mmdebstrap \
-         dnf dnf-plugins-core rpm createrepo-c iperf3 xorriso wimtools swtpm swtpm-tools shellcheck; do
+         dnf dnf-plugins-core rpm createrepo-c iperf3 xorriso wimtools swtpm swtpm-tools shellcheck diod; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

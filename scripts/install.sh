@@ -12,7 +12,8 @@ echo "[install] building vmbuild and its benchmark engines (release)" >&2
 cargo build --release --locked -p vmbuild -p vmbuild-benches
 install -m 755 target/release/vmbuild /usr/local/bin/vmbuild
 # `vmbuild bench` runs these from beside itself.
-for engine in fs-bench switch-bench snapshot-bench vde-bench image-bench run-bench; do
+for engine in fs-bench switch-bench snapshot-bench vde-bench image-bench run-bench \
+    lifecycle-bench ninep-bench kvm-bench nic-bench linux-kvm-bench; do
   install -m 755 "target/release/$engine" "/usr/local/bin/$engine"
 done
 # The dax suite runs its KVM guests in a nested KVM host (a TCG guest with SVM).

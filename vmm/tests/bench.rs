@@ -32,6 +32,11 @@ fn engines_built() {
         "vde-bench",
         "image-bench",
         "run-bench",
+        "lifecycle-bench",
+        "ninep-bench",
+        "kvm-bench",
+        "nic-bench",
+        "linux-kvm-bench",
     ] {
         assert!(
             dir.join(e).is_file(),

@@ -24,6 +24,7 @@ use embedded_vmm::memory::GuestRam;
 use embedded_vmm::snapshot;
 use embedded_vmm::vcpu::{run, Bus, Stop};
 use embedded_vmm::vm::Vm;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
@@ -43,6 +44,21 @@ struct Args {
     /// Skip the controller-shaped restore row
     #[arg(long)]
     no_controller: bool,
+    /// Write every measurement as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
+}
+
+const EMBEDDED: &str = "embedded VMM";
+const QEMU: &str = "QEMU";
+
+/// `values` as samples of one workload by one contender, a round each.
+fn push_all(out: &mut Vec<Sample>, workload: &str, contender: &str, values: &[f64], mib: usize) {
+    for (round, v) in values.iter().enumerate() {
+        out.push(
+            Sample::new(workload, contender, "ms", false, round + 1, *v).with("memory_mib", mib),
+        );
+    }
 }
 
 /// Long-mode guest: fill memory from 1 MiB to the end with a pattern, `out 0x81` once
@@ -77,6 +93,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&args.workdir);
     std::fs::create_dir_all(&args.workdir)?;
 
+    let mut samples = Vec::new();
     // --- creation → first instruction ------------------------------------------------
     let mut create = Vec::new();
     for _ in 0..args.rounds.max(5) {
@@ -94,6 +111,13 @@ fn main() -> anyhow::Result<()> {
     println!(
         "### Embedded KVM VMM vs QEMU (median of {} rounds)\n",
         args.rounds
+    );
+    push_all(
+        &mut samples,
+        "VM creation → first guest instruction",
+        EMBEDDED,
+        &create,
+        2,
     );
     println!(
         "- VM creation → first guest instruction (embedded, 2 MiB, 1 vCPU): {:.2} ms\n",
@@ -144,11 +168,17 @@ fn main() -> anyhow::Result<()> {
         // QEMU: the guest kit filling ¾ of memory, suspended as vmbuild does.
         eprintln!("[kvm-bench] {mib} MiB: QEMU guest filling its memory");
         let qemu = qemu_restores(&dir, &kit, mib as u32, args.rounds)?;
+        const RESTORE: &str = "snapshot restore → the guest runs";
+        push_all(&mut samples, RESTORE, EMBEDDED, &restores, mib);
+        push_all(&mut samples, RESTORE, QEMU, &qemu, mib);
         let (e, q) = (median(restores), median(qemu));
         println!("| {mib} MiB | {e:.2} | {q:.1} | {:.0}× |", q / e);
     }
     if !args.no_controller {
-        controller_restore(&args, &kit)?;
+        controller_restore(&args, &kit, &mut samples)?;
+    }
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
     }
     let _ = std::fs::remove_dir_all(&args.workdir);
     Ok(())
@@ -156,7 +186,11 @@ fn main() -> anyhow::Result<()> {
 
 /// The embedded controller's restore against the QEMU controller's revive, at the
 /// controller's memory size.
-fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
+fn controller_restore(
+    args: &Args,
+    kit: &GuestKit,
+    samples: &mut Vec<Sample>,
+) -> anyhow::Result<()> {
     use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
     use embedded_vmm::uart::Transcript;
     use embedded_vmm::virtio::net::NetDevice;
@@ -240,6 +274,9 @@ fn controller_restore(args: &Args, kit: &GuestKit) -> anyhow::Result<()> {
     }
     eprintln!("[kvm-bench] controller ({mib} MiB): QEMU guest filling its memory");
     let qemu = qemu_restores(&dir, kit, mib as u32, args.rounds)?;
+    const CONTROLLER: &str = "the lifecycle's controller: restore → the guest runs";
+    push_all(samples, CONTROLLER, EMBEDDED, &restores, mib);
+    push_all(samples, CONTROLLER, QEMU, &qemu, mib);
     let (e, q) = (median(restores), median(qemu));
     println!(
         "\n| the lifecycle's controller ({mib} MiB) | embedded restore with its devices → next instruction (ms) | QEMU -incoming → running (ms) | embedded vs QEMU |"

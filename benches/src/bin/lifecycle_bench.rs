@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::host::fresh_dir;
 use vmbuild_benches::peers;
 use vmbuild_benches::report::{markdown, median, Row};
@@ -28,7 +29,13 @@ struct Args {
     memory: u32,
     #[arg(long, default_value = "/var/tmp/vmbuild-lifecycle-bench")]
     workdir: PathBuf,
+    /// Write every run as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
+
+const BUILD: &str = "vmbuild build (revive + controller)";
+const RUN: &str = "vmbuild run (fresh boot)";
 
 const SMALL_FILES: &str =
     "find /nix/store/tree -type f | xargs cat > /dev/null && mkdir -p /tmp/xchg/out && \
@@ -78,7 +85,9 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut notes = String::new();
+    let mut samples = Vec::new();
     for (name, script) in [("true", "true"), ("small files", SMALL_FILES)] {
+        let workload = format!("`{name}`: wall time");
         let (mut builds, mut runs) = (Vec::new(), Vec::new());
         let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for round in 0..args.rounds {
@@ -91,9 +100,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             runs.push(run(&args.workdir, &store, args.memory, script)?);
+            for (contender, v) in [(BUILD, builds.last()), (RUN, runs.last())] {
+                let v = v.copied().unwrap_or(f64::NAN);
+                samples.push(Sample::new(&workload, contender, "s", false, round + 1, v));
+            }
         }
         rows.push(Row {
-            workload: format!("`{name}`: wall time"),
+            workload,
             unit: "s",
             higher_is_better: false,
             values: vec![median(builds), median(runs)],
@@ -116,17 +129,11 @@ fn main() -> anyhow::Result<()> {
         "### vmbuild build (revive) vs vmbuild run (fresh boot), TCG, {} MiB, median of {} rounds\n",
         args.memory, args.rounds
     );
-    println!(
-        "{}",
-        markdown(
-            &[
-                "vmbuild build (revive + controller)",
-                "vmbuild run (fresh boot)"
-            ],
-            &rows
-        )
-    );
+    println!("{}", markdown(&[BUILD, RUN], &rows));
     println!("{notes}- bootstrap (install, boot, handshake, suspend): {bootstrap:.1} s");
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     let _ = fs::remove_dir_all(&args.workdir);
     Ok(())
 }

@@ -32,6 +32,7 @@ use clap::Parser;
 use embedded_vmm::linux::{LinuxConfig, LinuxEnd, LinuxVm};
 use embedded_vmm::uart::Transcript;
 use vmbuild::accel::Accel;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild::guest::initrd::{self, GUEST_SCRIPT_PATH};
 use vmbuild::guest::kit::GuestKit;
 use vmbuild::qemu::console_guest::{ConsoleGuest, ConsoleGuestConfig};
@@ -54,6 +55,9 @@ struct Args {
     /// Restores per contender for the restore-to-command row.
     #[arg(long, default_value_t = 20)]
     restores: usize,
+    /// Write every measurement as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
 
 const EMBEDDED: &[&str] = &["--vmm", "embedded"];
@@ -218,6 +222,19 @@ fn qemu_restores(
     Ok(times)
 }
 
+const BOOT_TO_INIT: &str = "boot to init (run start → the kit's init)";
+const VMM_START: &str = "of which the VMM's start (run start → VMM ready to run the guest)";
+const RUN_TRUE: &str = "`vmbuild run -- true`, wall clock";
+
+/// One workload's measurements, the embedded VMM's and QEMU+KVM's, as samples.
+fn push_all(out: &mut Vec<Sample>, workload: &str, unit: &str, embedded: &[f64], qemu: &[f64]) {
+    for (contender, values) in [("embedded VMM", embedded), ("QEMU+KVM", qemu)] {
+        for (round, v) in values.iter().enumerate() {
+            out.push(Sample::new(workload, contender, unit, false, round + 1, *v));
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let vmbuild = vmbuild_binary()?;
@@ -257,23 +274,35 @@ fn main() -> anyhow::Result<()> {
             init.push(s.to_init);
             total.push(s.total);
         }
-        eprintln!("round {} of {} done", round + 1, args.rounds);
+        eprintln!(
+            "[linux-kvm-bench] round {} of {} done",
+            round + 1,
+            args.rounds
+        );
+    }
+    let mut samples = Vec::new();
+    for (workload, e, q) in [
+        (BOOT_TO_INIT, &init_e, &init_q),
+        (VMM_START, &spawn_e, &spawn_q),
+        (RUN_TRUE, &total_e, &total_q),
+    ] {
+        push_all(&mut samples, workload, "s", e, q);
     }
     let mut rows = vec![
         Row {
-            workload: "boot to init (run start → the kit's init)".into(),
+            workload: BOOT_TO_INIT.into(),
             unit: "s",
             higher_is_better: false,
             values: vec![median(init_e), median(init_q)],
         },
         Row {
-            workload: "of which the VMM's start (run start → VMM ready to run the guest)".into(),
+            workload: VMM_START.into(),
             unit: "s",
             higher_is_better: false,
             values: vec![median(spawn_e), median(spawn_q)],
         },
         Row {
-            workload: "`vmbuild run -- true`, wall clock".into(),
+            workload: RUN_TRUE.into(),
             unit: "s",
             higher_is_better: false,
             values: vec![median(total_e), median(total_q)],
@@ -303,8 +332,10 @@ fn main() -> anyhow::Result<()> {
                 e.push(build(&vmbuild, &snapshot, "embedded")?);
             }
         }
+        const BUILD_TRUE: &str = "`vmbuild build -- true` (embedded controller vs QEMU's revived)";
+        push_all(&mut samples, BUILD_TRUE, "s", &e, &q);
         rows.push(Row {
-            workload: "`vmbuild build -- true` (embedded controller vs QEMU's revived)".into(),
+            workload: BUILD_TRUE.into(),
             unit: "s",
             higher_is_better: false,
             values: vec![median(e), median(q)],
@@ -322,6 +353,13 @@ fn main() -> anyhow::Result<()> {
         );
         let e = embedded_restores(dir.path(), &kit, &initrd, &append, args.restores)?;
         let q = qemu_restores(dir.path(), &kit, &initrd, &append, args.restores)?;
+        push_all(
+            &mut samples,
+            "restore of a booted Linux guest until a command ran",
+            "ms",
+            &e,
+            &q,
+        );
         for (p, name) in [(50.0, "p50"), (99.0, "p99")] {
             rows.push(Row {
                 workload: format!(
@@ -336,5 +374,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{}", markdown(&["embedded VMM", "QEMU+KVM"], &rows));
     println!("median of {} rounds, alternating order", args.rounds);
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ use embedded_vmm::virtio::net::NetDevice;
 use embedded_vmm::virtio::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::report::{markdown, median, Row};
 use vswitch::tap::{Tap, TapPort};
 use vswitch::{InProcessPort, Switch, SwitchConfig, VlanMode};
@@ -35,7 +36,14 @@ struct Args {
     /// Seconds per measurement
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Write every measurement as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<std::path::PathBuf>,
 }
+
+const IN_PROCESS: &str = "virtio-net → in-process port";
+const TAP: &str = "tap port";
+const WORKLOAD: &str = "frames into the switch";
 
 const SRC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 const DST: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -79,10 +87,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secs = Duration::from_secs_f64(args.seconds);
     let (mut inproc, mut tap) = (Vec::new(), Vec::new());
+    let mut samples = Vec::new();
     for round in 0..args.rounds {
         eprintln!("[nic-bench] round {}", round + 1);
         inproc.push(in_process(secs)?);
         tap.push(through_tap(secs)?);
+        for (contender, v) in [(IN_PROCESS, inproc[round]), (TAP, tap[round])] {
+            samples.push(Sample::new(WORKLOAD, contender, "Mpps", true, round + 1, v));
+        }
     }
     println!(
         "### Guest NIC → switch, 64-byte frames (median of {} rounds)\n",
@@ -91,15 +103,18 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         markdown(
-            &["virtio-net → in-process port", "tap port"],
+            &[IN_PROCESS, TAP],
             &[Row {
-                workload: "frames into the switch".into(),
+                workload: WORKLOAD.into(),
                 unit: "Mpps",
                 higher_is_better: true,
                 values: vec![median(inproc), median(tap)],
             }]
         )
     );
+    if let Some(path) = &args.samples {
+        write_samples(path, &samples)?;
+    }
     Ok(())
 }
 

@@ -28,6 +28,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use virtiofs_bridge::ninep::{self, NinepServer};
 use virtiofs_bridge::ShareConfig;
+use vmbuild::bench::sample::{write_samples, Sample};
 use vmbuild_benches::report::{markdown, median, Row};
 use vmbuild_tests::guest::{GuestKit, GuestShare, GuestVm};
 
@@ -41,6 +42,9 @@ struct Args {
     /// Skip the write workloads (they boot a Linux guest under QEMU).
     #[arg(long)]
     no_guest: bool,
+    /// Write every measurement as `vmbuild bench` samples (JSON) here
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
 
 /// (workload, unit, vmbuild samples, diod samples); higher is better for all.
@@ -224,6 +228,17 @@ fn main() -> anyhow::Result<()> {
         "### 9P2000.L over loopback TCP (median of {} rounds)\n",
         args.rounds
     );
+    if let Some(path) = &args.samples {
+        let mut samples = Vec::new();
+        for (w, unit, ours, diod) in &rows {
+            for (contender, values) in [("vmbuild 9p", ours), ("diod", diod)] {
+                for (round, v) in values.iter().enumerate() {
+                    samples.push(Sample::new(*w, contender, unit, true, round + 1, *v));
+                }
+            }
+        }
+        write_samples(path, &samples)?;
+    }
     let table: Vec<Row> = rows
         .into_iter()
         .map(|(w, unit, ours, diod)| Row {

@@ -27,10 +27,22 @@ pub enum Suite {
     Dax,
     /// `vmbuild run` against the recipe it replaces: QEMU and two virtiofsd by hand
     Run,
+    /// `vmbuild build` (revive a snapshot) against `vmbuild run` (a fresh boot)
+    Lifecycle,
+    /// the 9P2000.L server against diod, over loopback TCP and from a Linux guest
+    Ninep,
+    /// the embedded VMM against QEMU: VM creation, snapshot restore at 256–1024 MiB, the
+    /// controller's restore (on this host's KVM; the guests are not Linux)
+    Kvm,
+    /// the embedded VMM's NIC into the switch: an in-process port against a tap
+    VmmNic,
+    /// the embedded VMM against QEMU+KVM with Linux guests (boot, run, build, restore),
+    /// inside a nested KVM host
+    LinuxKvm,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 7] = [
+    pub const ALL: [Suite; 12] = [
         Suite::Fs,
         Suite::Switch,
         Suite::Snapshot,
@@ -38,6 +50,11 @@ impl Suite {
         Suite::Build,
         Suite::Dax,
         Suite::Run,
+        Suite::Lifecycle,
+        Suite::Ninep,
+        Suite::Kvm,
+        Suite::VmmNic,
+        Suite::LinuxKvm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +66,11 @@ impl Suite {
             Suite::Build => "build",
             Suite::Dax => "dax",
             Suite::Run => "run",
+            Suite::Lifecycle => "lifecycle",
+            Suite::Ninep => "9p-server",
+            Suite::Kvm => "kvm",
+            Suite::VmmNic => "vmm-nic",
+            Suite::LinuxKvm => "linux-kvm",
         }
     }
 
@@ -63,6 +85,11 @@ impl Suite {
             // fs-bench --kvm, run by the nested KVM host script (see `nested_host`).
             Suite::Dax => "fs-bench",
             Suite::Run => "run-bench",
+            Suite::Lifecycle => "lifecycle-bench",
+            Suite::Ninep => "ninep-bench",
+            Suite::Kvm => "kvm-bench",
+            Suite::VmmNic => "nic-bench",
+            Suite::LinuxKvm => "linux-kvm-bench",
         }
     }
 
@@ -76,12 +103,16 @@ impl Suite {
             Suite::Build => &[Peer::Virtiofsd, Peer::NineP, Peer::Mmdebstrap],
             Suite::Dax => &[Peer::Virtiofsd],
             Suite::Run => &[Peer::Virtiofsd],
+            Suite::Ninep => &[Peer::Diod],
+            Suite::Lifecycle | Suite::Kvm | Suite::VmmNic | Suite::LinuxKvm => &[],
         }
     }
 
     /// Whether the suite's engine needs a work directory on a disk file system.
-    pub fn takes_workdir(self) -> bool {
-        matches!(self, Suite::Fs | Suite::Snapshot | Suite::Run)
+    /// Whether the suite's engine runs inside the nested KVM host (its guests need a KVM
+    /// that runs Linux, which this host's own may not be).
+    pub fn nested(self) -> bool {
+        matches!(self, Suite::Dax | Suite::LinuxKvm)
     }
 
     /// The peer every ratio of the suite is against: it runs even when `--peers` leaves
@@ -91,6 +122,7 @@ impl Suite {
             Suite::Snapshot => Some(Peer::Gzip),
             // The recipe `vmbuild run` replaces is QEMU with virtiofsd.
             Suite::Run => Some(Peer::Virtiofsd),
+            Suite::Ninep => Some(Peer::Diod),
             _ => None,
         }
     }
@@ -104,16 +136,18 @@ pub enum Peer {
     Bridge,
     Gzip,
     Mmdebstrap,
+    Diod,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 6] = [
+    pub const ALL: [Peer; 7] = [
         Peer::Virtiofsd,
         Peer::NineP,
         Peer::Vde,
         Peer::Bridge,
         Peer::Gzip,
         Peer::Mmdebstrap,
+        Peer::Diod,
     ];
 
     /// The name `--peers` takes and the engines understand.
@@ -125,6 +159,7 @@ impl Peer {
             Peer::Bridge => "bridge",
             Peer::Gzip => "gzip",
             Peer::Mmdebstrap => "mmdebstrap",
+            Peer::Diod => "diod",
         }
     }
 
@@ -164,6 +199,8 @@ impl Peer {
             }
             Peer::Mmdebstrap => (!on_path("mmdebstrap"))
                 .then(|| "mmdebstrap is not installed: apt-get install mmdebstrap".into()),
+            Peer::Diod => (!on_path("diod") && !Path::new("/usr/sbin/diod").is_file())
+                .then(|| "diod is not installed: apt-get install diod".into()),
         }
     }
 }
@@ -181,11 +218,22 @@ pub fn suite_missing(suite: Suite) -> Option<String> {
             "the build suite loop-mounts the toolchain image for its peers: run it as root"
                 .into(),
         ),
-        Suite::Dax if !nix::unistd::geteuid().is_root() => Some(
-            "the dax suite's nested KVM host shares this host's root file system: run it as root"
-                .into(),
+        Suite::Dax | Suite::LinuxKvm if !nix::unistd::geteuid().is_root() => Some(format!(
+            "the {} suite's nested KVM host shares this host's root file system: run it as root",
+            suite.name()
+        )),
+        Suite::Dax | Suite::LinuxKvm => nested_host().err(),
+        Suite::VmmNic if !nix::unistd::geteuid().is_root() => Some(
+            "the vmm-nic suite's tap port needs CAP_NET_ADMIN: run it as root".into(),
         ),
-        Suite::Dax => nested_host().err(),
+        Suite::Kvm if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err() =>
+        {
+            Some("the kvm suite needs /dev/kvm, readable and writable (group kvm)".into())
+        }
         Suite::Switch if !on_path("iperf3") => {
             Some("iperf3 is not installed: apt-get install iperf3".into())
         }

@@ -19,7 +19,8 @@ pub const INCOMPLETE: i32 = 3;
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Each suite runs its engine (fs-bench, switch-bench, snapshot-bench, vde-bench,
-image-bench, built with
+image-bench, run-bench, lifecycle-bench, ninep-bench, kvm-bench, nic-bench,
+linux-kvm-bench, built with
 `cargo build --release -p vmbuild-benches`) with the contenders alternating round by round,
 and prints the ratio tables of BENCHMARKS.md.
 
@@ -33,6 +34,14 @@ Suites and their peers:
                                image build vs mmdebstrap; root, downloads packages once)
   run       virtiofsd         (`vmbuild run` vs QEMU + two virtiofsd by hand, the recipe it
                                replaces: `true` and a small-files workload)
+  lifecycle                   (`vmbuild build`, a revive, vs `vmbuild run`, a fresh boot)
+  9p-server diod              (the 9P2000.L server vs diod: loopback TCP, a Linux guest)
+  kvm                         (the embedded VMM vs QEMU: creation, restore 256-1024 MiB, the
+                               controller's restore; needs /dev/kvm)
+  vmm-nic                     (the embedded VMM's NIC into the switch: in-process vs tap;
+                               root)
+  linux-kvm                   (the embedded VMM vs QEMU+KVM with Linux guests, in a nested
+                               KVM host; root)
   dax       virtiofsd         (the store through a DAX window: the embedded VMM with and
                                without --dax vs QEMU+KVM with virtiofsd, on KVM inside a
                                nested KVM host (a TCG guest with SVM); root)
@@ -54,10 +63,11 @@ Examples:
   vmbuild bench snapshot --rounds 20 --sizes 256,1024 --plot plots/
   vmbuild bench fs --peers virtiofsd --rounds 5")]
 pub struct BenchArgs {
-    /// What to measure: fs, switch, snapshot, nic, build, dax, run or all
+    /// What to measure: fs, switch, snapshot, nic, build, dax, run, lifecycle, 9p-server,
+    /// kvm, vmm-nic, linux-kvm or all
     #[arg(value_name = "SUITE")]
     suite: String,
-    /// The peers to compare against (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap); all that are
+    /// The peers to compare against (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap, diod); all that are
     /// installed by default. A peer named here that is not installed is an error
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     peers: Option<Vec<String>>,
@@ -107,72 +117,9 @@ impl BenchArgs {
         let mut failed = false;
         for (suite, engine_path, peers) in &plan.suites {
             let samples = work.path().join(format!("{}-samples.json", suite.name()));
-            let args = vec![
-                "--rounds".to_string(),
-                self.rounds.to_string(),
-                "--samples".into(),
-                samples.display().to_string(),
-            ];
-            // The dax suite's engine runs inside the nested KVM host, which shares the
-            // work directory at the same path (the samples come back through it).
-            let (engine_path, args) = if *suite == Suite::Dax {
-                let nested = suite::nested_host().map_err(|e| anyhow::anyhow!(e))?;
-                let mut outer = vec![
-                    "--work".to_string(),
-                    work.path().display().to_string(),
-                    "--timeout".into(),
-                    "7200".into(),
-                    "--".into(),
-                    engine_path.display().to_string(),
-                    "--kvm".into(),
-                    "--vm-only".into(),
-                    "--big-mib".into(),
-                    "64".into(),
-                    "--workdir".into(),
-                    work.path().join("dax").display().to_string(),
-                    "--peers".into(),
-                    if peers.is_empty() {
-                        "none".into()
-                    } else {
-                        peers.join(",")
-                    },
-                ];
-                outer.extend(args);
-                (nested, outer)
-            } else {
-                (engine_path.clone(), args)
-            };
+            let (engine_path, args) =
+                self.engine_command(*suite, engine_path, peers, work.path(), &samples)?;
             let engine_path = &engine_path;
-            let mut args = args;
-            if suite.takes_workdir() {
-                args.push("--workdir".into());
-                args.push(work.path().join(suite.name()).display().to_string());
-            }
-            if *suite == Suite::Build {
-                args.push("--workdir".into());
-                args.push(suite::BUILD_WORKDIR.into());
-            }
-            match suite {
-                Suite::Dax | Suite::Run => {}
-                Suite::Fs | Suite::Switch | Suite::Nic | Suite::Build => {
-                    args.push("--peers".into());
-                    // An empty list still must be a value: "none" matches no peer.
-                    args.push(if peers.is_empty() {
-                        "none".into()
-                    } else {
-                        peers.join(",")
-                    });
-                }
-                Suite::Snapshot => {
-                    let sizes: Vec<String> = self.sizes.iter().map(u32::to_string).collect();
-                    args.push("--sizes".into());
-                    args.push(sizes.join(","));
-                    if let Some(methods) = &self.methods {
-                        args.push("--methods".into());
-                        args.push(methods.join(","));
-                    }
-                }
-            }
             if !self.quiet {
                 eprintln!(
                     "vmbuild bench: {}: {} {}",
@@ -195,7 +142,7 @@ impl BenchArgs {
                     failed = true;
                 }
                 Outcome::Done(run) => {
-                    let tables = if *suite == Suite::Dax {
+                    let tables = if suite.nested() {
                         // Its stdout is the nested host's console: only the tables.
                         run.tables
                             .lines()
@@ -244,6 +191,86 @@ impl BenchArgs {
         })
     }
 
+    /// The program and arguments that run `suite`'s engine: its rounds, samples file, work
+    /// directory and peers, as that engine takes them; for suites whose guests need a KVM
+    /// that runs Linux, inside the nested KVM host, which shares `work` at the same path
+    /// (the samples come back through it).
+    fn engine_command(
+        &self,
+        suite: Suite,
+        engine: &std::path::Path,
+        peers: &[String],
+        work: &std::path::Path,
+        samples: &std::path::Path,
+    ) -> anyhow::Result<(PathBuf, Vec<String>)> {
+        let mut args = vec![
+            "--rounds".to_string(),
+            self.rounds.to_string(),
+            "--samples".into(),
+            samples.display().to_string(),
+        ];
+        // An empty list still must be a value: "none" matches no peer.
+        let peer_list = if peers.is_empty() {
+            "none".into()
+        } else {
+            peers.join(",")
+        };
+        let workdir = work.join(suite.name()).display().to_string();
+        match suite {
+            Suite::Fs
+            | Suite::Snapshot
+            | Suite::Run
+            | Suite::Lifecycle
+            | Suite::Ninep
+            | Suite::Kvm => {
+                args.extend(["--workdir".into(), workdir.clone()]);
+            }
+            Suite::Build => args.extend(["--workdir".into(), suite::BUILD_WORKDIR.into()]),
+            Suite::Dax => args.extend([
+                "--kvm".into(),
+                "--vm-only".into(),
+                "--big-mib".into(),
+                "64".into(),
+                "--workdir".into(),
+                workdir.clone(),
+            ]),
+            Suite::LinuxKvm => args.extend(["--workdir".into(), workdir.clone()]),
+            Suite::Switch | Suite::Nic | Suite::VmmNic => {}
+        }
+        match suite {
+            Suite::Fs | Suite::Switch | Suite::Nic | Suite::Build | Suite::Dax => {
+                args.extend(["--peers".into(), peer_list]);
+            }
+            Suite::Snapshot => {
+                let sizes: Vec<String> = self.sizes.iter().map(u32::to_string).collect();
+                args.extend(["--sizes".into(), sizes.join(",")]);
+                if let Some(methods) = &self.methods {
+                    args.extend(["--methods".into(), methods.join(",")]);
+                }
+            }
+            Suite::Run
+            | Suite::Lifecycle
+            | Suite::Ninep
+            | Suite::Kvm
+            | Suite::VmmNic
+            | Suite::LinuxKvm => {}
+        }
+        if !suite.nested() {
+            return Ok((engine.to_owned(), args));
+        }
+        let nested = suite::nested_host().map_err(|e| anyhow::anyhow!(e))?;
+        let mut outer = vec![
+            "--work".to_string(),
+            work.display().to_string(),
+            "--timeout".into(),
+            "7200".into(),
+            "--".into(),
+            engine.display().to_string(),
+        ];
+        outer.extend(args);
+        Ok((nested, outer))
+    }
+
     /// The suites to run with their engines and peers; an error is a usage error.
     fn plan(&self) -> Result<Plan, String> {
         let suites: Vec<Suite> = match self.suite.as_str() {
@@ -252,7 +279,10 @@ impl BenchArgs {
                 .into_iter()
                 .find(|s| s.name() == name)
                 .ok_or_else(|| {
-                    format!("no suite '{name}': fs, switch, snapshot, nic, build, dax, run or all")
+                    format!(
+                        "no suite '{name}': {} or all",
+                        Suite::ALL.map(Suite::name).join(", ")
+                    )
                 })?],
         };
         let asked: Option<Vec<Peer>> = match &self.peers {
@@ -263,7 +293,10 @@ impl BenchArgs {
                     .filter(|n| !n.is_empty())
                     .map(|n| {
                         Peer::parse(n).ok_or_else(|| {
-                            format!("--peers: no peer '{n}' (virtiofsd, 9p, vde, bridge, gzip, mmdebstrap)")
+                            format!(
+                                "--peers: no peer '{n}' ({})",
+                                Peer::ALL.map(Peer::name).join(", ")
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?,
