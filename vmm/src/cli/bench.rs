@@ -334,18 +334,11 @@ impl BenchArgs {
         };
         for suite in suites {
             let engine = suite::find_engine(suite)?;
-            if let Some(why) = suite::suite_missing(suite) {
-                if self.suite != "all" {
-                    return Err(why);
-                }
-                plan.skipped.push(Skipped {
-                    what: format!("the {} suite", suite.name()),
-                    why,
-                });
-                continue;
-            }
-            // Without its baseline a suite has nothing to compare against.
-            if let Some(why) = suite.baseline().and_then(|b| b.missing(&plan.qemu.path)) {
+            // What the suite needs, then its baseline: without that it has nothing to
+            // compare against.
+            let missing = suite::suite_missing(suite)
+                .or_else(|| suite.baseline().and_then(|b| b.missing(&plan.qemu.path)));
+            if let Some(why) = missing {
                 if self.suite != "all" {
                     return Err(why);
                 }
