@@ -36,7 +36,10 @@ EPOCH=${SOURCE_DATE_EPOCH:-0}
 MODULES=(failover net_failover virtio_ring virtio virtio_pci_modern_dev
   virtio_pci_legacy_dev virtio_pci virtio_net virtio_blk virtio_console
   netfs fscache 9pnet 9pnet_virtio 9p fuse virtiofs crc32c_generic ext4
-  virtio_rng virtio_mmio 9pnet_fd)
+  virtio_rng virtio_mmio 9pnet_fd
+  ahci sr_mod isofs)
+# ahci, sr_mod and isofs: the windows-cygwin stand-in target reads the configuration
+# ISO from the q35 machine's CD-ROM as Windows' setup does (loaded only when asked).
 # The nested KVM host (scripts/nested-kvm-host.sh) boots this kit under TCG with
 # -cpu max, which offers AMD SVM, and runs the host's files from an overlay. Its
 # modules go into a second cpio (nested-modules.cpio, appended to initrd.img by that

@@ -144,6 +144,7 @@ fn ssh_plan() -> SshPlan {
         client_key: "ssh/client_key".into(),
         client_public_key: "ssh-ed25519 AAAA".into(),
         host_key: "ssh-ed25519 BBBB".into(),
+        console_device: "/dev/console".into(),
     }
 }
 

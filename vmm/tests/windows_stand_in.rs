@@ -62,7 +62,7 @@ fn watch_stand_in(
         ))
         .monitor(&qmp_l)
         .serial_file(&console)
-        .serial_port(READY_PORT, &ready_l.path)
+        .serial_port(READY_PORT, Some(&ready_l.path))
         .vga()
         .argv();
     let (mut qemu, streams) = QemuProcess::start_connected(

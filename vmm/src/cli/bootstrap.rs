@@ -98,27 +98,24 @@ pub struct BootstrapArgs {
     #[arg(long)]
     replace: bool,
     /// Target memory: MiB, or with a unit (512M, 1G); the state file is about this big
-    #[arg(long, value_name = "SIZE", default_value = "256", allow_negative_numbers = true,
+    /// [default: 256, windows-cygwin 4G]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true,
           value_parser = super::values::memory_mib)]
-    memory: u32,
+    memory: Option<u32>,
     /// Target vCPUs, 1 to 255
     #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true,
           value_parser = super::values::cpus)]
     cpus: u32,
-    /// Target disk size, e.g. 1G or 512M
-    #[arg(long, default_value = "1G", value_name = "SIZE")]
-    disk_size: String,
+    /// Target disk size, e.g. 1G or 512M (sparse) [default: 1G, windows-cygwin 64G]
+    #[arg(long, value_name = "SIZE")]
+    disk_size: Option<String>,
     /// Accelerator: auto uses KVM only where it can run a Linux guest
     #[arg(long, value_name = "ACCEL", value_enum, default_value = "auto")]
     accel: AccelChoice,
     /// How long the target may take to answer SSH after it starts booting (seconds)
-    #[arg(
-        long,
-        default_value_t = 120.0,
-        value_name = "SECONDS",
-        allow_negative_numbers = true
-    )]
-    ssh_wait: f64,
+    /// [default: 120, windows-cygwin 900]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    ssh_wait: Option<f64>,
     /// No progress lines and no notices (such as the fallback to TCG); errors are printed
     #[arg(long, short)]
     quiet: bool,
@@ -179,13 +176,17 @@ impl BootstrapArgs {
                 BootstrapFailure::TargetUnreachable(tail) => {
                     eprintln!(
                         "vmbuild bootstrap: the target did not answer SSH within {} s; its console ended with:\n{tail}",
-                        self.ssh_wait
+                        spec.ssh_wait.as_secs_f64()
                     );
                     exit::TARGET_UNREACHABLE
                 }
                 BootstrapFailure::HandshakeFailed(detail) => {
                     eprintln!("vmbuild bootstrap: the controller could not log into the target:\n{detail}");
                     exit::TARGET_UNREACHABLE
+                }
+                BootstrapFailure::InstallFailed(why) => {
+                    eprintln!("vmbuild bootstrap: {why}");
+                    exit::VM_FAILED
                 }
                 BootstrapFailure::ControllerDied(detail) => {
                     eprintln!("vmbuild bootstrap: the controller VM failed: {detail}");
@@ -230,14 +231,18 @@ impl BootstrapArgs {
             (name, None) => profile::by_name(name).map_err(|e| e.to_string())?,
         };
         profile.available()?;
-        if self.memory < 128 {
+        let defaults = profile.machine_defaults();
+        let memory = self.memory.unwrap_or(defaults.memory_mib);
+        if memory < 128 {
             return Err(format!(
-                "--memory {} MiB is below the 128 MiB the target needs",
-                self.memory
+                "--memory {memory} MiB is below the 128 MiB the target needs"
             ));
         }
-        super::values::check_fits_host(self.memory)?;
-        let disk_size_mib = parse_size_mib(&self.disk_size)?;
+        super::values::check_fits_host(memory)?;
+        let disk_size_mib = match &self.disk_size {
+            Some(size) => parse_size_mib(size)?,
+            None => defaults.disk_mib,
+        };
         // A typo in the parent is a mistake to report, not a directory tree to create.
         let parent = match self.out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -274,7 +279,8 @@ impl BootstrapArgs {
                 ));
             }
         }
-        let ssh_wait = super::run::seconds(self.ssh_wait, "--ssh-wait", 86_400.0)
+        let ssh_wait = self.ssh_wait.unwrap_or(defaults.ssh_wait_secs);
+        let ssh_wait = super::run::seconds(ssh_wait, "--ssh-wait", 86_400.0)
             .map_err(|super::run::Usage(m)| m)?;
         let qemu = QemuBinary::locate().map_err(|e| format!("{e:#}"))?;
         let kit = GuestKit::locate().map_err(|e| format!("{e:#}"))?;
@@ -298,7 +304,7 @@ impl BootstrapArgs {
             qemu,
             accel,
             kit,
-            memory_mib: self.memory,
+            memory_mib: memory,
             cpus: self.cpus,
             disk_size_mib,
             ssh_wait,

@@ -86,10 +86,17 @@ enum Device {
     Tpm {
         socket: PathBuf,
     },
-    /// A named virtio-serial port, connected to a socket vmbuild listens on.
+    /// A named virtio-serial port, connected to a socket vmbuild listens on, or to
+    /// nothing (`None`: the port exists, as a revive needs, but nobody reads it).
     SerialPort {
         name: String,
-        socket: PathBuf,
+        socket: Option<PathBuf>,
+    },
+    /// An empty PCIe root port on q35: a slot a device can be hot-plugged into later
+    /// (q35's root bus takes no hot-plug).
+    RootPort {
+        id: String,
+        chassis: u8,
     },
     /// A standard VGA adapter: a screen to take screendumps of (QMP `screendump`) while
     /// nothing displays it (`-display none`); Windows draws its Setup and desktop there.
@@ -146,10 +153,19 @@ impl QemuCommand {
         self
     }
 
-    pub fn serial_port(mut self, name: &str, socket: &Path) -> Self {
+    pub fn serial_port(mut self, name: &str, socket: Option<&Path>) -> Self {
         self.devices.push(Device::SerialPort {
             name: name.to_owned(),
-            socket: socket.to_owned(),
+            socket: socket.map(Path::to_owned),
+        });
+        self
+    }
+
+    /// An empty PCIe root port `id` (q35), for a device plugged in at run time.
+    pub fn root_port(mut self, id: &str, chassis: u8) -> Self {
+        self.devices.push(Device::RootPort {
+            id: id.to_owned(),
+            chassis,
         });
         self
     }
@@ -429,11 +445,18 @@ impl QemuCommand {
                     "-device",
                     "virtio-serial-pci,id=vser0",
                     "-chardev",
-                    &format!("socket,id=port-{name},path={}", socket.display()),
+                    &match socket {
+                        Some(socket) => format!("socket,id=port-{name},path={}", socket.display()),
+                        None => format!("null,id=port-{name}"),
+                    },
                     "-device",
                     &format!("virtserialport,bus=vser0.0,chardev=port-{name},name={name}"),
                 ]),
                 Device::Vga => push(&["-device", "VGA"]),
+                Device::RootPort { id, chassis } => push(&[
+                    "-device",
+                    &format!("pcie-root-port,id={id},chassis={chassis}"),
+                ]),
             }
         }
         if self.incoming {

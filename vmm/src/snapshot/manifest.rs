@@ -89,6 +89,22 @@ pub struct MachinePlan {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub append: Option<String>,
+    /// A UEFI machine (the windows-cygwin profile); absent for the Linux profiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi: Option<UefiPlan>,
+}
+
+/// The windows-cygwin target's firmware and TPM: a q35 machine booted by OVMF, with the
+/// shares' hot-plug slots and the readiness port (`profile::windows::machine`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UefiPlan {
+    /// OVMF's code on the host (Debian's `ovmf`; read-only, not copied).
+    pub firmware: String,
+    pub secure_boot: bool,
+    /// The target's UEFI variables in the snapshot directory; each build gets a copy.
+    pub vars: String,
+    /// A TPM 2.0 from swtpm (Windows 11); its state travels in the memory state.
+    pub tpm: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +178,14 @@ pub struct SshPlan {
     pub client_public_key: String,
     /// The target's host key, pinned at bootstrap: a build refuses any other.
     pub host_key: String,
+    /// Where the target's shell writes vmbuild's markers: its console as QEMU connects
+    /// it (the Linux targets' /dev/console, Windows' COM1 as Cygwin's /dev/ttyS0).
+    #[serde(default = "default_console_device")]
+    pub console_device: String,
+}
+
+fn default_console_device() -> String {
+    "/dev/console".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,7 +16,10 @@ use serde_json::json;
 
 use crate::guest::console::{self, ConsoleEvent, ConsoleLog, ConsoleTail};
 use crate::qemu::{ChardevListener, QemuBinary, QemuCommand, QemuProcess, Qmp, QmpEvent};
-use crate::snapshot::manifest::{MachinePlan, NetworkPlan};
+use crate::snapshot::manifest::{MachinePlan, NetworkPlan, UefiPlan};
+use crate::snapshot::profile::windows::install_run::TPM_DIR;
+use crate::snapshot::profile::windows::machine::{Firmware, WindowsMachine, WindowsPlacement};
+use crate::snapshot::profile::windows::tpm::Swtpm;
 
 /// What the target reports.
 #[derive(Debug)]
@@ -52,11 +55,54 @@ pub struct TargetVm {
     /// Set when QEMU paused the guest because its disk could not be written on the host.
     disk_stopped: Arc<Mutex<Option<String>>>,
     disk: PathBuf,
+    /// Windows 11's TPM; declared last, so it stops after QEMU.
+    _tpm: Option<Swtpm>,
 }
 
 /// The QEMU options that make the machine: identical for bootstrap and every revive.
 pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Vec<String> {
-    machine(plan, net, at).argv()
+    let uefi = UefiInstance {
+        vars: PathBuf::from("$UEFI_VARS"),
+        tpm_socket: Some(PathBuf::from("$TPM_SOCKET")),
+    };
+    machine(plan, net, at, Some(&uefi)).argv()
+}
+
+/// A UEFI machine's own files: its copy of the variables and its TPM's socket.
+struct UefiInstance {
+    vars: PathBuf,
+    tpm_socket: Option<PathBuf>,
+}
+
+/// What a UEFI target needs beside QEMU: at bootstrap the snapshot's own variables and
+/// TPM state (the installed system's), at a revive a copy of the variables (QEMU writes
+/// them) and a TPM with an empty state, which QEMU fills from the memory state.
+fn uefi_instance(
+    uefi: &UefiPlan,
+    at: &Placement,
+    incoming: bool,
+) -> anyhow::Result<(UefiInstance, Option<Swtpm>)> {
+    let vars = if incoming {
+        let copy = at.rundir.join(&uefi.vars);
+        std::fs::copy(at.snapshot_dir.join(&uefi.vars), &copy)
+            .with_context(|| format!("copying the target's UEFI variables to {}", copy.display()))?;
+        copy
+    } else {
+        at.snapshot_dir.join(&uefi.vars)
+    };
+    let tpm = match uefi.tpm {
+        true if incoming => Some(Swtpm::start(
+            &at.rundir.join(TPM_DIR),
+            &at.rundir.join("tpm.sock"),
+        )?),
+        true => Some(Swtpm::start(
+            &at.snapshot_dir.join(TPM_DIR),
+            &at.rundir.join("tpm.sock"),
+        )?),
+        false => None,
+    };
+    let tpm_socket = tpm.as_ref().map(|t| t.socket.clone());
+    Ok((UefiInstance { vars, tpm_socket }, tpm))
 }
 
 /// The target's machine, as the snapshot records it: the same at bootstrap and at every
@@ -64,9 +110,43 @@ pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Ve
 /// plugged in after a revive map guest RAM. A new VM generation id on every start, so
 /// builds revived from one snapshot do not share random streams (SSH session keys among
 /// them).
-fn machine(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> QemuCommand {
+fn machine(
+    plan: &MachinePlan,
+    net: &NetworkPlan,
+    at: &Placement,
+    uefi: Option<&UefiInstance>,
+) -> QemuCommand {
     let file = |name: &Option<String>| name.as_ref().map(|n| at.snapshot_dir.join(n));
     let (kernel, initrd) = (file(&plan.kernel), file(&plan.initrd));
+    if let (Some(plan_uefi), Some(instance)) = (&plan.uefi, uefi) {
+        // The windows-cygwin machine; a kernel only for the tests' stand-in target.
+        let windows = WindowsMachine {
+            accel: plan.accel.clone(),
+            machine_type: plan.machine.clone(),
+            memory_mib: plan.memory_mib,
+            cpus: plan.cpus,
+            mac: net.target_mac.clone(),
+        };
+        let firmware = Firmware {
+            code: PathBuf::from(&plan_uefi.firmware),
+            vars_template: PathBuf::new(),
+            secure_boot: plan_uefi.secure_boot,
+        };
+        return windows
+            .command(
+                &firmware,
+                &WindowsPlacement {
+                    disk: at.disk,
+                    vars: &instance.vars,
+                    net_socket: at.net_socket,
+                    ready_socket: None,
+                    tpm_socket: instance.tpm_socket.as_deref(),
+                    install: None,
+                },
+            )
+            .kernel(kernel.as_deref(), initrd.as_deref())
+            .append(plan.append.as_deref());
+    }
     QemuCommand::new(&plan.accel, &plan.machine, plan.memory_mib)
         .cpu(plan.cpu.as_deref())
         .no_user_config()
@@ -90,7 +170,16 @@ impl TargetVm {
     ) -> anyhow::Result<TargetVm> {
         let qmp_l = ChardevListener::bind(at.rundir.join("target-qmp.sock"))?;
         let con_l = ChardevListener::bind(at.rundir.join("target-con.sock"))?;
-        let args = machine(plan, net, at)
+        let (uefi, tpm) = match &plan.uefi {
+            Some(u) => {
+                let (instance, tpm) = uefi_instance(u, at, incoming)?;
+                (Some(instance), tpm)
+            }
+            None => (None, None),
+        };
+        // The console is the first serial port: the Linux targets' /dev/console, the
+        // Windows target's COM1 (Cygwin's /dev/ttyS0).
+        let args = machine(plan, net, at, uefi.as_ref())
             .monitor(&qmp_l)
             .serial_socket("con", &con_l)
             .incoming(incoming)
@@ -135,6 +224,7 @@ impl TargetVm {
             spawned,
             disk_stopped,
             disk: at.disk.to_owned(),
+            _tpm: tpm,
         })
     }
 
@@ -159,8 +249,25 @@ impl TargetVm {
     }
 
     /// Plugs a vhost-user-fs device for the share served on `socket` into the running
-    /// machine (ACPI PCI hot-plug); the guest sees it a moment later.
-    pub fn attach_share(&mut self, id: &str, socket: &Path, tag: &str) -> anyhow::Result<()> {
+    /// machine (ACPI PCI hot-plug; on q35 into the empty root port `slot`); the guest sees
+    /// it a moment later.
+    pub fn attach_share(
+        &mut self,
+        id: &str,
+        socket: &Path,
+        tag: &str,
+        slot: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut device = json!({
+            "driver": "vhost-user-fs-pci",
+            "id": id,
+            "chardev": format!("{id}-chr"),
+            "tag": tag,
+            "queue-size": 1024
+        });
+        if let Some(slot) = slot {
+            device["bus"] = json!(slot);
+        }
         self.qmp
             .execute(
                 "chardev-add",
@@ -174,16 +281,7 @@ impl TargetVm {
             )
             .with_context(|| format!("connecting QEMU to the share {tag}"))?;
         self.qmp
-            .execute(
-                "device_add",
-                json!({
-                    "driver": "vhost-user-fs-pci",
-                    "id": id,
-                    "chardev": format!("{id}-chr"),
-                    "tag": tag,
-                    "queue-size": 1024
-                }),
-            )
+            .execute("device_add", device)
             .with_context(|| format!("plugging the share {tag} into the target"))?;
         Ok(())
     }

@@ -29,7 +29,9 @@ use crate::snapshot::manifest::{
     self, ControllerSnapshot, MachinePlan, Manifest, MountPlan, NetworkPlan, QemuInfo, SshPlan,
     StateInfo,
 };
-use crate::snapshot::profile::{Boot, InstallContext, Profile, DISK_FILE};
+use crate::snapshot::profile::{
+    Boot, InstallContext, InstallFailed, InstallInterrupted, Profile, DISK_FILE,
+};
 use crate::snapshot::segment::Segment;
 use crate::snapshot::target::{machine_args, Placement, TargetEvent, TargetVm};
 use crate::snapshot::{
@@ -61,6 +63,8 @@ pub enum BootstrapFailure {
     TargetUnreachable(String),
     HandshakeFailed(String),
     ControllerDied(String),
+    /// The profile's install ran in a VM and failed there (a phase timed out or failed).
+    InstallFailed(String),
 }
 
 pub fn bootstrap(
@@ -135,6 +139,9 @@ struct Bootstrap<'a> {
     /// Files needed only while bootstrapping (the target's private host key).
     scratch: OwnedDir,
     rundir: RuntimeDir,
+    /// The target's private network, from the install (windows-cygwin's runs in a VM) to
+    /// the suspend.
+    segment: Option<Segment>,
     network: NetworkPlan,
     state_format: StateFormat,
 }
@@ -163,6 +170,7 @@ impl<'a> Bootstrap<'a> {
             staging,
             scratch,
             rundir: RuntimeDir::create("bootstrap")?,
+            segment: None,
             network: NetworkPlan::default(),
             state_format: spec.state_format,
         })
@@ -202,7 +210,8 @@ impl<'a> Bootstrap<'a> {
             std::fs::copy(from, dir.join(to))
                 .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
         }
-        let boot = spec.profile.install(&InstallContext {
+        let segment = Segment::create(self.rundir.path())?;
+        let installed = spec.profile.install(&InstallContext {
             out: dir,
             scratch: self.scratch.path(),
             kit: &spec.kit,
@@ -211,6 +220,24 @@ impl<'a> Bootstrap<'a> {
             disk_size_mib: spec.disk_size_mib,
             network: &self.network,
             progress: &self.progress,
+            qemu: &spec.qemu,
+            accel: spec.accel,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            rundir: self.rundir.path(),
+            net_socket: &segment.target_socket,
+            signals: &self.signals,
+            screendump: install_screendump(&self.out),
+        });
+        self.segment = Some(segment);
+        let boot = installed.map_err(|e| {
+            if e.downcast_ref::<InstallInterrupted>().is_some() {
+                Stop::Failed(BootstrapFailure::Interrupted)
+            } else if let Some(InstallFailed(why)) = e.downcast_ref::<InstallFailed>() {
+                Stop::Failed(BootstrapFailure::InstallFailed(why.clone()))
+            } else {
+                Stop::Error(e)
+            }
         })?;
         // The controller's SSH client and key, appended to the kit's initramfs at every
         // build.
@@ -232,12 +259,14 @@ impl<'a> Bootstrap<'a> {
             kernel: boot.kernel.clone(),
             initrd: boot.initrd.clone(),
             append: boot.append.clone(),
+            uefi: boot.uefi.clone(),
         };
         let ssh = SshPlan {
             user: spec.profile.ssh_user().into(),
             client_key: CLIENT_KEY.into(),
             client_public_key: keys.client.public.clone(),
             host_key: keys.host.public.clone(),
+            console_device: spec.profile.console_device().into(),
         };
         Ok((machine, ssh))
     }
@@ -245,14 +274,18 @@ impl<'a> Bootstrap<'a> {
     /// Boots the target on a private segment, and a controller that logs into it (which
     /// proves the keys and pins the host key) and is suspended right after, waiting for
     /// the session of a build.
-    fn boot_and_log_in(&self, plan: &MachinePlan, ssh: &SshPlan) -> Result<Running, Stop> {
+    fn boot_and_log_in(&mut self, plan: &MachinePlan, ssh: &SshPlan) -> Result<Running, Stop> {
+        let segment = self.segment.take();
         let (spec, dir, rundir) = (self.spec, self.dir(), self.rundir.path());
         let step = self.progress.step(&format!(
             "booting the target ({} MiB, {}) and logging in from a controller",
             spec.memory_mib,
             spec.accel.qemu_name()
         ));
-        let segment = Segment::create(rundir)?;
+        let segment = match segment {
+            Some(s) => s,
+            None => Segment::create(rundir)?,
+        };
         let target = TargetVm::start(
             &spec.qemu,
             plan,
@@ -425,6 +458,18 @@ impl<'a> Bootstrap<'a> {
             manifest::file_entry(dir, CONTROLLER_STATE, "controller-state")?,
             manifest::file_entry(dir, CONTROLLER_INITRD, "controller-initrd")?,
         ];
+        if let Some(uefi) = &plan.uefi {
+            files.push(manifest::file_entry(dir, &uefi.vars, "uefi-vars")?);
+        }
+        // A target booted from files of its own (the windows-cygwin tests' stand-in).
+        for (file, kit_file, role) in [
+            (&plan.kernel, KIT_KERNEL, "target-kernel"),
+            (&plan.initrd, KIT_INITRD, "target-initrd"),
+        ] {
+            if let Some(f) = file.as_deref().filter(|f| *f != kit_file) {
+                files.push(manifest::file_entry(dir, f, role)?);
+            }
+        }
         let mut state_bytes = 0;
         for path in state_files(dir, self.state_format) {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -535,6 +580,13 @@ impl<'a> Bootstrap<'a> {
 /// it themselves, so that an interrupt does not wait for the rest of the bootstrap).
 fn interrupted(signals: &Receiver<()>) -> bool {
     signals.try_recv().is_ok()
+}
+
+/// Where a failed install's screendump is kept: beside `out` (the staging directory is
+/// removed on failure).
+pub fn install_screendump(out: &Path) -> PathBuf {
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!("{name}.install-failure.png"))
 }
 
 /// The name prefix of `out`'s staging directory, next to it: `.NAME.partial`.

@@ -39,6 +39,7 @@ use crate::snapshot::controller::{
 use crate::snapshot::manifest::{self, Manifest, SnapshotError, SnapshotProblem};
 use crate::snapshot::profile::{self, DISK_FILE};
 use crate::snapshot::segment::Segment;
+use crate::snapshot::profile::windows::machine::SHARE_SLOTS;
 use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
 use crate::snapshot::{CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL};
 use crate::vm::run::{create_overlay, xchg_dir};
@@ -405,7 +406,10 @@ fn revive_target(
     t.revive = secs(Some(target.spawned), Some(revived));
     tracing::debug!("build: the target runs again; plugging the shares");
     for (i, server) in resources.servers.iter().enumerate() {
-        let attached = target.attach_share(&format!("fs{i}"), server.socket(), server.tag());
+        // A UEFI (q35) target takes them in its empty root ports.
+        let slot = manifest.machine.uefi.as_ref().and(SHARE_SLOTS.get(i).copied());
+        let attached =
+            target.attach_share(&format!("fs{i}"), server.socket(), server.tag(), slot);
         attached.map_err(|e| target.qemu.explain(e, "QEMU stopped"))?;
     }
     t.shares_attached = secs(Some(revived), Some(Instant::now()));
@@ -797,7 +801,13 @@ fn session_script(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut s = Vec::new();
-    s.extend_from_slice(b"# vmbuild build session (generated)\nexec 3>/dev/console\n");
+    s.extend_from_slice(
+        format!(
+            "# vmbuild build session (generated)\nexec 3>{}\n",
+            profile.console_device()
+        )
+        .as_bytes(),
+    );
     let (session, mounted) = (phase_line(phase::SESSION), phase_line(phase::MOUNTED));
     s.extend_from_slice(format!("echo {session} >&3\n").as_bytes());
     s.extend_from_slice(format!("date -s @{now} >/dev/null 2>&1\n").as_bytes());
@@ -812,6 +822,14 @@ fn session_script(
         format!(") || {{ status=$?; echo \"{EXIT_MARKER}$status\" >&3; exit $status; }}\n")
             .as_bytes(),
     );
+    if let (None, Some(dir)) = (&spec.cwd, profile.session_workdir(&manifest.mounts.xchg)) {
+        s.extend_from_slice(
+            format!(
+                "cd {dir} || {{ echo \"vmbuild: cannot change to {dir}\" >&2; echo \"{EXIT_MARKER}125\" >&3; exit 125; }}\n"
+            )
+            .as_bytes(),
+        );
+    }
     s.extend_from_slice(format!("echo {mounted} >&3\n(\n").as_bytes());
     s.extend(
         GuestCommand {

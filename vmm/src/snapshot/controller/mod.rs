@@ -159,8 +159,9 @@ fn controller_script(plan: &SessionPlan) -> String {
             "{ssh} 'cat >/tmp/vmbuild-session.sh && exec sh /tmp/vmbuild-session.sh </dev/null' <{SESSION_SCRIPT_GUEST}"
         ),
         None => format!(
-            "{ssh} 'echo {handshake} >/dev/console' </dev/null",
-            handshake = phase_line(phase::HANDSHAKE)
+            "{ssh} 'echo {handshake} >{console}' </dev/null",
+            handshake = phase_line(phase::HANDSHAKE),
+            console = plan.ssh.console_device
         ),
     };
     format!(
@@ -237,6 +238,7 @@ mod tests {
             client_key: "id".into(),
             client_public_key: "ssh-ed25519 AAAA".into(),
             host_key: "ssh-ed25519 BBBB".into(),
+            console_device: "/dev/console".into(),
         };
         let plan = |target_script: Option<Vec<u8>>| SessionPlan {
             network: &network,

@@ -285,6 +285,7 @@ impl Profile for Image {
                     .ip(&format!("{}/{}", n.target_ip, n.prefix_len))
                     .to_string(),
             ),
+            uefi: None,
         })
     }
 

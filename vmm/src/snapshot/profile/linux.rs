@@ -200,6 +200,7 @@ impl Profile for Linux {
             kernel: Some(KIT_KERNEL.into()),
             initrd: Some(KIT_INITRD.into()),
             append: Some(target_cmdline(&format!("{}/{}", n.target_ip, n.prefix_len))),
+            uefi: None,
         })
     }
 

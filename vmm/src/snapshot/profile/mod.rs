@@ -7,11 +7,13 @@ mod image;
 mod linux;
 pub mod windows;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 
 use crate::guest::kit::GuestKit;
 use crate::progress::Progress;
-use crate::snapshot::manifest::NetworkPlan;
+use crate::qemu::{Accel, QemuBinary};
+use crate::snapshot::manifest::{NetworkPlan, UefiPlan};
 
 pub use image::Image;
 pub use linux::Linux;
@@ -33,7 +35,45 @@ pub struct InstallContext<'a> {
     pub disk_size_mib: u64,
     pub network: &'a NetworkPlan,
     pub progress: &'a Progress,
+    /// For a profile whose install runs in a VM of its own (windows-cygwin): the machine
+    /// the target will be, its switch port, a directory for sockets, and the user's
+    /// signals (an install takes long enough to be interrupted).
+    pub qemu: &'a QemuBinary,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub rundir: &'a Path,
+    pub net_socket: &'a Path,
+    pub signals: &'a Receiver<()>,
+    /// Where a failed install's screendump is kept (beside --out, not in the snapshot
+    /// being written, which a failure removes).
+    pub screendump: PathBuf,
 }
+
+/// An install the user interrupted (an error the bootstrap reports as such).
+#[derive(Debug)]
+pub struct InstallInterrupted;
+
+impl std::fmt::Display for InstallInterrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the install was interrupted")
+    }
+}
+
+impl std::error::Error for InstallInterrupted {}
+
+/// An install that ran and failed in the target (a phase timed out or failed): what and
+/// where the screen was left; the bootstrap reports it as a VM failure.
+#[derive(Debug)]
+pub struct InstallFailed(pub String);
+
+impl std::fmt::Display for InstallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InstallFailed {}
 
 /// How QEMU boots the installed target: files in the snapshot directory.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +81,8 @@ pub struct Boot {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub append: Option<String>,
+    /// A UEFI machine (windows-cygwin): firmware, variables, TPM.
+    pub uefi: Option<UefiPlan>,
 }
 
 pub trait Profile {
@@ -63,6 +105,32 @@ pub trait Profile {
     /// share `tag` at `mountpoint`, waiting for the hot-plugged device to appear, and
     /// `exit 125` with a message on stderr if it does not.
     fn mount_share(&self, tag: &str, mountpoint: &str, read_only: bool) -> String;
+    /// The device the build's session script writes its markers to: the target's
+    /// console, which QEMU connects to vmbuild.
+    fn console_device(&self) -> &'static str {
+        "/dev/console"
+    }
+    /// Where a build's command starts (a shell word, expanded in the target) unless the
+    /// user gave --workdir; `None`: the SSH user's home.
+    fn session_workdir(&self, _xchg_mount: &str) -> Option<String> {
+        None
+    }
+    /// The defaults of a bootstrap's machine for this profile: memory (MiB), disk (MiB),
+    /// and how long the booted target may take to answer SSH (s).
+    fn machine_defaults(&self) -> MachineDefaults {
+        MachineDefaults {
+            memory_mib: 256,
+            disk_mib: 1024,
+            ssh_wait_secs: 120.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MachineDefaults {
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    pub ssh_wait_secs: f64,
 }
 
 pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Profile>> {

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -25,6 +25,7 @@ use super::first_logon::{setup_cmd, setup_sh, CygwinSource, FirstLogon, SETUP_CM
 use super::inputs::CheckedInputs;
 use super::install_watch::{self, InstallFailure, Installed, Limits, Watch};
 use super::machine::{find_firmware, InstallIsos, WindowsMachine, WindowsPlacement};
+use super::tpm::Swtpm;
 use crate::progress::Progress;
 use crate::qemu::{ChardevListener, QemuBinary, QemuProcess};
 use crate::snapshot::dropbear;
@@ -139,7 +140,6 @@ impl InstallRun<'_> {
         let qmp_l = ChardevListener::bind(self.rundir.join("install-qmp.sock"))?;
         let ready_l = ChardevListener::bind(self.rundir.join("install-ready.sock"))?;
         let machine = WindowsMachine {
-            version,
             accel: self.accel.to_owned(),
             machine_type: self.machine_type.to_owned(),
             memory_mib: self.memory_mib,
@@ -153,7 +153,7 @@ impl InstallRun<'_> {
                     disk: &disk,
                     vars: &vars,
                     net_socket: self.net_socket,
-                    ready_socket: &ready_l.path,
+                    ready_socket: Some(&ready_l.path),
                     tpm_socket: tpm.as_ref().map(|t| t.socket.as_path()),
                     install: Some(InstallIsos {
                         windows: &inputs.iso,
@@ -299,54 +299,6 @@ fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
     Ok(())
-}
-
-/// swtpm serving a TPM 2.0 from `state`, on `socket`; stopped on drop.
-struct Swtpm {
-    child: std::process::Child,
-    socket: PathBuf,
-}
-
-impl Swtpm {
-    fn start(state: &Path, socket: &Path) -> anyhow::Result<Swtpm> {
-        std::fs::create_dir_all(state)?;
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", state.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", socket.display()))
-            .arg("--terminate")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("cannot run swtpm (Windows 11's TPM): apt-get install swtpm")?;
-        let mut t = Swtpm {
-            child,
-            socket: socket.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Ok(Some(status)) = t.child.try_wait() {
-                bail!(
-                    "swtpm exited ({status}) before it listened on {}",
-                    socket.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("swtpm did not listen on {} within 10 s", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(t)
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {

@@ -59,16 +59,20 @@ pub struct WindowsPlacement<'a> {
     /// This machine's copy of the UEFI variables (boot entries live there).
     pub vars: &'a Path,
     pub net_socket: &'a Path,
-    /// The socket vmbuild listens on for the readiness port.
-    pub ready_socket: &'a Path,
+    /// The socket vmbuild listens on for the readiness port while installing; after
+    /// that the port stays (a revive needs the same devices) with nobody reading it.
+    pub ready_socket: Option<&'a Path>,
     /// swtpm's socket, for Windows 11.
     pub tpm_socket: Option<&'a Path>,
     pub install: Option<InstallIsos<'a>>,
 }
 
+/// The empty PCIe root ports the shares are hot-plugged into at each build (the store
+/// and xchg): q35's root bus takes no hot-plug, its root ports do.
+pub const SHARE_SLOTS: [&str; 2] = ["share0", "share1"];
+
 #[derive(Debug, Clone)]
 pub struct WindowsMachine {
-    pub version: WindowsVersion,
     /// `kvm` or `tcg`.
     pub accel: String,
     /// A versioned q35 type (`pc-q35-10.0`), as the snapshot records it.
@@ -81,7 +85,7 @@ pub struct WindowsMachine {
 impl WindowsMachine {
     /// Windows' CPU: the host's with the Hyper-V enlightenments Windows uses for its
     /// timers and spinlocks under KVM; under TCG, every feature QEMU emulates.
-    fn cpu(&self) -> &'static str {
+    pub fn cpu(&self) -> &'static str {
         if self.accel == "kvm" {
             "host,hv_relaxed,hv_vapic,hv_spinlocks=0x1fff,hv_time"
         } else {
@@ -101,6 +105,9 @@ impl WindowsMachine {
             .serial_port(READY_PORT, at.ready_socket)
             .vga()
             .vmgenid();
+        for (i, slot) in SHARE_SLOTS.iter().enumerate() {
+            cmd = cmd.root_port(slot, i as u8 + 1);
+        }
         if let Some(tpm) = at.tpm_socket {
             cmd = cmd.tpm(tpm);
         }
@@ -120,7 +127,6 @@ mod tests {
 
     fn argv(version: WindowsVersion, accel: &str, install: bool) -> Vec<String> {
         let m = WindowsMachine {
-            version,
             accel: accel.into(),
             machine_type: "pc-q35-10.0".into(),
             memory_mib: 4096,
@@ -143,7 +149,7 @@ mod tests {
                 disk: Path::new("/s/disk.qcow2"),
                 vars: Path::new("/s/vars.fd"),
                 net_socket: Path::new("/r/net.sock"),
-                ready_socket: Path::new("/r/ready.sock"),
+                ready_socket: Some(Path::new("/r/ready.sock")),
                 tpm_socket: version.needs_tpm().then_some(Path::new("/r/tpm.sock")),
                 install: install.then_some(isos),
             },
@@ -179,6 +185,9 @@ mod tests {
             assert!(has(&a, "-device", "virtio-net-pci,netdev=net0"));
             assert!(has(&a, "-device", &format!("name={READY_PORT}")));
             assert!(has(&a, "-device", "vmgenid,guid=auto"));
+            // Slots for the shares plugged in at each build.
+            assert!(has(&a, "-device", "pcie-root-port,id=share0,chassis=1"));
+            assert!(has(&a, "-device", "pcie-root-port,id=share1,chassis=2"));
             // A screen for Windows and for the screendump taken when an install fails.
             assert!(has(&a, "-device", "VGA"));
             assert!(has(
