@@ -249,7 +249,6 @@ fn qemu_accepts_the_windows_machines_with_real_ovmf_and_swtpm() {
             child
         });
         let machine = WindowsMachine {
-            version,
             accel: "tcg".into(),
             machine_type: "q35".into(),
             memory_mib: 1024,
@@ -263,7 +262,7 @@ fn qemu_accepts_the_windows_machines_with_real_ovmf_and_swtpm() {
                     disk: &disk,
                     vars: &vars,
                     net_socket: &d.join("net.sock"),
-                    ready_socket: &ready,
+                    ready_socket: Some(&ready),
                     tpm_socket: version.needs_tpm().then_some(tpm_sock.as_path()),
                     install: Some(InstallIsos {
                         windows: &win,

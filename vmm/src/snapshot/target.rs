@@ -84,8 +84,9 @@ fn uefi_instance(
 ) -> anyhow::Result<(UefiInstance, Option<Swtpm>)> {
     let vars = if incoming {
         let copy = at.rundir.join(&uefi.vars);
-        std::fs::copy(at.snapshot_dir.join(&uefi.vars), &copy)
-            .with_context(|| format!("copying the target's UEFI variables to {}", copy.display()))?;
+        std::fs::copy(at.snapshot_dir.join(&uefi.vars), &copy).with_context(|| {
+            format!("copying the target's UEFI variables to {}", copy.display())
+        })?;
         copy
     } else {
         at.snapshot_dir.join(&uefi.vars)

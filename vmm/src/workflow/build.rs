@@ -37,9 +37,9 @@ use crate::snapshot::controller::{
     EmbeddedRevivedController, RevivedController, SessionPlan, EMBEDDED_CONTROLLER_DIR,
 };
 use crate::snapshot::manifest::{self, Manifest, SnapshotError, SnapshotProblem};
+use crate::snapshot::profile::windows::machine::SHARE_SLOTS;
 use crate::snapshot::profile::{self, DISK_FILE};
 use crate::snapshot::segment::Segment;
-use crate::snapshot::profile::windows::machine::SHARE_SLOTS;
 use crate::snapshot::target::{Placement, TargetEvent, TargetVm};
 use crate::snapshot::{CONTROLLER_CPIO, KIT_INITRD, KIT_KERNEL};
 use crate::vm::run::{create_overlay, xchg_dir};
@@ -407,9 +407,12 @@ fn revive_target(
     tracing::debug!("build: the target runs again; plugging the shares");
     for (i, server) in resources.servers.iter().enumerate() {
         // A UEFI (q35) target takes them in its empty root ports.
-        let slot = manifest.machine.uefi.as_ref().and(SHARE_SLOTS.get(i).copied());
-        let attached =
-            target.attach_share(&format!("fs{i}"), server.socket(), server.tag(), slot);
+        let slot = manifest
+            .machine
+            .uefi
+            .as_ref()
+            .and(SHARE_SLOTS.get(i).copied());
+        let attached = target.attach_share(&format!("fs{i}"), server.socket(), server.tag(), slot);
         attached.map_err(|e| target.qemu.explain(e, "QEMU stopped"))?;
     }
     t.shares_attached = secs(Some(revived), Some(Instant::now()));

@@ -247,9 +247,9 @@ fn share_lines(tag: &str, mountpoint: &str) -> String {
     let mut s = format!(
         r#"i=0
 until [ -d {drive}/ ]; do
-	if [ $((i % 20)) -eq 0 ]; then "{LAUNCHCTL}" start virtiofs viofs{letter} {tag} {letter}: >/dev/null 2>&1; fi
+	if [ $((i % 20)) -eq 0 ]; then launched=$("{LAUNCHCTL}" start virtiofs viofs{letter} {tag} {letter}: 2>&1); fi
 	i=$((i + 1))
-	if [ $i -gt 600 ]; then echo "vmbuild: the share {tag} did not appear as {letter}: (WinFsp's launcher, virtiofs.exe)" >&2; exit 125; fi
+	if [ $i -gt 600 ]; then echo "vmbuild: the share {tag} did not appear as {letter}: (WinFsp's launcher, virtiofs.exe: $launched)" >&2; exit 125; fi
 	sleep 0.1
 done
 "#
@@ -296,7 +296,11 @@ mod tests {
                 .args(["-n", "-c", &script])
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 

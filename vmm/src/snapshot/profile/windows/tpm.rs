@@ -56,4 +56,3 @@ impl Drop for Swtpm {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
-
