@@ -344,3 +344,48 @@ fn stand_in_target_failing_its_cygwin_phase_fails_the_bootstrap_with_125_and_a_s
     assert!(left.is_empty(), "no staging directory left: {left:?}");
     assert!(qemus_using(d).is_empty(), "no QEMU left");
 }
+
+#[test]
+fn stand_in_target_install_interrupted_with_ctrl_c_exits_130_and_leaves_nothing() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let stand_in = stand_in_dir(
+        d,
+        r#"say "vmbuild-phase drivers"; say "vmbuild-phase winfsp"; sleep 600"#,
+        300,
+    );
+    let snap = d.join("snap");
+    let mut child = Command::new(VMBUILD)
+        .arg("bootstrap")
+        .args(inputs(d))
+        .arg("--out")
+        .arg(&snap)
+        .env(STAND_IN_ENV, &stand_in)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("installing Cygwin") {
+            // In the middle of the install: QEMU, its sockets and the staging dir exist.
+            assert!(!qemus_using(d).is_empty(), "the install's QEMU runs");
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("interrupted"), "{seen}");
+    assert!(!snap.exists(), "nothing at --out");
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial") || n.ends_with(".png"))
+        .collect();
+    assert!(left.is_empty(), "nothing left beside --out: {left:?}");
+    assert!(qemus_using(d).is_empty(), "no QEMU left");
+}

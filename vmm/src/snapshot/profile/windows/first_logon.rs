@@ -20,6 +20,9 @@ pub const READY_LINE: &str = "vmbuild-ready";
 pub const PHASE_PREFIX: &str = "vmbuild-phase ";
 pub const FAILED_PREFIX: &str = "vmbuild-failed ";
 
+/// virtio-win's virtio-fs daemon, where its guest tools installer puts it.
+pub const VIRTIOFS_EXE: &str = "C:\\Program Files\\Virtio-Win\\VioFS\\virtiofs.exe";
+
 /// The phases in the order `setup.cmd` and `setup.sh` announce them.
 pub const PHASES: [&str; 5] = ["drivers", "winfsp", "cygwin", "sshd", "network"];
 
@@ -155,6 +158,19 @@ install -d -m 700 "$home/.ssh"
 install -m 600 "$media/ssh/authorized_keys" "$home/.ssh/authorized_keys"
 chown -R {user} "$home/.ssh"
 cygrunsrv --start cygsshd
+
+# virtio-fs: each build starts one virtiofs.exe per share with WinFsp's launcher
+# (`launchctl-x64.exe start virtiofs viofsX TAG X:`), so the class is registered as
+# WinFsp's fsreg.bat would (its 32-bit registry view), and virtio-win's single-instance
+# service, which would take the first device whatever its tag, stays off.
+winfsp_class=/HKLM/SOFTWARE/WinFsp/Services/virtiofs
+regtool -w add "$winfsp_class"
+regtool -w set -s "$winfsp_class/Executable" '{VIRTIOFS_EXE}'
+regtool -w set -s "$winfsp_class/CommandLine" '-t %1 -m %2'
+regtool -w set -s "$winfsp_class/Security" 'D:P(A;;RPWPLC;;;WD)'
+regtool -w set -d "$winfsp_class/JobControl" 1
+sc config VirtioFsSvc start= demand >/dev/null || true
+sc stop VirtioFsSvc >/dev/null 2>&1 || true
 say sshd
 
 # The address the snapshot's network plan gives the target, on its one NIC.
@@ -190,6 +206,17 @@ mod tests {
             prefix_len: 24,
             ssh_port: 22,
         }
+    }
+
+    #[test]
+    fn setup_sh_registers_virtiofs_for_the_launcher_the_builds_call() {
+        let sh = setup_sh(&plan(CygwinSource::Local));
+        // What `launchctl-x64.exe start virtiofs NAME TAG X:` runs: virtiofs.exe -t TAG -m X:
+        assert!(sh.contains("regtool -w set -s \"$winfsp_class/CommandLine\" '-t %1 -m %2'"));
+        assert!(sh.contains(&format!("'{VIRTIOFS_EXE}'")));
+        assert!(sh.contains("winfsp_class=/HKLM/SOFTWARE/WinFsp/Services/virtiofs"));
+        assert!(super::super::LAUNCHCTL.ends_with("WinFsp/bin/launchctl-x64.exe"));
+        assert!(sh.contains("sc config VirtioFsSvc start= demand"));
     }
 
     #[test]
