@@ -6,6 +6,7 @@
 //! fetched on these machines).
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -388,4 +389,131 @@ fn stand_in_target_install_run_makes_the_disk_vars_and_config_iso_and_ends_shut_
         .unwrap();
     assert!(status.status.success());
     assert_eq!(dropbear::public_key(&back).unwrap(), host.public);
+}
+
+/// Windows 11's TPM across a suspend: the target machine as the snapshot records it (a
+/// UEFI plan with a TPM; plain OVMF here, because Secure Boot would refuse the stand-in's
+/// kernel), booted with swtpm on the snapshot's state, suspended, and revived with a new
+/// swtpm on an empty directory: QEMU carries the TPM's state in its stream and hands it
+/// to the new swtpm, which writes it out; the stand-in counts on where it stopped.
+#[test]
+fn stand_in_target_with_a_tpm_is_revived_with_a_fresh_swtpm_that_gets_the_tpm_state() {
+    use vmbuild::qemu::StateFormat;
+    use vmbuild::snapshot::manifest::{MachinePlan, NetworkPlan, UefiPlan};
+    use vmbuild::snapshot::target::{Placement, TargetEvent, TargetVm};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["snap", "boot", "revive"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    let kit = GuestKit::locate().unwrap();
+    let qemu = QemuBinary::locate().unwrap();
+    let snap = d.join("snap");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", snap.join("vars.fd")).unwrap();
+    std::fs::copy(kit.kernel.with_file_name("bzImage"), snap.join("bzImage")).unwrap();
+    let script = "i=0; while :; do echo \"vmbuild-phase=tick-$i\" >/dev/ttyS0; i=$((i+1)); sleep 0.5; done\n";
+    let initrd = initrd::with_files(
+        &kit.initrd,
+        &snap,
+        &[("/tick.sh", 0o755, script.as_bytes())],
+    )
+    .unwrap();
+    std::fs::rename(initrd, snap.join("initrd")).unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(snap.join("disk.qcow2"))
+            .arg("16M"),
+    );
+    let plan = MachinePlan {
+        machine: qemu.resolve_machine("q35").unwrap(),
+        accel: "tcg".into(),
+        cpu: None,
+        memory_mib: 256,
+        cpus: 1,
+        kernel: Some("bzImage".into()),
+        initrd: Some("initrd".into()),
+        append: Some("console=ttyS0 panic=-1 quiet vmbuild.quiet vmbuild.cmd=/tick.sh".into()),
+        uefi: Some(UefiPlan {
+            firmware: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            secure_boot: false,
+            vars: "vars.fd".into(),
+            tpm: true,
+        }),
+    };
+    let net = NetworkPlan::default();
+    let segment = vmbuild::snapshot::segment::Segment::create(d).unwrap();
+    let placement = |rundir: &Path| Placement {
+        snapshot_dir: &snap,
+        disk: Box::leak(Box::new(snap.join("disk.qcow2"))),
+        net_socket: Box::leak(Box::new(segment.target_socket.clone())),
+        rundir: Box::leak(Box::new(rundir.to_owned())),
+        console_log: None,
+    };
+    let tick = |vm: &TargetVm, after: i64| -> i64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        while std::time::Instant::now() < deadline {
+            if let Ok(TargetEvent::Phase(p, _)) = vm.events.recv_timeout(Duration::from_secs(1)) {
+                if let Some(n) = p.strip_prefix("tick-").and_then(|n| n.parse::<i64>().ok()) {
+                    if n > after {
+                        return n;
+                    }
+                }
+            }
+        }
+        panic!("no tick after {after}; console:\n{}", vm.console_tail());
+    };
+
+    let mut vm = TargetVm::start(&qemu, &plan, &net, &placement(&d.join("boot")), false).unwrap();
+    let before = tick(&vm, 2);
+    assert!(
+        snap.join("tpm").read_dir().unwrap().next().is_some(),
+        "swtpm keeps the booted target's TPM state with the snapshot"
+    );
+    let state = d.join("state");
+    vm.qmp
+        .save_state(
+            &state,
+            StateFormat::Stream,
+            Duration::from_secs(120),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let _ = vm.qmp.quit();
+    drop(vm);
+
+    let revive_dir = d.join("revive");
+    let mut vm = TargetVm::start(&qemu, &plan, &net, &placement(&revive_dir), true).unwrap();
+    vm.qmp
+        .revive_from_file(&state, StateFormat::Stream, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("revive with the TPM: {e:#}"));
+    let after = tick(&vm, before);
+    assert!(after > before);
+    let permanent = revive_dir.join("tpm/tpm2-00.permall");
+    assert!(
+        permanent.is_file(),
+        "the revive's swtpm got the TPM's permanent state from QEMU's stream: {:?}",
+        std::fs::read_dir(revive_dir.join("tpm")).map(|d| d.count())
+    );
+    // The same TPM, not a new one: its seeds (made at manufacture, random) came along.
+    assert!(
+        std::fs::read(&permanent).unwrap()
+            == std::fs::read(snap.join("tpm/tpm2-00.permall")).unwrap(),
+        "the revived TPM's permanent state is the suspended one's"
+    );
+    assert!(
+        revive_dir.join("vars.fd").is_file(),
+        "the revive's own UEFI variables"
+    );
+    let _ = vm.qmp.quit();
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
