@@ -103,10 +103,22 @@ const INSTALLS: &str = r#"for p in drivers winfsp cygwin; do say "vmbuild-phase 
 /// The stand-in's directory for `STAND_IN_ENV`: OVMF boots the kit's bzImage with an
 /// initramfs holding the script, dropbear and dropbearconvert.
 fn stand_in_dir(dir: &Path, install_phases: &str, limit_secs: u64) -> PathBuf {
+    stand_in_dir_booting(dir, install_phases, limit_secs, true)
+}
+
+/// As `stand_in_dir`; without `sshd`, the installed system powers off instead of
+/// serving SSH.
+fn stand_in_dir_booting(dir: &Path, install_phases: &str, limit_secs: u64, sshd: bool) -> PathBuf {
     let kit = GuestKit::locate().expect("the guest kit (scripts/guest-kit.sh)");
     let stand_in = dir.join("stand-in");
     std::fs::create_dir_all(&stand_in).unwrap();
-    let script = stand_in_script(install_phases);
+    let mut script = stand_in_script(install_phases);
+    if !sshd {
+        script = script.replace(
+            "exec dropbear",
+            "echo 'stand-in: powering off instead' >/dev/console; exit 1; dropbear",
+        );
+    }
     let bins = dropbear::runtime_files_of(&[
         (dropbear::SERVER, "/bin/dropbear"),
         ("/usr/bin/dropbearconvert", "/bin/dropbearconvert"),
@@ -282,6 +294,7 @@ fn stand_in_target_bootstraps_suspends_and_builds_with_the_exit_code_and_xchg_ba
         .arg(&snap)
         .arg("--xchg")
         .arg(&xchg)
+        .arg(format!("--timings={}", d.join("timings.json").display()))
         .args([
             "--",
             "sh",
@@ -304,7 +317,12 @@ fn stand_in_target_bootstraps_suspends_and_builds_with_the_exit_code_and_xchg_ba
         "/cygdrive/x",
         "started in X: through cygpath"
     );
-    // The snapshot's UEFI variables are the bootstrap's: the build wrote its own copy.
+    let timings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("timings.json")).unwrap()).unwrap();
+    eprintln!("stand-in build timings: {timings}");
+    for phase in ["revive", "shares_attached", "mount", "command", "total"] {
+        assert!(timings[phase].as_f64().is_some(), "{phase} in {timings}");
+    }
     assert!(qemus_using(d).is_empty(), "no QEMU left after the build");
 }
 
@@ -387,5 +405,33 @@ fn stand_in_target_install_interrupted_with_ctrl_c_exits_130_and_leaves_nothing(
         .filter(|n| n.contains("partial") || n.ends_with(".png"))
         .collect();
     assert!(left.is_empty(), "nothing left beside --out: {left:?}");
+    assert!(qemus_using(d).is_empty(), "no QEMU left");
+}
+
+#[test]
+fn stand_in_target_that_powers_off_at_its_first_boot_fails_the_bootstrap_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let stand_in = stand_in_dir_booting(d, INSTALLS, 300, false);
+    let snap = d.join("snap");
+    let started = std::time::Instant::now();
+    let out = Command::new(VMBUILD)
+        .arg("bootstrap")
+        .args(inputs(d))
+        .arg("--out")
+        .arg(&snap)
+        .env(STAND_IN_ENV, &stand_in)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "a VM failed: {stderr}");
+    assert!(stderr.contains("the target's QEMU exited"), "{stderr}");
+    assert!(
+        stderr.contains("powering off instead"),
+        "its console: {stderr}"
+    );
+    // Not the 300 s of --ssh-wait.
+    assert!(started.elapsed().as_secs() < 200, "{:?}", started.elapsed());
+    assert!(!snap.exists());
     assert!(qemus_using(d).is_empty(), "no QEMU left");
 }

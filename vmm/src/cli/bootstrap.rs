@@ -184,6 +184,10 @@ impl BootstrapArgs {
                     eprintln!("vmbuild bootstrap: the controller could not log into the target:\n{detail}");
                     exit::TARGET_UNREACHABLE
                 }
+                BootstrapFailure::TargetStopped(why) => {
+                    eprintln!("vmbuild bootstrap: {why}");
+                    exit::VM_FAILED
+                }
                 BootstrapFailure::InstallFailed(why) => {
                     eprintln!("vmbuild bootstrap: {why}");
                     exit::VM_FAILED

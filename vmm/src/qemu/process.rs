@@ -83,6 +83,18 @@ impl QemuProcess {
         })
     }
 
+    /// Whether QEMU has exited, without reaping it (for a check that only has `&self`):
+    /// an exited child stays a zombie (`Z` in /proc/PID/stat) until it is waited for.
+    pub fn has_exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state follows the command name, which is in parentheses.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    }
+
     pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         Ok(self.child.try_wait()?)
     }

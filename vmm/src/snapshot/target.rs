@@ -244,6 +244,21 @@ impl TargetVm {
         ))
     }
 
+    /// Why the target will never answer: QEMU paused it for its disk, or QEMU exited
+    /// (the guest powered off or crashed), with the console's last lines.
+    pub fn stopped(&self) -> Option<String> {
+        if let Some(why) = self.disk_stopped() {
+            return Some(why);
+        }
+        self.qemu.has_exited().then(|| {
+            format!(
+                "the target's QEMU exited (the guest powered off or QEMU failed: {}); its console ended with:\n{}",
+                self.qemu.stderr().trim(),
+                self.console_tail()
+            )
+        })
+    }
+
     /// The last console lines, for error messages.
     pub fn console_tail(&self) -> String {
         self.tail.text()

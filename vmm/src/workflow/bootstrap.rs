@@ -63,6 +63,8 @@ pub enum BootstrapFailure {
     TargetUnreachable(String),
     HandshakeFailed(String),
     ControllerDied(String),
+    /// The target's QEMU exited before it answered SSH.
+    TargetStopped(String),
     /// The profile's install ran in a VM and failed there (a phase timed out or failed).
     InstallFailed(String),
 }
@@ -319,8 +321,15 @@ impl<'a> Bootstrap<'a> {
             spec.ssh_wait,
             &self.signals,
             self.state_format.single_file(),
-            &|| target.disk_stopped(),
-        )?;
+            &|| target.stopped(),
+        )
+        .map_err(|e| match target.qemu.has_exited() {
+            // The target, not vmbuild, failed: a VM failure with its console.
+            true => Stop::Failed(BootstrapFailure::TargetStopped(
+                target.stopped().unwrap_or_else(|| format!("{e:#}")),
+            )),
+            false => Stop::Error(e),
+        })?;
         let mut target_up = None;
         while let Ok(ev) = target.events.try_recv() {
             if let TargetEvent::Phase(p, at) = ev {

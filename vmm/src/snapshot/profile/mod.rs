@@ -1,7 +1,7 @@
 //! Profiles: how a kind of target is installed and booted. `linux` is a minimal Linux
-//! with an SSH server; `windows-cygwin` (a later issue) fits the same interface: install
-//! media, an unattended answer file and a first-boot script go in through `install`, and
-//! its QEMU machine options through `machine_type`/`boot`.
+//! with an SSH server, `image` a Debian image of vmbuild's; `windows-cygwin` installs
+//! Windows from the user's ISO in a VM of its own (`install`), and its UEFI machine comes
+//! back in `Boot::uefi` for the snapshot to record.
 
 mod image;
 mod linux;
@@ -140,7 +140,7 @@ pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Profile>> {
         "image" => Ok(Box::new(Image { image: None })),
         "windows-cygwin" => Ok(Box::new(WindowsCygwin::default())),
         other => anyhow::bail!(
-            "unknown profile '{other}': this vmbuild installs linux and image (windows-cygwin is not available yet)"
+            "unknown profile '{other}': this vmbuild installs linux, image and windows-cygwin"
         ),
     }
 }

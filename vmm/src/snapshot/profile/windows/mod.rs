@@ -144,6 +144,17 @@ impl Profile for WindowsCygwin {
             .inputs
             .as_ref()
             .context("the windows-cygwin profile installs only from checked inputs")?;
+        ctx.progress.note(&format!(
+            "installing {} edition '{}' (index {}, build {}) from {}",
+            inputs.version.name(),
+            inputs.image.name,
+            inputs.image.index,
+            inputs
+                .image
+                .build
+                .map_or("unknown".into(), |b| b.to_string()),
+            inputs.iso.display()
+        ));
         let stand_in = stand_in()?;
         if stand_in.is_some() {
             ctx.progress.note(&format!(
