@@ -183,6 +183,8 @@ fn inputs(d: &Path) -> Vec<String> {
         "make".into(),
         "--memory".into(),
         "512M".into(),
+        "--cpus".into(),
+        "1".into(),
         "--disk-size".into(),
         "64M".into(),
         "--accel".into(),

@@ -102,10 +102,10 @@ pub struct BootstrapArgs {
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true,
           value_parser = super::values::memory_mib)]
     memory: Option<u32>,
-    /// Target vCPUs, 1 to 255
-    #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true,
+    /// Target vCPUs, 1 to 255 [default: 1, windows-cygwin 2]
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
           value_parser = super::values::cpus)]
-    cpus: u32,
+    cpus: Option<u32>,
     /// Target disk size, e.g. 1G or 512M (sparse) [default: 1G, windows-cygwin 64G]
     #[arg(long, value_name = "SIZE")]
     disk_size: Option<String>,
@@ -309,7 +309,7 @@ impl BootstrapArgs {
             accel,
             kit,
             memory_mib: memory,
-            cpus: self.cpus,
+            cpus: self.cpus.unwrap_or(defaults.cpus),
             disk_size_mib,
             ssh_wait,
             progress: !self.quiet,

@@ -115,11 +115,12 @@ pub trait Profile {
     fn session_workdir(&self, _xchg_mount: &str) -> Option<String> {
         None
     }
-    /// The defaults of a bootstrap's machine for this profile: memory (MiB), disk (MiB),
+    /// The defaults of a bootstrap's machine for this profile: memory (MiB), vCPUs, disk (MiB),
     /// and how long the booted target may take to answer SSH (s).
     fn machine_defaults(&self) -> MachineDefaults {
         MachineDefaults {
             memory_mib: 256,
+            cpus: 1,
             disk_mib: 1024,
             ssh_wait_secs: 120.0,
         }
@@ -129,6 +130,7 @@ pub trait Profile {
 #[derive(Debug, Clone, Copy)]
 pub struct MachineDefaults {
     pub memory_mib: u32,
+    pub cpus: u32,
     pub disk_mib: u64,
     pub ssh_wait_secs: f64,
 }

@@ -134,6 +134,7 @@ impl Profile for WindowsCygwin {
         // slower than the minimal Linux target, more so the first time after its install.
         MachineDefaults {
             memory_mib: 4096,
+            cpus: 2,
             disk_mib: 64 * 1024,
             ssh_wait_secs: 900.0,
         }
