@@ -194,6 +194,30 @@ fn inputs(d: &Path) -> Vec<String> {
     ]
 }
 
+/// `vmbuild bootstrap` of the stand-in's inputs in `d` to `snap`.
+fn bootstrap(d: &Path, stand_in: &Path, snap: &Path) -> std::process::Output {
+    Command::new(VMBUILD)
+        .arg("bootstrap")
+        .args(inputs(d))
+        .arg("--out")
+        .arg(snap)
+        .env(STAND_IN_ENV, stand_in)
+        .output()
+        .unwrap()
+}
+
+/// A failed bootstrap left nothing: no snapshot, no staging directory, no QEMU.
+fn assert_nothing_left(d: &Path, snap: &Path) {
+    assert!(!snap.exists(), "nothing at --out");
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "no staging directory left: {left:?}");
+    assert!(qemus_using(d).is_empty(), "no QEMU left");
+}
+
 fn processes_named(name: &str) -> Vec<String> {
     let out = Command::new("pgrep").args(["-a", name]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -216,14 +240,7 @@ fn stand_in_target_bootstraps_suspends_and_builds_with_the_exit_code_and_xchg_ba
     let d = dir.path();
     let stand_in = stand_in_dir(d, INSTALLS, 300);
     let snap = d.join("snap");
-    let out = Command::new(VMBUILD)
-        .arg("bootstrap")
-        .args(inputs(d))
-        .arg("--out")
-        .arg(&snap)
-        .env(STAND_IN_ENV, &stand_in)
-        .output()
-        .unwrap();
+    let out = bootstrap(d, &stand_in, &snap);
     let console = |name: &str| std::fs::read_to_string(stand_in.join(name)).unwrap_or_default();
     assert!(
         out.status.success(),
@@ -338,14 +355,7 @@ fn stand_in_target_failing_its_cygwin_phase_fails_the_bootstrap_with_125_and_a_s
         300,
     );
     let snap = d.join("snap");
-    let out = Command::new(VMBUILD)
-        .arg("bootstrap")
-        .args(inputs(d))
-        .arg("--out")
-        .arg(&snap)
-        .env(STAND_IN_ENV, &stand_in)
-        .output()
-        .unwrap();
+    let out = bootstrap(d, &stand_in, &snap);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("cygwin"), "names the phase: {stderr}");
@@ -355,14 +365,7 @@ fn stand_in_target_failing_its_cygwin_phase_fails_the_bootstrap_with_125_and_a_s
         std::fs::read(&shot).is_ok_and(|b| b.starts_with(b"\x89PNG")),
         "a screendump beside --out"
     );
-    assert!(!snap.exists(), "nothing at --out");
-    let left: Vec<_> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("partial"))
-        .collect();
-    assert!(left.is_empty(), "no staging directory left: {left:?}");
-    assert!(qemus_using(d).is_empty(), "no QEMU left");
+    assert_nothing_left(d, &snap);
 }
 
 #[test]
@@ -400,14 +403,11 @@ fn stand_in_target_install_interrupted_with_ctrl_c_exits_130_and_leaves_nothing(
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("interrupted"), "{seen}");
-    assert!(!snap.exists(), "nothing at --out");
-    let left: Vec<_> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("partial") || n.ends_with(".png"))
-        .collect();
-    assert!(left.is_empty(), "nothing left beside --out: {left:?}");
-    assert!(qemus_using(d).is_empty(), "no QEMU left");
+    assert_nothing_left(d, &snap);
+    assert!(
+        !d.join("snap.install-failure.png").exists(),
+        "an interrupt is not a failure to take a screendump of"
+    );
 }
 
 #[test]
@@ -417,14 +417,7 @@ fn stand_in_target_that_powers_off_at_its_first_boot_fails_the_bootstrap_at_once
     let stand_in = stand_in_dir_booting(d, INSTALLS, 300, false);
     let snap = d.join("snap");
     let started = std::time::Instant::now();
-    let out = Command::new(VMBUILD)
-        .arg("bootstrap")
-        .args(inputs(d))
-        .arg("--out")
-        .arg(&snap)
-        .env(STAND_IN_ENV, &stand_in)
-        .output()
-        .unwrap();
+    let out = bootstrap(d, &stand_in, &snap);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "a VM failed: {stderr}");
     assert!(stderr.contains("the target's QEMU exited"), "{stderr}");
@@ -434,6 +427,5 @@ fn stand_in_target_that_powers_off_at_its_first_boot_fails_the_bootstrap_at_once
     );
     // Not the 300 s of --ssh-wait.
     assert!(started.elapsed().as_secs() < 200, "{:?}", started.elapsed());
-    assert!(!snap.exists());
-    assert!(qemus_using(d).is_empty(), "no QEMU left");
+    assert_nothing_left(d, &snap);
 }
