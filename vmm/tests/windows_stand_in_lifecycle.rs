@@ -289,6 +289,7 @@ fn stand_in_target_bootstraps_suspends_and_builds_with_the_exit_code_and_xchg_ba
         assert!(args.contains(want), "{want} in {args}");
     }
     assert!(!args.contains("media=cdrom"), "no install media after it");
+    assert!(!args.contains("tpm"), "Windows 10: no TPM: {args}");
     assert_eq!(manifest["ssh"]["user"], "vmbuild");
     assert_eq!(manifest["ssh"]["console_device"], "/dev/ttyS0");
     let roles: Vec<&str> = manifest["files"]

@@ -63,7 +63,11 @@ pub struct TargetVm {
 pub fn machine_args(plan: &MachinePlan, net: &NetworkPlan, at: &Placement) -> Vec<String> {
     let uefi = UefiInstance {
         vars: PathBuf::from("$UEFI_VARS"),
-        tpm_socket: Some(PathBuf::from("$TPM_SOCKET")),
+        tpm_socket: plan
+            .uefi
+            .as_ref()
+            .is_some_and(|u| u.tpm)
+            .then(|| PathBuf::from("$TPM_SOCKET")),
     };
     machine(plan, net, at, Some(&uefi)).argv()
 }
