@@ -236,12 +236,14 @@ mod windows_support;
 /// watch sees every phase, and the target shuts down at the end.
 #[test]
 fn stand_in_target_install_run_makes_the_disk_vars_and_config_iso_and_ends_shut_down() {
+    use vmbuild::qemu::Accel;
     use vmbuild::snapshot::dropbear;
     use vmbuild::snapshot::manifest::NetworkPlan;
     use vmbuild::snapshot::profile::windows::config_iso;
     use vmbuild::snapshot::profile::windows::inputs::WindowsInputs;
     use vmbuild::snapshot::profile::windows::install_run::{InstallRun, StandIn, VARS_FILE};
     use vmbuild::snapshot::profile::windows::media::WindowsVersion;
+    use vmbuild::snapshot::profile::InstallContext;
     use windows_support::*;
 
     let dir = tempfile::tempdir().unwrap();
@@ -292,26 +294,32 @@ fn stand_in_target_install_run_makes_the_disk_vars_and_config_iso_and_ends_shut_
     let segment = vmbuild::snapshot::segment::Segment::create(&d.join("run")).unwrap();
     let (_stop, signals) = mpsc::channel();
     let limits = Limits::uniform(Duration::from_secs(180), Duration::from_secs(2));
-    let run = InstallRun {
-        qemu: &qemu,
-        accel: "tcg",
-        machine_type: &qemu.resolve_machine("q35").unwrap(),
-        memory_mib: 256,
-        cpus: 1,
-        disk_size_mib: 1024,
-        inputs: &inputs,
+    let progress = Progress::new(false);
+    let network = NetworkPlan::default();
+    let ctx = InstallContext {
         out: &d.join("out"),
         scratch: &d.join("scratch"),
-        rundir: &d.join("run"),
-        net_socket: &segment.target_socket,
+        kit: &kit,
         host_key: &host.private,
         authorized_key: &authorized,
-        network: &NetworkPlan::default(),
+        disk_size_mib: 1024,
+        network: &network,
+        progress: &progress,
+        qemu: &qemu,
+        accel: Accel::Tcg,
+        memory_mib: 256,
+        cpus: 1,
+        rundir: &d.join("run"),
+        net_socket: &segment.target_socket,
+        signals: &signals,
+        screendump: d.join("screen.png"),
+    };
+    let run = InstallRun {
+        ctx: &ctx,
+        machine_type: &qemu.resolve_machine("q35").unwrap(),
+        inputs: &inputs,
         limits: &limits,
         shutdown_limit: Duration::from_secs(60),
-        screendump: &d.join("screen.png"),
-        progress: &Progress::new(false),
-        signals: &signals,
         stand_in: Some(&stand_in),
     };
     let report = run.run().unwrap_or_else(|e| {

@@ -95,15 +95,13 @@ fn uefi_instance(
     } else {
         at.snapshot_dir.join(&uefi.vars)
     };
+    // A revive's TPM starts empty; the booted target's is the installed system's.
+    let tpm_state = match incoming {
+        true => at.rundir.join(TPM_DIR),
+        false => at.snapshot_dir.join(TPM_DIR),
+    };
     let tpm = match uefi.tpm {
-        true if incoming => Some(Swtpm::start(
-            &at.rundir.join(TPM_DIR),
-            &at.rundir.join("tpm.sock"),
-        )?),
-        true => Some(Swtpm::start(
-            &at.snapshot_dir.join(TPM_DIR),
-            &at.rundir.join("tpm.sock"),
-        )?),
+        true => Some(Swtpm::start(&tpm_state, &at.rundir.join("tpm.sock"))?),
         false => None,
     };
     let tpm_socket = tpm.as_ref().map(|t| t.socket.clone());

@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -26,10 +25,9 @@ use super::inputs::CheckedInputs;
 use super::install_watch::{self, InstallFailure, Installed, Limits, Watch};
 use super::machine::{find_firmware, InstallIsos, WindowsMachine, WindowsPlacement};
 use super::tpm::Swtpm;
-use crate::progress::Progress;
-use crate::qemu::{ChardevListener, QemuBinary, QemuProcess};
+use crate::qemu::{ChardevListener, QemuProcess};
 use crate::snapshot::dropbear;
-use crate::snapshot::manifest::NetworkPlan;
+use crate::snapshot::profile::InstallContext;
 
 /// The target's files in the snapshot directory, beside `DISK_FILE`.
 pub const VARS_FILE: &str = "uefi-vars.fd";
@@ -49,34 +47,15 @@ pub struct StandIn {
 }
 
 pub struct InstallRun<'a> {
-    pub qemu: &'a QemuBinary,
-    /// `kvm` or `tcg`.
-    pub accel: &'a str,
+    /// The bootstrap's side: the snapshot directory, scratch and socket directories, the
+    /// keys, the network plan, the machine's size, the switch port, progress and signals.
+    pub ctx: &'a InstallContext<'a>,
     /// A versioned q35 type (`pc-q35-10.0`).
     pub machine_type: &'a str,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub disk_size_mib: u64,
     pub inputs: &'a CheckedInputs,
-    /// The snapshot directory being written.
-    pub out: &'a Path,
-    /// Scratch files (the configuration ISO), removed afterwards by the caller.
-    pub scratch: &'a Path,
-    /// Sockets.
-    pub rundir: &'a Path,
-    /// The NIC's `-netdev stream` socket (the build's switch).
-    pub net_socket: &'a Path,
-    /// The target's host key (dropbear's format) and the key it must accept.
-    pub host_key: &'a Path,
-    pub authorized_key: &'a str,
-    pub network: &'a NetworkPlan,
     pub limits: &'a Limits,
     /// How long Windows may take to shut down after the install.
     pub shutdown_limit: Duration,
-    /// Where a failure's screendump goes (outside the staging directory, so it is kept).
-    pub screendump: &'a Path,
-    pub progress: &'a Progress,
-    pub signals: &'a Receiver<()>,
     pub stand_in: Option<&'a StandIn>,
 }
 
@@ -107,44 +86,45 @@ impl InstallRun<'_> {
         let firmware = find_firmware(version).map_err(|e| anyhow::anyhow!(e))?;
 
         let step = self
+            .ctx
             .progress
             .step("creating the target's disk and UEFI variables");
-        let disk = self.out.join(super::super::DISK_FILE);
+        let disk = self.ctx.out.join(super::super::DISK_FILE);
         run(
             Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2"])
                 .arg(&disk)
-                .arg(format!("{}M", self.disk_size_mib)),
+                .arg(format!("{}M", self.ctx.disk_size_mib)),
             "qemu-img create",
         )?;
-        let vars = self.out.join(VARS_FILE);
+        let vars = self.ctx.out.join(VARS_FILE);
         std::fs::copy(&firmware.vars_template, &vars)
             .with_context(|| format!("copying {}", firmware.vars_template.display()))?;
         step.done();
 
-        let step = self.progress.step("writing the configuration ISO");
-        let config = self.scratch.join("config.iso");
+        let step = self.ctx.progress.step("writing the configuration ISO");
+        let config = self.ctx.scratch.join("config.iso");
         self.config_iso(&config)?;
         step.done();
 
         // Windows 11's TPM: swtpm keeps its state with the snapshot.
         let tpm = if version.needs_tpm() {
             Some(Swtpm::start(
-                &self.out.join(TPM_DIR),
-                &self.rundir.join("tpm.sock"),
+                &self.ctx.out.join(TPM_DIR),
+                &self.ctx.rundir.join("tpm.sock"),
             )?)
         } else {
             None
         };
 
-        let qmp_l = ChardevListener::bind(self.rundir.join("install-qmp.sock"))?;
-        let ready_l = ChardevListener::bind(self.rundir.join("install-ready.sock"))?;
+        let qmp_l = ChardevListener::bind(self.ctx.rundir.join("install-qmp.sock"))?;
+        let ready_l = ChardevListener::bind(self.ctx.rundir.join("install-ready.sock"))?;
         let machine = WindowsMachine {
-            accel: self.accel.to_owned(),
+            accel: self.ctx.accel.qemu_name().to_owned(),
             machine_type: self.machine_type.to_owned(),
-            memory_mib: self.memory_mib,
-            cpus: self.cpus,
-            mac: self.network.target_mac.clone(),
+            memory_mib: self.ctx.memory_mib,
+            cpus: self.ctx.cpus,
+            mac: self.ctx.network.target_mac.clone(),
         };
         let mut cmd = machine
             .command(
@@ -152,7 +132,7 @@ impl InstallRun<'_> {
                 &WindowsPlacement {
                     disk: &disk,
                     vars: &vars,
-                    net_socket: self.net_socket,
+                    net_socket: self.ctx.net_socket,
                     ready_socket: Some(&ready_l.path),
                     tpm_socket: tpm.as_ref().map(|t| t.socket.as_path()),
                     install: Some(InstallIsos {
@@ -172,9 +152,9 @@ impl InstallRun<'_> {
             }
         }
         let (mut qemu, streams) = QemuProcess::start_connected(
-            &self.qemu.path,
+            &self.ctx.qemu.path,
             &cmd.argv(),
-            &self.rundir.join("install-qemu.stderr"),
+            &self.ctx.rundir.join("install-qemu.stderr"),
             false,
             &[&qmp_l, &ready_l],
         )?;
@@ -190,14 +170,14 @@ impl InstallRun<'_> {
             qmp: &mut qmp,
             port,
             limits: self.limits,
-            screendump: self.screendump,
-            progress: self.progress,
-            signals: self.signals,
+            screendump: &self.ctx.screendump,
+            progress: self.ctx.progress,
+            signals: self.ctx.signals,
         })
         .map_err(RunFailure::Install)?;
 
         // A finished system on disk: Windows shuts down on the ACPI power button.
-        let step = self.progress.step("shutting the installed target down");
+        let step = self.ctx.progress.step("shutting the installed target down");
         let _ = qmp.execute("system_powerdown", serde_json::json!({}));
         let clean_shutdown = qemu.wait_timeout(self.shutdown_limit)?.is_some();
         if !clean_shutdown {
@@ -230,20 +210,20 @@ impl InstallRun<'_> {
             user: USER,
             packages: &inputs.cygwin_packages,
             cygwin: inputs.cygwin.clone(),
-            target_ip: &self.network.target_ip,
-            prefix_len: self.network.prefix_len,
-            ssh_port: self.network.ssh_port,
+            target_ip: &self.ctx.network.target_ip,
+            prefix_len: self.ctx.network.prefix_len,
+            ssh_port: self.ctx.network.ssh_port,
         };
         // Cygwin's OpenSSH reads OpenSSH's key format; the pinned public key is the same.
-        let openssh_key = self.scratch.join("ssh_host_ed25519_key");
+        let openssh_key = self.ctx.scratch.join("ssh_host_ed25519_key");
         run(
             Command::new("dropbearconvert")
                 .args(["dropbear", "openssh"])
-                .arg(self.host_key)
+                .arg(self.ctx.host_key)
                 .arg(&openssh_key),
             "dropbearconvert (Debian package dropbear-bin)",
         )?;
-        let host_public = dropbear::public_key(self.host_key)?;
+        let host_public = dropbear::public_key(self.ctx.host_key)?;
         let mut entries: Vec<(&str, Source)> = vec![
             ("autounattend.xml", Source::Bytes(answers.into_bytes())),
             (
@@ -264,7 +244,7 @@ impl InstallRun<'_> {
             ),
             (
                 "vmbuild/ssh/authorized_keys",
-                Source::Bytes(self.authorized_key.as_bytes().to_vec()),
+                Source::Bytes(self.ctx.authorized_key.as_bytes().to_vec()),
             ),
             ("vmbuild/winfsp.msi", Source::Host(inputs.winfsp.clone())),
             (
@@ -275,7 +255,7 @@ impl InstallRun<'_> {
         if let (CygwinSource::Local, Some(dir)) = (&inputs.cygwin, &inputs.cygwin_dir) {
             entries.push(("vmbuild/cygwin-packages", Source::Host(dir.clone())));
         }
-        config_iso::build(to, &entries, self.scratch)?;
+        config_iso::build(to, &entries, self.ctx.scratch)?;
         std::fs::remove_file(&openssh_key)?;
         Ok(())
     }

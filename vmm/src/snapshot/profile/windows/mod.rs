@@ -170,29 +170,15 @@ impl Profile for WindowsCygwin {
         let firmware = machine::find_firmware(inputs.version).map_err(anyhow::Error::msg)?;
         let machine_type = ctx.qemu.resolve_machine(self.machine_type())?;
         let run = InstallRun {
-            qemu: ctx.qemu,
-            accel: ctx.accel.qemu_name(),
+            ctx,
             machine_type: &machine_type,
-            memory_mib: ctx.memory_mib,
-            cpus: ctx.cpus,
-            disk_size_mib: ctx.disk_size_mib,
             inputs,
-            out: ctx.out,
-            scratch: ctx.scratch,
-            rundir: ctx.rundir,
-            net_socket: ctx.net_socket,
-            host_key: ctx.host_key,
-            authorized_key: ctx.authorized_key,
-            network: ctx.network,
             limits: &limits,
             shutdown_limit: if kvm {
                 Duration::from_secs(300)
             } else {
                 Duration::from_secs(1800)
             },
-            screendump: &ctx.screendump,
-            progress: ctx.progress,
-            signals: ctx.signals,
             stand_in: stand_in.as_ref().map(|(s, _)| s),
         };
         let report = match run.run() {
